@@ -1,5 +1,12 @@
-"""A brokerless ZeroMQ peer-to-peer messaging mesh for distributed machine learning."""
+"""A brokerless ZeroMQ peer-to-peer messaging mesh for distributed machine learning.
 
+    import mesh
+    with mesh.Node(name="worker-3", cluster="exp-42") as node:
+        node.subscribe("grad.>", handler)
+        node.publish("grad.w3.layer1", array)
+"""
+
+from mesh import transports
 from mesh.errors import (
     BackpressureError,
     ClosedError,
@@ -14,6 +21,11 @@ from mesh.errors import (
     TimeoutError,
     TransportError,
 )
+from mesh.message import Message, Subscription
+from mesh.node import Node
+from mesh.peers import PeerInfo
+
+__version__ = "0.1.0"
 
 __all__ = [
     "BackpressureError",
@@ -21,11 +33,16 @@ __all__ = [
     "ConfigError",
     "InvalidSubject",
     "MeshError",
+    "Message",
     "MessageTooLarge",
+    "Node",
     "NoRespondersError",
+    "PeerInfo",
     "PeerLostError",
     "PermissionDenied",
     "ProtocolError",
+    "Subscription",
     "TimeoutError",
     "TransportError",
+    "transports",
 ]

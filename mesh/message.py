@@ -1,0 +1,168 @@
+"""Messages as the application sees them, and subscriptions."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mesh.errors import ClosedError, MeshError, TimeoutError
+from mesh.tensor import array_from_frames
+
+if TYPE_CHECKING:
+    from mesh.node import Node
+
+
+class Message:
+    """A message received on a subscription (or the reply to a request).
+
+    ``data`` is ``bytes`` for small payloads and a read-only ``memoryview`` on
+    the received frame for large ones (no copy). ``array()`` rebuilds the numpy
+    array the publisher sent, as a view on that frame.
+    """
+
+    __slots__ = (
+        "subject",
+        "data",
+        "headers",
+        "sender",
+        "seq",
+        "request_id",
+        "_desc",
+        "_array",
+        "_node",
+        "_reply_to",
+    )
+
+    def __init__(
+        self,
+        subject: str,
+        data: Any,
+        headers: dict | None,
+        sender: str,
+        seq: int,
+        *,
+        desc: Any = None,
+        array: np.ndarray | None = None,
+        request_id: int | None = None,
+        node: Node | None = None,
+        reply_to: str | None = None,
+    ) -> None:
+        self.subject = subject
+        self.data = data
+        self.headers = headers if headers is not None else {}
+        self.sender = sender
+        self.seq = seq
+        self.request_id = request_id
+        self._desc = desc
+        self._array = array
+        self._node = node
+        self._reply_to = reply_to
+
+    def array(self) -> np.ndarray:
+        """The numpy array the publisher sent (dtype and shape kept, no copy)."""
+        if self._array is None:
+            if self._desc is None:
+                raise MeshError(
+                    f"message on {self.subject!r} carries bytes, not an array; "
+                    "use msg.data, or publish a numpy array to get msg.array()"
+                )
+            self._array = array_from_frames(self._desc, self.data)
+        return self._array
+
+    @property
+    def is_request(self) -> bool:
+        return self.request_id is not None and self._reply_to is not None
+
+    def respond(self, data: Any, headers: dict | None = None) -> None:
+        """Answer a request. Raises MeshError if this message is not a request."""
+        if not self.is_request or self._node is None:
+            raise MeshError(
+                f"message on {self.subject!r} is not a request: respond() only answers "
+                "messages sent with node.request()"
+            )
+        self._node._respond(self._reply_to, self.request_id, data, headers)
+
+    def __repr__(self) -> str:
+        size = self.data.nbytes if isinstance(self.data, memoryview) else len(self.data)
+        return f"<Message {self.subject!r} seq={self.seq} from={self.sender} {size} B>"
+
+
+_CLOSED = object()
+
+Handler = Callable[[Message], Any]
+
+
+class Subscription:
+    """Interest in a subject pattern: with a handler, messages are pushed to it on
+    the node's dispatch thread; without one, pull them with ``next()`` or iterate."""
+
+    def __init__(self, node: Node, pattern: str, handler: Handler | None, queue_group: str) -> None:
+        self.pattern = pattern
+        self.handler = handler
+        self.queue = queue_group
+        self.delivered = 0
+        self._node = node
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        self._lock = threading.Lock()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def pending(self) -> int:
+        """Messages received and not yet handed to the application."""
+        return self._inbox.qsize()
+
+    def next(self, timeout: float | None = None) -> Message:
+        """The next message; raises TimeoutError after ``timeout`` seconds, ClosedError once closed."""
+        if self.handler is not None:
+            raise MeshError(
+                f"subscription {self.pattern!r} has a handler: messages go to it; "
+                "subscribe without a handler to pull with next()"
+            )
+        if self._closed and self._inbox.empty():
+            raise ClosedError(f"subscription {self.pattern!r} is closed")
+        try:
+            msg = self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(
+                f"no message on {self.pattern!r} within {timeout} s; "
+                "check that a publisher exists (node.peers(), mesh-status)"
+            ) from None
+        if msg is _CLOSED:
+            self._inbox.put(_CLOSED)  # wake any other waiter too
+            raise ClosedError(f"subscription {self.pattern!r} is closed")
+        self.delivered += 1
+        return msg
+
+    def __iter__(self) -> Iterator[Message]:
+        while True:
+            try:
+                yield self.next()
+            except ClosedError:
+                return
+
+    def close(self) -> None:
+        """Stop receiving; idempotent. A blocked ``next()`` raises ClosedError."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._inbox.put(_CLOSED)
+        self._node._unsubscribe(self)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        extra = f" queue={self.queue!r}" if self.queue else ""
+        return f"<Subscription {self.pattern!r}{extra} delivered={self.delivered}>"

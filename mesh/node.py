@@ -1,0 +1,1165 @@
+"""``mesh.Node``: the mesh embedded in a worker process.
+
+Threads:
+- the caller's threads publish and request; they send on a peer's DEALER
+  directly under that link's lock (no hop through another thread);
+- one I/O thread owns the ROUTER (everything inbound), the timers, the peer
+  table and the handshakes, and creates and closes links;
+- one dispatch thread runs subscription handlers, so a slow handler never
+  stalls the I/O thread (heartbeats, requests, other subscribers).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import random
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import zmq
+
+import transports as transport_plugins
+from mesh import wire
+from mesh.errors import (
+    BackpressureError,
+    ClosedError,
+    ConfigError,
+    InvalidSubject,
+    MeshError,
+    MessageTooLarge,
+    NoRespondersError,
+    ProtocolError,
+    TimeoutError,
+)
+from mesh.message import Handler, Message, Subscription
+from mesh.peers import Link, Peer, PeerInfo, parse_summary
+from mesh.routing import Route, RoutingTable
+from mesh.stats import Counters, LatencyHistogram
+from mesh.subjects import validate_pattern, validate_subject
+from mesh.tensor import array_from_frames, array_to_frames
+from transports import Locality
+
+log = logging.getLogger("mesh")
+
+DEFAULT_LISTEN = ("tcp://0.0.0.0:0", "ipc://auto")
+DISCOVERY_MODES = ("zeroconf", "static", "none")
+
+# Payloads at least this large are handed to the application as a view on the
+# received frame instead of a bytes copy (pyzmq's own zero-copy threshold).
+ZERO_COPY_BYTES = zmq.COPY_THRESHOLD
+
+_DEFAULT_OPTIONS: dict[str, Any] = {
+    "heartbeat_interval": 0.5,  # seconds between pings to each peer
+    "peer_timeout": 3.0,  # silence after which a peer is declared dead
+    "seed_interval": 0.5,  # hello retry period towards seeds not yet joined
+    "tombstone": 30.0,  # how long gossip cannot resurrect a dead peer id
+    "max_message_size": 1 << 30,  # bytes per payload frame
+    "sndhwm": 10_000,  # messages queued per peer before publish drops (or waits)
+    "rcvhwm": 100_000,
+    "interfaces": None,  # zeroconf: restrict to these interfaces
+}
+
+_names_in_process: collections.Counter[str] = collections.Counter()
+_names_lock = threading.Lock()
+
+
+def _default_name() -> str:
+    base = f"{socket.gethostname()}-{os.getpid()}"
+    with _names_lock:
+        _names_in_process[base] += 1
+        count = _names_in_process[base]
+    return base if count == 1 else f"{base}-{count}"
+
+
+class _Pending:
+    __slots__ = ("event", "reply")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.reply: Message | None = None
+
+
+_STOP = object()
+
+
+class Node:
+    """A mesh node. See API.md; use as a context manager or call start()/close()."""
+
+    def __init__(
+        self,
+        name: str | None = None,
+        cluster: str = "default",
+        *,
+        discovery: str = "zeroconf",
+        seeds: Iterable[str] = (),
+        listen: Sequence[str] = DEFAULT_LISTEN,
+        secret: str | bytes | None = None,
+        metrics_port: int | None = None,
+        transports: Sequence[str] | None = None,
+        **options: Any,
+    ) -> None:
+        if discovery not in DISCOVERY_MODES:
+            raise ConfigError(f"discovery={discovery!r}; choose one of {DISCOVERY_MODES}")
+        unknown = set(options) - set(_DEFAULT_OPTIONS)
+        if unknown:
+            raise ConfigError(
+                f"unknown option(s) {sorted(unknown)}; known options: {sorted(_DEFAULT_OPTIONS)}"
+            )
+        if secret is not None:
+            raise ConfigError(
+                "secret= (CurveZMQ authentication) is not available in this version; "
+                "run without it on a trusted network"
+            )
+        if metrics_port is not None:
+            raise ConfigError(
+                "metrics_port= (Prometheus) is not available in this version; "
+                "use node.status() or mesh-status"
+            )
+        if not isinstance(cluster, str) or not cluster or len(cluster) > 128:
+            raise ConfigError("cluster must be a non-empty string of at most 128 characters")
+        if name is not None and (not isinstance(name, str) or not name or len(name) > 128):
+            raise ConfigError("name must be a non-empty string of at most 128 characters")
+        seeds = tuple(seeds)
+        for seed in seeds:
+            if not isinstance(seed, str) or "://" not in seed:
+                raise ConfigError(
+                    f"seed {seed!r} is not an endpoint; write it like 'tcp://10.0.0.5:7777'"
+                )
+        self.id: str = uuid.uuid4().hex[:16]
+        self.name: str = name or _default_name()
+        self.cluster = cluster
+        self.discovery_mode = discovery
+        self.seeds = seeds
+        self.options = {**_DEFAULT_OPTIONS, **options}
+        self._listen = tuple(listen)
+        self._transports = transport_plugins.load(transports)
+        self._locality = Locality.here()
+        self.endpoints: list[str] = []
+        self._advertised: dict[str, list[str]] = {}
+        self._bound: list[tuple[transport_plugins.Transport, str]] = []
+
+        self._ctx = zmq.Context.instance()
+        self._lock = threading.RLock()  # routing table and subscriptions
+        self._changed = threading.Condition(self._lock)  # peers or interest changed
+        self._routing = RoutingTable()
+        self._subs: set[Subscription] = set()
+        self._seqs: dict[str, itertools.count] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._peers: dict[str, Peer] = {}
+        self._links: dict[str, Link] = {}  # peer id -> link, read by publishers
+        self._tombstones: dict[str, float] = {}
+        self._commands: collections.deque = collections.deque()
+        self._dispatch: Any = None
+
+        self.counters = Counters()
+        self.gaps = 0
+        self.latency = LatencyHistogram()
+        self._last_seq: dict[tuple[str, str], int] = {}
+        self._logged_once: set[tuple[str, str]] = set()
+
+        self._started = False
+        self._closed = False
+        self._start_time = 0.0
+        self._io_thread: threading.Thread | None = None
+        self._dispatch_thread: threading.Thread | None = None
+        self._discovery: Any = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> Node:
+        """Bind, start the I/O and dispatch threads, and join the mesh. Idempotent."""
+        self._check_open()
+        if self._started:
+            return self
+        import queue
+
+        self._dispatch = queue.SimpleQueue()
+        self._router = self._ctx.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self._router.setsockopt(zmq.RCVHWM, self.options["rcvhwm"])
+        self._router.setsockopt(zmq.MAXMSGSIZE, self.options["max_message_size"] + (1 << 20))
+        try:
+            for plugin in self._transports:
+                for endpoint in plugin.bind_endpoints(self._listen, self.id):
+                    self._router.bind(endpoint)
+                    bound = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
+                    self._bound.append((plugin, bound))
+                    self.endpoints.append(bound)
+                    self._advertised.setdefault(plugin.name, []).extend(plugin.advertise(bound))
+        except zmq.ZMQError as exc:
+            self._router.close(linger=0)
+            self._cleanup_bound()
+            raise ConfigError(
+                f"cannot listen on {self._listen}: {exc}; pick a free port or another address"
+            ) from None
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._seed_socks: dict[str, Any] = {}
+        self._seed_peer: dict[str, str] = {}
+        self._start_time = time.monotonic()
+        self._started = True
+        self._io_thread = threading.Thread(target=self._io_loop, name=f"mesh-io-{self.name}", daemon=True)
+        self._dispatch_thread = threading.Thread(
+            target=self._dispatch_loop, name=f"mesh-dispatch-{self.name}", daemon=True
+        )
+        self._io_thread.start()
+        self._dispatch_thread.start()
+        if self.discovery_mode == "zeroconf":
+            self._start_zeroconf()
+        return self
+
+    def close(self) -> None:
+        """Say goodbye to peers and release everything. Idempotent; never hangs."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._started:
+            return
+        if self._discovery is not None:
+            try:
+                self._discovery.close()
+            except Exception as exc:
+                log.warning("%s: discovery did not close cleanly: %s", self.name, exc)
+        self._command(("close",))
+        if self._io_thread is not None:
+            self._io_thread.join(timeout=5.0)
+        self._dispatch.put(_STOP)
+        if self._dispatch_thread is not None and self._dispatch_thread is not threading.current_thread():
+            self._dispatch_thread.join(timeout=5.0)
+        for sub in list(self._subs):
+            sub.close()
+        for pending in list(self._pending.values()):
+            pending.event.set()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        with self._changed:
+            self._changed.notify_all()
+
+    def __enter__(self) -> Node:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # A forgotten node must not leave its I/O thread and socket files behind.
+        try:
+            if self._started and not self._closed:
+                self.close()
+        except Exception:
+            pass
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"node {self.name} is closed; create a new mesh.Node")
+
+    def _check_started(self) -> None:
+        self._check_open()
+        if not self._started:
+            raise MeshError(f"node {self.name} is not started; call node.start() or use `with`")
+
+    # ------------------------------------------------------------------ peers
+
+    def peers(self) -> list[PeerInfo]:
+        """Peers currently alive."""
+        self._check_open()
+        return [p.info() for p in list(self._peers.values()) if p.state == "alive"]
+
+    def wait_for_peers(self, n: int = 1, timeout: float = 10.0) -> list[PeerInfo]:
+        """Block until at least ``n`` peers are alive; TimeoutError otherwise."""
+        self._check_started()
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                self._check_open()
+                alive = self.peers()
+                if len(alive) >= n:
+                    return alive
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(
+                        f"{self.name} sees {len(alive)} of {n} peers after {timeout} s; "
+                        "check seeds/discovery and that every node uses cluster="
+                        f"{self.cluster!r}"
+                    )
+                self._changed.wait(remaining)
+
+    def wait_for_subscribers(self, subject: str, count: int = 1, timeout: float = 10.0) -> int:
+        """Block until ``count`` nodes (this one included) have interest in ``subject``.
+
+        Interest travels asynchronously; call this before publishing when the
+        first messages must not be missed."""
+        self._check_started()
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                self._check_open()
+                route = self._route(subject, internal=True)
+                nodes = set(route.peers)
+                for members in route.peer_groups.values():
+                    nodes.update(members)
+                have = len(nodes) + (1 if (route.local or route.local_groups) else 0)
+                if have >= count:
+                    return have
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(
+                        f"{have} of {count} nodes subscribe to {subject!r} after {timeout} s"
+                    )
+                self._changed.wait(min(remaining, 0.1))
+
+    # ------------------------------------------------------------------ pub/sub
+
+    def subscribe(
+        self,
+        pattern: str,
+        handler: Handler | None = None,
+        *,
+        queue: str | None = None,
+    ) -> Subscription:
+        """Subscribe to a pattern. With ``handler``, it runs on the dispatch thread;
+        without, pull with ``sub.next()``. ``queue`` joins a queue group: each
+        message goes to exactly one member of the group across the mesh."""
+        self._check_started()
+        validate_pattern(pattern)
+        if queue is not None and (
+            not isinstance(queue, str) or not queue or any(c.isspace() for c in queue)
+        ):
+            raise ConfigError(f"queue group {queue!r} must be a non-empty name without spaces")
+        if handler is not None and not callable(handler):
+            raise ConfigError("handler must be callable as handler(msg)")
+        return self._subscribe(pattern, handler, queue or "")
+
+    def _subscribe(self, pattern: str, handler: Handler | None, queue: str) -> Subscription:
+        sub = Subscription(self, pattern, handler, queue)
+        with self._lock:
+            self._subs.add(sub)
+            added = self._routing.add_local(pattern, sub, queue)
+            if added is not None:
+                self._command(("interest", self._routing.local_version, [added], []))
+            self._changed.notify_all()
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        sub.close()
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        with self._lock:
+            if sub not in self._subs:
+                return
+            self._subs.discard(sub)
+            removed = self._routing.remove_local(sub.pattern, sub, sub.queue)
+            if removed is not None and not self._closed:
+                self._command(("interest", self._routing.local_version, [], [removed]))
+
+    def _route(self, subject: str, internal: bool = False) -> Route:
+        route = self._routing.cached(subject)
+        if route is None:
+            validate_subject(subject, allow_reserved=internal)
+            with self._lock:
+                route = self._routing.route(subject)
+        return route
+
+    def publish(
+        self,
+        subject: str,
+        data: Any = b"",
+        headers: dict | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Send ``data`` (bytes, memoryview, str or numpy array) to every subscriber.
+
+        Arrays above 64 KiB are sent without a copy: do not modify them in place
+        until publish() has returned and the message left (see README).
+        ``timeout``: wait up to that long for a slow peer's queue instead of dropping.
+        """
+        self._check_started()
+        route = self._route(subject)
+        self._publish(subject, route, data, headers, None, timeout)
+
+    def _publish(
+        self,
+        subject: str,
+        route: Route,
+        data: Any,
+        headers: dict | None,
+        req_id: int | None,
+        timeout: float | None,
+    ) -> None:
+        payload, array, flags, nbytes = self._encode_payload(data)
+        if headers is not None and not isinstance(headers, dict):
+            raise ConfigError("headers must be a dict (of str to str, bytes or numbers)")
+        counter = self._seqs.get(subject)
+        if counter is None:
+            counter = self._seqs.setdefault(subject, itertools.count(1))
+        seq = next(counter)
+
+        # Queue groups: exactly one member per group, across the mesh.
+        peer_queues: dict[str, list[str]] | None = None
+        local_chosen: list[Subscription] = []
+        if route.local_groups or route.peer_groups:
+            peer_queues = {}
+            for group in route.groups():
+                local_members = route.local_groups.get(group, ())
+                candidates = list(route.peer_groups.get(group, ()))
+                if local_members:
+                    candidates.append(None)  # this node, as one candidate
+                choice = random.choice(candidates)
+                if choice is None:
+                    local_chosen.append(random.choice(local_members))
+                else:
+                    peer_queues.setdefault(choice, []).append(group)
+
+        if route.local or local_chosen:
+            view = payload[-1]
+            if array is not None:
+                local_array = array.view()
+                local_array.flags.writeable = False
+                local_data: Any = memoryview(local_array.reshape(-1).view(np.uint8)) if array.size else b""
+            else:
+                local_array = None
+                # Small mutable buffers are copied: the publisher may reuse them at once.
+                if isinstance(view, bytes):
+                    local_data = view
+                elif nbytes < ZERO_COPY_BYTES:
+                    local_data = bytes(view)
+                else:
+                    local_data = memoryview(view).toreadonly()
+            for sub in itertools.chain(route.local, local_chosen):
+                self._deliver(
+                    sub,
+                    Message(
+                        subject,
+                        local_data,
+                        headers,
+                        self.id,
+                        seq,
+                        array=local_array,
+                        request_id=req_id,
+                        node=self,
+                        reply_to=self.id if req_id is not None else None,
+                    ),
+                )
+
+        targets = route.peers
+        if peer_queues:
+            targets = tuple(dict.fromkeys(itertools.chain(targets, peer_queues)))
+        if not targets:
+            return
+        ts = time.time()
+        shared_header = None
+        for peer_id in targets:
+            queues = peer_queues.get(peer_id) if peer_queues else None
+            if queues is None:
+                if shared_header is None:
+                    shared_header = wire.pack_msg(subject, seq, ts, flags, headers, req_id, None)
+                header = shared_header
+            else:
+                # The receiver hands it to one local member of each named group.
+                header = wire.pack_msg(subject, seq, ts, flags, headers, req_id, queues)
+            self._send(peer_id, [header, *payload], nbytes, timeout)
+
+    def _encode_payload(self, data: Any) -> tuple[list, np.ndarray | None, int, int]:
+        if isinstance(data, np.ndarray):
+            desc, buf = array_to_frames(data)
+            nbytes = data.nbytes
+            self._check_size(nbytes)
+            return [desc, buf], data, wire.TENSOR, nbytes
+        if isinstance(data, bytes):
+            payload = data
+        elif isinstance(data, (bytearray, memoryview)):
+            payload = data
+        elif isinstance(data, str):
+            payload = data.encode()
+        else:
+            raise ConfigError(
+                f"cannot publish a {type(data).__name__}: pass bytes, memoryview, str or a "
+                "numpy array (serialise other objects first, e.g. with msgpack)"
+            )
+        nbytes = len(payload) if not isinstance(payload, memoryview) else payload.nbytes
+        self._check_size(nbytes)
+        return [payload], None, 0, nbytes
+
+    def _check_size(self, nbytes: int) -> None:
+        if nbytes > self.options["max_message_size"]:
+            raise MessageTooLarge(
+                f"payload of {nbytes} bytes exceeds max_message_size="
+                f"{self.options['max_message_size']}; split it or raise the option on every node"
+            )
+
+    def _send(self, peer_id: str, frames: list, nbytes: int, timeout: float | None) -> bool:
+        link = self._links.get(peer_id)
+        if link is None:
+            self.counters.drops["no_link"] += 1
+            return False
+        with link.lock:
+            if link.closed:
+                self.counters.drops["no_link"] += 1
+                return False
+            sock = link.sock
+            try:
+                sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                if timeout is None or timeout <= 0:
+                    self.counters.drops["peer_queue_full"] += 1
+                    return False
+                if not sock.poll(int(timeout * 1000), zmq.POLLOUT):
+                    peer = self._peers.get(peer_id)
+                    raise BackpressureError(
+                        f"peer {peer.name if peer else peer_id} did not accept the message "
+                        f"within {timeout} s (its queue is full); slow down or raise timeout="
+                    ) from None
+                sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError as exc:
+                self.counters.drops["send_error"] += 1
+                log.debug("send to %s failed: %s", peer_id, exc)
+                return False
+        self.counters.msgs_out += 1
+        self.counters.bytes_out += nbytes
+        link.counters.msgs_out += 1
+        link.counters.bytes_out += nbytes
+        return True
+
+    def _deliver(self, sub: Subscription, msg: Message) -> None:
+        if sub.closed:
+            return
+        if sub.handler is None:
+            sub._inbox.put(msg)
+        else:
+            self._dispatch.put((sub, msg))
+
+    def _dispatch_loop(self) -> None:
+        get = self._dispatch.get
+        while True:
+            item = get()
+            if item is _STOP:
+                return
+            sub, msg = item
+            if sub.closed:
+                continue
+            try:
+                sub.handler(msg)
+            except Exception:
+                self.counters.drops["handler_error"] += 1
+                log.exception("%s: handler for %r raised on %r", self.name, sub.pattern, msg.subject)
+            sub.delivered += 1
+
+    # ------------------------------------------------------------------ request/reply
+
+    def request(
+        self,
+        subject: str,
+        data: Any = b"",
+        timeout: float = 1.0,
+        retries: int = 0,
+        headers: dict | None = None,
+    ) -> Message:
+        """Send a request and wait for the first reply.
+
+        ``timeout`` is per attempt; after ``retries`` more attempts (same request
+        id, so responders can deduplicate) raises TimeoutError. Raises
+        NoRespondersError at once when nobody in the mesh subscribes to ``subject``.
+        """
+        self._check_started()
+        if timeout is None or timeout <= 0:
+            raise ConfigError("request() needs a positive timeout in seconds")
+        if retries < 0:
+            raise ConfigError("retries must be >= 0")
+        route = self._route(subject)
+        req_id = random.getrandbits(63)
+        pending = _Pending()
+        self._pending[req_id] = pending
+        try:
+            for _attempt in range(retries + 1):
+                self._check_open()
+                route = self._route(subject)
+                if route.empty:
+                    raise NoRespondersError(
+                        f"no subscriber for {subject!r} anywhere in the mesh; start a responder "
+                        "(node.subscribe(subject, handler) that calls msg.respond())"
+                    )
+                self._publish(subject, route, data, headers, req_id, None)
+                if pending.event.wait(timeout):
+                    self._check_open()
+                    assert pending.reply is not None
+                    return pending.reply
+            raise TimeoutError(
+                f"no reply on {subject!r} after {retries + 1} attempt(s) of {timeout} s; "
+                "the responder may be slow or gone: raise timeout= or retries="
+            )
+        finally:
+            self._pending.pop(req_id, None)
+
+    def _respond(self, reply_to: str, req_id: int, data: Any, headers: dict | None) -> None:
+        self._check_open()
+        payload, array, flags, nbytes = self._encode_payload(data)
+        if reply_to == self.id:
+            pending = self._pending.get(req_id)
+            if pending is not None and pending.reply is None:
+                view = payload[-1]
+                pending.reply = Message(
+                    "",
+                    view if isinstance(view, bytes) else memoryview(view),
+                    headers,
+                    self.id,
+                    0,
+                    array=array,
+                    request_id=req_id,
+                )
+                pending.event.set()
+            return
+        self._send(reply_to, [wire.pack_reply(req_id, flags, headers), *payload], nbytes, None)
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> dict:
+        """A JSON-serialisable snapshot of this node."""
+        now = time.monotonic()
+        peers = []
+        for p in list(self._peers.values()):
+            link = p.link
+            peers.append(
+                {
+                    "id": p.id,
+                    "name": p.name,
+                    "state": p.state,
+                    "transport": link.transport if link else None,
+                    "endpoint": link.endpoint if link else None,
+                    "rtt": p.rtt,
+                    "since": round(now - p.joined_at, 3) if p.joined_at else None,
+                    "interest": len(self._routing.peer_interest(p.id)),
+                    **p.counters.as_dict(),
+                }
+            )
+        with self._lock:
+            subs = [
+                {
+                    "pattern": s.pattern,
+                    "queue": s.queue or None,
+                    "delivered": s.delivered,
+                    "pending": s.pending,
+                }
+                for s in self._subs
+            ]
+        return {
+            "id": self.id,
+            "name": self.name,
+            "cluster": self.cluster,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "protocol": wire.PROTOCOL_VERSION,
+            "uptime": round(now - self._start_time, 3) if self._started else 0.0,
+            "closed": self._closed,
+            "endpoints": self._advertised,
+            "transports": [t.name for t in self._transports],
+            "discovery": self.discovery_mode,
+            "peers": peers,
+            "subscriptions": subs,
+            "counters": {**self.counters.as_dict(), "gaps": self.gaps},
+            "latency": self.latency.summary(),
+        }
+
+    # ================================================================== I/O thread
+
+    def _command(self, cmd: tuple) -> None:
+        self._commands.append(cmd)
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (already awake) or closed (node closing)
+
+    def _io_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        hb = self.options["heartbeat_interval"]
+        next_tick = time.monotonic()
+        for seed in self.seeds:
+            self._open_seed(seed)
+        # Seeds are retried quickly at first (the connection takes a moment), then
+        # every seed_interval.
+        seed_delay = 0.02
+        next_seed = time.monotonic() + seed_delay
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= next_tick:
+                    self._tick(now)
+                    next_tick = now + hb
+                if self._seed_socks and now >= next_seed:
+                    self._hello_seeds()
+                    seed_delay = min(seed_delay * 2, self.options["seed_interval"])
+                    next_seed = now + seed_delay
+                wake_at = min(next_tick, next_seed) if self._seed_socks else next_tick
+                wait_ms = max(0, int((wake_at - now) * 1000) + 1)
+                events = dict(poller.poll(wait_ms))
+                if self._wake_r in events:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                while self._commands:
+                    cmd = self._commands.popleft()
+                    if cmd[0] == "close":
+                        self._io_shutdown()
+                        return
+                    self._run_command(cmd)
+                if self._router in events:
+                    self._drain_router()
+        except Exception:
+            log.exception("%s: I/O thread crashed; closing the node", self.name)
+            self._closed = True
+            self._io_shutdown()
+
+    def _drain_router(self) -> None:
+        recv = self._router.recv_multipart
+        now = time.monotonic()
+        for _ in range(2048):  # bounded: timers and commands get their turn
+            try:
+                frames = recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                self._handle(frames, now)
+            except ProtocolError as exc:
+                self._drop(exc.reason, frames[0].bytes, str(exc))
+            except InvalidSubject as exc:
+                self._drop("invalid_subject", frames[0].bytes, str(exc))
+            except Exception:
+                self.counters.drops["internal"] += 1
+                log.exception("%s: error handling a message; dropped", self.name)
+
+    def _drop(self, reason: str, ident: bytes, detail: str) -> None:
+        self.counters.drops[reason] += 1
+        key = (ident.hex(), reason)
+        if key not in self._logged_once and len(self._logged_once) < 1000:
+            self._logged_once.add(key)
+            log.warning("%s: dropped a frame from %r (%s): %s", self.name, ident[:32], reason, detail)
+
+    def _handle(self, frames: list, now: float) -> None:
+        if len(frames) < 2:
+            raise ProtocolError("message without a header frame", "malformed")
+        header = wire.unpack(frames[1].buffer)
+        kind = header[1]
+        ident = frames[0].bytes
+        if kind == wire.MSG:
+            self._on_msg(ident, header, frames)
+            return
+        if kind == wire.REPLY:
+            self._on_reply(ident, header, frames)
+            return
+        body = header[2]
+        if kind == wire.HELLO:
+            self._on_hello(body, now)
+            return
+        if kind == wire.STATUS_REQ:
+            self._router.send_multipart([ident, wire.pack(wire.STATUS, [body, self.status()])], zmq.NOBLOCK)
+            return
+        peer = self._known_peer(ident)
+        peer.last_seen = now
+        if kind == wire.PING:
+            self._send_control(peer.id, wire.PONG, body)
+        elif kind == wire.PONG:
+            if type(body) is list and body and type(body[0]) is float:
+                peer.rtt = max(0.0, now - body[0])
+        elif kind == wire.INTEREST:
+            self._on_interest(peer, body)
+        elif kind == wire.INTEREST_FULL:
+            if type(body) is not list or len(body) != 2 or type(body[0]) is not int:
+                raise ProtocolError("malformed interest snapshot", "malformed")
+            self._set_interest(peer, body[0], wire.check_interest_entries(body[1]))
+        elif kind == wire.SYNC:
+            self._send_control(peer.id, wire.INTEREST_FULL, self._interest_snapshot())
+        elif kind == wire.PEERS:
+            if type(body) is not list:
+                raise ProtocolError("peer list is not a list", "malformed")
+            for summary in body:
+                self._introduce(parse_summary(summary), now)
+        elif kind == wire.BYE:
+            self._peer_gone(peer, "left")
+        else:
+            raise ProtocolError(f"unexpected {wire.KIND_NAMES[kind]} message", "unknown_kind")
+
+    def _known_peer(self, ident: bytes) -> Peer:
+        peer = self._peers.get(ident.decode("ascii", "replace"))
+        if peer is None or peer.state not in ("alive", "joining"):
+            raise ProtocolError("message from a node that has not said hello", "unknown_peer")
+        return peer
+
+    def _on_msg(self, ident: bytes, header: list, frames: list) -> None:
+        subject, seq, ts, flags, headers, req_id, queues = wire.check_msg(header)
+        peer = self._known_peer(ident)
+        route = self._route(subject, internal=True)
+        if flags & wire.TENSOR:
+            if len(frames) != 4:
+                raise ProtocolError("tensor message needs descriptor and data frames", "malformed")
+            data_frame = frames[3]
+            data = data_frame.buffer
+            array = array_from_frames(frames[2].buffer, data)
+        else:
+            if len(frames) != 3:
+                raise ProtocolError("message needs exactly one payload frame", "malformed")
+            data_frame = frames[2]
+            data = data_frame.buffer if len(data_frame) >= ZERO_COPY_BYTES else data_frame.bytes
+            array = None
+        nbytes = len(data_frame)
+        counters = peer.counters
+        counters.msgs_in += 1
+        counters.bytes_in += nbytes
+        self.counters.msgs_in += 1
+        self.counters.bytes_in += nbytes
+        if ts:
+            self.latency.record(time.time() - ts)
+        reply_to = peer.id if req_id is not None else None
+        if route.local:
+            key = (peer.id, subject)
+            last = self._last_seq.get(key)
+            if last is not None and seq > last + 1:
+                self.gaps += seq - last - 1
+            self._last_seq[key] = seq
+            for sub in route.local:
+                self._deliver(
+                    sub,
+                    Message(subject, data, headers, peer.id, seq, array=array,
+                            request_id=req_id, node=self, reply_to=reply_to),
+                )
+        if queues:
+            for group in queues:
+                members = route.local_groups.get(group)
+                if not members:
+                    self.counters.drops["no_queue_member"] += 1
+                    continue
+                self._deliver(
+                    random.choice(members),
+                    Message(subject, data, headers, peer.id, seq, array=array,
+                            request_id=req_id, node=self, reply_to=reply_to),
+                )
+        elif not route.local:
+            self.counters.drops["no_interest"] += 1
+
+    def _on_reply(self, ident: bytes, header: list, frames: list) -> None:
+        req_id, flags, headers = wire.check_reply(header)
+        peer = self._known_peer(ident)
+        array = None
+        if flags & wire.TENSOR:
+            if len(frames) != 4:
+                raise ProtocolError("tensor reply needs descriptor and data frames", "malformed")
+            data = frames[3].buffer
+            array = array_from_frames(frames[2].buffer, data)
+        else:
+            if len(frames) != 3:
+                raise ProtocolError("reply needs exactly one payload frame", "malformed")
+            frame = frames[2]
+            data = frame.buffer if len(frame) >= ZERO_COPY_BYTES else frame.bytes
+        pending = self._pending.get(req_id)
+        if pending is None or pending.reply is not None:
+            self.counters.drops["late_reply"] += 1
+            return
+        pending.reply = Message("", data, headers, peer.id, 0, array=array, request_id=req_id)
+        pending.event.set()
+
+    # -- handshake and gossip ---------------------------------------------------
+
+    def _hello_body(self, ack: bool, via: str | None = None) -> dict:
+        version, entries = self._interest_snapshot()
+        body = {
+            "id": self.id,
+            "name": self.name,
+            "cluster": self.cluster,
+            "eps": self._advertised,
+            "host": self._locality.host,
+            "proc": self._locality.process,
+            "iv": version,
+            "int": entries,
+            "peers": [p.summary() for p in self._peers.values() if p.state == "alive"],
+            "ack": ack,
+        }
+        if via is not None:
+            body["via"] = via
+        return body
+
+    def _interest_snapshot(self) -> list:
+        with self._lock:
+            return [self._routing.local_version, [list(k) for k in self._routing.local_interest()]]
+
+    def _on_hello(self, body: Any, now: float) -> None:
+        info = parse_summary(body)
+        if info["cluster"] != self.cluster:
+            self.counters.drops["wrong_cluster"] += 1
+            return
+        if info["id"] == self.id:
+            return  # we are our own seed
+        iv, entries = body.get("iv"), body.get("int")
+        if type(iv) is not int:
+            raise ProtocolError("hello without interest version", "malformed")
+        entries = wire.check_interest_entries(entries)
+        peer = self._peers.get(info["id"])
+        is_new = peer is None or peer.state not in ("alive", "joining")
+        if not is_new and peer is not None and peer.locality != Locality(info["host"], info["proc"]):
+            # Discovery guessed the locality; the peer's own hello may allow a better link.
+            is_new = True
+        if is_new:
+            self._tombstones.pop(info["id"], None)
+            peer = self._add_peer(info, now)
+            if peer is None:
+                return
+        assert peer is not None
+        peer.last_seen = now
+        via = body.get("via")
+        if type(via) is str and via in self._seed_socks and body.get("ack"):
+            self._seed_peer[via] = peer.id
+        was_joining = peer.state == "joining"
+        peer.state = "alive"
+        if was_joining or is_new:
+            peer.joined_at = now
+            log.info("%s: peer %s joined over %s", self.name, peer.name, peer.link.transport if peer.link else "?")
+        self._set_interest(peer, iv, entries)
+        gossip = body.get("peers")
+        if type(gossip) is list:
+            for summary in gossip:
+                try:
+                    self._introduce(parse_summary(summary), now)
+                except ProtocolError:
+                    self.counters.drops["malformed"] += 1
+        if not body.get("ack"):
+            self._send_control(peer.id, wire.HELLO, self._hello_body(True, via if type(via) is str else None))
+        if was_joining or is_new:
+            # Tell everyone else about the newcomer so the mesh becomes full.
+            summary = [peer.summary()]
+            for other in list(self._peers.values()):
+                if other.id != peer.id and other.state == "alive":
+                    self._send_control(other.id, wire.PEERS, summary)
+            with self._changed:
+                self._changed.notify_all()
+
+    def _add_peer(self, info: dict, now: float) -> Peer | None:
+        locality = Locality(info["host"], info["proc"])
+        chosen = transport_plugins.choose(self._transports, self._locality, info["eps"], locality)
+        if chosen is None:
+            self.counters.drops["no_common_transport"] += 1
+            log.warning(
+                "%s: cannot reach peer %s: no shared transport (ours %s, theirs %s)",
+                self.name, info["name"], [t.name for t in self._transports], list(info["eps"]),
+            )
+            return None
+        old = self._peers.get(info["id"])
+        if old is not None and old.link is not None:
+            self._close_link(old)
+        transport, endpoint = chosen
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self.id.encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, self.options["sndhwm"])
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.connect(endpoint)
+        peer = Peer(
+            id=info["id"],
+            name=info["name"],
+            cluster=info["cluster"],
+            endpoints={k: list(v) for k, v in info["eps"].items()},
+            locality=locality,
+            last_seen=now,
+        )
+        peer.link = Link(sock, transport, endpoint, peer.counters)
+        self._peers[peer.id] = peer
+        self._links[peer.id] = peer.link
+        return peer
+
+    def _introduce(self, info: dict, now: float) -> None:
+        """A peer we heard of through gossip or discovery: connect and say hello."""
+        if info["id"] == self.id or info["cluster"] != self.cluster:
+            return
+        peer = self._peers.get(info["id"])
+        if peer is not None and peer.state in ("alive", "joining"):
+            return
+        if info["id"] in self._tombstones:
+            return  # recently dead: only a hello from the node itself revives it
+        peer = self._add_peer(info, now)
+        if peer is not None:
+            self._send_control(peer.id, wire.HELLO, self._hello_body(False))
+
+    def _set_interest(self, peer: Peer, version: int, entries: list) -> None:
+        with self._lock:
+            bad = self._routing.set_peer_interest(peer.id, version, entries)
+        if bad:
+            self.counters.drops["invalid_interest"] += len(bad)
+        with self._changed:
+            self._changed.notify_all()
+
+    def _on_interest(self, peer: Peer, body: Any) -> None:
+        if type(body) is not list or len(body) != 3 or type(body[0]) is not int:
+            raise ProtocolError("malformed interest update", "malformed")
+        version = body[0]
+        adds = wire.check_interest_entries(body[1])
+        removes = wire.check_interest_entries(body[2])
+        with self._lock:
+            if version <= self._routing.peer_version(peer.id):
+                return  # already covered by a snapshot
+            applied = self._routing.apply_peer_delta(peer.id, version, adds, removes)
+        if not applied:
+            self._send_control(peer.id, wire.SYNC, None)  # we missed one: resync
+        with self._changed:
+            self._changed.notify_all()
+
+    def _send_control(self, peer_id: str, kind: int, body: Any) -> None:
+        link = self._links.get(peer_id)
+        if link is None:
+            return
+        with link.lock:
+            if link.closed:
+                return
+            try:
+                link.sock.send(wire.pack(kind, body), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                self.counters.drops["control_queue_full"] += 1
+
+    def _run_command(self, cmd: tuple) -> None:
+        if cmd[0] == "interest":
+            _, version, adds, removes = cmd
+            body = [version, [list(k) for k in adds], [list(k) for k in removes]]
+            for peer in list(self._peers.values()):
+                if peer.state == "alive":
+                    self._send_control(peer.id, wire.INTEREST, body)
+        elif cmd[0] == "found":
+            try:
+                self._introduce(parse_summary(cmd[1]), time.monotonic())
+            except ProtocolError:
+                self.counters.drops["malformed_announcement"] += 1
+
+    # -- seeds, heartbeats, death -------------------------------------------------
+
+    def _open_seed(self, endpoint: str) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        # Another identity than our link's: a ROUTER refuses two pipes with one identity.
+        sock.setsockopt(zmq.IDENTITY, f"{self.id}/seed/{len(self._seed_socks)}".encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing towards a seed that is down
+        sock.setsockopt(zmq.SNDHWM, 4)
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            log.warning("%s: seed %s unusable: %s", self.name, endpoint, exc)
+            return
+        self._seed_socks[endpoint] = sock
+
+    def _tick(self, now: float) -> None:
+        timeout = self.options["peer_timeout"]
+        for peer in list(self._peers.values()):
+            if peer.state not in ("alive", "joining"):
+                continue
+            if now - peer.last_seen > timeout:
+                self._peer_gone(peer, "dead")
+            elif peer.state == "alive":
+                self._send_control(peer.id, wire.PING, [now])
+            else:
+                self._send_control(peer.id, wire.HELLO, self._hello_body(False))
+        horizon = now - self.options["tombstone"]
+        for peer_id, when in list(self._tombstones.items()):
+            if when < horizon:
+                del self._tombstones[peer_id]
+                peer = self._peers.get(peer_id)
+                if peer is not None and peer.state in ("dead", "left"):
+                    del self._peers[peer_id]
+
+    def _hello_seeds(self) -> None:
+        for endpoint, sock in self._seed_socks.items():
+            joined = self._peers.get(self._seed_peer.get(endpoint, ""))
+            if joined is not None and joined.state == "alive":
+                continue
+            try:
+                sock.send(wire.pack(wire.HELLO, self._hello_body(False, via=endpoint)), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # not connected yet; retried soon
+
+    def _peer_gone(self, peer: Peer, state: str) -> None:
+        was = peer.state
+        peer.state = state
+        self._tombstones[peer.id] = time.monotonic()
+        self._close_link(peer)
+        with self._lock:
+            self._routing.remove_peer(peer.id)
+        for key in [k for k in self._last_seq if k[0] == peer.id]:
+            del self._last_seq[key]
+        if was == "alive":
+            log.info("%s: peer %s is %s", self.name, peer.name, state)
+        with self._changed:
+            self._changed.notify_all()
+
+    def _close_link(self, peer: Peer) -> None:
+        if peer.link is not None:
+            self._links.pop(peer.id, None)
+            peer.link.close()
+
+    def _io_shutdown(self) -> None:
+        for peer in list(self._peers.values()):
+            if peer.state == "alive" and peer.link is not None:
+                with peer.link.lock:
+                    try:
+                        peer.link.sock.send(wire.pack(wire.BYE, None), zmq.NOBLOCK)
+                    except zmq.ZMQError:
+                        pass
+        for peer in list(self._peers.values()):
+            if peer.link is not None:
+                self._links.pop(peer.id, None)
+                # Linger briefly so the goodbye leaves; close() returns at once.
+                with peer.link.lock:
+                    if not peer.link.closed:
+                        peer.link.closed = True
+                        peer.link.sock.close(linger=200)
+        for sock in self._seed_socks.values():
+            sock.close(linger=0)
+        self._router.close(linger=0)
+        self._cleanup_bound()
+
+    def _cleanup_bound(self) -> None:
+        for plugin, bound in self._bound:
+            plugin.cleanup(bound)
+
+    # -- discovery -------------------------------------------------------------
+
+    def _start_zeroconf(self) -> None:
+        from discovery.base import Announcement
+        from discovery.zeroconf import ZeroconfDiscovery
+
+        me = Announcement(
+            cluster=self.cluster,
+            node_id=self.id,
+            name=self.name,
+            version=wire.PROTOCOL_VERSION,
+            transports=tuple(self._advertised),
+            endpoints=tuple(ep for eps in self._advertised.values() for ep in eps),
+            host=self._locality.host,
+        )
+        self._discovery = ZeroconfDiscovery(
+            me, self._on_discovered, lambda _node_id: None, interfaces=self.options["interfaces"]
+        )
+        self._discovery.start()
+
+    def _on_discovered(self, ann: Any) -> None:
+        if ann.version != wire.PROTOCOL_VERSION or ann.node_id == self.id:
+            return
+        eps: dict[str, list[str]] = {}
+        for ep in ann.endpoints:
+            eps.setdefault(ep.split("://", 1)[0], []).append(ep)
+        summary = {
+            "id": ann.node_id,
+            "name": ann.name,
+            "cluster": ann.cluster,
+            "eps": eps,
+            "host": ann.host,
+            # Processes never share a context across discovery: no inproc.
+            "proc": f"{ann.host}/remote",
+        }
+        self._command(("found", summary))
+

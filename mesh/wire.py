@@ -1,0 +1,152 @@
+"""The wire format: one msgpack header frame, then payload frames.
+
+Every header is a msgpack array whose first two items are the protocol version
+and the message kind. Data messages (MSG, REPLY) use fixed positions so that
+the hot path packs and unpacks a short list; control messages carry a dict.
+
+    MSG    [V, MSG, subject, seq, ts, flags, headers|nil, req_id|nil, queues|nil]
+           frames: header, payload            (flags & TENSOR == 0)
+                   header, descriptor, data   (flags & TENSOR: schemas/tensor.fbs)
+    REPLY  [V, REPLY, req_id, flags, headers|nil]   + payload frames as MSG
+    other  [V, KIND, body]                          body is a kind-specific value
+
+A peer with another major version is refused, never misread.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from mesh.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+
+# Message kinds
+HELLO = 1  # body: node info dict (+ "ack": bool)
+PEERS = 2  # body: list of peer summaries (gossip of who is in the mesh)
+INTEREST = 3  # body: [version, adds, removes]  each a list of [pattern, queue]
+INTEREST_FULL = 4  # body: [version, entries]
+SYNC = 5  # body: None: "send me your full interest"
+MSG = 6
+REPLY = 7
+PING = 8  # body: [t_sent]
+PONG = 9  # body: [t_sent echoed]
+BYE = 10  # body: None
+STATUS_REQ = 11  # body: token (any); sent by mesh-status from an unknown identity
+STATUS = 12  # body: [token, status dict]
+
+KIND_NAMES = {
+    HELLO: "hello",
+    PEERS: "peers",
+    INTEREST: "interest",
+    INTEREST_FULL: "interest_full",
+    SYNC: "sync",
+    MSG: "msg",
+    REPLY: "reply",
+    PING: "ping",
+    PONG: "pong",
+    BYE: "bye",
+    STATUS_REQ: "status_req",
+    STATUS: "status",
+}
+
+# MSG / REPLY flags
+TENSOR = 1
+
+# Headers are small; anything larger is hostile or a bug.
+MAX_HEADER_BYTES = 1 << 20
+
+_packer = msgpack.Packer(use_bin_type=True)
+_pack = msgpack.packb
+
+
+def pack(kind: int, body: Any) -> bytes:
+    return _pack([PROTOCOL_VERSION, kind, body], use_bin_type=True)
+
+
+def pack_msg(
+    subject: str,
+    seq: int,
+    ts: float,
+    flags: int,
+    headers: dict | None,
+    req_id: int | None,
+    queues: list[str] | None,
+) -> bytes:
+    return _pack(
+        [PROTOCOL_VERSION, MSG, subject, seq, ts, flags, headers, req_id, queues],
+        use_bin_type=True,
+    )
+
+
+def pack_reply(req_id: int, flags: int, headers: dict | None) -> bytes:
+    return _pack([PROTOCOL_VERSION, REPLY, req_id, flags, headers], use_bin_type=True)
+
+
+def unpack(frame: bytes | memoryview) -> list:
+    """Decode a header frame; raise ProtocolError for anything but a well-formed header."""
+    if len(frame) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(frame)} bytes exceeds {MAX_HEADER_BYTES}", "oversize")
+    try:
+        header = msgpack.unpackb(frame, raw=False, strict_map_key=False, use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"undecodable header: {exc}", "malformed") from None
+    if type(header) is not list or len(header) < 3:
+        raise ProtocolError("header is not a [version, kind, ...] array", "malformed")
+    version, kind = header[0], header[1]
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {version!r}, this node speaks {PROTOCOL_VERSION}; "
+            "upgrade the older side",
+            "version",
+        )
+    if kind not in KIND_NAMES:
+        raise ProtocolError(f"unknown message kind {kind!r}", "unknown_kind")
+    return header
+
+
+def check_msg(header: list) -> tuple[str, int, float, int, dict | None, int | None, list | None]:
+    """Validate the fields of a MSG header (types only: subjects are checked by routing)."""
+    if len(header) != 9:
+        raise ProtocolError("MSG header has the wrong length", "malformed")
+    _, _, subject, seq, ts, flags, headers, req_id, queues = header
+    if (
+        type(subject) is not str
+        or type(seq) is not int
+        or type(ts) not in (float, int)
+        or type(flags) is not int
+        or (headers is not None and type(headers) is not dict)
+        or (req_id is not None and type(req_id) is not int)
+        or (queues is not None and (type(queues) is not list or not all(type(q) is str for q in queues)))
+    ):
+        raise ProtocolError("MSG header has fields of the wrong type", "malformed")
+    return subject, seq, ts, flags, headers, req_id, queues
+
+
+def check_reply(header: list) -> tuple[int, int, dict | None]:
+    if len(header) != 5:
+        raise ProtocolError("REPLY header has the wrong length", "malformed")
+    _, _, req_id, flags, headers = header
+    if type(req_id) is not int or type(flags) is not int or (
+        headers is not None and type(headers) is not dict
+    ):
+        raise ProtocolError("REPLY header has fields of the wrong type", "malformed")
+    return req_id, flags, headers
+
+
+def check_interest_entries(entries: Any) -> list[tuple[str, str]]:
+    if type(entries) is not list:
+        raise ProtocolError("interest entries are not a list", "malformed")
+    out = []
+    for entry in entries:
+        if (
+            type(entry) is not list
+            or len(entry) != 2
+            or type(entry[0]) is not str
+            or type(entry[1]) is not str
+        ):
+            raise ProtocolError("interest entry is not [pattern, queue]", "malformed")
+        out.append((entry[0], entry[1]))
+    return out
