@@ -11,6 +11,7 @@ Threads:
 
 from __future__ import annotations
 
+import atexit
 import collections
 import itertools
 import logging
@@ -20,6 +21,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -77,6 +79,19 @@ def _default_name() -> str:
         _names_in_process[base] += 1
         count = _names_in_process[base]
     return base if count == 1 else f"{base}-{count}"
+
+
+_live_nodes: weakref.WeakSet[Node] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_nodes() -> None:
+    # Forgotten nodes: say goodbye to peers and remove ipc socket files at exit.
+    for node in list(_live_nodes):
+        try:
+            node.close()
+        except Exception:
+            pass
 
 
 class _Pending:
@@ -213,6 +228,7 @@ class Node:
         )
         self._io_thread.start()
         self._dispatch_thread.start()
+        _live_nodes.add(self)
         if self.discovery_mode == "zeroconf":
             self._start_zeroconf()
         return self
