@@ -1,0 +1,1 @@
+"""Collectives: pure schedules (:mod:`.schedule`) and reductions (:mod:`.reduce`)."""

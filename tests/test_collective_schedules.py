@@ -1,0 +1,665 @@
+"""Pure tests of the collective schedules and reductions (no sockets, no threads).
+
+Plans are executed by an in-memory simulator: every rank walks its own plan
+(post the send, then wait for the receive), messages queue per (sender,
+receiver) pair, and ranks are stepped in a random interleaving. Sends carry
+a *view* of the sender's buffer, as a zero-copy send does, so a schedule that
+overwrote a slice still in flight is caught. Contribution matrices (one
+column per rank, one-hot) make every double count or miss visible.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict, deque
+from collections.abc import Callable
+from itertools import pairwise
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mesh.collectives import reduce as red
+from mesh.collectives import schedule as sch
+from mesh.collectives.schedule import Transfer
+from mesh.errors import ConfigError, MeshError
+
+FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+sizes = st.integers(1, 64)
+counts = st.integers(0, 500)
+
+SendCheck = Callable[[int, Transfer, np.ndarray], None]
+
+
+# --------------------------------------------------------------------------
+# simulator
+
+
+def simulate(
+    plans: list[list[Transfer]],
+    bufs: list[np.ndarray],
+    op: str = "sum",
+    seed: int = 0,
+    check_send: SendCheck | None = None,
+) -> None:
+    """Run every rank's plan to completion; fail on deadlock, mismatch or hazard."""
+    size = len(plans)
+    rnd = random.Random(seed)
+    chans: dict[tuple[int, int], deque] = defaultdict(deque)
+    pc = [0] * size
+    sent = [False] * size  # the current transfer's send is already posted
+
+    def advance(r: int, budget: int) -> bool:
+        moved = False
+        while budget > 0 and pc[r] < len(plans[r]):
+            t = plans[r][pc[r]]
+            if t.send is not None and not sent[r]:
+                assert t.send_to is not None and t.send_to != r
+                view = bufs[r][t.send[0] : t.send[1]]
+                if check_send is not None:
+                    check_send(r, t, view)
+                chans[(r, t.send_to)].append((t.tag, t.send, view, view.copy()))
+                sent[r] = moved = True
+            if t.recv is not None:
+                q = chans[(t.recv_from, r)]
+                if not q:
+                    return moved
+                tag, sl, view, snapshot = q.popleft()
+                assert tag == t.tag, f"rank {r} expected {t.tag} from {t.recv_from}, got {tag}"
+                assert sl == t.recv, f"slice mismatch {sl} != {t.recv} at {t.tag}"
+                # zero-copy hazard: the sender must not have touched the slice
+                assert np.array_equal(view, snapshot, equal_nan=view.dtype.kind in "fc")
+                dst = bufs[r][t.recv[0] : t.recv[1]]
+                if t.reduce:
+                    red.reduce_into(op, dst, view)
+                else:
+                    dst[...] = view
+            pc[r] += 1
+            sent[r] = False
+            moved = True
+            budget -= 1
+        return moved
+
+    while any(pc[r] < len(plans[r]) for r in range(size)):
+        order = list(range(size))
+        rnd.shuffle(order)
+        progress = False
+        for r in order:
+            progress |= advance(r, rnd.randint(1, 4))
+        if not progress:
+            stuck = {r: plans[r][pc[r]].tag for r in range(size) if pc[r] < len(plans[r])}
+            pytest.fail(f"deadlock: ranks waiting at {stuck}")
+    assert all(not q for q in chans.values()), "messages left unreceived"
+
+
+def one_hot(n: int, size: int) -> list[np.ndarray]:
+    """Rank r's buffer: n rows, a 1 in column r. Reduced, every cell must be exactly 1."""
+    bufs = []
+    for r in range(size):
+        b = np.zeros((n, size), dtype=np.int64)
+        b[:, r] = 1
+        bufs.append(b)
+    return bufs
+
+
+def contributors_ring_rs(rank: int, step: int, size: int) -> np.ndarray:
+    """Which columns a reduce-scatter send of rank at step must carry: rank-step..rank."""
+    want = np.zeros(size, dtype=np.int64)
+    want[[(rank - i) % size for i in range(step + 1)]] = 1
+    return want
+
+
+# --------------------------------------------------------------------------
+# splitting
+
+
+@given(n=st.integers(0, 10_000), parts=st.integers(1, 200))
+def test_chunk_bounds_partition(n: int, parts: int) -> None:
+    b = sch.chunk_bounds(n, parts)
+    assert len(b) == parts and b[0][0] == 0 and b[-1][1] == n
+    assert all(b[i][1] == b[i + 1][0] for i in range(parts - 1))
+    lens = [stop - start for start, stop in b]
+    assert max(lens) - min(lens) <= 1 and lens == sorted(lens, reverse=True)
+    assert sum(1 for x in lens if x == lens[0]) >= 1
+
+
+def test_chunk_bounds_edges() -> None:
+    assert sch.chunk_bounds(0, 3) == [(0, 0)] * 3
+    assert sch.chunk_bounds(2, 4) == [(0, 1), (1, 2), (2, 2), (2, 2)]
+    assert sch.chunk_bounds(7, 3) == [(0, 3), (3, 5), (5, 7)]
+    assert sch.chunk_bounds(5, 1) == [(0, 5)]
+
+
+@given(start=st.integers(0, 1000), length=st.integers(0, 1000), seg=st.integers(1, 300))
+def test_segment_bounds(start: int, length: int, seg: int) -> None:
+    b = sch.segment_bounds(start, start + length, seg)
+    assert sum(y - x for x, y in b) == length
+    assert all(y - x == seg for x, y in b[:-1]) and all(0 < y - x <= seg for x, y in b)
+    if b:
+        assert b[0][0] == start and b[-1][1] == start + length
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: sch.chunk_bounds(-1, 2),
+        lambda: sch.chunk_bounds(3, 0),
+        lambda: sch.chunk_bounds(2.5, 2),
+        lambda: sch.segment_bounds(0, 10, 0),
+        lambda: sch.segment_bounds(5, 4, 1),
+        lambda: sch.ring_allreduce_plan(10, 4, 4, 1),
+        lambda: sch.ring_allreduce_plan(10, -1, 4, 1),
+        lambda: sch.ring_allreduce_plan(10, 0, 0, 1),
+        lambda: sch.tree_parent(0, 4, root=4),
+        lambda: sch.barrier_schedule(3, 2),
+        lambda: sch.allgather_plan([1, -2], 0, 1),
+        lambda: sch.choose_algorithm(-1, 4),
+        lambda: sch.gossip_targets(0, 4, 0, 0, None),
+        lambda: sch.push_sum_rounds(4, eps=0.0),
+    ],
+)
+def test_bad_arguments_raise_config_error(call: Callable[[], object]) -> None:
+    with pytest.raises(ConfigError):
+        call()
+
+
+# --------------------------------------------------------------------------
+# ring allreduce
+
+
+def test_ring_step_conventions() -> None:
+    size = 5
+    for r in range(size):
+        rs = sch.ring_reduce_scatter(r, size)
+        ag = sch.ring_allgather(r, size)
+        assert len(rs) == len(ag) == size - 1
+        assert rs[-1].recv_chunk == r  # rank r owns chunk r after reduce-scatter
+        assert ag[0].send_chunk == r
+        assert {s.recv_chunk for s in ag} == set(range(size)) - {r}
+        for a, b in pairwise(rs):
+            assert b.send_chunk == a.recv_chunk  # forward what was just reduced
+        assert all(s.send_to == (r + 1) % size and s.recv_from == (r - 1) % size for s in rs)
+    assert sch.ring_reduce_scatter(0, 1) == [] and sch.ring_allgather(0, 1) == []
+
+
+@FAST
+@given(size=sizes, n=counts, seg=st.integers(1, 64), seed=st.integers(0, 2**16))
+def test_ring_allreduce_counts_every_contribution_once(
+    size: int, n: int, seg: int, seed: int
+) -> None:
+    plans = [sch.ring_allreduce_plan(n, r, size, seg) for r in range(size)]
+    bufs = one_hot(n, size)
+
+    def check(r: int, t: Transfer, data: np.ndarray) -> None:
+        # a rank sends only what it has: partial sums of exactly the ranks
+        # upstream of it in reduce-scatter, finished chunks in allgather
+        want = contributors_ring_rs(r, t.step, size) if t.phase == "reduce_scatter" else 1
+        assert np.array_equal(data, np.broadcast_to(want, data.shape)), (r, t)
+
+    simulate(plans, bufs, "sum", seed, check)
+    for b in bufs:
+        assert np.array_equal(b, np.ones((n, size), dtype=np.int64))
+
+
+@FAST
+@given(size=st.integers(1, 24), n=st.integers(0, 200), seg=st.integers(1, 50))
+def test_ring_plan_structure(size: int, n: int, seg: int) -> None:
+    bounds = sch.chunk_bounds(n, size)
+    for r in range(size):
+        plan = sch.ring_allreduce_plan(n, r, size, seg)
+        assert [t.index for t in plan] == list(range(len(plan)))
+        sent = sum(t.send[1] - t.send[0] for t in plan if t.send is not None)
+        # bandwidth term: 2 (P-1)/P * n, exactly 2n minus the two chunks never sent
+        own, nxt = bounds[r], bounds[(r + 1) % size]
+        expect = 0 if size == 1 else 2 * n - (own[1] - own[0]) - (nxt[1] - nxt[0])
+        assert sent == expect
+        for t in plan:
+            assert t.send is None or t.send[1] > t.send[0]  # no empty messages
+            assert t.recv is None or t.recv[1] > t.recv[0]
+            assert t.reduce == (t.phase == "reduce_scatter" and t.recv is not None)
+            if t.send_after is not None:
+                dep = plan[t.send_after]
+                assert dep.index < t.index and dep.recv == t.send
+                # pipelining: segment k of step s+1 waits only on segment k of step s
+                assert dep.segment == t.segment
+            elif t.send is not None:
+                assert t.phase == "reduce_scatter" and t.step == 0
+        keys = [(t.phase, t.step, t.segment) for t in plan]
+        assert keys == sorted(keys, key=lambda k: (k[0] != "reduce_scatter", k[1], k[2]))
+
+
+def test_ring_trivial_cases() -> None:
+    assert sch.ring_allreduce_plan(100, 0, 1, 7) == []
+    assert all(sch.ring_allreduce_plan(0, r, 5, 7) == [] for r in range(5))
+    # n < size: empty chunks are skipped, the rest still flows
+    plans = [sch.ring_allreduce_plan(2, r, 7, 1) for r in range(7)]
+    bufs = one_hot(2, 7)
+    simulate(plans, bufs)
+    assert all(np.array_equal(b, np.ones((2, 7), dtype=np.int64)) for b in bufs)
+
+
+OP_DTYPES = [
+    ("sum", np.int64),
+    ("sum", np.int8),
+    ("sum", np.float64),
+    ("mean", np.int32),
+    ("mean", np.float32),
+    ("mean", np.float16),
+    ("min", np.int16),
+    ("max", np.float64),
+    ("max", np.bool_),
+    ("prod", np.int64),
+    ("prod", np.float64),
+]
+
+
+def random_inputs(rng: np.random.Generator, size: int, n: int, dtype: type) -> list[np.ndarray]:
+    dt = np.dtype(dtype)
+    if dt.kind == "b":
+        return [rng.integers(0, 2, n).astype(dt) for _ in range(size)]
+    if dt.kind in "iu":
+        info = np.iinfo(dt)
+        return [
+            rng.integers(max(info.min, -100), min(info.max, 100), n, dtype=dt) for _ in range(size)
+        ]
+    return [(rng.standard_normal(n) * 4).astype(dt) for _ in range(size)]
+
+
+def check_result(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if want.dtype.kind in "fc":
+        tol = 1e-2 if want.dtype == np.float16 else 1e-5
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    else:
+        assert np.array_equal(got, want)
+
+
+def run_allreduce(
+    plan_for: Callable[[int], list[Transfer]],
+    inputs: list[np.ndarray],
+    op: str,
+    seed: int,
+) -> list[np.ndarray]:
+    size = len(inputs)
+    bufs = [red.accumulator(op, x) for x in inputs]
+    simulate([plan_for(r) for r in range(size)], bufs, op, seed)
+    return [red.finalize(op, b, size, inputs[0].dtype) for b in bufs]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    size=st.integers(1, 12),
+    n=st.integers(0, 60),
+    seg=st.integers(1, 16),
+    case=st.sampled_from(OP_DTYPES),
+    seed=st.integers(0, 2**16),
+)
+def test_ring_and_tree_allreduce_values(
+    size: int, n: int, seg: int, case: tuple[str, type], seed: int
+) -> None:
+    op, dtype = case
+    rng = np.random.default_rng(seed)
+    inputs = random_inputs(rng, size, n, dtype)
+    want = red.reference_allreduce(inputs, op)
+    root = seed % size
+    for plan_for in (
+        lambda r: sch.ring_allreduce_plan(n, r, size, seg),
+        lambda r: sch.tree_allreduce_plan(n, r, size, root, seg),
+        lambda r: sch.tree_allreduce_plan(n, r, size, root),
+    ):
+        outs = run_allreduce(plan_for, inputs, op, seed)
+        for o in outs:
+            check_result(o, want)
+            assert o.tobytes() == outs[0].tobytes()  # bit-identical on every rank
+
+
+# --------------------------------------------------------------------------
+# tree
+
+
+@given(size=st.integers(1, 70), root=st.integers(0, 69))
+def test_tree_shape(size: int, root: int) -> None:
+    root %= size
+    assert sch.tree_parent(root, size, root) is None
+    for r in range(size):
+        for c in sch.tree_children(r, size, root):
+            assert sch.tree_parent(c, size, root) == r
+        # every rank reaches the root, in at most log2(size) hops
+        hops, cur = 0, r
+        while (p := sch.tree_parent(cur, size, root)) is not None:
+            cur, hops = p, hops + 1
+        assert cur == root and hops <= size.bit_length()
+    assert sum(len(sch.tree_children(r, size, root)) for r in range(size)) == size - 1
+
+
+@FAST
+@given(
+    size=sizes,
+    n=st.integers(0, 120),
+    root=st.integers(0, 63),
+    seg=st.none() | st.integers(1, 40),
+    seed=st.integers(0, 2**16),
+)
+def test_tree_allreduce_counts_every_contribution_once(
+    size: int, n: int, root: int, seg: int | None, seed: int
+) -> None:
+    root %= size
+    plans = [sch.tree_allreduce_plan(n, r, size, root, seg) for r in range(size)]
+    bufs = one_hot(n, size)
+    simulate(plans, bufs, "sum", seed)
+    for b in bufs:
+        assert np.array_equal(b, np.ones((n, size), dtype=np.int64))
+
+
+@FAST
+@given(size=sizes, n=st.integers(0, 80), root=st.integers(0, 63), seed=st.integers(0, 2**16))
+def test_tree_reduce_reaches_root(size: int, n: int, root: int, seed: int) -> None:
+    root %= size
+    plans = [sch.tree_reduce_plan(n, r, size, root) for r in range(size)]
+    bufs = one_hot(n, size)
+    simulate(plans, bufs, "sum", seed)
+    assert np.array_equal(bufs[root], np.ones((n, size), dtype=np.int64))
+
+
+# --------------------------------------------------------------------------
+# broadcast, allgather, reduce-scatter
+
+
+@FAST
+@given(
+    size=sizes,
+    n=counts,
+    root=st.integers(0, 63),
+    seg=st.none() | st.integers(1, 100),
+    seed=st.integers(0, 2**16),
+)
+def test_broadcast_from_any_root(size: int, n: int, root: int, seg: int | None, seed: int) -> None:
+    root %= size
+    data = np.arange(1, n + 1, dtype=np.int64) * 7
+    bufs = [data.copy() if r == root else np.full(n, -1, dtype=np.int64) for r in range(size)]
+
+    def check(r: int, t: Transfer, sent: np.ndarray) -> None:
+        assert (sent != -1).all()  # only forwards what it has received
+
+    plans = [sch.broadcast_plan(n, r, size, root, seg) for r in range(size)]
+    simulate(plans, bufs, "sum", seed, check)
+    assert all(np.array_equal(b, data) for b in bufs)
+
+
+@FAST
+@given(
+    parts=st.lists(st.integers(0, 30), min_size=1, max_size=64),
+    seg=st.integers(1, 20),
+    seed=st.integers(0, 2**16),
+)
+def test_allgather_variable_parts(parts: list[int], seg: int, seed: int) -> None:
+    size = len(parts)
+    bounds = sch.part_bounds(parts)
+    total = bounds[-1][1]
+    full = np.arange(1, total + 1, dtype=np.int64)
+    bufs = []
+    for r in range(size):
+        b = np.full(total, -1, dtype=np.int64)
+        b[bounds[r][0] : bounds[r][1]] = full[bounds[r][0] : bounds[r][1]]
+        bufs.append(b)
+
+    def check(r: int, t: Transfer, sent: np.ndarray) -> None:
+        assert (sent != -1).all()
+
+    plans = [sch.allgather_plan(parts, r, seg) for r in range(size)]
+    simulate(plans, bufs, "sum", seed, check)
+    assert all(np.array_equal(b, full) for b in bufs)
+
+
+@FAST
+@given(size=sizes, n=counts, seg=st.integers(1, 64), seed=st.integers(0, 2**16))
+def test_reduce_scatter_each_rank_owns_its_chunk(size: int, n: int, seg: int, seed: int) -> None:
+    plans = [sch.reduce_scatter_plan(n, r, size, seg) for r in range(size)]
+    bufs = one_hot(n, size)
+    simulate(plans, bufs, "sum", seed)
+    for r, (a, b) in enumerate(sch.chunk_bounds(n, size)):
+        assert np.array_equal(bufs[r][a:b], np.ones((b - a, size), dtype=np.int64))
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 13, 31, 61])
+def test_primes_and_small_sizes_all_collectives(size: int) -> None:
+    for n in (0, 1, size - 1, size, size + 1, 3 * size + 2):
+        for plans in (
+            [sch.ring_allreduce_plan(n, r, size, 2) for r in range(size)],
+            [sch.tree_allreduce_plan(n, r, size, size // 2, 3) for r in range(size)],
+        ):
+            bufs = one_hot(n, size)
+            simulate(plans, bufs)
+            assert all(np.array_equal(b, np.ones((n, size), dtype=np.int64)) for b in bufs)
+
+
+# --------------------------------------------------------------------------
+# barrier
+
+
+@given(size=st.integers(1, 200))
+def test_dissemination_barrier(size: int) -> None:
+    scheds = [sch.barrier_schedule(r, size) for r in range(size)]
+    rounds = (size - 1).bit_length()
+    assert all(len(s) == rounds for s in scheds)
+    heard = [{r} for r in range(size)]
+    for k in range(rounds):
+        incoming = [set() for _ in range(size)]
+        for r in range(size):
+            rd = scheds[r][k]
+            assert rd.round == k and rd.send_to != r
+            assert scheds[rd.send_to][k].recv_from == r  # the peer waits for us
+            incoming[rd.send_to] |= heard[r]  # the token carries what r knew
+        heard = [h | i for h, i in zip(heard, incoming, strict=True)]
+    assert all(h == set(range(size)) for h in heard)
+
+
+# --------------------------------------------------------------------------
+# push-sum gossip
+
+
+def random_graph(size: int, rng: np.random.Generator) -> list[list[int]]:
+    """Connected: a random spanning tree plus random extra edges."""
+    adj: list[set[int]] = [set() for _ in range(size)]
+    for i in range(1, size):
+        j = int(rng.integers(0, i))
+        adj[i].add(j)
+        adj[j].add(i)
+    for _ in range(int(rng.integers(0, 2 * size))):
+        a, b = (int(v) for v in rng.integers(0, size, 2))
+        if a != b:
+            adj[a].add(b)
+            adj[b].add(a)
+    return [sorted(s) for s in adj]
+
+
+def gossip_round(
+    nodes: list[sch.PushSum],
+    rnd: int,
+    fanout: int,
+    rng: np.random.Generator,
+    graph: list[list[int]] | None,
+) -> None:
+    size = len(nodes)
+    inbox: list[list[tuple[np.ndarray, float]]] = [[] for _ in range(size)]
+    for r, node in enumerate(nodes):
+        peers = None if graph is None else graph[r]
+        targets = sch.gossip_targets(r, size, rnd, fanout, rng, peers)
+        for t, share in zip(targets, node.split(len(targets)), strict=True):
+            inbox[t].append(share)
+    for r, node in enumerate(nodes):
+        for x, w in inbox[r]:
+            node.absorb(x, w)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    size=st.integers(2, 32),
+    fanout=st.integers(1, 3),
+    complete=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_push_sum_converges_and_conserves_mass(
+    size: int, fanout: int, complete: bool, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    xs = rng.uniform(1.0, 100.0, (size, 3))
+    mean = xs.mean(axis=0)
+    graph = None if complete else random_graph(size, rng)
+    nodes = [sch.PushSum(x) for x in xs]
+    mass_x, mass_w = xs.sum(axis=0), float(size)
+    budget = sch.push_sum_rounds(size, 1e-6) if complete else 5000
+    for rnd in range(budget):
+        gossip_round(nodes, rnd, fanout, rng, graph)
+        np.testing.assert_allclose(sum(n.x for n in nodes), mass_x, rtol=1e-12)
+        assert abs(sum(n.w for n in nodes) - mass_w) <= 1e-12 * mass_w
+        if all(np.allclose(n.estimate(), mean, rtol=1e-6, atol=0) for n in nodes):
+            break
+    else:
+        worst = max(float(np.max(np.abs(n.estimate() / mean - 1))) for n in nodes)
+        pytest.fail(f"no convergence in {budget} rounds: worst relative error {worst:.2e}")
+
+
+def test_push_sum_split_and_absorb() -> None:
+    p = sch.PushSum(np.array([3, 6], dtype=np.int32))
+    assert p.x.dtype == np.float64
+    shares = p.split(2)
+    assert len(shares) == 2 and p.w == pytest.approx(1 / 3)
+    x, w = shares[0]
+    assert not x.flags.writeable and x is not p.x and w == pytest.approx(1 / 3)
+    np.testing.assert_allclose(p.x, [1, 2])
+    p.absorb(x, w)
+    np.testing.assert_allclose(p.estimate(), [3, 6])
+    assert p.split(0) == [] and p.w == pytest.approx(2 / 3)
+    with pytest.raises(ConfigError):
+        p.absorb(np.zeros(3), 1.0)
+    with pytest.raises(ConfigError):
+        sch.PushSum(np.array(["a"]))
+
+
+@given(size=st.integers(1, 40), fanout=st.integers(1, 5), seed=st.integers(0, 1000))
+def test_gossip_targets(size: int, fanout: int, seed: int) -> None:
+    for r in range(size):
+        a = sch.gossip_targets(r, size, 3, fanout, np.random.default_rng(seed))
+        b = sch.gossip_targets(r, size, 3, fanout, np.random.default_rng(seed))
+        assert a == b  # deterministic given the generator
+        assert r not in a and len(set(a)) == len(a) == min(fanout, size - 1)
+        assert all(0 <= t < size for t in a)
+        # without a generator the rotation reaches every peer
+        seen = {t for k in range(size) for t in sch.gossip_targets(r, size, k, fanout, None)}
+        assert seen == set(range(size)) - {r}
+        nbrs = [(r + 1) % size, (r + 2) % size]
+        assert set(
+            sch.gossip_targets(r, size, 0, fanout, np.random.default_rng(seed), nbrs)
+        ) <= set(nbrs) - {r}
+
+
+# --------------------------------------------------------------------------
+# algorithm choice
+
+
+def test_choose_algorithm() -> None:
+    c = sch.DEFAULT_CROSSOVER_BYTES
+    assert sch.choose_algorithm(100, 8, c) == "tree"
+    assert sch.choose_algorithm(c, 8, c) == "ring"
+    assert sch.choose_algorithm(10 * c, 8) == "ring"
+    assert sch.choose_algorithm(0, 8) == "tree"
+    assert sch.choose_algorithm(100, 2, c) == "ring"
+    assert sch.choose_algorithm(100, 1, c) == "ring"
+    assert sch.choose_algorithm(100, 64, 50) == "ring"
+    assert sch.segment_elems_for(8, 1024) == 128 and sch.segment_elems_for(16, 1) == 1
+
+
+# --------------------------------------------------------------------------
+# reductions: ops x dtypes against numpy
+
+
+DTYPES = [
+    np.int8, np.uint8, np.int16, np.int32, np.uint32, np.int64, np.uint64,
+    np.float16, np.float32, np.float64, np.complex64, np.complex128,
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("op", red.OPS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("size", [1, 2, 5])
+def test_reduce_into_and_finalize_match_numpy(op: str, dtype: type, size: int) -> None:
+    rng = np.random.default_rng(hash((op, np.dtype(dtype).name, size)) % 2**32)
+    dt = np.dtype(dtype)
+    if dt.kind in "iu":
+        # full range: sums and products overflow and must wrap exactly as numpy's
+        info = np.iinfo(dt)
+        inputs = [
+            rng.integers(info.min, info.max, (3, 4), dtype=dt, endpoint=True) for _ in range(size)
+        ]
+    elif dt.kind == "c":
+        inputs = [
+            (rng.standard_normal((3, 4)) + 1j * rng.standard_normal((3, 4))).astype(dt)
+            for _ in range(size)
+        ]
+    else:
+        inputs = [rng.standard_normal((3, 4)).astype(dt) for _ in range(size)]
+    want = red.reference_allreduce(inputs, op)
+    acc = red.accumulator(op, inputs[0])
+    assert acc.ndim == 1 and acc.dtype == red.accumulator_dtype(op, dt)
+    assert not np.shares_memory(acc, inputs[0])
+    for x in inputs[1:]:
+        red.reduce_into(op, acc, x.reshape(-1))
+    got = red.finalize(op, acc, size, dt).reshape(want.shape)
+    assert red.result_dtype(op, dt) == want.dtype
+    check_result(got, want)
+    if dt.kind in "iu" and op == "mean":
+        # a mean never wraps: compare with the exact rational mean too
+        exact = sum(x.astype(object) for x in inputs)
+        np.testing.assert_allclose(got, (exact / size).astype(np.float64), rtol=1e-12)
+
+
+@pytest.mark.parametrize("op", ["min", "max"])
+def test_bool_min_max(op: str) -> None:
+    inputs = [np.array([True, False, True]), np.array([True, False, False])]
+    acc = red.accumulator(op, inputs[0])
+    red.reduce_into(op, acc, inputs[1])
+    check_result(red.finalize(op, acc, 2, np.bool_), red.reference_allreduce(inputs, op))
+
+
+@pytest.mark.parametrize(
+    ("op", "dtype"),
+    [
+        ("sum", np.bool_),
+        ("mean", np.bool_),
+        ("prod", np.bool_),
+        ("sum", object),
+        ("max", np.str_),
+        ("min", np.bytes_),
+        ("sum", np.dtype([("a", "i4")])),
+        ("sum", np.dtype("V8")),
+        ("max", np.dtype("datetime64[s]")),
+        ("sum", np.dtype("timedelta64[s]")),
+        ("median", np.float64),
+        ("add", np.float64),
+    ],
+)
+def test_check_op_dtype_refuses(op: str, dtype: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        red.check_op_dtype(op, dtype)
+    assert isinstance(info.value, MeshError) and str(info.value)
+
+
+def test_reduce_helpers() -> None:
+    assert red.ufunc_for("sum") is np.add and red.ufunc_for("mean") is np.add
+    assert red.ufunc_for("min") is np.minimum and red.ufunc_for("max") is np.maximum
+    assert red.ufunc_for("prod") is np.multiply
+    out = np.arange(4.0)
+    assert red.finalize("mean", out, 2) is out  # floats divide in place
+    ints = np.array([3, 4])
+    assert red.finalize("mean", ints, 2).dtype == np.float64
+    with pytest.raises(ConfigError):
+        red.reduce_into("sum", np.zeros(3), np.zeros(4))
+    with pytest.raises(ConfigError):
+        red.reference_allreduce([], "sum")
+    with pytest.raises(ConfigError):
+        red.reference_allreduce([np.zeros(2), np.zeros(3)], "sum")
+    empty = red.reference_allreduce([np.zeros(0, np.float32)] * 3, "max")
+    assert empty.shape == (0,) and empty.dtype == np.float32

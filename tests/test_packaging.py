@@ -1,0 +1,36 @@
+"""The distribution ships every package and declares its plugins and scripts."""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_package_directory_is_listed_in_pyproject() -> None:
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    found = set()
+    for top in ("mesh", "discovery", "transports"):
+        for init in (ROOT / top).rglob("__init__.py"):
+            found.add(".".join(init.parent.relative_to(ROOT).parts))
+    for package, directory in config.get("package-dir", {}).items():
+        assert (ROOT / directory / "__init__.py").exists(), package
+        found.add(package)
+    assert found == listed, f"add to pyproject [tool.setuptools] packages: {sorted(found - listed)}"
+
+
+def test_transport_plugins_are_entry_points() -> None:
+    names = {ep.name for ep in entry_points(group="mesh.transports")}
+    assert {"inproc", "ipc", "tcp"} <= names
+
+
+def test_mesh_transports_available_lists_usable_transports_best_first() -> None:
+    import mesh
+
+    assert mesh.transports.available()[:3] == ["inproc", "ipc", "tcp"]
