@@ -30,6 +30,7 @@ import zmq
 
 import transports as transport_plugins
 from mesh import wire
+from mesh.channels import EARLY_MAX_AGE, EARLY_MAX_MESSAGES, Channel, ChannelMessage
 from mesh.errors import (
     BackpressureError,
     ClosedError,
@@ -38,6 +39,7 @@ from mesh.errors import (
     MeshError,
     MessageTooLarge,
     NoRespondersError,
+    PeerLostError,
     ProtocolError,
     TimeoutError,
 )
@@ -172,6 +174,8 @@ class Node:
         self._links: dict[str, Link] = {}  # peer id -> link, read by publishers
         self._tombstones: dict[str, float] = {}
         self._commands: collections.deque = collections.deque()
+        self._channels: dict[str, Channel] = {}
+        self._early: dict[str, collections.deque] = {}  # channel -> (time, msg) not yet opened
         self._dispatch: Any = None
 
         self.counters = Counters()
@@ -364,6 +368,23 @@ class Node:
                 self._command(("interest", self._routing.local_version, [added], []))
             self._changed.notify_all()
         return sub
+
+    def _subscribe_internal(self, pattern: str, handler: Handler | None = None) -> Subscription:
+        """Subscribe to the mesh's own ``_mesh.`` subjects (not for applications)."""
+        self._check_started()
+        validate_pattern(pattern, allow_reserved=True)
+        return self._subscribe(pattern, handler, "")
+
+    def _publish_internal(self, subject: str, data: Any = b"", headers: dict | None = None) -> None:
+        self._check_started()
+        self._publish(subject, self._route(subject, internal=True), data, headers, None, None)
+
+    def group(self, name: str, size: int, timeout: float = 30.0, **options: Any) -> Any:
+        """Rendezvous by name with ``size`` nodes for collectives (see mesh.collectives)."""
+        from mesh.collectives.group import Group
+
+        self._check_started()
+        return Group(self, name, size, timeout, **options)
 
     def unsubscribe(self, sub: Subscription) -> None:
         sub.close()
@@ -773,6 +794,9 @@ class Node:
         if kind == wire.REPLY:
             self._on_reply(ident, header, frames)
             return
+        if kind == wire.P2P:
+            self._on_p2p(ident, header[2], frames)
+            return
         body = header[2]
         if kind == wire.HELLO:
             self._on_hello(body, now)
@@ -815,19 +839,7 @@ class Node:
         subject, seq, ts, flags, headers, req_id, queues = wire.check_msg(header)
         peer = self._known_peer(ident)
         route = self._route(subject, internal=True)
-        if flags & wire.TENSOR:
-            if len(frames) != 4:
-                raise ProtocolError("tensor message needs descriptor and data frames", "malformed")
-            data_frame = frames[3]
-            data = data_frame.buffer
-            array = array_from_frames(frames[2].buffer, data)
-        else:
-            if len(frames) != 3:
-                raise ProtocolError("message needs exactly one payload frame", "malformed")
-            data_frame = frames[2]
-            data = data_frame.buffer if len(data_frame) >= ZERO_COPY_BYTES else data_frame.bytes
-            array = None
-        nbytes = len(data_frame)
+        data, array, nbytes = self._payload_of(flags, frames, "message")
         counters = peer.counters
         counters.msgs_in += 1
         counters.bytes_in += nbytes
@@ -865,23 +877,109 @@ class Node:
     def _on_reply(self, ident: bytes, header: list, frames: list) -> None:
         req_id, flags, headers = wire.check_reply(header)
         peer = self._known_peer(ident)
-        array = None
-        if flags & wire.TENSOR:
-            if len(frames) != 4:
-                raise ProtocolError("tensor reply needs descriptor and data frames", "malformed")
-            data = frames[3].buffer
-            array = array_from_frames(frames[2].buffer, data)
-        else:
-            if len(frames) != 3:
-                raise ProtocolError("reply needs exactly one payload frame", "malformed")
-            frame = frames[2]
-            data = frame.buffer if len(frame) >= ZERO_COPY_BYTES else frame.bytes
+        data, array, _nbytes = self._payload_of(flags, frames, "reply")
         pending = self._pending.get(req_id)
         if pending is None or pending.reply is not None:
             self.counters.drops["late_reply"] += 1
             return
         pending.reply = Message("", data, headers, peer.id, 0, array=array, request_id=req_id)
         pending.event.set()
+
+    def _payload_of(self, flags: int, frames: list, what: str) -> tuple[Any, Any, int]:
+        """(data, array or None, nbytes) of a message's payload frames."""
+        if flags & wire.TENSOR:
+            if len(frames) != 4:
+                raise ProtocolError(f"tensor {what} needs descriptor and data frames", "malformed")
+            data = frames[3].buffer
+            return data, array_from_frames(frames[2].buffer, data), len(frames[3])
+        if len(frames) != 3:
+            raise ProtocolError(f"{what} needs exactly one payload frame", "malformed")
+        frame = frames[2]
+        data = frame.buffer if len(frame) >= ZERO_COPY_BYTES else frame.bytes
+        return data, None, len(frame)
+
+    def _on_p2p(self, ident: bytes, body: Any, frames: list) -> None:
+        channel_name, tag, flags, meta = wire.check_p2p(body)
+        peer = self._known_peer(ident)
+        data, array, nbytes = self._payload_of(flags, frames, "p2p message")
+        peer.counters.msgs_in += 1
+        peer.counters.bytes_in += nbytes
+        self.counters.msgs_in += 1
+        self.counters.bytes_in += nbytes
+        msg = ChannelMessage(peer.id, tag, meta, data, array)
+        channel = self._channels.get(channel_name)
+        if channel is not None:
+            channel._put(msg)
+            return
+        # The peer got there first: keep it until this node opens the channel.
+        early = self._early.setdefault(channel_name, collections.deque())
+        if sum(len(q) for q in self._early.values()) >= EARLY_MAX_MESSAGES:
+            self.counters.drops["early_overflow"] += 1
+            return
+        early.append((time.monotonic(), msg))
+
+    # -- channels (point-to-point, for collectives) -------------------------------
+
+    def _open_channel(self, name: str) -> Channel:
+        self._check_started()
+        with self._lock:
+            if name in self._channels:
+                raise MeshError(f"channel {name!r} is already open on {self.name}")
+            channel = Channel(self, name)
+            self._channels[name] = channel
+            early = self._early.pop(name, None)
+        # Messages buffered before opening; the I/O thread may still add to the
+        # popped deque for a moment, so drain it after registering the channel.
+        if early:
+            for _, msg in early:
+                channel._put(msg)
+        for peer in list(self._peers.values()):
+            if peer.state in ("dead", "left"):
+                channel._peer_lost(peer.id, f"peer {peer.name} is {peer.state}")
+        return channel
+
+    def _close_channel(self, channel: Channel) -> None:
+        with self._lock:
+            if self._channels.get(channel.name) is channel:
+                del self._channels[channel.name]
+
+    def _peer_name(self, peer_id: str) -> str:
+        peer = self._peers.get(peer_id)
+        return peer.name if peer else peer_id
+
+    def _channel_send(
+        self, channel: str, peer_id: str, tag: Any, data: Any, meta: Any, timeout: float | None
+    ) -> Any:
+        self._check_open()
+        payload, _array, flags, nbytes = self._encode_payload(data)
+        header = wire.pack(wire.P2P, [channel, tag, flags, meta])
+        link = self._links.get(peer_id)
+        peer = self._peers.get(peer_id)
+        if link is None or peer is None or peer.state != "alive":
+            state = peer.state if peer else "unknown"
+            raise PeerLostError(
+                f"peer {self._peer_name(peer_id)} is {state}; it left the mesh or never joined",
+                peer=peer_id,
+            )
+        with link.lock:
+            if link.closed:
+                raise PeerLostError(f"peer {peer.name} is gone", peer=peer_id)
+            sock = link.sock
+            try:
+                tracker = sock.send_multipart([header, *payload], zmq.NOBLOCK, copy=False, track=True)
+            except zmq.Again:
+                wait_ms = -1 if timeout is None else int(timeout * 1000)
+                if not sock.poll(wait_ms, zmq.POLLOUT):
+                    raise TimeoutError(
+                        f"peer {peer.name} did not accept data on channel {channel!r} "
+                        f"within {timeout} s"
+                    ) from None
+                tracker = sock.send_multipart([header, *payload], zmq.NOBLOCK, copy=False, track=True)
+        link.counters.msgs_out += 1
+        link.counters.bytes_out += nbytes
+        self.counters.msgs_out += 1
+        self.counters.bytes_out += nbytes
+        return tracker
 
     # -- handshake and gossip ---------------------------------------------------
 
@@ -1080,6 +1178,12 @@ class Node:
                 self._send_control(peer.id, wire.PING, [now])
             else:
                 self._send_control(peer.id, wire.HELLO, self._hello_body(False))
+        for name, early in list(self._early.items()):
+            while early and early[0][0] < now - EARLY_MAX_AGE:
+                early.popleft()
+                self.counters.drops["early_expired"] += 1
+            if not early:
+                del self._early[name]
         horizon = now - self.options["tombstone"]
         for peer_id, when in list(self._tombstones.items()):
             if when < horizon:
@@ -1107,6 +1211,12 @@ class Node:
             self._routing.remove_peer(peer.id)
         for key in [k for k in self._last_seq if k[0] == peer.id]:
             del self._last_seq[key]
+        why = (
+            f"peer {peer.name} ({peer.link.endpoint if peer.link else '?'}) "
+            + ("left the mesh" if state == "left" else "stopped answering")
+        )
+        for channel in list(self._channels.values()):
+            channel._peer_lost(peer.id, why)
         if was == "alive":
             log.info("%s: peer %s is %s", self.name, peer.name, state)
         with self._changed:

@@ -36,6 +36,7 @@ PONG = 9  # body: [t_sent echoed]
 BYE = 10  # body: None
 STATUS_REQ = 11  # body: token (any); sent by mesh-status from an unknown identity
 STATUS = 12  # body: [token, status dict]
+P2P = 13  # body: [channel, tag, flags, meta]  + payload frames as MSG (mesh/channels.py)
 
 KIND_NAMES = {
     HELLO: "hello",
@@ -50,6 +51,7 @@ KIND_NAMES = {
     BYE: "bye",
     STATUS_REQ: "status_req",
     STATUS: "status",
+    P2P: "p2p",
 }
 
 # MSG / REPLY flags
@@ -150,3 +152,22 @@ def check_interest_entries(entries: Any) -> list[tuple[str, str]]:
             raise ProtocolError("interest entry is not [pattern, queue]", "malformed")
         out.append((entry[0], entry[1]))
     return out
+
+
+_TAG_ATOMS = (int, str, float, bytes)
+
+
+def check_p2p(body: Any) -> tuple[str, Any, int, Any]:
+    """Validate a P2P body; tags arrive as msgpack arrays and become tuples."""
+    if type(body) is not list or len(body) != 4:
+        raise ProtocolError("P2P body is not [channel, tag, flags, meta]", "malformed")
+    channel, tag, flags, meta = body
+    if type(channel) is not str or type(flags) is not int:
+        raise ProtocolError("P2P body has fields of the wrong type", "malformed")
+    if type(tag) is list:
+        if not all(type(t) in _TAG_ATOMS for t in tag):
+            raise ProtocolError("P2P tag must be a flat tuple of scalars", "malformed")
+        tag = tuple(tag)
+    elif type(tag) not in _TAG_ATOMS:
+        raise ProtocolError("P2P tag must be a scalar or a flat tuple", "malformed")
+    return channel, tag, flags, meta
