@@ -135,11 +135,10 @@ class Node:
                 "secret= (CurveZMQ authentication) is not available in this version; "
                 "run without it on a trusted network"
             )
-        if metrics_port is not None:
-            raise ConfigError(
-                "metrics_port= (Prometheus) is not available in this version; "
-                "use node.status() or mesh-status"
-            )
+        if metrics_port is not None and (
+            not isinstance(metrics_port, int) or not 0 <= metrics_port < 65536
+        ):
+            raise ConfigError(f"metrics_port={metrics_port!r}; give a TCP port (0 = any free port)")
         if not isinstance(cluster, str) or not cluster or len(cluster) > 128:
             raise ConfigError("cluster must be a non-empty string of at most 128 characters")
         if name is not None and (not isinstance(name, str) or not name or len(name) > 128):
@@ -178,6 +177,10 @@ class Node:
         self._early: dict[str, collections.deque] = {}  # channel -> (time, msg) not yet opened
         self._dispatch: Any = None
 
+        self._metrics_port_wanted = metrics_port
+        self._metrics: Any = None
+        self.metrics_port: int | None = None  # the real port once started
+        self.membership_events: collections.Counter[str] = collections.Counter()
         self.counters = Counters()
         self.gaps = 0
         self.latency = LatencyHistogram()
@@ -233,6 +236,18 @@ class Node:
         self._io_thread.start()
         self._dispatch_thread.start()
         _live_nodes.add(self)
+        if self._metrics_port_wanted is not None:
+            from mesh.metrics import MetricsServer
+
+            try:
+                self._metrics = MetricsServer(self, self._metrics_port_wanted)
+            except OSError as exc:
+                self.close()
+                raise ConfigError(
+                    f"cannot serve metrics on port {self._metrics_port_wanted}: {exc}; "
+                    "pick a free port or 0"
+                ) from None
+            self.metrics_port = self._metrics.port
         if self.discovery_mode == "zeroconf":
             self._start_zeroconf()
         return self
@@ -244,6 +259,8 @@ class Node:
         self._closed = True
         if not self._started:
             return
+        if self._metrics is not None:
+            self._metrics.close()
         if self._discovery is not None:
             try:
                 self._discovery.close()
@@ -1035,6 +1052,7 @@ class Node:
         peer.state = "alive"
         if was_joining or is_new:
             peer.joined_at = now
+            self.membership_events["joined"] += 1
             log.info("%s: peer %s joined over %s", self.name, peer.name, peer.link.transport if peer.link else "?")
         self._set_interest(peer, iv, entries)
         gossip = body.get("peers")
@@ -1218,6 +1236,7 @@ class Node:
         for channel in list(self._channels.values()):
             channel._peer_lost(peer.id, why)
         if was == "alive":
+            self.membership_events[state] += 1
             log.info("%s: peer %s is %s", self.name, peer.name, state)
         with self._changed:
             self._changed.notify_all()

@@ -33,7 +33,7 @@ class LatencyHistogram:
 
     @staticmethod
     def upper_bound(index: int) -> float:
-        return _BASE * _STEP**index
+        return _BASE * 2 ** (index / 4)  # exact powers of two every 4th bucket
 
     def quantile(self, q: float) -> float | None:
         """Upper bound of the bucket holding the q-quantile; None when empty."""
