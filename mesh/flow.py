@@ -1,0 +1,672 @@
+"""Credit-based flow control and micro-batching, as pure (sans-IO) state machines.
+
+Nothing here touches a socket, a thread or a clock: the I/O thread feeds events
+in (with ``now`` from its own clock) and carries out what comes back.
+
+The model is AMQP 1.0 link credit, as TensorPipe also does it. A subscription on
+node B grants each publisher A a window of ``credits`` messages (and optionally
+``credit_bytes`` bytes):
+
+- :class:`CreditWindow` (on A, one per (subscriber node, subscription)) spends one
+  credit per message sent and applies the ``overflow`` policy when none is left.
+- :class:`CreditGrant` (on B, one per (subscription, publisher)) returns credit
+  when the application has *consumed* a message, not when it arrived. Returns
+  are batched: an update is due once half the window is waiting to go back, or
+  ``flush_delay`` after the first pending return, so there is never one control
+  message per data message. ``take_update(now, force=True)`` lets the I/O layer
+  piggyback pending credit on a frame it is sending to that peer anyway.
+
+Both sides count ``nbytes`` the same way (the payload length the publisher
+sent); byte credit only works if they agree.
+
+One message larger than ``credit_bytes`` may be in flight alone (when nothing
+else is), so an oversized message slows the link down but never wedges it.
+
+:class:`Batcher` packs small messages to one peer into batches by size and age;
+:func:`encode_batch` / :func:`decode_batch` put a batch in one frame.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import struct
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from mesh.errors import ClosedError, ConfigError, MeshError, MessageTooLarge, ProtocolError
+
+__all__ = [
+    "DEFAULT_CREDITS",
+    "DEFAULT_FLUSH_DELAY",
+    "OVERFLOW_POLICIES",
+    "Action",
+    "Batcher",
+    "CreditGrant",
+    "CreditWindow",
+    "Decision",
+    "decode_batch",
+    "encode_batch",
+]
+
+T = TypeVar("T")
+
+DEFAULT_CREDITS = 256
+DEFAULT_FLUSH_DELAY = 0.005  # seconds a consumed credit may wait for company
+DEFAULT_MAX_PENDING = 1024
+DEFAULT_BATCH_DELAY = 0.0005
+OVERFLOW_POLICIES = ("block", "drop_oldest", "drop_new")
+
+
+def _check_int(name: str, value: object, minimum: int, hint: str) -> int:
+    # bool is an int subclass; credits=True is a bug, not 1.
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}; {hint}")
+    return value
+
+
+def _check_delay(name: str, value: object, hint: str) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ConfigError(f"{name} must be a finite number of seconds >= 0, got {value!r}; {hint}")
+    return float(value)
+
+
+def _check_nbytes(nbytes: int) -> None:
+    if nbytes < 0:
+        raise ConfigError(f"nbytes must be >= 0, got {nbytes}; pass the payload length in bytes")
+
+
+# --------------------------------------------------------------------------
+# Receiver side
+# --------------------------------------------------------------------------
+
+
+class CreditGrant:
+    """The credit a subscription grants one publisher, seen from the subscriber.
+
+    Call :meth:`on_received` for every data message from the publisher, then
+    :meth:`on_consumed` once it has left the subscriber (handler returned,
+    ``next()`` handed it out, or it was discarded after arriving within
+    credit). Poll :meth:`take_update` after consuming and at
+    :meth:`next_deadline`; send what it returns to the publisher.
+    """
+
+    __slots__ = (
+        "credits",
+        "credit_bytes",
+        "flush_delay",
+        "threshold",
+        "_bytes_threshold",
+        "outstanding",
+        "outstanding_bytes",
+        "buffered",
+        "_pending",
+        "_pending_bytes",
+        "_pending_since",
+        "received",
+        "consumed",
+        "dropped",
+        "returned",
+        "returned_bytes",
+        "updates",
+        "violations",
+    )
+
+    def __init__(
+        self,
+        credits: int = DEFAULT_CREDITS,  # noqa: A002 - the API's name (subscribe(credits=))
+        credit_bytes: int | None = None,
+        *,
+        flush_delay: float = DEFAULT_FLUSH_DELAY,
+        threshold: int | None = None,
+    ) -> None:
+        self.credits = _check_int("credits", credits, 1, "grant at least one message (default 256)")
+        self.credit_bytes = (
+            None
+            if credit_bytes is None
+            else _check_int("credit_bytes", credit_bytes, 1, "or pass None for no byte limit")
+        )
+        self.flush_delay = _check_delay(
+            "flush_delay", flush_delay, "a few milliseconds batches credit returns well"
+        )
+        if threshold is None:
+            threshold = (self.credits + 1) // 2  # half the window, rounded up
+        self.threshold = _check_int("threshold", threshold, 1, "use 1 to return every credit")
+        if self.threshold > self.credits:
+            # The sender stalls with a full window before the threshold is reached,
+            # so every return would wait for flush_delay.
+            raise ConfigError(
+                f"threshold ({threshold}) must be <= credits ({credits}); "
+                "leave it unset for half the window"
+            )
+        self._bytes_threshold = None if self.credit_bytes is None else (self.credit_bytes + 1) // 2
+        # Received and not yet given back: what the publisher may have in flight.
+        self.outstanding = 0
+        self.outstanding_bytes = 0
+        self.buffered = 0  # received, not yet consumed or dropped
+        # Consumed, credit not yet sent back.
+        self._pending = 0
+        self._pending_bytes = 0
+        self._pending_since: float | None = None
+        # Counters (monotonic totals).
+        self.received = 0
+        self.consumed = 0
+        self.dropped = 0
+        self.returned = 0
+        self.returned_bytes = 0
+        self.updates = 0
+        self.violations = 0
+
+    def on_received(self, nbytes: int) -> bool:
+        """Count a message that arrived. Returns False if it exceeded the credit.
+
+        A publisher whose message arrives beyond the window is violating; it
+        is counted in :attr:`violations` and the caller decides: accept it
+        (then :meth:`on_consumed` later, as usual) or :meth:`on_dropped`.
+        Never raises.
+        """
+        self.received += 1
+        self.buffered += 1
+        self.outstanding += 1
+        self.outstanding_bytes += nbytes
+        # A publisher only sends what it believes it has credit for, and it
+        # learns of returns after we send them, so "more outstanding than
+        # granted" is proof of a violation (never a false alarm).
+        ok = self.outstanding <= self.credits and (
+            self.credit_bytes is None
+            or self.outstanding_bytes <= self.credit_bytes
+            or self.outstanding == 1  # an oversized message may travel alone
+        )
+        if not ok:
+            self.violations += 1
+        return ok
+
+    def on_consumed(self, nbytes: int, now: float) -> None:
+        """The application took one received message: its credit will go back."""
+        if self.buffered <= 0:
+            raise MeshError(
+                "on_consumed() without a matching on_received(): the flow "
+                "accounting of this subscription is broken (a bug in the I/O layer)"
+            )
+        self.buffered -= 1
+        self.consumed += 1
+        self._pending += 1
+        self._pending_bytes += nbytes
+        if self._pending_since is None:
+            self._pending_since = now
+
+    def on_dropped(self, nbytes: int) -> None:
+        """A received message is thrown away without returning its credit.
+
+        Meant for messages that arrived beyond the credit (see
+        :meth:`on_received`). A message that arrived within credit must go
+        through :meth:`on_consumed` even when discarded, or the publisher
+        loses that credit for good.
+        """
+        if self.buffered <= 0:
+            raise MeshError(
+                "on_dropped() without a matching on_received(): the flow "
+                "accounting of this subscription is broken (a bug in the I/O layer)"
+            )
+        self.buffered -= 1
+        self.dropped += 1
+        # It no longer occupies the window on our side.
+        self.outstanding -= 1
+        self.outstanding_bytes -= nbytes
+
+    @property
+    def pending(self) -> tuple[int, int]:
+        """(messages, bytes) consumed whose credit has not been sent back yet."""
+        return self._pending, self._pending_bytes
+
+    def _threshold_reached(self) -> bool:
+        return self._pending >= self.threshold or (
+            self._bytes_threshold is not None and self._pending_bytes >= self._bytes_threshold
+        )
+
+    def take_update(self, now: float, force: bool = False) -> tuple[int, int] | None:
+        """The (messages, bytes) credit to send back now, or None if not due.
+
+        Due when half the window (messages or bytes) is pending, or when the
+        oldest pending return has waited ``flush_delay``. ``force=True`` takes
+        whatever is pending: use it to piggyback on a frame going to the
+        publisher anyway, or when the subscription closes.
+        """
+        if self._pending == 0:
+            return None
+        if not force and not self._threshold_reached():
+            since = self._pending_since
+            if since is None or now < since + self.flush_delay:
+                return None
+        msgs, nbytes = self._pending, self._pending_bytes
+        self._pending = 0
+        self._pending_bytes = 0
+        self._pending_since = None
+        self.outstanding -= msgs
+        self.outstanding_bytes -= nbytes
+        self.returned += msgs
+        self.returned_bytes += nbytes
+        self.updates += 1
+        return msgs, nbytes
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`take_update` becomes due (maybe already past), or None."""
+        since = self._pending_since
+        if self._pending == 0 or since is None:
+            return None
+        if self._threshold_reached():
+            return since
+        return since + self.flush_delay
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "credits": self.credits,
+            "credit_bytes": self.credit_bytes or 0,
+            "outstanding": self.outstanding,
+            "buffered": self.buffered,
+            "pending_return": self._pending,
+            "received": self.received,
+            "consumed": self.consumed,
+            "dropped": self.dropped,
+            "returned": self.returned,
+            "updates": self.updates,
+            "violations": self.violations,
+        }
+
+
+# --------------------------------------------------------------------------
+# Sender side
+# --------------------------------------------------------------------------
+
+
+class Action(enum.Enum):
+    SEND = "send"  # credit taken: send the message now
+    QUEUE = "queue"  # held in the window; on_credit() releases it, in order
+    BLOCK = "block"  # not taken: wait for credit, then offer again (or time out)
+    DROP_NEW = "drop_new"  # the offered message was dropped
+    DROP_OLDEST = "drop_oldest"  # offered one queued; Decision.victim was dropped
+
+
+@dataclass(frozen=True)
+class Decision(Generic[T]):
+    """What :meth:`CreditWindow.offer` decided; ``victim`` only for DROP_OLDEST."""
+
+    action: Action
+    victim: T | None = None
+
+
+# Shared instances: offer() is on the hot path.
+_SEND: Decision[Any] = Decision(Action.SEND)
+_QUEUE: Decision[Any] = Decision(Action.QUEUE)
+_BLOCK: Decision[Any] = Decision(Action.BLOCK)
+_DROP_NEW: Decision[Any] = Decision(Action.DROP_NEW)
+
+
+class CreditWindow(Generic[T]):
+    """The credit one publisher holds for one subscription on one node.
+
+    Overflow policies, when no credit is left (or messages are already held,
+    which keeps order):
+
+    - ``"block"``: up to ``max_pending`` messages are held (QUEUE) and released
+      by :meth:`on_credit`; the publisher waits for its message to be released
+      and on timeout calls :meth:`cancel` and raises ``BackpressureError``.
+      Beyond ``max_pending`` (or with ``max_pending=0``) the answer is BLOCK:
+      nothing is held, wait for credit and offer again.
+    - ``"drop_new"``: the new message is dropped (DROP_NEW); nothing is held,
+      so what gets through is the oldest.
+    - ``"drop_oldest"``: the new message is held; when ``max_pending`` are held
+      the oldest held one is dropped (DROP_OLDEST, ``victim``), so what gets
+      through is the newest.
+    """
+
+    __slots__ = (
+        "credits",
+        "credit_bytes",
+        "overflow",
+        "max_pending",
+        "in_flight",
+        "in_flight_bytes",
+        "_pending",
+        "pending_bytes",
+        "drops",
+        "sent",
+        "cancelled",
+        "excess_credit",
+        "closed_reason",
+    )
+
+    def __init__(
+        self,
+        credits: int = DEFAULT_CREDITS,  # noqa: A002 - the API's name (subscribe(credits=))
+        credit_bytes: int | None = None,
+        overflow: str = "block",
+        max_pending: int = DEFAULT_MAX_PENDING,
+    ) -> None:
+        self.credits = _check_int("credits", credits, 1, "use the subscriber's grant (default 256)")
+        self.credit_bytes = (
+            None
+            if credit_bytes is None
+            else _check_int("credit_bytes", credit_bytes, 1, "or pass None for no byte limit")
+        )
+        if overflow not in OVERFLOW_POLICIES:
+            raise ConfigError(
+                f"overflow must be one of {', '.join(map(repr, OVERFLOW_POLICIES))}, "
+                f"got {overflow!r}"
+            )
+        self.overflow = overflow
+        self.max_pending = _check_int(
+            "max_pending", max_pending, 0, "it bounds the messages held while out of credit"
+        )
+        if overflow == "drop_oldest" and max_pending < 1:
+            raise ConfigError(
+                "overflow='drop_oldest' needs max_pending >= 1 to keep the newest "
+                "messages; with nothing held use overflow='drop_new'"
+            )
+        self.in_flight = 0  # sent, credit not yet back
+        self.in_flight_bytes = 0
+        self._pending: deque[tuple[T, int]] = deque()
+        self.pending_bytes = 0
+        self.drops = {"drop_new": 0, "drop_oldest": 0}
+        self.sent = 0
+        self.cancelled = 0
+        self.excess_credit = 0  # updates that returned more than was in flight
+        self.closed_reason: str | None = None
+
+    # -- state ---------------------------------------------------------------
+
+    @property
+    def available(self) -> int:
+        """Messages that may still be sent before the window is full."""
+        return self.credits - self.in_flight
+
+    @property
+    def available_bytes(self) -> int | None:
+        """Bytes left in the window; None without a byte limit."""
+        if self.credit_bytes is None:
+            return None
+        return max(0, self.credit_bytes - self.in_flight_bytes)
+
+    @property
+    def pending(self) -> int:
+        """Messages held in the window, waiting for credit."""
+        return len(self._pending)
+
+    @property
+    def closed(self) -> bool:
+        return self.closed_reason is not None
+
+    def _fits(self, nbytes: int) -> bool:
+        if self.in_flight >= self.credits:
+            return False
+        if self.credit_bytes is None or self.in_flight == 0:
+            return True  # an oversized message may travel alone, or it never could
+        return self.in_flight_bytes + nbytes <= self.credit_bytes
+
+    def can_send(self, nbytes: int) -> bool:
+        """Whether :meth:`offer` of this size would answer SEND right now."""
+        return not self._pending and self.closed_reason is None and self._fits(nbytes)
+
+    def _take(self, nbytes: int) -> None:
+        self.in_flight += 1
+        self.in_flight_bytes += nbytes
+        self.sent += 1
+
+    # -- events --------------------------------------------------------------
+
+    def offer(self, item: T, nbytes: int) -> Decision[T]:
+        """A message wants to go to the subscriber. See :class:`Action`."""
+        if self.closed_reason is not None:
+            raise ClosedError(
+                f"the credit window is closed ({self.closed_reason}); "
+                "the subscriber is gone, stop publishing to it"
+            )
+        _check_nbytes(nbytes)
+        # Held messages go first: never overtake them.
+        if not self._pending and self._fits(nbytes):
+            self._take(nbytes)
+            return _SEND
+        policy = self.overflow
+        if policy == "drop_new":
+            self.drops["drop_new"] += 1
+            return _DROP_NEW
+        if len(self._pending) < self.max_pending:
+            self._pending.append((item, nbytes))
+            self.pending_bytes += nbytes
+            return _QUEUE
+        if policy == "block":
+            return _BLOCK
+        victim, victim_bytes = self._pending.popleft()
+        self.pending_bytes -= victim_bytes
+        self._pending.append((item, nbytes))
+        self.pending_bytes += nbytes
+        self.drops["drop_oldest"] += 1
+        return Decision(Action.DROP_OLDEST, victim)
+
+    def on_credit(self, msgs: int, nbytes: int) -> list[T]:
+        """The subscriber returned credit. Returns held messages now sendable, in order.
+
+        The values come off the network: anything but two non-negative ints
+        raises ProtocolError (count and drop it). Returning more than is in
+        flight is clamped and counted in :attr:`excess_credit`, so a confused
+        peer cannot inflate the window.
+        """
+        if type(msgs) is not int or type(nbytes) is not int or msgs < 0 or nbytes < 0:
+            raise ProtocolError(
+                f"credit update must be two non-negative integers, got {msgs!r}, {nbytes!r}",
+                "malformed",
+            )
+        if self.closed_reason is not None:
+            return []  # late update from a peer we gave up on
+        if msgs > self.in_flight or (
+            self.credit_bytes is not None and nbytes > self.in_flight_bytes
+        ):
+            self.excess_credit += 1
+        self.in_flight = max(0, self.in_flight - msgs)
+        self.in_flight_bytes = max(0, self.in_flight_bytes - nbytes)
+        if self.in_flight == 0:
+            self.in_flight_bytes = 0  # nothing in flight means no bytes either
+        released: list[T] = []
+        pending = self._pending
+        while pending and self._fits(pending[0][1]):
+            item, size = pending.popleft()
+            self.pending_bytes -= size
+            self._take(size)
+            released.append(item)
+        return released
+
+    def cancel(self, item: T) -> bool:
+        """Withdraw a held message (a blocked publish timed out). True if it was held."""
+        for i, (held, size) in enumerate(self._pending):
+            if held is item:
+                del self._pending[i]
+                self.pending_bytes -= size
+                self.cancelled += 1
+                return True
+        return False
+
+    def close(self, reason: str) -> list[T]:
+        """The subscriber is gone. Returns every held message so its publisher can be failed.
+
+        Further :meth:`offer` calls raise ClosedError; late credit is ignored.
+        Idempotent: a second close returns [].
+        """
+        if self.closed_reason is None:
+            self.closed_reason = reason or "closed"
+        released = [item for item, _ in self._pending]
+        self._pending.clear()
+        self.pending_bytes = 0
+        self.in_flight = 0
+        self.in_flight_bytes = 0
+        return released
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "credits": self.credits,
+            "available": self.available,
+            "in_flight": self.in_flight,
+            "in_flight_bytes": self.in_flight_bytes,
+            "pending": len(self._pending),
+            "pending_bytes": self.pending_bytes,
+            "sent": self.sent,
+            "drop_new": self.drops["drop_new"],
+            "drop_oldest": self.drops["drop_oldest"],
+            "cancelled": self.cancelled,
+            "excess_credit": self.excess_credit,
+        }
+
+
+# --------------------------------------------------------------------------
+# Micro-batching
+# --------------------------------------------------------------------------
+
+
+class Batcher(Generic[T]):
+    """Packs small messages to one peer into batches, keeping their order.
+
+    A batch goes out when it reaches ``batch_bytes``, or ``batch_delay``
+    seconds after its first message arrived (call :meth:`due` at
+    :meth:`next_deadline`). A batch of several messages never exceeds
+    ``batch_bytes``: a message that would overflow it flushes the batch first.
+    A message of ``batch_bytes`` or more goes out alone. ``batch_bytes=0``
+    disables batching: every message is its own batch at once.
+    """
+
+    __slots__ = ("batch_bytes", "batch_delay", "_items", "_bytes", "_deadline", "batches")
+
+    def __init__(self, batch_bytes: int, batch_delay: float = DEFAULT_BATCH_DELAY) -> None:
+        self.batch_bytes = _check_int("batch_bytes", batch_bytes, 0, "use 0 to disable batching")
+        self.batch_delay = _check_delay(
+            "batch_delay", batch_delay, "it bounds the latency batching may add"
+        )
+        self._items: list[T] = []
+        self._bytes = 0
+        self._deadline: float | None = None
+        self.batches = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._bytes
+
+    def _take(self) -> list[T]:
+        items = self._items
+        self._items = []
+        self._bytes = 0
+        self._deadline = None
+        self.batches += 1
+        return items
+
+    def add(self, item: T, nbytes: int, now: float) -> list[list[T]]:
+        """Queue one message; returns the batches ready to send (usually none)."""
+        _check_nbytes(nbytes)
+        if self.batch_bytes == 0:
+            self.batches += 1
+            return [[item]]
+        out: list[list[T]] = []
+        if self._items and self._bytes + nbytes > self.batch_bytes:
+            out.append(self._take())  # would overflow: send what waits first, in order
+        if not self._items:
+            self._deadline = now + self.batch_delay
+        self._items.append(item)
+        self._bytes += nbytes
+        deadline = self._deadline
+        if self._bytes >= self.batch_bytes or (deadline is not None and now >= deadline):
+            out.append(self._take())
+        return out
+
+    def due(self, now: float) -> list[list[T]]:
+        """The batch that has waited ``batch_delay``, if any."""
+        if self._items and self._deadline is not None and now >= self._deadline:
+            return [self._take()]
+        return []
+
+    def flush(self) -> list[list[T]]:
+        """Everything waiting, now (the peer link is closing, or a sync point)."""
+        return [self._take()] if self._items else []
+
+    def next_deadline(self) -> float | None:
+        return self._deadline if self._items else None
+
+
+# Batch frame: u8 version | u32 count | count x (u32 nframes | nframes x (u32 len | bytes))
+# all little-endian. Pure and bounded: decode never trusts a declared length
+# beyond the bytes actually present.
+BATCH_VERSION = 1
+_U32 = struct.Struct("<I")
+_HEAD = struct.Struct("<BI")
+_U32_MAX = 0xFFFFFFFF
+
+
+def encode_batch(messages: Sequence[Sequence[bytes | bytearray | memoryview]]) -> bytes:
+    """One frame holding several messages, each a list of frames (e.g. header, payload)."""
+    if len(messages) > _U32_MAX:
+        raise MessageTooLarge(f"a batch holds at most {_U32_MAX} messages; send smaller batches")
+    pack = _U32.pack
+    parts: list[bytes | memoryview] = [_HEAD.pack(BATCH_VERSION, len(messages))]
+    for frames in messages:
+        parts.append(pack(len(frames)))
+        for frame in frames:
+            view = memoryview(frame)
+            if view.nbytes > _U32_MAX:
+                raise MessageTooLarge(
+                    f"a {view.nbytes}-byte frame cannot be batched; send it on its own"
+                )
+            parts.append(pack(view.nbytes))
+            parts.append(view)
+    return b"".join(parts)
+
+
+def decode_batch(data: bytes | bytearray | memoryview) -> list[list[bytes]]:
+    """The messages of a batch frame. Malformed input raises ProtocolError only."""
+    try:
+        view = memoryview(data).cast("B")
+    except (TypeError, ValueError):
+        raise ProtocolError("batch frame is not a contiguous byte buffer", "malformed") from None
+    size = view.nbytes
+    if size < _HEAD.size:
+        raise ProtocolError(f"batch frame of {size} bytes is shorter than its header", "malformed")
+    version, count = _HEAD.unpack_from(view, 0)
+    if version != BATCH_VERSION:
+        raise ProtocolError(
+            f"batch format version {version}, this node reads {BATCH_VERSION}", "version"
+        )
+    off = _HEAD.size
+    # Every message needs at least its 4-byte frame count: refuse absurd counts
+    # before looping, so a tiny frame cannot make us spin.
+    if count > (size - off) // 4:
+        raise ProtocolError(f"batch declares {count} messages in {size} bytes", "malformed")
+    unpack = _U32.unpack_from
+    messages: list[list[bytes]] = []
+    for _ in range(count):
+        if size - off < 4:
+            raise ProtocolError("batch frame truncated in a message header", "malformed")
+        (nframes,) = unpack(view, off)
+        off += 4
+        if nframes > (size - off) // 4:
+            raise ProtocolError(f"batch message declares {nframes} frames", "malformed")
+        frames: list[bytes] = []
+        for _ in range(nframes):
+            if size - off < 4:
+                raise ProtocolError("batch frame truncated in a frame length", "malformed")
+            (length,) = unpack(view, off)
+            off += 4
+            if length > size - off:
+                raise ProtocolError(
+                    f"batch frame declares {length} bytes, {size - off} remain", "malformed"
+                )
+            frames.append(view[off : off + length].tobytes())
+            off += length
+        messages.append(frames)
+    if off != size:
+        raise ProtocolError(f"{size - off} trailing bytes after the batch", "malformed")
+    return messages

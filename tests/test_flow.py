@@ -1,0 +1,761 @@
+"""Tests for mesh.flow: credit windows, credit grants, batching, batch frames.
+
+The core property test simulates one publisher -> subscriber link with
+messages and credit updates in flight in both directions, and checks the
+accounting after every step against an independent model.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import sys
+from collections import deque
+
+import pytest
+from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from mesh.errors import ClosedError, ConfigError, MeshError, ProtocolError
+from mesh.flow import (
+    OVERFLOW_POLICIES,
+    Action,
+    Batcher,
+    CreditGrant,
+    CreditWindow,
+    decode_batch,
+    encode_batch,
+)
+
+# --------------------------------------------------------------------------
+# Construction
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"credits": 0}, "credits must be an integer >= 1"),
+        ({"credits": -3}, "credits"),
+        ({"credits": True}, "credits"),
+        ({"credits": 2.0}, "credits"),
+        ({"credit_bytes": 0}, "credit_bytes"),
+        ({"overflow": "drop"}, "overflow must be one of 'block', 'drop_oldest', 'drop_new'"),
+        ({"max_pending": -1}, "max_pending"),
+        ({"overflow": "drop_oldest", "max_pending": 0}, "use overflow='drop_new'"),
+    ],
+)
+def test_window_rejects_bad_config(kwargs: dict, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        CreditWindow(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"credits": 0}, "credits"),
+        ({"credit_bytes": -1}, "credit_bytes"),
+        ({"flush_delay": -0.1}, "flush_delay"),
+        ({"flush_delay": math.nan}, "flush_delay"),
+        ({"credits": 4, "threshold": 5}, "threshold"),
+        ({"threshold": 0}, "threshold"),
+    ],
+)
+def test_grant_rejects_bad_config(kwargs: dict, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        CreditGrant(**kwargs)
+
+
+def test_batcher_rejects_bad_config() -> None:
+    with pytest.raises(ConfigError, match="batch_bytes"):
+        Batcher(-1)
+    with pytest.raises(ConfigError, match="batch_delay"):
+        Batcher(100, math.inf)
+
+
+def test_defaults_match_the_api() -> None:
+    w: CreditWindow[str] = CreditWindow()
+    assert (w.credits, w.credit_bytes, w.overflow) == (256, None, "block")
+    assert w.available == 256 and w.available_bytes is None
+    g = CreditGrant()
+    assert (g.credits, g.threshold, g.flush_delay) == (256, 128, 0.005)
+
+
+# --------------------------------------------------------------------------
+# Sender side, by example
+# --------------------------------------------------------------------------
+
+
+def test_drop_new_keeps_the_oldest() -> None:
+    w: CreditWindow[str] = CreditWindow(2, overflow="drop_new", max_pending=5)
+    assert [w.offer(x, 1).action for x in "abcd"] == [
+        Action.SEND,
+        Action.SEND,
+        Action.DROP_NEW,
+        Action.DROP_NEW,
+    ]
+    assert w.drops == {"drop_new": 2, "drop_oldest": 0}
+    assert w.pending == 0 and w.available == 0
+    assert w.on_credit(1, 1) == []
+    assert w.offer("e", 1).action is Action.SEND
+
+
+def test_drop_oldest_keeps_the_newest() -> None:
+    w: CreditWindow[str] = CreditWindow(1, overflow="drop_oldest", max_pending=2)
+    assert w.offer("a", 1).action is Action.SEND
+    assert w.offer("b", 1).action is Action.QUEUE
+    assert w.offer("c", 1).action is Action.QUEUE
+    d = w.offer("d", 1)
+    assert (d.action, d.victim) == (Action.DROP_OLDEST, "b")
+    d = w.offer("e", 1)
+    assert (d.action, d.victim) == (Action.DROP_OLDEST, "c")
+    assert w.drops == {"drop_new": 0, "drop_oldest": 2}
+    assert w.on_credit(1, 1) == ["d"]
+    assert w.on_credit(1, 1) == ["e"]
+    assert w.pending == 0 and w.pending_bytes == 0
+
+
+def test_block_holds_up_to_max_pending_then_blocks() -> None:
+    w: CreditWindow[str] = CreditWindow(1, overflow="block", max_pending=1)
+    assert w.offer("a", 1).action is Action.SEND
+    assert w.offer("b", 1).action is Action.QUEUE
+    assert w.offer("c", 1).action is Action.BLOCK  # not taken: caller waits and retries
+    assert w.pending == 1 and w.drops == {"drop_new": 0, "drop_oldest": 0}
+    assert w.on_credit(1, 1) == ["b"]
+    assert not w.can_send(1)
+    assert w.offer("c", 1).action is Action.QUEUE
+
+
+def test_block_without_holding() -> None:
+    w: CreditWindow[str] = CreditWindow(1, overflow="block", max_pending=0)
+    assert w.offer("a", 1).action is Action.SEND
+    assert w.offer("b", 1).action is Action.BLOCK
+    assert w.on_credit(1, 1) == []
+    assert w.can_send(1)
+    assert w.offer("b", 1).action is Action.SEND
+
+
+def test_cancel_withdraws_a_held_message_by_identity() -> None:
+    w: CreditWindow[list[int]] = CreditWindow(1, overflow="block", max_pending=4)
+    first, twin_a, twin_b = [0], [1], [1]
+    w.offer(first, 1)
+    w.offer(twin_a, 3)
+    w.offer(twin_b, 5)
+    assert w.cancel(twin_b) is True  # equal to twin_a, but not the same publish
+    assert w.cancel(twin_b) is False
+    assert w.cancel([9]) is False
+    assert (w.pending, w.pending_bytes, w.cancelled) == (1, 3, 1)
+    assert w.on_credit(1, 1) == [twin_a]
+    assert w.pending == 0 and w.in_flight == 1
+
+
+def test_held_messages_are_never_overtaken() -> None:
+    w: CreditWindow[str] = CreditWindow(2, credit_bytes=10, overflow="drop_oldest", max_pending=4)
+    assert w.offer("a", 6).action is Action.SEND
+    assert w.offer("big", 6).action is Action.QUEUE  # 12 > 10 bytes
+    # "small" would fit the byte window but must wait behind "big".
+    assert w.offer("small", 1).action is Action.QUEUE
+    assert w.on_credit(1, 6) == ["big", "small"]
+
+
+def test_oversized_message_travels_alone() -> None:
+    w: CreditWindow[str] = CreditWindow(4, credit_bytes=10, overflow="block", max_pending=4)
+    g = CreditGrant(4, 10)
+    assert w.offer("a", 3).action is Action.SEND
+    assert g.on_received(3)
+    assert w.offer("huge", 50).action is Action.QUEUE
+    g.on_consumed(3, 0.0)
+    assert w.on_credit(*g.take_update(0.0, force=True)) == ["huge"]  # type: ignore[misc]
+    assert w.in_flight == 1 and w.available_bytes == 0
+    assert g.on_received(50) is True  # alone: not a violation
+    assert w.offer("b", 1).action is Action.QUEUE
+    g.on_consumed(50, 0.0)
+    assert w.on_credit(*g.take_update(0.0, force=True)) == ["b"]  # type: ignore[misc]
+    assert g.violations == 0
+
+
+def test_close_releases_held_messages_and_refuses_more() -> None:
+    w: CreditWindow[str] = CreditWindow(1, overflow="block", max_pending=8)
+    w.offer("a", 1)
+    w.offer("b", 1)
+    w.offer("c", 1)
+    assert w.close("peer worker-2 died") == ["b", "c"]
+    assert w.closed and w.pending == 0 and w.in_flight == 0
+    assert w.close("again") == [] and w.closed_reason == "peer worker-2 died"
+    assert w.on_credit(1, 1) == []  # late credit is harmless
+    with pytest.raises(ClosedError, match="worker-2 died"):
+        w.offer("d", 1)
+    assert not w.can_send(0)
+
+
+@pytest.mark.parametrize(
+    "msgs, nbytes", [(-1, 0), (0, -5), ("1", 0), (1.0, 0), (True, 0), (None, 0)]
+)
+def test_hostile_credit_update_is_a_protocol_error(msgs: object, nbytes: object) -> None:
+    w: CreditWindow[str] = CreditWindow(2)
+    w.offer("a", 1)
+    with pytest.raises(ProtocolError):
+        w.on_credit(msgs, nbytes)  # type: ignore[arg-type]
+    assert w.in_flight == 1
+
+
+def test_excess_credit_cannot_inflate_the_window() -> None:
+    w: CreditWindow[str] = CreditWindow(2, credit_bytes=100, max_pending=0)
+    w.offer("a", 10)
+    assert w.on_credit(1_000_000, 1 << 40) == []
+    assert w.excess_credit == 1
+    assert (w.available, w.available_bytes, w.in_flight_bytes) == (2, 100, 0)
+    assert [w.offer(x, 1).action for x in "bcd"] == [Action.SEND, Action.SEND, Action.BLOCK]
+
+
+def test_negative_size_is_refused() -> None:
+    with pytest.raises(ConfigError, match="nbytes"):
+        CreditWindow(2).offer("a", -1)
+    with pytest.raises(ConfigError, match="nbytes"):
+        Batcher(10).add("a", -1, 0.0)
+
+
+def test_window_stats_are_plain_ints() -> None:
+    w: CreditWindow[str] = CreditWindow(1, overflow="drop_oldest", max_pending=1)
+    for x in "abc":
+        w.offer(x, 2)
+    s = w.stats()
+    assert s["sent"] == 1 and s["pending"] == 1 and s["drop_oldest"] == 1
+    assert all(type(v) is int for v in s.values())
+
+
+# --------------------------------------------------------------------------
+# Receiver side, by example
+# --------------------------------------------------------------------------
+
+
+def test_credit_returns_on_consumption_not_receipt() -> None:
+    g = CreditGrant(4, flush_delay=0.005)
+    for _ in range(4):
+        assert g.on_received(10)
+    assert g.take_update(100.0, force=True) is None  # received is not consumed
+    assert g.next_deadline() is None
+    g.on_consumed(10, 1.0)
+    assert g.next_deadline() == pytest.approx(1.005)
+    assert g.take_update(1.004) is None
+    assert g.take_update(1.005) == (1, 10)
+    g.on_consumed(10, 2.0)
+    g.on_consumed(10, 2.0)  # half the window of 4: due at once
+    assert g.next_deadline() == 2.0
+    assert g.take_update(2.0) == (2, 20)
+    assert (g.returned, g.updates, g.outstanding) == (3, 2, 1)
+
+
+def test_byte_half_window_makes_an_update_due() -> None:
+    g = CreditGrant(100, credit_bytes=1000)
+    g.on_received(600)
+    g.on_consumed(600, 0.0)
+    assert g.take_update(0.0) == (1, 600)
+
+
+def test_violation_is_counted_never_raised() -> None:
+    g = CreditGrant(2, credit_bytes=10)
+    assert g.on_received(4) and g.on_received(4)
+    assert g.on_received(1) is False  # third message on a window of 2
+    assert g.violations == 1
+    g.on_dropped(1)
+    g.on_consumed(4, 0.0)
+    assert g.take_update(0.0) == (1, 4)
+    assert g.on_received(7) is False  # 4 + 7 > 10 bytes, and not alone
+    assert g.violations == 2 and g.stats()["violations"] == 2
+
+
+def test_consuming_more_than_received_is_a_bug_report() -> None:
+    g = CreditGrant(2)
+    with pytest.raises(MeshError, match="on_received"):
+        g.on_consumed(1, 0.0)
+    with pytest.raises(MeshError, match="on_received"):
+        g.on_dropped(1)
+
+
+def test_credit_updates_are_batched_on_a_fast_stream() -> None:
+    """10 000 messages over a window of 64: about one update per 32 messages."""
+    n, window = 10_000, 64
+    w: CreditWindow[int] = CreditWindow(window, max_pending=0)
+    g = CreditGrant(window)
+    now, sent = 0.0, 0
+    while sent < n or g.buffered or g.pending[0]:
+        while sent < n and w.offer(sent, 100).action is Action.SEND:
+            g.on_received(100)
+            sent += 1
+        now += 1e-6
+        if g.buffered:
+            g.on_consumed(100, now)  # the app consumes one message per microsecond
+        update = g.take_update(now)
+        if update:
+            w.on_credit(*update)
+    assert g.returned == n and w.in_flight == 0
+    assert g.updates <= n // 32 + 2
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    window=st.integers(1, 32),
+    delay=st.sampled_from([0.001, 0.005]),
+    gaps=st.lists(st.sampled_from([0.0, 1e-5, 1e-4, 0.002, 0.01]), min_size=1, max_size=300),
+)
+def test_updates_are_bounded_by_threshold_and_delay(
+    window: int, delay: float, gaps: list[float]
+) -> None:
+    """Unforced updates <= consumed / threshold + elapsed / flush_delay + 1."""
+    w: CreditWindow[int] = CreditWindow(window)
+    g = CreditGrant(window, flush_delay=delay)
+    now = 0.0
+    for i, gap in enumerate(gaps):
+        now += gap
+        if w.offer(i, 1).action is Action.SEND:
+            g.on_received(1)
+            g.on_consumed(1, now)
+        update = g.take_update(now)
+        if update:
+            w.on_credit(*update)
+    now = max(now, g.next_deadline() or now)
+    update = g.take_update(now)
+    if update:
+        w.on_credit(*update)
+    assert g.pending == (0, 0) and w.in_flight == 0
+    assert g.returned == g.consumed
+    assert g.updates <= g.consumed / g.threshold + now / delay + 1
+
+
+# --------------------------------------------------------------------------
+# The link, simulated: random interleavings with messages and credit in flight
+# --------------------------------------------------------------------------
+
+
+class LinkSim(RuleBasedStateMachine):
+    """Publisher A --data--> subscriber B, B --credit--> A, both links FIFO and slow."""
+
+    @initialize(
+        credits=st.integers(1, 6),
+        credit_bytes=st.none() | st.integers(1, 40),
+        policy=st.sampled_from(OVERFLOW_POLICIES),
+        max_pending=st.integers(0, 4),
+        delay=st.sampled_from([0.0, 0.002, 0.005]),
+    )
+    def setup(
+        self,
+        credits: int,  # noqa: A002 - the API's name
+        credit_bytes: int | None,
+        policy: str,
+        max_pending: int,
+        delay: float,
+    ) -> None:
+        if policy == "drop_oldest":
+            max_pending = max(1, max_pending)
+        self.credits, self.cb, self.policy, self.max_pending = (
+            credits,
+            credit_bytes,
+            policy,
+            max_pending,
+        )
+        self.win: CreditWindow[int] = CreditWindow(credits, credit_bytes, policy, max_pending)
+        self.grant = CreditGrant(credits, credit_bytes, flush_delay=delay)
+        self.delay = delay
+        self.now = 0.0
+        self.size: dict[int, int] = {}
+        self.next_id = 0
+        self.wire: deque[int] = deque()  # A -> B, sent, not yet received
+        self.buffer: deque[int] = deque()  # at B, received, not yet consumed
+        self.credit_wire: deque[tuple[int, int]] = deque()  # B -> A
+        self.waiting: deque[int] = deque()  # BLOCKed publishes, to offer again
+        self.delivered: list[int] = []
+        self.dropped: set[int] = set()
+        self.cancelled: set[int] = set()
+        # An independent model of the window, to predict every decision.
+        self.m_in_flight = 0
+        self.m_in_flight_bytes = 0
+        self.m_pending: deque[int] = deque()
+        self.m_drops = {"drop_new": 0, "drop_oldest": 0}
+        self.first_pending = 0.0  # when the oldest unreturned consumption happened
+        self.updates = 0
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _fits(self, n: int) -> bool:
+        if self.m_in_flight >= self.credits:
+            return False
+        return self.cb is None or self.m_in_flight == 0 or self.m_in_flight_bytes + n <= self.cb
+
+    def _put_on_wire(self, i: int) -> None:
+        self.m_in_flight += 1
+        self.m_in_flight_bytes += self.size[i]
+        self.wire.append(i)
+
+    def _offer(self, i: int) -> bool:
+        """Offer i and check the decision against the model. False if BLOCKed."""
+        n = self.size[i]
+        if not self.m_pending and self._fits(n):
+            expected = Action.SEND
+        elif self.policy == "drop_new":
+            expected = Action.DROP_NEW
+        elif len(self.m_pending) < self.max_pending:
+            expected = Action.QUEUE
+        elif self.policy == "block":
+            expected = Action.BLOCK
+        else:
+            expected = Action.DROP_OLDEST
+        d = self.win.offer(i, n)
+        assert d.action is expected, (d, expected)
+        event(f"{self.policy}: {expected.name}")  # --hypothesis-show-statistics
+        if expected is Action.SEND:
+            self._put_on_wire(i)
+        elif expected is Action.DROP_NEW:
+            self.dropped.add(i)
+            self.m_drops["drop_new"] += 1
+        elif expected is Action.QUEUE:
+            self.m_pending.append(i)
+        elif expected is Action.DROP_OLDEST:
+            victim = self.m_pending.popleft()
+            assert d.victim == victim  # the oldest held one, never a newer one
+            self.dropped.add(victim)
+            self.m_pending.append(i)
+            self.m_drops["drop_oldest"] += 1
+        else:
+            return False
+        if expected is not Action.DROP_OLDEST:
+            assert d.victim is None
+        return True
+
+    def _poll(self, force: bool = False) -> None:
+        # The batching rule, modelled: due once half the window (messages or
+        # bytes) waits to go back, or flush_delay after the first of them.
+        msgs, nbytes = self.grant.pending
+        half_bytes = None if self.cb is None else (self.cb + 1) // 2
+        due = msgs > 0 and (
+            msgs >= (self.credits + 1) // 2
+            or (half_bytes is not None and nbytes >= half_bytes)
+            or self.now >= self.first_pending + self.delay
+        )
+        deadline = self.grant.next_deadline()
+        assert (deadline is not None and deadline <= self.now) == due
+        update = self.grant.take_update(self.now, force=force)
+        assert update == ((msgs, nbytes) if (due or (force and msgs)) else None)
+        if update is not None:
+            self.updates += 1
+            self.credit_wire.append(update)
+
+    def _deliver_credit(self) -> None:
+        msgs, nbytes = self.credit_wire.popleft()
+        self.m_in_flight -= msgs
+        self.m_in_flight_bytes -= nbytes
+        released = self.win.on_credit(msgs, nbytes)
+        expected: list[int] = []
+        while self.m_pending and self._fits(self.size[self.m_pending[0]]):
+            i = self.m_pending.popleft()
+            expected.append(i)
+            self._put_on_wire(i)
+        assert released == expected  # held messages leave oldest first
+        assert self.win.excess_credit == 0
+
+    def _receive(self) -> None:
+        i = self.wire.popleft()
+        assert self.grant.on_received(self.size[i]) is True  # honest sender
+        self.buffer.append(i)
+
+    def _consume(self) -> None:
+        i = self.buffer.popleft()
+        if self.grant.pending[0] == 0:
+            self.first_pending = self.now
+        self.grant.on_consumed(self.size[i], self.now)
+        self.delivered.append(i)
+
+    # -- rules -----------------------------------------------------------------
+
+    @rule(nbytes=st.integers(0, 30))
+    def publish(self, nbytes: int) -> None:
+        i = self.next_id
+        self.next_id += 1
+        self.size[i] = nbytes
+        if self.waiting:  # a blocked publisher does not jump the queue
+            self.waiting.append(i)
+        elif not self._offer(i):
+            self.waiting.append(i)
+
+    @precondition(lambda self: bool(self.waiting))
+    @rule()
+    def retry_blocked(self) -> None:
+        if self._offer(self.waiting[0]):
+            self.waiting.popleft()
+
+    @precondition(lambda self: self.policy == "block" and bool(self.m_pending))
+    @rule(data=st.data())
+    def cancel_on_timeout(self, data: st.DataObject) -> None:
+        i = data.draw(st.sampled_from(list(self.m_pending)))
+        assert self.win.cancel(i) is True
+        self.m_pending.remove(i)
+        self.cancelled.add(i)
+
+    @precondition(lambda self: bool(self.wire))
+    @rule()
+    def receive(self) -> None:
+        self._receive()
+
+    @precondition(lambda self: bool(self.buffer))
+    @rule()
+    def consume(self) -> None:
+        self._consume()
+
+    @rule(dt=st.sampled_from([0.0, 0.001, 0.003, 0.006]))
+    def tick(self, dt: float) -> None:
+        self.now += dt
+        self._poll()
+
+    @rule()
+    def piggyback(self) -> None:
+        self._poll(force=True)
+
+    @precondition(lambda self: bool(self.credit_wire))
+    @rule()
+    def deliver_credit(self) -> None:
+        self._deliver_credit()
+
+    # -- invariants ------------------------------------------------------------
+
+    @invariant()
+    def window_is_sound(self) -> None:
+        w = self.win
+        assert 0 <= w.in_flight <= self.credits
+        assert w.available >= 0
+        if self.cb is not None:
+            assert w.in_flight_bytes <= self.cb or w.in_flight == 1
+            assert w.available_bytes is not None and w.available_bytes >= 0
+        assert w.pending == len(self.m_pending) <= self.max_pending
+        assert w.pending_bytes == sum(self.size[i] for i in self.m_pending)
+        assert w.drops == self.m_drops
+
+    @invariant()
+    def every_credit_is_accounted_for(self) -> None:
+        # What A thinks is in flight is exactly what is on the wire, at B, or
+        # on its way back as credit: nothing is created or lost.
+        pend_msgs, pend_bytes = self.grant.pending
+        back_msgs = sum(m for m, _ in self.credit_wire)
+        back_bytes = sum(b for _, b in self.credit_wire)
+        here = list(self.wire) + list(self.buffer)
+        assert self.win.in_flight == len(here) + pend_msgs + back_msgs == self.m_in_flight
+        assert self.win.in_flight_bytes == (
+            sum(self.size[i] for i in here) + pend_bytes + back_bytes
+        )
+        assert self.grant.outstanding <= self.credits
+        assert self.grant.violations == 0
+
+    @invariant()
+    def delivery_is_in_order(self) -> None:
+        assert all(a < b for a, b in zip(self.delivered, self.delivered[1:], strict=False))
+        assert not (set(self.delivered) & (self.dropped | self.cancelled))
+
+    @rule()
+    def drain_and_check(self) -> None:
+        """The app consumes everything and credit is flushed (forced, as on
+        close) until all is quiet; then the totals must add up exactly."""
+        for _ in range(1000):
+            if self.waiting:
+                self.retry_blocked()
+            while self.wire:
+                self._receive()
+            while self.buffer:
+                self._consume()
+            self._poll(force=True)
+            while self.credit_wire:
+                self._deliver_credit()
+            if not (self.waiting or self.wire or self.m_pending):
+                break
+        else:
+            raise AssertionError("the link did not drain: credit was lost")
+        g = self.grant
+        # No message lost or duplicated; drops and timeouts are the only gaps.
+        assert self.delivered == sorted(set(range(self.next_id)) - self.dropped - self.cancelled)
+        if self.policy == "block":
+            assert not self.dropped
+        assert self.win.drops == self.m_drops
+        assert sum(self.m_drops.values()) == len(self.dropped)
+        # Every consumed message returned exactly one credit, in few updates.
+        assert g.consumed == g.returned == len(self.delivered)
+        assert g.returned_bytes == sum(self.size[i] for i in self.delivered)
+        assert g.updates == self.updates <= g.consumed
+        assert self.win.in_flight == 0 and self.win.in_flight_bytes == 0
+        assert self.win.available == self.credits
+        assert g.outstanding == 0 and g.buffered == 0 and g.pending == (0, 0)
+
+    def teardown(self) -> None:
+        # Skip the final check when a step already failed (teardown runs in a
+        # finally): a second error would only slow down shrinking.
+        if hasattr(self, "win") and sys.exc_info()[1] is None:
+            self.drain_and_check()
+
+
+LinkSim.TestCase.settings = settings(
+    max_examples=250,
+    stateful_step_count=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestLinkSim = LinkSim.TestCase
+
+
+# --------------------------------------------------------------------------
+# Batcher
+# --------------------------------------------------------------------------
+
+
+def test_batcher_disabled_sends_every_message_alone() -> None:
+    b: Batcher[str] = Batcher(0)
+    assert b.add("a", 5, 0.0) == [["a"]]
+    assert b.add("b", 0, 0.0) == [["b"]]
+    assert b.next_deadline() is None and b.flush() == [] and len(b) == 0
+
+
+def test_batcher_by_example() -> None:
+    b: Batcher[str] = Batcher(10, 0.001)
+    assert b.add("a", 4, 0.0) == []
+    assert b.next_deadline() == 0.001
+    assert b.add("b", 4, 0.0005) == []
+    assert b.add("c", 4, 0.0006) == [["a", "b"]]  # c would overflow: flush first
+    assert b.next_deadline() == pytest.approx(0.0016)
+    assert b.add("big", 50, 0.0007) == [["c"], ["big"]]  # alone, after what waited
+    assert b.add("d", 6, 0.001) == []
+    assert b.add("e", 4, 0.001) == [["d", "e"]]  # exactly batch_bytes
+    assert b.add("f", 1, 0.002) == []
+    assert b.due(0.0029) == [] and b.due(0.003) == [["f"]]
+    assert b.add("g", 1, 0.004) == [] and b.flush() == [["g"]]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    batch_bytes=st.integers(1, 64),
+    delay=st.sampled_from([0.0, 0.001, 0.004]),
+    msgs=st.lists(
+        st.tuples(st.integers(0, 80), st.sampled_from([0.0, 0.0002, 0.0007, 0.003])),
+        max_size=80,
+    ),
+)
+def test_batcher_keeps_order_size_and_delay(
+    batch_bytes: int, delay: float, msgs: list[tuple[int, float]]
+) -> None:
+    b: Batcher[int] = Batcher(batch_bytes, delay)
+    size = {i: n for i, (n, _) in enumerate(msgs)}
+    arrival: dict[int, float] = {}
+    out: list[tuple[list[int], float, str]] = []  # batch, flush time, why
+    now = 0.0
+    for i, (n, gap) in enumerate(msgs):
+        now += gap
+        # The event loop wakes at each deadline that passes before this message.
+        while (dl := b.next_deadline()) is not None and dl <= now:
+            out += [(batch, dl, "due") for batch in b.due(dl)]
+        arrival[i] = now
+        out += [(batch, now, "add") for batch in b.add(i, n, now)]
+    out += [(batch, math.inf, "flush") for batch in b.flush()]
+
+    flat = [i for batch, _, _ in out for i in batch]
+    assert flat == list(range(len(msgs)))  # order kept, nothing lost or repeated
+    for k, (batch, t, why) in enumerate(out):
+        assert batch
+        total = sum(size[i] for i in batch)
+        if len(batch) > 1:
+            assert total <= batch_bytes
+        if why == "flush":
+            continue
+        assert t - arrival[batch[0]] <= delay + 1e-12  # nobody waits past batch_delay
+        if why == "due":
+            assert t >= arrival[batch[0]] + delay - 1e-12  # and never flushed early
+        else:
+            # Flushed by add: full, aged, or the next message would not fit.
+            nxt = out[k + 1][0][0] if k + 1 < len(out) else None
+            full = total >= batch_bytes
+            aged = t >= arrival[batch[0]] + delay
+            no_room = nxt is not None and total + size[nxt] > batch_bytes
+            assert full or aged or no_room
+
+
+# --------------------------------------------------------------------------
+# Batch frames
+# --------------------------------------------------------------------------
+
+frames_st = st.lists(st.lists(st.binary(max_size=40), max_size=4), max_size=20)
+
+
+@settings(max_examples=200, deadline=None)
+@given(frames_st)
+def test_batch_roundtrip(msgs: list[list[bytes]]) -> None:
+    blob = encode_batch(msgs)
+    assert decode_batch(blob) == msgs
+    assert decode_batch(bytearray(blob)) == msgs
+    assert decode_batch(memoryview(blob)) == msgs
+
+
+def test_batch_accepts_any_bytes_like_frames() -> None:
+    blob = encode_batch([[bytearray(b"h"), memoryview(b"payload")], []])
+    assert decode_batch(blob) == [[b"h", b"payload"], []]
+
+
+def _check_garbage(blob: bytes) -> None:
+    try:
+        out = decode_batch(blob)
+    except ProtocolError:
+        return
+    # If it decoded, it is a real batch: it encodes back to the same bytes.
+    assert encode_batch(out) == blob
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64))
+def test_garbage_raises_protocol_error_only(blob: bytes) -> None:
+    _check_garbage(blob)
+    _check_garbage(b"\x01" + blob)  # right version byte, to get past it
+
+
+@settings(max_examples=300, deadline=None)
+@given(frames_st, st.data())
+def test_damaged_batches_raise_protocol_error_only(
+    msgs: list[list[bytes]], data: st.DataObject
+) -> None:
+    blob = bytearray(encode_batch(msgs))
+    assume(len(blob) > 0)
+    kind = data.draw(st.sampled_from(["truncate", "flip", "extend", "big_length"]))
+    if kind == "truncate":
+        blob = blob[: data.draw(st.integers(0, len(blob) - 1))]
+    elif kind == "flip":
+        pos = data.draw(st.integers(0, len(blob) - 1))
+        blob[pos] ^= data.draw(st.integers(1, 255))
+    elif kind == "extend":
+        blob += data.draw(st.binary(min_size=1, max_size=8))
+    else:
+        pos = data.draw(st.integers(0, max(0, len(blob) - 4)))
+        blob[pos : pos + 4] = struct.pack("<I", data.draw(st.sampled_from([2**31, 2**32 - 1])))
+    _check_garbage(bytes(blob))
+
+
+@pytest.mark.parametrize(
+    "blob, reason",
+    [
+        (b"", "malformed"),
+        (b"\x02\x00\x00\x00\x00", "version"),
+        (b"\x01\xff\xff\xff\xff", "malformed"),  # four billion messages in 0 bytes
+        (b"\x01\x01\x00\x00\x00\xff\xff\xff\xff", "malformed"),  # frames
+        (b"\x01\x01\x00\x00\x00\x01\x00\x00\x00\xff\xff\xff\x7f" + b"x" * 8, "malformed"),
+        (encode_batch([[b"a"]]) + b"\x00", "malformed"),
+    ],
+)
+def test_hostile_lengths_are_refused_without_allocating(blob: bytes, reason: str) -> None:
+    with pytest.raises(ProtocolError) as exc:
+        decode_batch(blob)
+    assert exc.value.reason == reason
+
+
+def test_non_buffer_input_is_a_protocol_error() -> None:
+    with pytest.raises(ProtocolError):
+        decode_batch("not bytes")  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError):
+        decode_batch(None)  # type: ignore[arg-type]
