@@ -15,6 +15,7 @@ import atexit
 import collections
 import itertools
 import logging
+import math
 import os
 import random
 import socket
@@ -70,6 +71,41 @@ _DEFAULT_OPTIONS: dict[str, Any] = {
     "rcvhwm": 100_000,
     "interfaces": None,  # zeroconf: restrict to these interfaces
 }
+
+# (type, minimum) of each numeric option; minimum is exclusive for floats.
+_OPTION_RULES: dict[str, tuple[type, float]] = {
+    "heartbeat_interval": (float, 0.0),
+    "peer_timeout": (float, 0.0),
+    "seed_interval": (float, 0.0),
+    "tombstone": (float, 0.0),
+    "max_message_size": (int, 1),
+    "sndhwm": (int, 1),
+    "rcvhwm": (int, 1),
+}
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    for key, (kind, minimum) in _OPTION_RULES.items():
+        value = options[key]
+        if kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > minimum
+            ok = ok and math.isfinite(value)
+            want = "a positive number of seconds"
+        else:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+            want = f"an integer >= {int(minimum)}"
+        if not ok:
+            raise ConfigError(f"option {key}={value!r}: give {want}")
+    if options["peer_timeout"] <= options["heartbeat_interval"]:
+        raise ConfigError(
+            "peer_timeout must be longer than heartbeat_interval, or every peer looks dead"
+        )
+    interfaces = options["interfaces"]
+    if interfaces is not None and (
+        isinstance(interfaces, str) or not all(isinstance(i, str) for i in interfaces)
+    ):
+        raise ConfigError('interfaces must be a list of interface names or addresses, e.g. ["eth0"]')
+
 
 _names_in_process: collections.Counter[str] = collections.Counter()
 _names_lock = threading.Lock()
@@ -155,7 +191,15 @@ class Node:
         self.discovery_mode = discovery
         self.seeds = seeds
         self.options = {**_DEFAULT_OPTIONS, **options}
+        _check_options(self.options)
+        if isinstance(listen, str):
+            listen = (listen,)  # one endpoint given bare
         self._listen = tuple(listen)
+        for endpoint in self._listen:
+            if not isinstance(endpoint, str) or "://" not in endpoint:
+                raise ConfigError(
+                    f"listen endpoint {endpoint!r}: write it like 'tcp://0.0.0.0:7777' or 'ipc://auto'"
+                )
         self._transports = transport_plugins.load(transports)
         self._locality = Locality.here()
         self.endpoints: list[str] = []
@@ -416,6 +460,10 @@ class Node:
                 self._command(("interest", self._routing.local_version, [], [removed]))
 
     def _route(self, subject: str, internal: bool = False) -> Route:
+        if type(subject) is not str:
+            validate_subject(subject)  # raises InvalidSubject with a clear message
+        if not internal and subject.startswith("_mesh"):
+            validate_subject(subject)  # reserved: refused even when a route is cached
         route = self._routing.cached(subject)
         if route is None:
             validate_subject(subject, allow_reserved=internal)
@@ -597,15 +645,17 @@ class Node:
             item = get()
             if item is _STOP:
                 return
-            sub, msg = item
-            if sub.closed:
-                continue
-            try:
-                sub.handler(msg)
-            except Exception:
-                self.counters.drops["handler_error"] += 1
-                log.exception("%s: handler for %r raised on %r", self.name, sub.pattern, msg.subject)
-            sub.delivered += 1
+            self._run_handler(*item)
+
+    def _run_handler(self, sub: Subscription, msg: Message) -> None:
+        if sub.closed:
+            return
+        try:
+            sub.handler(msg)
+        except Exception:
+            self.counters.drops["handler_error"] += 1
+            log.exception("%s: handler for %r raised on %r", self.name, sub.pattern, msg.subject)
+        sub.delivered += 1
 
     # ------------------------------------------------------------------ request/reply
 
@@ -642,7 +692,7 @@ class Node:
                         "(node.subscribe(subject, handler) that calls msg.respond())"
                     )
                 self._publish(subject, route, data, headers, req_id, None)
-                if pending.event.wait(timeout):
+                if self._wait_reply(pending, timeout):
                     self._check_open()
                     assert pending.reply is not None
                     return pending.reply
@@ -652,6 +702,28 @@ class Node:
             )
         finally:
             self._pending.pop(req_id, None)
+
+    def _wait_reply(self, pending: _Pending, timeout: float) -> bool:
+        if threading.current_thread() is not self._dispatch_thread:
+            return pending.event.wait(timeout)
+        # A handler is requesting: the responder may be a handler of this very node,
+        # queued behind us on the dispatch thread. Run queued handlers meanwhile.
+        import queue
+
+        deadline = time.monotonic() + timeout
+        while not pending.event.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                item = self._dispatch.get(timeout=min(remaining, 0.05))
+            except queue.Empty:
+                continue
+            if item is _STOP:
+                self._dispatch.put(_STOP)
+                return pending.event.is_set()
+            self._run_handler(*item)
+        return True
 
     def _respond(self, reply_to: str, req_id: int, data: Any, headers: dict | None) -> None:
         self._check_open()
@@ -827,7 +899,9 @@ class Node:
             self._send_control(peer.id, wire.PONG, body)
         elif kind == wire.PONG:
             if type(body) is list and body and type(body[0]) is float:
-                peer.rtt = max(0.0, now - body[0])
+                rtt = now - body[0]
+                if 0.0 <= rtt < 3600.0:  # our own timestamp echoed; anything else is forged
+                    peer.rtt = rtt
         elif kind == wire.INTEREST:
             self._on_interest(peer, body)
         elif kind == wire.INTEREST_FULL:
@@ -863,7 +937,9 @@ class Node:
         self.counters.msgs_in += 1
         self.counters.bytes_in += nbytes
         if ts:
-            self.latency.record(time.time() - ts)
+            latency = time.time() - ts
+            if 0.0 <= latency < 3600.0:  # also rejects nan/inf; clocks may disagree a little
+                self.latency.record(latency)
         reply_to = peer.id if req_id is not None else None
         if route.local:
             key = (peer.id, subject)
@@ -1064,6 +1140,10 @@ class Node:
                     self.counters.drops["malformed"] += 1
         if not body.get("ack"):
             self._send_control(peer.id, wire.HELLO, self._hello_body(True, via if type(via) is str else None))
+        elif was_joining or is_new:
+            # Our interest may have changed since the hello this peer saw (e.g. one
+            # sent through a seed before we knew its id): send it whole once more.
+            self._send_control(peer.id, wire.INTEREST_FULL, self._interest_snapshot())
         if was_joining or is_new:
             # Tell everyone else about the newcomer so the mesh becomes full.
             summary = [peer.summary()]
@@ -1093,7 +1173,11 @@ class Node:
         sock.setsockopt(zmq.SNDHWM, self.options["sndhwm"])
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        sock.connect(endpoint)
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise ProtocolError(f"peer advertised an unusable endpoint {endpoint!r}: {exc}", "bad_endpoint") from None
         peer = Peer(
             id=info["id"],
             name=info["name"],
@@ -1137,9 +1221,11 @@ class Node:
         with self._lock:
             if version <= self._routing.peer_version(peer.id):
                 return  # already covered by a snapshot
-            applied = self._routing.apply_peer_delta(peer.id, version, adds, removes)
-        if not applied:
+            bad = self._routing.apply_peer_delta(peer.id, version, adds, removes)
+        if bad is None:
             self._send_control(peer.id, wire.SYNC, None)  # we missed one: resync
+        elif bad:
+            self.counters.drops["invalid_interest"] += len(bad)
         with self._changed:
             self._changed.notify_all()
 
@@ -1160,7 +1246,8 @@ class Node:
             _, version, adds, removes = cmd
             body = [version, [list(k) for k in adds], [list(k) for k in removes]]
             for peer in list(self._peers.values()):
-                if peer.state == "alive":
+                # Joining peers too: they have our older snapshot from the hello.
+                if peer.state in ("alive", "joining"):
                     self._send_control(peer.id, wire.INTEREST, body)
         elif cmd[0] == "found":
             try:
@@ -1248,7 +1335,7 @@ class Node:
 
     def _io_shutdown(self) -> None:
         for peer in list(self._peers.values()):
-            if peer.state == "alive" and peer.link is not None:
+            if peer.state in ("alive", "joining") and peer.link is not None:
                 with peer.link.lock:
                     try:
                         peer.link.sock.send(wire.pack(wire.BYE, None), zmq.NOBLOCK)

@@ -155,20 +155,21 @@ class RoutingTable:
         version: int,
         adds: Iterable[tuple[str, str]],
         removes: Iterable[tuple[str, str]],
-    ) -> bool:
-        """Apply an incremental change; False when it does not follow the last
-        version seen (the caller then asks the peer for a full sync)."""
+    ) -> list[str] | None:
+        """Apply an incremental change and return the invalid patterns skipped; None
+        when it does not follow the last version seen (the caller then asks the
+        peer for a full sync)."""
         state = self._peers.get(peer_id)
         if state is None or version != state.version + 1:
-            return False
+            return None
         for key in removes:
             if key in state.entries:
                 del state.entries[key]
                 self._remote.remove(key[0], _remote_value(peer_id, key))
-        self._add_entries(peer_id, state, adds)
+        bad = self._add_entries(peer_id, state, adds)
         state.version = version
         self._invalidate()
-        return True
+        return bad
 
     def remove_peer(self, peer_id: str) -> None:
         state = self._peers.pop(peer_id, None)

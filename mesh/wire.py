@@ -98,13 +98,13 @@ def unpack(frame: bytes | memoryview) -> list:
     if type(header) is not list or len(header) < 3:
         raise ProtocolError("header is not a [version, kind, ...] array", "malformed")
     version, kind = header[0], header[1]
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise ProtocolError(
             f"protocol version {version!r}, this node speaks {PROTOCOL_VERSION}; "
             "upgrade the older side",
             "version",
         )
-    if kind not in KIND_NAMES:
+    if type(kind) is not int or kind not in KIND_NAMES:
         raise ProtocolError(f"unknown message kind {kind!r}", "unknown_kind")
     return header
 

@@ -58,10 +58,12 @@ def test_peer_snapshot_and_deltas() -> None:
     r = t.route("grad.a")
     assert r.peers == ("p1",)
     assert t.route("jobs.x").peer_groups == {"w": ("p1",)}
-    assert t.apply_peer_delta("p1", 4, [("params.*", "")], [("grad.>", "")])
+    assert t.apply_peer_delta("p1", 4, [("params.*", ""), ("bad..x", "")], [("grad.>", "")]) == [
+        "bad..x"
+    ]
     assert t.route("grad.a").empty  # the cached route was invalidated
     assert t.route("params.x").peers == ("p1",)
-    assert not t.apply_peer_delta("p1", 6, [("z", "")], [])  # skipped version 5: resync needed
+    assert t.apply_peer_delta("p1", 6, [("z", "")], []) is None  # skipped version 5: resync needed
     assert t.route("z").empty
     assert t.set_peer_interest("p1", 2, [("old.>", "")]) == []  # stale snapshot ignored
     assert t.route("old.x").empty
