@@ -1,0 +1,4 @@
+"""Benchmarks of the mesh against raw pyzmq (and, later, NATS and torch/Gloo).
+
+Run ``python -m bench`` (or ``make bench``); see bench/README.md.
+"""

@@ -1,0 +1,647 @@
+"""Publish/subscribe: the mesh against raw pyzmq, side by side, in one run.
+
+Every case runs the mesh and a plain pyzmq reference in two spawned processes
+(publisher and subscriber apart), repetition by repetition interleaved, and
+reports the ratio mesh/raw:
+
+1. latency: one-way publish -> handler, from a ping-pong (RTT/2); the mesh's
+   A publishes ``bench.ping``, B's handler publishes ``bench.pong``, A's handler
+   wakes A's loop. Reference: DEALER/ROUTER ping-pong. p50/p99; goal p50 <= 1.5x.
+2. 64 B throughput at the subscriber, one publisher: mesh with
+   ``publish(timeout=5)`` (waits instead of dropping: the fair comparison) and,
+   for information, the default drop mode with its drop count. Reference:
+   PUSH/PULL with the same high-water marks. Goal >= 50 %.
+3. 1 MiB float32 arrays: mesh vs PUSH/PULL ``copy=False``; both receivers
+   build a numpy view on the received frame (no copy) and read it. Goal >= 80 %.
+
+Task functions (``*_task``) run inside the workers; ``run()`` runs in the parent.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+import queue
+import resource
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zmq
+
+from bench._runner import BenchError, Control, Pair, log
+from bench.profiling import profiled
+
+HERE = __name__
+PING, PONG, DATA = "bench.ping", "bench.pong", "bench.tp"
+ARRAY_BYTES = 1 << 20
+ARRAY_DTYPE = np.float32
+SNDHWM, RCVHWM = 10_000, 100_000  # the mesh's defaults, given to the reference too
+JOIN_TIMEOUT = 20.0  # two nodes on one host join in well under a second
+
+
+# ====================================================================== helpers
+
+
+def _mesh_node(role: str, transport: str, seeds: tuple[str, ...] = ()) -> Any:
+    import mesh
+
+    return mesh.Node(
+        f"bench-{role}-{os.getpid()}",
+        cluster="bench",
+        discovery="static" if seeds else "none",
+        seeds=seeds,
+        # Loopback only: a benchmark has no business listening on the LAN.
+        listen=("tcp://127.0.0.1:0", "ipc://auto"),
+        transports=(transport,),
+    )
+
+
+def _mesh_endpoint(node: Any, transport: str) -> str:
+    for endpoint in node.endpoints:
+        if endpoint.startswith(f"{transport}://"):
+            return endpoint.replace("0.0.0.0", "127.0.0.1")
+    raise BenchError(f"node listens on {node.endpoints}, no {transport} endpoint")
+
+
+def _mesh_counters(node: Any) -> dict[str, Any]:
+    counters = node.status()["counters"]
+    drops = counters.get("drops", {})
+    return {"drops": sum(drops.values()), "drop_reasons": drops, "gaps": counters.get("gaps", 0)}
+
+
+_ipc_ids = itertools.count()
+
+
+def _raw_context() -> zmq.Context:
+    # The process-wide context, as the mesh uses: a fresh one per task would give
+    # the reference a new I/O thread (and malloc arena) and the mesh a warm one.
+    return zmq.Context.instance()
+
+
+def _raw_bind(sock: zmq.Socket, transport: str) -> str:
+    if transport == "tcp":
+        sock.bind("tcp://127.0.0.1:*")
+    else:
+        path = os.path.join(tempfile.gettempdir(), f"zbench-{os.getpid()}-{next(_ipc_ids)}.sock")
+        sock.bind(f"ipc://{path}")
+    return sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+
+
+def _cpu() -> float:
+    """CPU seconds of this process, every thread (libzmq's I/O threads too). Far
+    steadier than wall time on a shared machine: contention stretches the clock,
+    not the work done per message."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _thread_cpu() -> dict[str, float]:
+    """CPU seconds per thread (Linux /proc), by Python thread name or the native
+    name (libzmq's "ZMQbg/IO/0"): says whether the mesh's Python threads or
+    libzmq's I/O thread did the work. Empty elsewhere."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[str, float] = {}
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue  # the thread ended meanwhile
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        name = names.get(int(tid), comm)
+        # Per-process numbering makes the names differ between tasks; strip the pid.
+        name = name.rsplit("-", 1)[0] if name.startswith("mesh-") else name
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / _TICK
+    return out
+
+
+def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: round(v - before.get(k, 0.0), 3) for k, v in after.items()
+            if v - before.get(k, 0.0) > 0}
+
+
+def _raw_unlink(endpoint: str) -> None:
+    if endpoint.startswith("ipc://"):
+        try:
+            os.unlink(endpoint[len("ipc://") :])
+        except OSError:
+            pass
+
+
+def _one_way_stats(rtts_ns: list[int]) -> dict[str, float]:
+    one_way_us = np.asarray(rtts_ns, dtype=np.float64) / 2e3
+    return {
+        "p50_us": float(np.percentile(one_way_us, 50)),
+        "p99_us": float(np.percentile(one_way_us, 99)),
+        "mean_us": float(one_way_us.mean()),
+        "n": len(rtts_ns),
+    }
+
+
+def _round_trips(
+    send: Callable[[bytes], Any], recv: Callable[[], Any], payload: bytes, count: int, warmup: int
+) -> list[int]:
+    """Time ``count`` round trips after ``warmup`` untimed ones (ns each)."""
+    pc = time.perf_counter_ns
+    for _ in range(warmup):
+        send(payload)
+        recv()
+    samples = [0] * count
+    for i in range(count):
+        t0 = pc()
+        send(payload)
+        recv()
+        samples[i] = pc() - t0
+    return samples
+
+
+# ====================================================================== latency tasks
+
+
+def mesh_echo_task(ctl: Control, transport: str, timeout: float, profile: str | None = None) -> dict:
+    with profiled(profile), _mesh_node("echo", transport) as node:
+        publish = node.publish
+        node.subscribe(PING, lambda msg: publish(PONG, msg.data))
+        ctl.send("ready", _mesh_endpoint(node, transport))
+        ctl.wait_stop(timeout)
+        return _mesh_counters(node)
+
+
+def mesh_ping_task(
+    ctl: Control,
+    endpoint: str,
+    transport: str,
+    sizes: list[int],
+    count: int,
+    warmup: int,
+    timeout: float,
+    profile: str | None = None,
+) -> dict:
+    replies: queue.SimpleQueue = queue.SimpleQueue()
+    put = replies.put
+    with profiled(profile), _mesh_node("ping", transport, (endpoint,)) as node:
+        node.subscribe(PONG, lambda msg: put(None))
+        node.wait_for_peers(1, timeout=JOIN_TIMEOUT)
+        node.wait_for_subscribers(PING, 1, timeout=JOIN_TIMEOUT)
+        send = functools.partial(node.publish, PING)
+        recv = functools.partial(replies.get, True, 5.0)  # queue.Empty: a lost message
+        # The echo may learn of our interest in pong a moment after we see its
+        # interest in ping: retry the first round trip, then drop stray pongs.
+        deadline = time.monotonic() + JOIN_TIMEOUT
+        while True:
+            send(b"hello")
+            try:
+                replies.get(True, 0.2)
+                break
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise BenchError("no pong from the mesh echo") from None
+        time.sleep(0.1)
+        while not replies.empty():
+            replies.get_nowait()
+        out = {str(size): _one_way_stats(_round_trips(send, recv, os.urandom(size), count, warmup))
+               for size in sizes}
+        out["counters"] = _mesh_counters(node)
+        return out
+
+
+def raw_echo_task(ctl: Control, transport: str, timeout: float) -> dict:
+    ctx = _raw_context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 100)  # so the loop notices "stop" without polling per message
+    endpoint = _raw_bind(sock, transport)
+    try:
+        ctl.send("ready", endpoint)
+        deadline = time.monotonic() + timeout
+        recv, send = sock.recv_multipart, sock.send_multipart
+        while True:
+            try:
+                frames = recv()
+            except zmq.Again:
+                if ctl.stop_requested():
+                    return {}
+                if time.monotonic() > deadline:
+                    raise BenchError("raw echo: no stop within the timeout") from None
+                continue
+            send(frames)
+    finally:
+        sock.close(0)
+        _raw_unlink(endpoint)
+
+
+def raw_ping_task(
+    ctl: Control, endpoint: str, transport: str, sizes: list[int], count: int, warmup: int,
+    timeout: float,
+) -> dict:
+    ctx = _raw_context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 5000)  # zmq.Again: a lost message, never a hang
+    try:
+        sock.connect(endpoint)
+        sock.send(b"hello")
+        sock.recv()
+        return {str(size): _one_way_stats(_round_trips(sock.send, sock.recv, os.urandom(size),
+                                                       count, warmup))
+                for size in sizes}
+    finally:
+        sock.close(0)
+
+
+# ====================================================================== throughput tasks
+
+
+class _Sink:
+    """Counts data messages and when the last one came; an empty message marks
+    the end (same subject, so it arrives after the data)."""
+
+    __slots__ = ("n", "t_last", "acc", "done", "shape", "faults0", "cpu0", "threads0")
+
+    def __init__(self) -> None:
+        self.threads0 = _thread_cpu()
+        self.faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        self.cpu0 = _cpu()
+        self.n = 0
+        self.t_last = 0.0
+        self.acc = 0.0
+        self.done = threading.Event()
+        self.shape: tuple[str, tuple[int, ...]] | None = None
+
+    def result(self) -> dict[str, Any]:
+        # perf_counter is CLOCK_MONOTONIC, one clock for every process on the host,
+        # so the parent can time from the publisher's first send to this last receive.
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        # Page faults tell whether receive buffers are recycled or freshly mapped.
+        return {"received": self.n, "t_last": self.t_last, "shape": self.shape,
+                "page_faults": usage.ru_minflt - self.faults0, "maxrss_mib": usage.ru_maxrss / 1024,
+                "cpu_s": usage.ru_utime + usage.ru_stime - self.cpu0,
+                "thread_cpu_s": _delta(_thread_cpu(), self.threads0)}
+
+
+def _warm_count(kind: str, count: int) -> int:
+    """Untimed messages first: connection set up, buffers allocated, code paths hot."""
+    return max(1, min(count // 10, 20 if kind == "array" else 1000))
+
+
+def mesh_sink_task(
+    ctl: Control, transport: str, kind: str, count: int, timeout: float, profile: str | None = None
+) -> dict:
+    sink = _Sink()
+    pc = time.perf_counter
+
+    def on_bytes(msg: Any) -> None:
+        if not len(msg.data):
+            sink.done.set()
+            return
+        sink.n += 1
+        sink.t_last = pc()
+
+    def on_array(msg: Any) -> None:
+        if not len(msg.data):
+            sink.done.set()
+            return
+        array = msg.array()  # a view on the received frame
+        sink.acc += array[-1]  # touch it, as a trainer would
+        sink.n += 1
+        sink.t_last = pc()
+        if sink.shape is None:
+            sink.shape = (array.dtype.str, array.shape)
+
+    with profiled(profile), _mesh_node("sink", transport) as node:
+        node.subscribe(DATA, on_bytes if kind == "bytes" else on_array)
+        ctl.send("ready", _mesh_endpoint(node, transport))
+        if not sink.done.wait(timeout):
+            raise BenchError(f"mesh sink: {sink.n} of {count} messages and no end mark "
+                             f"after {timeout:.0f} s")
+        return {**sink.result(), **_mesh_counters(node)}
+
+
+def _payload(kind: str) -> Any:
+    return np.ones(ARRAY_BYTES // 4, dtype=ARRAY_DTYPE) if kind == "array" else os.urandom(64)
+
+
+def mesh_source_task(
+    ctl: Control,
+    endpoint: str,
+    transport: str,
+    kind: str,
+    count: int,
+    pub_timeout: float | None,
+    timeout: float,
+    profile: str | None = None,
+) -> dict:
+    payload = _payload(kind)
+    warm = _warm_count(kind, count)
+    with profiled(profile), _mesh_node("source", transport, (endpoint,)) as node:
+        node.wait_for_peers(1, timeout=JOIN_TIMEOUT)
+        node.wait_for_subscribers(DATA, 1, timeout=JOIN_TIMEOUT)
+        publish = node.publish
+        cpu0, threads0 = _cpu(), _thread_cpu()
+        for _ in range(warm):
+            publish(DATA, payload, timeout=5.0)
+        time.sleep(0.3)  # let the warm-up drain so it does not count against the clock
+        t0 = time.perf_counter()
+        for _ in range(count):
+            publish(DATA, payload, timeout=pub_timeout)
+        seconds = time.perf_counter() - t0
+        publish(DATA, b"", timeout=5.0)  # the end mark must not be dropped
+        # Stay up until the sink has everything: closing discards queued messages.
+        ctl.wait_stop(timeout)
+        return {"sent": count, "warm": warm, "t0": t0, "send_per_s": count / seconds,
+                "cpu_s": _cpu() - cpu0, "thread_cpu_s": _delta(_thread_cpu(), threads0),
+                **_mesh_counters(node)}
+
+
+def raw_sink_task(ctl: Control, transport: str, kind: str, count: int, timeout: float) -> dict:
+    sink = _Sink()
+    ctx = _raw_context()
+    sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, RCVHWM)
+    sock.setsockopt(zmq.RCVTIMEO, 100)
+    endpoint = _raw_bind(sock, transport)
+    pc = time.perf_counter
+    deadline = time.monotonic() + timeout
+    try:
+        ctl.send("ready", endpoint)
+        copy = kind == "bytes"  # small: bytes; arrays: a Frame to view without a copy
+        recv = sock.recv
+        while True:
+            try:
+                msg = recv(copy=copy)
+            except zmq.Again:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"raw sink: {sink.n} of {count} messages after "
+                                     f"{timeout:.0f} s") from None
+                continue
+            if not len(msg):
+                break
+            if not copy:
+                array = np.frombuffer(msg.buffer, dtype=ARRAY_DTYPE)
+                sink.acc += array[-1]
+                if sink.shape is None:
+                    sink.shape = (array.dtype.str, array.shape)
+            sink.n += 1
+            sink.t_last = pc()
+        return sink.result()
+    finally:
+        sock.close(0)
+        _raw_unlink(endpoint)
+
+
+def raw_source_task(
+    ctl: Control, endpoint: str, transport: str, kind: str, count: int, timeout: float
+) -> dict:
+    payload = _payload(kind)
+    warm = _warm_count(kind, count)
+    copy = kind != "array"
+    ctx = _raw_context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, SNDHWM)
+    sock.setsockopt(zmq.SNDTIMEO, 5000)  # as the mesh's publish(timeout=5)
+    try:
+        sock.connect(endpoint)
+        send = sock.send
+        cpu0, threads0 = _cpu(), _thread_cpu()
+        for _ in range(warm):
+            send(payload, copy=copy)
+        time.sleep(0.3)
+        t0 = time.perf_counter()
+        for _ in range(count):
+            send(payload, copy=copy)
+        seconds = time.perf_counter() - t0
+        send(b"")
+        ctl.wait_stop(timeout)
+        return {"sent": count, "warm": warm, "t0": t0, "send_per_s": count / seconds,
+                "cpu_s": _cpu() - cpu0, "thread_cpu_s": _delta(_thread_cpu(), threads0),
+                "drops": 0}
+    finally:
+        sock.close(0)
+
+
+# ====================================================================== parent side
+
+
+@dataclass(frozen=True)
+class Config:
+    transports: tuple[str, ...] = ("tcp", "ipc")
+    lat_sizes: tuple[int, ...] = (64, 1024)
+    lat_count: int = 2000
+    lat_warmup: int = 200
+    lat_reps: int = 5
+    small_count: int = 200_000
+    small_reps: int = 3
+    array_count: int = 2000
+    array_reps: int = 5
+    profile_dir: str | None = None
+    only: tuple[str, ...] = ()  # run only the cases whose name contains one of these
+
+    @classmethod
+    def quick(cls, **kw: Any) -> Config:
+        return cls(lat_count=500, lat_warmup=100, lat_reps=1, small_count=20_000, small_reps=1,
+                   array_count=200, array_reps=1, **kw)
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def _latency(pair: Pair, cfg: Config, transport: str) -> list[dict]:
+    timeout = 60.0 + cfg.lat_count * len(cfg.lat_sizes) * 0.01
+    common = {"transport": transport, "sizes": list(cfg.lat_sizes), "count": cfg.lat_count,
+              "warmup": cfg.lat_warmup, "timeout": timeout}
+    reps: list[tuple[dict, dict]] = []
+    for rep in range(cfg.lat_reps):
+        # Alternate which goes first so a drifting machine favours neither.
+        order = ("raw", "mesh") if rep % 2 == 0 else ("mesh", "raw")
+        got: dict[str, dict] = {}
+        for impl in order:
+            _, got[impl] = pair.run(
+                f"{HERE}:{impl}_echo_task", f"{HERE}:{impl}_ping_task",
+                server_kw={"transport": transport, "timeout": timeout}, client_kw=common,
+                timeout=timeout,
+            )
+        reps.append((got["mesh"], got["raw"]))
+        log(f"  latency {transport} rep {rep + 1}/{cfg.lat_reps}: " + ", ".join(
+            f"{s} B mesh {got['mesh'][str(s)]['p50_us']:.1f} / raw {got['raw'][str(s)]['p50_us']:.1f} µs"
+            for s in cfg.lat_sizes))
+    rows = []
+    for size in cfg.lat_sizes:
+        key = str(size)
+        mesh = [m[key] for m, _ in reps]
+        raw = [r[key] for _, r in reps]
+        ratios = [m["p50_us"] / r["p50_us"] for m, r in zip(mesh, raw, strict=True)]
+        p99_ratios = [m["p99_us"] / r["p99_us"] for m, r in zip(mesh, raw, strict=True)]
+        ratio = _median(ratios)
+        rows.append({
+            "bench": "latency", "case": f"one-way {size} B", "transport": transport,
+            "unit": "µs", "metric": "p50 one-way latency (RTT/2)",
+            "mesh": {q: _median([m[q] for m in mesh]) for q in ("p50_us", "p99_us", "mean_us")},
+            "raw": {q: _median([r[q] for r in raw]) for q in ("p50_us", "p99_us", "mean_us")},
+            "ratio": ratio, "ratios": ratios, "p99_ratio": _median(p99_ratios),
+            "goal": "mesh p50 <= 1.5x raw", "met": ratio <= 1.5,
+            "mesh_counters": reps[-1][0].get("counters"), "reps": len(reps),
+        })
+    return rows
+
+
+def _rate(impl: str, sink: dict, source: dict) -> float:
+    """Messages/s from the publisher's first timed send to the subscriber's last receive."""
+    timed = sink["received"] - source["warm"]
+    seconds = sink["t_last"] - source["t0"]
+    if timed <= 0 or seconds <= 0:
+        raise BenchError(f"{impl}: subscriber got {sink['received']} messages "
+                         f"({source['warm']} warm-up); nothing to time")
+    return timed / seconds
+
+
+def _throughput(
+    pair: Pair, cfg: Config, transport: str, kind: str, count: int, nreps: int
+) -> list[dict]:
+    per_msg = 0.02 if kind == "array" else 0.002
+    timeout = 60.0 + count * per_msg
+    # "mesh" waits when the peer's queue is full (publish timeout=5), like the
+    # blocking PUSH; "mesh-drop" is the default publish(), which drops instead.
+    variants: dict[str, float | None] = {"mesh": 5.0}
+    if kind == "bytes":
+        variants["mesh-drop"] = None
+    impls = ["raw", *variants]
+    reps: list[dict[str, dict]] = []
+    for rep in range(nreps):
+        order = impls if rep % 2 == 0 else impls[::-1]
+        got: dict[str, dict] = {}
+        for impl in order:
+            base = "raw" if impl == "raw" else "mesh"
+            client_kw: dict[str, Any] = {"transport": transport, "kind": kind, "count": count,
+                                         "timeout": timeout}
+            if base == "mesh":
+                client_kw["pub_timeout"] = variants[impl]
+            sink, source = pair.run(
+                f"{HERE}:{base}_sink_task", f"{HERE}:{base}_source_task",
+                server_kw={"transport": transport, "kind": kind, "count": count,
+                           "timeout": timeout},
+                client_kw=client_kw, timeout=timeout, primary="server",
+            )
+            got[impl] = {"sink": sink, "source": source, "rate": _rate(impl, sink, source)}
+        reps.append(got)
+        log(f"  throughput {kind} {transport} rep {rep + 1}/{nreps}: " + ", ".join(
+            f"{impl} {got[impl]['rate']:,.0f}/s" for impl in impls))
+
+    def summary(impl: str) -> dict[str, Any]:
+        rates = [r[impl]["rate"] for r in reps]
+        out: dict[str, Any] = {
+            "msgs_per_s": _median(rates),
+            "rates": rates,
+            "send_per_s": _median([r[impl]["source"]["send_per_s"] for r in reps]),
+            "received": [r[impl]["sink"]["received"] - r[impl]["source"]["warm"] for r in reps],
+            "publisher_drops": [r[impl]["source"]["drops"] for r in reps],
+        }
+        # CPU per message, every thread of both processes: publisher + subscriber.
+        out["cpu_us_per_msg"] = _median([
+            (r[impl]["source"]["cpu_s"] + r[impl]["sink"]["cpu_s"]) * 1e6
+            / max(1, r[impl]["sink"]["received"]) for r in reps])
+        # ... and which threads spent it, summed over the repetitions.
+        msgs = sum(max(1, r[impl]["sink"]["received"]) for r in reps)
+        out["thread_cpu_us_per_msg"] = {
+            side: {name: round(sum(r[impl][side]["thread_cpu_s"].get(name, 0.0) for r in reps)
+                               * 1e6 / msgs, 2)
+                   for name in sorted({n for r in reps for n in r[impl][side]["thread_cpu_s"]})}
+            for side in ("source", "sink")
+        }
+        out["sink_faults_per_msg"] = _median(
+            [r[impl]["sink"]["page_faults"] / max(1, r[impl]["sink"]["received"]) for r in reps])
+        out["sink_maxrss_mib"] = max(r[impl]["sink"]["maxrss_mib"] for r in reps)
+        if kind == "array":
+            out["MiB_per_s"] = out["msgs_per_s"] * ARRAY_BYTES / (1 << 20)
+        if impl != "raw":
+            out["publisher_drop_reasons"] = reps[-1][impl]["source"].get("drop_reasons")
+            out["subscriber_gaps"] = [r[impl]["sink"].get("gaps", 0) for r in reps]
+            out["shape"] = reps[-1][impl]["sink"].get("shape")
+        return out
+
+    goal = 0.8 if kind == "array" else 0.5
+    case = "1 MiB float32 arrays" if kind == "array" else "64 B messages"
+    raw = summary("raw")
+    rows = []
+    for impl, pub_timeout in variants.items():
+        ratios = [r[impl]["rate"] / r["raw"]["rate"] for r in reps]
+        ratio = _median(ratios)
+        primary = impl == "mesh"
+        rows.append({
+            "bench": "throughput", "case": case + ("" if primary else ", default publish (drops)"),
+            "transport": transport, "unit": "msg/s", "count": count,
+            "metric": "messages/s received by the subscriber",
+            "publish_timeout": pub_timeout,
+            "mesh": summary(impl), "raw": raw, "ratio": ratio, "ratios": ratios,
+            "goal": f"mesh >= {goal:.0%} of raw" if primary else "information only",
+            "met": ratio >= goal if primary else None, "reps": len(reps),
+        })
+    return rows
+
+
+def _profile(pair: Pair, cfg: Config) -> None:
+    """One profiled mesh run per benchmark (tcp): per-thread cProfile reports."""
+    assert cfg.profile_dir is not None
+    out = cfg.profile_dir
+    transport = "tcp"
+    log(f"profiling the mesh side into {out}/ (cProfile slows it down; rates are not comparable)")
+    pair.run(f"{HERE}:mesh_echo_task", f"{HERE}:mesh_ping_task",
+             server_kw={"transport": transport, "timeout": 120.0,
+                        "profile": f"{out}/latency-echo"},
+             client_kw={"transport": transport, "sizes": [64], "count": cfg.lat_count,
+                        "warmup": cfg.lat_warmup, "timeout": 120.0,
+                        "profile": f"{out}/latency-ping"},
+             timeout=120.0)
+    for kind, count in (("bytes", cfg.small_count // 2), ("array", cfg.array_count // 2)):
+        pair.run(f"{HERE}:mesh_sink_task", f"{HERE}:mesh_source_task",
+                 server_kw={"transport": transport, "kind": kind, "count": count,
+                            "timeout": 300.0, "profile": f"{out}/throughput-{kind}-sink"},
+                 client_kw={"transport": transport, "kind": kind, "count": count,
+                            "pub_timeout": 5.0, "timeout": 300.0,
+                            "profile": f"{out}/throughput-{kind}-source"},
+                 timeout=300.0, primary="server")
+
+
+def run(pair: Pair, cfg: Config, errors: list[str]) -> list[dict]:
+    """Every pub/sub benchmark; a failed case is recorded in ``errors`` and skipped."""
+    rows: list[dict] = []
+    cases: list[tuple[str, Callable[[], list[dict]]]] = []
+    for transport in cfg.transports:
+        cases.append((f"latency/{transport}", functools.partial(_latency, pair, cfg, transport)))
+    for transport in cfg.transports:
+        cases.append((f"throughput-64B/{transport}", functools.partial(
+            _throughput, pair, cfg, transport, "bytes", cfg.small_count, cfg.small_reps)))
+    for transport in cfg.transports:
+        cases.append((f"throughput-1MiB/{transport}", functools.partial(
+            _throughput, pair, cfg, transport, "array", cfg.array_count, cfg.array_reps)))
+    if cfg.profile_dir:
+        cases.append(("profile", lambda: _profile(pair, cfg) or []))
+    for name, case in cases:
+        if cfg.only and not any(part in name for part in cfg.only):
+            continue
+        log(f"pubsub: {name}")
+        t0 = time.monotonic()
+        try:
+            rows.extend(case())
+        except BenchError as exc:
+            errors.append(f"pubsub {name}: {exc}")
+            log(f"  FAILED: {exc}")
+        log(f"  ({time.monotonic() - t0:.1f} s)")
+    return rows

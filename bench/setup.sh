@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs what the benchmarks compare against, only when missing: idempotent
+# and quiet, so `make bench` can run it every time.
+#   usage: bash bench/setup.sh [VENV_BIN]     (default: .venv/bin)
+set -euo pipefail
+
+BIN="${1:-.venv/bin}"
+PY="$BIN/python"
+
+if [ ! -x "$PY" ]; then
+    echo "bench/setup.sh: no python at $PY; create the venv first (make venv)" >&2
+    exit 1
+fi
+
+# The pub/sub benchmarks need only the venv itself: the mesh and pyzmq, numpy
+# and msgpack, which `pip install -e .` already brought in.
+"$PY" -c 'import zmq, numpy, msgpack, mesh' 2>/dev/null || {
+    echo "bench/setup.sh: the venv lacks pyzmq/numpy/msgpack or the mesh; run make venv" >&2
+    exit 1
+}
+
+# --- Hook: NATS reference (later benchmarks). Debian's nats-server, from apt.
+# Uncomment when a benchmark starts one (on 127.0.0.1 only).
+# if ! command -v nats-server >/dev/null 2>&1; then
+#     if [ ! -f /var/lib/apt/lists/.bench-updated ]; then   # apt-get update once
+#         apt-get update -qq && touch /var/lib/apt/lists/.bench-updated
+#     fi
+#     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null
+# fi
+
+# --- Hook: torch for the Gloo collectives reference (later benchmarks).
+# Uncomment when the collectives benchmark lands; pinned for comparable runs.
+# if ! "$PY" -c 'import torch' 2>/dev/null; then
+#     "$BIN/pip" install -q torch==2.13.0
+# fi
+
+exit 0
