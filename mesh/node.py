@@ -141,6 +141,27 @@ class _Pending:
 
 
 _STOP = object()
+_WAKE_ID = b"\x00wake"  # never a node id: those are hex
+
+
+def _nbytes(frame: Any) -> int:
+    return frame.nbytes if type(frame) is memoryview else len(frame)
+
+
+def _send_frames(sock: Any, frames: list) -> None:
+    """Send one multipart message frame by frame (cheaper than send_multipart).
+
+    Only the first frame can hit the high-water mark (zmq.Again): libzmq
+    accepts the rest of a message once its first part is in. Large frames go
+    without a copy."""
+    last = len(frames) - 1
+    sock.send(frames[0], _NOBLOCK_MORE if last else zmq.NOBLOCK)
+    for index in range(1, last + 1):
+        frame = frames[index]
+        sock.send(frame, zmq.SNDMORE if index < last else 0, copy=_nbytes(frame) < ZERO_COPY_BYTES)
+
+
+_NOBLOCK_MORE = zmq.NOBLOCK | zmq.SNDMORE
 
 
 class Node:
@@ -220,6 +241,7 @@ class Node:
         self._channels: dict[str, Channel] = {}
         self._early: dict[str, collections.deque] = {}  # channel -> (time, msg) not yet opened
         self._dispatch: Any = None
+        self._io_batch: list = []
 
         self._metrics_port_wanted = metrics_port
         self._metrics: Any = None
@@ -267,8 +289,15 @@ class Node:
             raise ConfigError(
                 f"cannot listen on {self._listen}: {exc}; pick a free port or another address"
             ) from None
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
+        # Application threads wake the I/O thread through its own ROUTER, so it
+        # polls a single socket (cheaper than a poller over two).
+        wake_endpoint = f"inproc://zmesh-wake-{self.id}"
+        self._router.bind(wake_endpoint)
+        self._waker = self._ctx.socket(zmq.DEALER)
+        self._waker.setsockopt(zmq.IDENTITY, _WAKE_ID)
+        self._waker.setsockopt(zmq.LINGER, 0)
+        self._waker.connect(wake_endpoint)
+        self._waker_lock = threading.Lock()
         self._seed_socks: dict[str, Any] = {}
         self._seed_peer: dict[str, str] = {}
         self._start_time = time.monotonic()
@@ -320,8 +349,8 @@ class Node:
             sub.close()
         for pending in list(self._pending.values()):
             pending.event.set()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        with self._waker_lock:
+            self._waker.close(linger=0)
         with self._changed:
             self._changed.notify_all()
 
@@ -609,7 +638,7 @@ class Node:
                 return False
             sock = link.sock
             try:
-                sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                _send_frames(sock, frames)
             except zmq.Again:
                 if timeout is None or timeout <= 0:
                     self.counters.drops["peer_queue_full"] += 1
@@ -620,7 +649,7 @@ class Node:
                         f"peer {peer.name if peer else peer_id} did not accept the message "
                         f"within {timeout} s (its queue is full); slow down or raise timeout="
                     ) from None
-                sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                _send_frames(sock, frames)
             except zmq.ZMQError as exc:
                 self.counters.drops["send_error"] += 1
                 log.debug("send to %s failed: %s", peer_id, exc)
@@ -632,6 +661,7 @@ class Node:
         return True
 
     def _deliver(self, sub: Subscription, msg: Message) -> None:
+        """Hand a message to a subscription (from a publishing thread)."""
         if sub.closed:
             return
         if sub.handler is None:
@@ -639,12 +669,29 @@ class Node:
         else:
             self._dispatch.put((sub, msg))
 
+    def _io_deliver(self, sub: Subscription, msg: Message) -> None:
+        """Hand a message to a subscription from the I/O thread: handler calls are
+        collected and passed to the dispatch thread once per drain."""
+        if sub.closed:
+            return
+        if sub.handler is None:
+            sub._inbox.put(msg)
+        else:
+            self._io_batch.append((sub, msg))
+
     def _dispatch_loop(self) -> None:
         get = self._dispatch.get
         while True:
             item = get()
             if item is _STOP:
                 return
+            self._run_item(item)
+
+    def _run_item(self, item: Any) -> None:
+        if type(item) is list:
+            for sub, msg in item:
+                self._run_handler(sub, msg)
+        else:
             self._run_handler(*item)
 
     def _run_handler(self, sub: Subscription, msg: Message) -> None:
@@ -722,7 +769,7 @@ class Node:
             if item is _STOP:
                 self._dispatch.put(_STOP)
                 return pending.event.is_set()
-            self._run_handler(*item)
+            self._run_item(item)
         return True
 
     def _respond(self, reply_to: str, req_id: int, data: Any, headers: dict | None) -> None:
@@ -798,15 +845,14 @@ class Node:
 
     def _command(self, cmd: tuple) -> None:
         self._commands.append(cmd)
-        try:
-            os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full (already awake) or closed (node closing)
+        with self._waker_lock:
+            try:
+                self._waker.send(b"", zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # queue full (the I/O thread is awake anyway) or closing
 
     def _io_loop(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._router, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        router = self._router
         hb = self.options["heartbeat_interval"]
         next_tick = time.monotonic()
         for seed in self.seeds:
@@ -827,42 +873,51 @@ class Node:
                     next_seed = now + seed_delay
                 wake_at = min(next_tick, next_seed) if self._seed_socks else next_tick
                 wait_ms = max(0, int((wake_at - now) * 1000) + 1)
-                events = dict(poller.poll(wait_ms))
-                if self._wake_r in events:
-                    try:
-                        os.read(self._wake_r, 4096)
-                    except BlockingIOError:
-                        pass
+                if router.poll(wait_ms):
+                    self._drain_router()
                 while self._commands:
                     cmd = self._commands.popleft()
                     if cmd[0] == "close":
                         self._io_shutdown()
                         return
                     self._run_command(cmd)
-                if self._router in events:
-                    self._drain_router()
         except Exception:
             log.exception("%s: I/O thread crashed; closing the node", self.name)
             self._closed = True
             self._io_shutdown()
 
     def _drain_router(self) -> None:
-        recv = self._router.recv_multipart
+        recv = self._router.recv
         now = time.monotonic()
-        for _ in range(2048):  # bounded: timers and commands get their turn
-            try:
-                frames = recv(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            try:
-                self._handle(frames, now)
-            except ProtocolError as exc:
-                self._drop(exc.reason, frames[0].bytes, str(exc))
-            except InvalidSubject as exc:
-                self._drop("invalid_subject", frames[0].bytes, str(exc))
-            except Exception:
-                self.counters.drops["internal"] += 1
-                log.exception("%s: error handling a message; dropped", self.name)
+        try:
+            for _ in range(2048):  # bounded: timers and commands get their turn
+                try:
+                    frame = recv(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    return
+                frames = [frame]
+                while frame.more:  # the rest of a message is there at once
+                    frame = recv(0, copy=False)
+                    frames.append(frame)
+                self._handle_frames(frames, now)
+        finally:
+            if self._io_batch:
+                # One dispatch item per drain, not per message: fewer thread wake-ups.
+                self._dispatch.put(self._io_batch)
+                self._io_batch = []
+
+    def _handle_frames(self, frames: list, now: float) -> None:
+        if len(frames) == 2 and frames[0].bytes == _WAKE_ID:
+            return  # a wake-up: commands run after the drain
+        try:
+            self._handle(frames, now)
+        except ProtocolError as exc:
+            self._drop(exc.reason, frames[0].bytes, str(exc))
+        except InvalidSubject as exc:
+            self._drop("invalid_subject", frames[0].bytes, str(exc))
+        except Exception:
+            self.counters.drops["internal"] += 1
+            log.exception("%s: error handling a message; dropped", self.name)
 
     def _drop(self, reason: str, ident: bytes, detail: str) -> None:
         self.counters.drops[reason] += 1
@@ -874,7 +929,7 @@ class Node:
     def _handle(self, frames: list, now: float) -> None:
         if len(frames) < 2:
             raise ProtocolError("message without a header frame", "malformed")
-        header = wire.unpack(frames[1].buffer)
+        header = wire.unpack(frames[1].bytes)
         kind = header[1]
         ident = frames[0].bytes
         if kind == wire.MSG:
@@ -948,7 +1003,7 @@ class Node:
                 self.gaps += seq - last - 1
             self._last_seq[key] = seq
             for sub in route.local:
-                self._deliver(
+                self._io_deliver(
                     sub,
                     Message(subject, data, headers, peer.id, seq, array=array,
                             request_id=req_id, node=self, reply_to=reply_to),
@@ -959,7 +1014,7 @@ class Node:
                 if not members:
                     self.counters.drops["no_queue_member"] += 1
                     continue
-                self._deliver(
+                self._io_deliver(
                     random.choice(members),
                     Message(subject, data, headers, peer.id, seq, array=array,
                             request_id=req_id, node=self, reply_to=reply_to),
