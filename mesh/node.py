@@ -26,6 +26,7 @@ import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import msgpack
 import numpy as np
 import zmq
 
@@ -44,6 +45,9 @@ from mesh.errors import (
     ProtocolError,
     TimeoutError,
 )
+from mesh.membership import Event as MemberEvent
+from mesh.membership import MemberConfig, Membership
+from mesh.membership import Send as MemberSend
 from mesh.message import Handler, Message, Subscription
 from mesh.peers import Link, Peer, PeerInfo, parse_summary
 from mesh.routing import Route, RoutingTable
@@ -70,6 +74,8 @@ _DEFAULT_OPTIONS: dict[str, Any] = {
     "sndhwm": 10_000,  # messages queued per peer before publish drops (or waits)
     "rcvhwm": 100_000,
     "interfaces": None,  # zeroconf: restrict to these interfaces
+    "membership": None,  # dict of mesh.membership.MemberConfig fields (SWIM timers)
+    "rejoin_interval": 1.0,  # hello retry period towards peers declared dead
 }
 
 # (type, minimum) of each numeric option; minimum is exclusive for floats.
@@ -78,6 +84,7 @@ _OPTION_RULES: dict[str, tuple[type, float]] = {
     "peer_timeout": (float, 0.0),
     "seed_interval": (float, 0.0),
     "tombstone": (float, 0.0),
+    "rejoin_interval": (float, 0.0),
     "max_message_size": (int, 1),
     "sndhwm": (int, 1),
     "rcvhwm": (int, 1),
@@ -100,6 +107,14 @@ def _check_options(options: dict[str, Any]) -> None:
         raise ConfigError(
             "peer_timeout must be longer than heartbeat_interval, or every peer looks dead"
         )
+    membership = options["membership"]
+    if membership is not None:
+        if not isinstance(membership, dict):
+            raise ConfigError("membership= takes a dict of MemberConfig fields, e.g. {'probe_interval': 0.5}")
+        try:
+            MemberConfig(**membership)
+        except TypeError as exc:
+            raise ConfigError(f"membership={membership!r}: {exc}") from None
     interfaces = options["interfaces"]
     if interfaces is not None and (
         isinstance(interfaces, str) or not all(isinstance(i, str) for i in interfaces)
@@ -132,6 +147,18 @@ def _close_live_nodes() -> None:
             pass
 
 
+class _CallbackSub:
+    """Lets the dispatch thread run an on_peer callback like a handler."""
+
+    __slots__ = ("closed", "handler", "pattern", "delivered")
+
+    def __init__(self, callback: Any, event: str) -> None:
+        self.closed = False
+        self.pattern = f"on_peer:{event}"
+        self.delivered = 0
+        self.handler = lambda info: callback(event, info)
+
+
 class _Pending:
     __slots__ = ("event", "reply")
 
@@ -142,6 +169,16 @@ class _Pending:
 
 _STOP = object()
 _WAKE_ID = b"\x00wake"  # never a node id: those are hex
+_CTL_SUFFIX = b"/c"  # identity of a peer's control DEALER: "<id>/c"
+_LIVE = ("alive", "suspect")  # members we route to
+# Data from a peer that left this recently is still delivered: its goodbye (on the
+# control pipe, or as gossip) may overtake the last messages it sent before closing.
+LEFT_GRACE = 2.0
+
+
+def _peer_id_of(ident: bytes) -> str:
+    """Node id behind a ROUTER identity ("<id>", "<id>/c", "<id>/seed/N")."""
+    return ident.split(b"/", 1)[0].decode("ascii", "replace")
 
 
 def _nbytes(frame: Any) -> int:
@@ -247,6 +284,10 @@ class Node:
         self._metrics: Any = None
         self.metrics_port: int | None = None  # the real port once started
         self.membership_events: collections.Counter[str] = collections.Counter()
+        self._members: Membership | None = None
+        self._peer_callbacks: list = []
+        self._rejoin: dict[str, float] = {}  # dead peer id -> next hello
+        self._rejoin_socks: dict[str, Any] = {}
         self.counters = Counters()
         self.gaps = 0
         self.latency = LatencyHistogram()
@@ -301,6 +342,13 @@ class Node:
         self._seed_socks: dict[str, Any] = {}
         self._seed_peer: dict[str, str] = {}
         self._start_time = time.monotonic()
+        self._members = Membership(
+            self.id,
+            meta=self._self_summary(),
+            config=MemberConfig(**(self.options["membership"] or {})),
+            rng=random.Random(),
+            now=self._start_time,
+        )
         self._started = True
         self._io_thread = threading.Thread(target=self._io_loop, name=f"mesh-io-{self.name}", daemon=True)
         self._dispatch_thread = threading.Thread(
@@ -380,9 +428,9 @@ class Node:
     # ------------------------------------------------------------------ peers
 
     def peers(self) -> list[PeerInfo]:
-        """Peers currently alive."""
+        """Peers currently members of the mesh (alive, or suspected but not yet dead)."""
         self._check_open()
-        return [p.info() for p in list(self._peers.values()) if p.state == "alive"]
+        return [p.info() for p in list(self._peers.values()) if p.state in _LIVE]
 
     def wait_for_peers(self, n: int = 1, timeout: float = 10.0) -> list[PeerInfo]:
         """Block until at least ``n`` peers are alive; TimeoutError otherwise."""
@@ -871,7 +919,14 @@ class Node:
                     self._hello_seeds()
                     seed_delay = min(seed_delay * 2, self.options["seed_interval"])
                     next_seed = now + seed_delay
+                members = self._members
+                deadline = members.next_deadline()
+                if deadline is not None and now >= deadline:
+                    self._swim(members.tick(now))
+                    deadline = members.next_deadline()
                 wake_at = min(next_tick, next_seed) if self._seed_socks else next_tick
+                if deadline is not None:
+                    wake_at = min(wake_at, deadline)
                 wait_ms = max(0, int((wake_at - now) * 1000) + 1)
                 if router.poll(wait_ms):
                     self._drain_router()
@@ -945,6 +1000,21 @@ class Node:
         if kind == wire.HELLO:
             self._on_hello(body, now)
             return
+        if kind == wire.SWIM:
+            peer = self._peers.get(_peer_id_of(ident))
+            if peer is None:
+                raise ProtocolError("membership message from an unknown node", "unknown_peer")
+            if peer.state in _LIVE or peer.state == "joining":
+                peer.last_seen = now
+            self._swim(self._members.handle(peer.id, body, now))
+            return
+        if kind == wire.BYE:
+            peer = self._peers.get(_peer_id_of(ident))
+            if peer is None:
+                raise ProtocolError("goodbye from a node that never said hello", "unknown_peer")
+            if peer.state in (*_LIVE, "joining"):
+                self._peer_gone(peer, "left")
+            return  # a goodbye after the membership gossip said so already is no news
         if kind == wire.STATUS_REQ:
             self._router.send_multipart([ident, wire.pack(wire.STATUS, [body, self.status()])], zmq.NOBLOCK)
             return
@@ -970,14 +1040,14 @@ class Node:
                 raise ProtocolError("peer list is not a list", "malformed")
             for summary in body:
                 self._introduce(parse_summary(summary), now)
-        elif kind == wire.BYE:
-            self._peer_gone(peer, "left")
         else:
             raise ProtocolError(f"unexpected {wire.KIND_NAMES[kind]} message", "unknown_kind")
 
     def _known_peer(self, ident: bytes) -> Peer:
-        peer = self._peers.get(ident.decode("ascii", "replace"))
-        if peer is None or peer.state not in ("alive", "joining"):
+        peer = self._peers.get(_peer_id_of(ident))
+        if peer is None or peer.state not in ("alive", "suspect", "joining"):
+            if peer is not None and peer.state == "left" and time.monotonic() - peer.gone_at < LEFT_GRACE:
+                return peer
             raise ProtocolError("message from a node that has not said hello", "unknown_peer")
         return peer
 
@@ -1055,16 +1125,18 @@ class Node:
         self.counters.msgs_in += 1
         self.counters.bytes_in += nbytes
         msg = ChannelMessage(peer.id, tag, meta, data, array)
-        channel = self._channels.get(channel_name)
-        if channel is not None:
-            channel._put(msg)
-            return
-        # The peer got there first: keep it until this node opens the channel.
-        early = self._early.setdefault(channel_name, collections.deque())
-        if sum(len(q) for q in self._early.values()) >= EARLY_MAX_MESSAGES:
-            self.counters.drops["early_overflow"] += 1
-            return
-        early.append((time.monotonic(), msg))
+        with self._lock:  # against _open_channel moving the early buffer meanwhile
+            channel = self._channels.get(channel_name)
+            if channel is None:
+                # The peer got there first: keep it until this node opens the channel.
+                if sum(len(q) for q in self._early.values()) >= EARLY_MAX_MESSAGES:
+                    self.counters.drops["early_overflow"] += 1
+                    return
+                self._early.setdefault(channel_name, collections.deque()).append(
+                    (time.monotonic(), msg)
+                )
+                return
+        channel._put(msg)
 
     # -- channels (point-to-point, for collectives) -------------------------------
 
@@ -1076,8 +1148,6 @@ class Node:
             channel = Channel(self, name)
             self._channels[name] = channel
             early = self._early.pop(name, None)
-        # Messages buffered before opening; the I/O thread may still add to the
-        # popped deque for a moment, so drain it after registering the channel.
         if early:
             for _, msg in early:
                 channel._put(msg)
@@ -1116,8 +1186,10 @@ class Node:
             try:
                 tracker = sock.send_multipart([header, *payload], zmq.NOBLOCK, copy=False, track=True)
             except zmq.Again:
-                wait_ms = -1 if timeout is None else int(timeout * 1000)
-                if not sock.poll(wait_ms, zmq.POLLOUT):
+                # Bounded even without a timeout: the link lock is held meanwhile.
+                if timeout is None:
+                    timeout = self.options["peer_timeout"]
+                if not sock.poll(int(timeout * 1000), zmq.POLLOUT):
                     raise TimeoutError(
                         f"peer {peer.name} did not accept data on channel {channel!r} "
                         f"within {timeout} s"
@@ -1180,12 +1252,20 @@ class Node:
         if type(via) is str and via in self._seed_socks and body.get("ack"):
             self._seed_peer[via] = peer.id
         was_joining = peer.state == "joining"
+        # Interest first: whoever sees the peer alive must also see what it wants.
+        self._set_interest(peer, iv, entries)
         peer.state = "alive"
         if was_joining or is_new:
             peer.joined_at = now
-            self.membership_events["joined"] += 1
+            self._rejoin.pop(peer.id, None)
+            self._close_probe(peer.id)
+            for other in list(self._peers.values()):
+                # Names are unique in a cluster: a new id under a known name is that
+                # node restarted, and its old self is gone.
+                if other.name == peer.name and other.id != peer.id and other.state in (*_LIVE, "joining"):
+                    self._peer_gone(other, "left")
+            self._peer_event("joined", peer)
             log.info("%s: peer %s joined over %s", self.name, peer.name, peer.link.transport if peer.link else "?")
-        self._set_interest(peer, iv, entries)
         gossip = body.get("peers")
         if type(gossip) is list:
             for summary in gossip:
@@ -1207,6 +1287,8 @@ class Node:
                     self._send_control(other.id, wire.PEERS, summary)
             with self._changed:
                 self._changed.notify_all()
+            # After our hello answer, on the same pipe: the peer knows us by then.
+            self._swim(self._members.add_member(peer.id, peer.summary(), now=now))
 
     def _add_peer(self, info: dict, now: float) -> Peer | None:
         locality = Locality(info["host"], info["proc"])
@@ -1222,17 +1304,12 @@ class Node:
         if old is not None and old.link is not None:
             self._close_link(old)
         transport, endpoint = chosen
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, self.id.encode())
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, self.options["sndhwm"])
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock = self._dial(endpoint, self.id.encode(), self.options["sndhwm"])
         try:
-            sock.connect(endpoint)
-        except zmq.ZMQError as exc:
+            ctl = self._dial(endpoint, self.id.encode() + _CTL_SUFFIX, 10_000)
+        except ProtocolError:
             sock.close(linger=0)
-            raise ProtocolError(f"peer advertised an unusable endpoint {endpoint!r}: {exc}", "bad_endpoint") from None
+            raise
         peer = Peer(
             id=info["id"],
             name=info["name"],
@@ -1241,10 +1318,26 @@ class Node:
             locality=locality,
             last_seen=now,
         )
-        peer.link = Link(sock, transport, endpoint, peer.counters)
+        peer.link = Link(sock, ctl, transport, endpoint, peer.counters)
         self._peers[peer.id] = peer
         self._links[peer.id] = peer.link
         return peer
+
+    def _dial(self, endpoint: str, identity: bytes, hwm: int) -> Any:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, identity)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise ProtocolError(
+                f"peer advertised an unusable endpoint {endpoint!r}: {exc}", "bad_endpoint"
+            ) from None
+        return sock
 
     def _introduce(self, info: dict, now: float) -> None:
         """A peer we heard of through gossip or discovery: connect and say hello."""
@@ -1285,16 +1378,77 @@ class Node:
             self._changed.notify_all()
 
     def _send_control(self, peer_id: str, kind: int, body: Any) -> None:
+        """Send a control message (I/O thread only: the ctl socket is never shared)."""
         link = self._links.get(peer_id)
-        if link is None:
+        if link is None or link.closed:
             return
-        with link.lock:
-            if link.closed:
-                return
-            try:
-                link.sock.send(wire.pack(kind, body), zmq.NOBLOCK)
-            except zmq.ZMQError:
-                self.counters.drops["control_queue_full"] += 1
+        try:
+            link.ctl.send(wire.pack(kind, body), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.counters.drops["control_queue_full"] += 1
+
+    # -- membership (SWIM, mesh/membership.py) -------------------------------------
+
+    def _self_summary(self) -> dict:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "cluster": self.cluster,
+            "eps": self._advertised,
+            "host": self._locality.host,
+            "proc": self._locality.process,
+        }
+
+    def _swim(self, actions: list) -> None:
+        for action in actions:
+            if type(action) is MemberSend:
+                self._send_control(action.to, wire.SWIM, action.message)
+            elif type(action) is MemberEvent:
+                self._on_member_event(action.kind, action.member)
+
+    def _on_member_event(self, kind: str, member: Any) -> None:
+        peer = self._peers.get(member.id)
+        if kind in ("dead", "left"):
+            if peer is not None and peer.state in (*_LIVE, "joining"):
+                self._peer_gone(peer, kind)
+        elif kind == "suspect":
+            if peer is not None and peer.state == "alive":
+                peer.state = "suspect"
+                self._peer_event("suspect", peer)
+        elif kind in ("joined", "alive", "updated"):
+            if peer is not None and peer.state == "suspect":
+                peer.state = "alive"
+                self._peer_event("alive", peer)
+            elif peer is None or peer.state in ("dead", "left"):
+                # Gossip says it lives (or it refuted its death): connect again. SWIM's
+                # incarnation numbers already ruled out stale news, so no tombstone check.
+                try:
+                    info = parse_summary(member.meta)
+                except ProtocolError:
+                    self.counters.drops["malformed_member"] += 1
+                    return
+                self._tombstones.pop(info["id"], None)
+                self._introduce(info, time.monotonic())
+
+    def on_peer(self, callback: Any) -> None:
+        """Call ``callback(event, peer_info)`` on the dispatch thread for every membership
+        change: event is "joined", "suspect", "alive" (refuted), "dead" or "left".
+        The same events are delivered on the local subjects ``_mesh.peers.<event>``."""
+        if not callable(callback):
+            raise ConfigError("on_peer() takes a callable(event, peer_info)")
+        self._peer_callbacks.append(callback)
+
+    def _peer_event(self, event: str, peer: Peer) -> None:
+        self.membership_events[event] += 1
+        info = peer.info()
+        for callback in self._peer_callbacks:
+            self._dispatch.put((_CallbackSub(callback, event), info))
+        subject = f"_mesh.peers.{event}"
+        route = self._route(subject, internal=True)
+        if route.local:
+            data = msgpack.packb(info._asdict())
+            for sub in route.local:
+                self._io_deliver(sub, Message(subject, data, None, self.id, 0, node=self))
 
     def _run_command(self, cmd: tuple) -> None:
         if cmd[0] == "interest":
@@ -1328,22 +1482,25 @@ class Node:
         self._seed_socks[endpoint] = sock
 
     def _tick(self, now: float) -> None:
+        # Liveness of members is SWIM's (mesh/membership.py); pings here measure rtt.
+        # A peer that never completes its hello is given up after peer_timeout.
         timeout = self.options["peer_timeout"]
         for peer in list(self._peers.values()):
-            if peer.state not in ("alive", "joining"):
-                continue
-            if now - peer.last_seen > timeout:
-                self._peer_gone(peer, "dead")
-            elif peer.state == "alive":
+            if peer.state in _LIVE:
                 self._send_control(peer.id, wire.PING, [now])
-            else:
-                self._send_control(peer.id, wire.HELLO, self._hello_body(False))
-        for name, early in list(self._early.items()):
-            while early and early[0][0] < now - EARLY_MAX_AGE:
-                early.popleft()
-                self.counters.drops["early_expired"] += 1
-            if not early:
-                del self._early[name]
+            elif peer.state == "joining":
+                if now - peer.last_seen > timeout:
+                    self._peer_gone(peer, "dead")
+                else:
+                    self._send_control(peer.id, wire.HELLO, self._hello_body(False))
+        self._hello_dead_peers(now)
+        with self._lock:
+            for name, early in list(self._early.items()):
+                while early and early[0][0] < now - EARLY_MAX_AGE:
+                    early.popleft()
+                    self.counters.drops["early_expired"] += 1
+                if not early:
+                    del self._early[name]
         horizon = now - self.options["tombstone"]
         for peer_id, when in list(self._tombstones.items()):
             if when < horizon:
@@ -1351,6 +1508,37 @@ class Node:
                 peer = self._peers.get(peer_id)
                 if peer is not None and peer.state in ("dead", "left"):
                     del self._peers[peer_id]
+
+    def _hello_dead_peers(self, now: float) -> None:
+        """After a partition both sides think the other dead and nobody would speak
+        first: say hello to dead peers until the tombstone expires."""
+        for peer_id, when in list(self._rejoin.items()):
+            peer = self._peers.get(peer_id)
+            if peer is None or peer.state != "dead" or peer_id not in self._tombstones:
+                del self._rejoin[peer_id]
+                self._close_probe(peer_id)
+                continue
+            if now < when:
+                continue
+            self._rejoin[peer_id] = now + self.options["rejoin_interval"]
+            probe = self._rejoin_socks.get(peer_id)
+            if probe is None and peer.link is not None:
+                try:
+                    probe = self._dial(peer.link.endpoint, self.id.encode() + b"/rejoin", 4)
+                except ProtocolError:
+                    continue
+                probe.setsockopt(zmq.IMMEDIATE, 1)
+                self._rejoin_socks[peer_id] = probe
+            if probe is not None:
+                try:
+                    probe.send(wire.pack(wire.HELLO, self._hello_body(False)), zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass  # still unreachable
+
+    def _close_probe(self, peer_id: str) -> None:
+        probe = self._rejoin_socks.pop(peer_id, None)
+        if probe is not None:
+            probe.close(linger=0)
 
     def _hello_seeds(self) -> None:
         for endpoint, sock in self._seed_socks.items():
@@ -1365,6 +1553,7 @@ class Node:
     def _peer_gone(self, peer: Peer, state: str) -> None:
         was = peer.state
         peer.state = state
+        peer.gone_at = time.monotonic()
         self._tombstones[peer.id] = time.monotonic()
         self._close_link(peer)
         with self._lock:
@@ -1377,9 +1566,12 @@ class Node:
         )
         for channel in list(self._channels.values()):
             channel._peer_lost(peer.id, why)
-        if was == "alive":
-            self.membership_events[state] += 1
+        if was in _LIVE:
+            self._peer_event(state, peer)
             log.info("%s: peer %s is %s", self.name, peer.name, state)
+        if state == "dead" and peer.link is not None:
+            # Maybe only a partition: keep saying hello for a while (nobody else will).
+            self._rejoin[peer.id] = time.monotonic() + self.options["rejoin_interval"]
         with self._changed:
             self._changed.notify_all()
 
@@ -1389,21 +1581,24 @@ class Node:
             peer.link.close()
 
     def _io_shutdown(self) -> None:
+        if self._members is not None and not self._members.left:
+            self._swim(self._members.leave(time.monotonic()))
+        for peer_id in list(self._rejoin_socks):
+            self._close_probe(peer_id)
         for peer in list(self._peers.values()):
-            if peer.state in ("alive", "joining") and peer.link is not None:
-                with peer.link.lock:
-                    try:
-                        peer.link.sock.send(wire.pack(wire.BYE, None), zmq.NOBLOCK)
-                    except zmq.ZMQError:
-                        pass
+            link = peer.link
+            if peer.state in (*_LIVE, "joining") and link is not None:
+                # On the data pipe: it arrives after everything we published.
+                with link.lock:
+                    if not link.closed:
+                        try:
+                            link.sock.send(wire.pack(wire.BYE, None), zmq.NOBLOCK)
+                        except zmq.ZMQError:
+                            pass
         for peer in list(self._peers.values()):
             if peer.link is not None:
                 self._links.pop(peer.id, None)
-                # Linger briefly so the goodbye leaves; close() returns at once.
-                with peer.link.lock:
-                    if not peer.link.closed:
-                        peer.link.closed = True
-                        peer.link.sock.close(linger=200)
+                peer.link.close(linger=200)  # long enough for the goodbye to leave
         for sock in self._seed_socks.values():
             sock.close(linger=0)
         self._router.close(linger=0)

@@ -21,25 +21,34 @@ class PeerInfo(NamedTuple):
 
 
 class Link:
-    """Our outbound DEALER to one peer. Application threads send on it directly
-    (no hop through the I/O thread); the lock is the memory barrier ZeroMQ needs
-    to move a socket between threads, and keeps multipart sends whole."""
+    """Our outbound DEALERs to one peer.
 
-    __slots__ = ("sock", "lock", "transport", "endpoint", "closed", "counters")
+    ``sock`` carries data: application threads send on it directly (no hop
+    through the I/O thread); the lock is the memory barrier ZeroMQ needs to move
+    a socket between threads, and keeps multipart sends whole. ``ctl`` carries
+    control (hellos, interest, membership probes) and only the I/O thread uses
+    it: a second pipe, so the peer's ROUTER fair-queues control past a backlog
+    of data and a busy peer is not mistaken for a dead one."""
 
-    def __init__(self, sock: Any, transport: str, endpoint: str, counters: Counters) -> None:
+    __slots__ = ("sock", "ctl", "lock", "transport", "endpoint", "closed", "counters")
+
+    def __init__(
+        self, sock: Any, ctl: Any, transport: str, endpoint: str, counters: Counters
+    ) -> None:
         self.sock = sock
+        self.ctl = ctl
         self.counters = counters  # the peer's, so publishers count without a lookup
         self.lock = threading.Lock()
         self.transport = transport
         self.endpoint = endpoint
         self.closed = False
 
-    def close(self) -> None:
+    def close(self, linger: int = 100) -> None:
         with self.lock:
             if not self.closed:
                 self.closed = True
-                self.sock.close(linger=100)
+                self.sock.close(linger=linger)
+                self.ctl.close(linger=linger)
 
 
 @dataclass
@@ -49,9 +58,10 @@ class Peer:
     cluster: str
     endpoints: dict[str, list[str]]
     locality: Locality
-    state: str = "joining"
+    state: str = "joining"  # joining | alive | suspect | dead | left
     last_seen: float = 0.0
     joined_at: float = 0.0
+    gone_at: float = 0.0
     rtt: float | None = None
     link: Link | None = None
     counters: Counters = field(default_factory=Counters)

@@ -37,6 +37,7 @@ BYE = 10  # body: None
 STATUS_REQ = 11  # body: token (any); sent by mesh-status from an unknown identity
 STATUS = 12  # body: [token, status dict]
 P2P = 13  # body: [channel, tag, flags, meta]  + payload frames as MSG (mesh/channels.py)
+SWIM = 14  # body: a membership message (mesh/membership.py)
 
 KIND_NAMES = {
     HELLO: "hello",
@@ -52,6 +53,7 @@ KIND_NAMES = {
     STATUS_REQ: "status_req",
     STATUS: "status",
     P2P: "p2p",
+    SWIM: "swim",
 }
 
 # MSG / REPLY flags

@@ -661,7 +661,9 @@ class ScriptedPeer:
             if self.router.poll(int(remaining * 1000) + 1):
                 frames = self.router.recv_multipart()
                 header = wire.unpack(frames[1])
-                if predicate(frames[0].decode(errors="replace"), header):
+                # Nodes send control from "<id>/c" and data from "<id>": report the id.
+                who = frames[0].decode(errors="replace").split("/", 1)[0]
+                if predicate(who, header):
                     return header
         return None
 
