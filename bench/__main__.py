@@ -21,7 +21,7 @@ from typing import Any
 
 import zmq
 
-from bench import pubsub
+from bench import collectives, pubsub
 from bench._runner import log, workers
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=os.path.join(RESULTS_DIR, "latest.json"),
                         help="where to write the results (default: bench/results/latest.json)")
     parser.add_argument("--transports", default="tcp,ipc", help="comma-separated (default tcp,ipc)")
+    parser.add_argument("--suites", default="pubsub,collectives",
+                        help="which benchmark suites to run (default: pubsub,collectives)")
     parser.add_argument("--only", default="",
                         help="comma-separated substrings of case names, e.g. latency,1MiB/ipc")
     args = parser.parse_args(argv)
@@ -96,18 +98,30 @@ def main(argv: list[str] | None = None) -> int:
         options["profile_dir"] = os.path.join(RESULTS_DIR, "profile")
     cfg = pubsub.Config.quick(**options) if args.quick else pubsub.Config(**options)
 
+    suites = {s for s in args.suites.split(",") if s}
     started = time.monotonic()
     errors: list[str] = []
     rows: list[dict] = []
+    collective_results: dict | None = None
     try:
-        with workers() as pair:
-            rows = pubsub.run(pair, cfg, errors)
+        if "pubsub" in suites:
+            with workers() as pair:
+                rows = pubsub.run(pair, cfg, errors)
+        if "collectives" in suites:
+            # Mesh allreduce vs torch.distributed/Gloo, in the same processes.
+            try:
+                collective_results = collectives.run(
+                    quick=args.quick, profile_dir=options.get("profile_dir")
+                )
+            except RuntimeError as exc:
+                errors.append(f"collectives: {exc}")
     except KeyboardInterrupt:
         log("interrupted; workers stopped")
         return 130
     elapsed = time.monotonic() - started
 
-    print(summary(rows, cfg))
+    if rows:
+        print(summary(rows, cfg))
     for error in errors:
         print(f"ERROR: {error}")
     print(f"wall time {elapsed:.1f} s ({'quick' if args.quick else 'full'} run)")
@@ -128,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                     "config": dataclasses.asdict(cfg),
                 },
                 "results": rows,
+                "collectives": collective_results,
                 "errors": errors,
             },
             fh,

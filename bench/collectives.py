@@ -2,25 +2,28 @@
 
     python -m bench.collectives            # full run, a few minutes
     python -m bench.collectives --quick    # smoke run, well under a minute
-    python -m bench.collectives --profile  # also cProfile mesh rank 0 (64 MiB, 4 ranks)
+    python -m bench.collectives --profile  # also cProfile mesh rank 0's calling thread
 
-For each world size (2 and 4 processes, all on this host) and array size
-(float32: 4 KiB, 16 KiB, 64 KiB, 256 KiB to find the tree/ring crossover, then
-1 MiB, 16 MiB, 64 MiB), every rank times ``reps`` allreduces, each after a
-barrier; a repetition's time is the slowest rank's, and the table shows the
-median over repetitions. Bus bandwidth is ``2 (n - 1) / n * bytes / time``
-(NCCL's definition: what each link carried), also shown as a fraction of this
-machine's numpy memcpy bandwidth (``np.copyto`` of 64 MiB, measured in the
-same run). The mesh runs ``ring`` and ``tree`` at the small sizes (so the
-crossover is measured, not guessed) and ``auto`` everywhere; Gloo runs
-``dist.all_reduce`` (its own ring / halving-doubling choice) over TCP on
-127.0.0.1, rendezvous ``init_method="tcp://127.0.0.1:PORT"``. The mesh uses
-whatever transport it picks between processes of one host (ipc: Unix
-sockets), unless ``transports=`` says otherwise.
+From ``bench/__main__.py``: ``from bench import collectives`` then
+``collectives.run(quick=args.quick)``; it prints its own table and returns a
+JSON-serialisable dict (``rows``, ``crossover``, ``segments``, ``memcpy_bytes_per_s``).
 
-``run(quick) -> dict`` is the entry point for ``bench/__main__.py``; it prints
-its own table and returns every number. Without torch the Gloo half is
-skipped with the reason printed.
+Method. For each world size (2 and 4 processes on this host) one set of
+spawned processes runs *both* sides: each rank joins a mesh group and a Gloo
+process group (``init_method="tcp://127.0.0.1:PORT"``), and the two are
+interleaved repetition by repetition (each timed allreduce after a barrier of
+its own kind), so load from anything else on the machine hits both alike. A
+repetition's time is the slowest rank's; tables show the median over
+repetitions. Both reduce in place (``group.allreduce(x, out=x)`` and
+``dist.all_reduce(t)``), the buffer refilled outside the timing. Sizes (float32): 4 KiB, 16 KiB, 64 KiB, 256 KiB, 1 MiB, 4 MiB (where
+the mesh runs ``ring`` and ``tree`` too, to measure the tree/ring crossover),
+then 16 MiB and 64 MiB. Bus bandwidth is ``2 (n - 1) / n * bytes / time``
+(what each link carried, NCCL's definition), also as a fraction of this
+machine's numpy memcpy bandwidth (``np.copyto`` of 64 MiB, same run). The
+full run also sweeps the mesh's pipelining segment size at 16 and 64 MiB.
+The mesh uses the transport it picks between processes of one host (ipc)
+unless ``transports=`` says otherwise; Gloo uses TCP over loopback. Without
+torch the Gloo half is skipped with the reason printed.
 """
 
 from __future__ import annotations
@@ -44,38 +47,38 @@ import numpy as np
 _SPAWN = mp.get_context("spawn")
 
 KiB, MiB = 1 << 10, 1 << 20
-SMALL_SIZES = (4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB)
-LARGE_SIZES = (1 * MiB, 16 * MiB, 64 * MiB)
+# ring, tree and auto at these (the crossover); auto only at the large ones
+SMALL_SIZES = (4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB)
+LARGE_SIZES = (16 * MiB, 64 * MiB)
+SEGMENT_SWEEP = (256 * KiB, 1 * MiB, 2 * MiB, 4 * MiB, 8 * MiB)
+SWEEP_SIZES = (16 * MiB, 64 * MiB)
 WORLDS = (2, 4)
-TASK_TIMEOUT = 600.0
+TASK_TIMEOUT = 900.0
 
 
 def _reps(nbytes: int, quick: bool) -> tuple[int, int]:
     """(warmup, timed) repetitions for one size."""
     if quick:
-        return (2, 5) if nbytes <= MiB else (1, 3)
+        return (2, 7) if nbytes <= MiB else (1, 3)
     if nbytes <= 256 * KiB:
-        return 10, 50
-    if nbytes <= MiB:
-        return 3, 20
+        return 5, 40
+    if nbytes <= 4 * MiB:
+        return 3, 15
     if nbytes <= 16 * MiB:
-        return 2, 7
-    return 1, 5
+        return 2, 9
+    return 1, 7
 
 
-def plan(quick: bool) -> list[tuple[int, str]]:
-    """(bytes, mesh algorithm) cases, in the order they run."""
-    small = SMALL_SIZES[::2] if quick else SMALL_SIZES
-    large = LARGE_SIZES[:1] if quick else LARGE_SIZES
-    cases = []
-    for nbytes in small:
-        cases += [(nbytes, "ring"), (nbytes, "tree"), (nbytes, "auto")]
-    for nbytes in large:
-        cases += [(nbytes, "auto")]
-    return cases
+def plan(quick: bool) -> dict:
+    """What runs: small sizes (ring, tree, auto), large sizes (auto), segment sweep."""
+    return {
+        "small": [4 * KiB, 64 * KiB, 1 * MiB] if quick else list(SMALL_SIZES),
+        "large": [] if quick else list(LARGE_SIZES),
+        "sweep": [] if quick else [(n, s) for n in SWEEP_SIZES for s in SEGMENT_SWEEP],
+    }
 
 
-# ====================================================================== workers
+# ====================================================================== ranks
 
 
 def _quiet_threads() -> None:
@@ -84,92 +87,137 @@ def _quiet_threads() -> None:
         os.environ[var] = "1"
 
 
-def _mesh_rank(out: Any, rank: int, world: int, cluster: str, seed_q: Any, cases: list,
-               quick: bool, transports: tuple[str, ...] | None, profile_dir: str | None) -> None:
+def _rank_main(out: Any, rank: int, world: int, cluster: str, seed_q: Any, gloo_port: int | None,
+               cases: dict, quick: bool, transports: tuple[str, ...] | None,
+               segment_bytes: int | None, profile_dir: str | None) -> None:
     _quiet_threads()
     try:
-        import mesh
-
-        kwargs: dict[str, Any] = {"cluster": cluster,
-                                  "listen": ("tcp://127.0.0.1:0", "ipc://auto")}
-        if transports:
-            kwargs["transports"] = transports
-        if rank == 0:
-            node = mesh.Node(f"bench-r0-{os.getpid()}", discovery="none", **kwargs).start()
-            tcp = next(e for e in node.endpoints if e.startswith("tcp://"))
-            for _ in range(world - 1):
-                seed_q.put(tcp)
-        else:
-            tcp = seed_q.get(timeout=60)
-            node = mesh.Node(f"bench-r{rank}-{os.getpid()}", discovery="static", seeds=[tcp],
-                             **kwargs).start()
-        with node:
-            node.wait_for_peers(world - 1, timeout=60)
-            # rank by name order: bench-r0 < bench-r1 < ... (fewer than 10 ranks)
-            group = node.group("bench.allreduce", world, timeout=60)
-            transport = {p["name"]: p["transport"] for p in node.status()["peers"]}
-            times: dict[str, list[float]] = {}
-            for nbytes, algo in cases:
-                x = np.ones(nbytes // 4, dtype=np.float32)
-                warm, reps = _reps(nbytes, quick)
-                key = f"{nbytes}:{algo}"
-                times[key] = []
-                profiling = (profile_dir and rank == 0 and world == max(WORLDS)
-                             and nbytes == max(LARGE_SIZES))
-                for i in range(warm + reps):
-                    group.barrier()
-                    if profiling and i == warm:
-                        from bench.profiling import profiled
-
-                        ctx: Any = profiled(os.path.join(profile_dir, "collectives_rank0"))
-                    else:
-                        ctx = contextlib.nullcontext()
-                    with ctx:
-                        t0 = time.perf_counter()
-                        out_arr = group.allreduce(x, algorithm=algo)
-                        dt = time.perf_counter() - t0
-                    if i >= warm:
-                        times[key].append(dt)
-                if out_arr[0] != world:
-                    raise RuntimeError(f"wrong allreduce result {out_arr[0]} != {world}")
-            stats = group.stats()
-            group.close()
-        out.put((rank, True, {"times": times, "transport": transport, "stats": stats}))
+        out.put((rank, True, _rank_body(rank, world, cluster, seed_q, gloo_port, cases, quick,
+                                        transports, segment_bytes, profile_dir)))
     except BaseException:
         out.put((rank, False, traceback.format_exc()))
 
 
-def _gloo_rank(out: Any, rank: int, world: int, port: int, cases: list, quick: bool) -> None:
-    _quiet_threads()
-    try:
+def _rank_body(rank: int, world: int, cluster: str, seed_q: Any, gloo_port: int | None,
+               cases: dict, quick: bool, transports: tuple[str, ...] | None,
+               segment_bytes: int | None, profile_dir: str | None) -> dict:
+    import mesh
+
+    dist = torch = None
+    if gloo_port is not None:
         import torch
         import torch.distributed as dist
 
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world)
-        times: dict[str, list[float]] = {}
-        try:
-            for nbytes in sorted({n for n, _ in cases}):
-                t = torch.ones(nbytes // 4, dtype=torch.float32)
-                warm, reps = _reps(nbytes, quick)
-                key = f"{nbytes}:gloo"
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{gloo_port}",
+                                rank=rank, world_size=world)
+    kwargs: dict[str, Any] = {"cluster": cluster, "listen": ("tcp://127.0.0.1:0", "ipc://auto")}
+    if transports:
+        kwargs["transports"] = transports
+    if rank == 0:
+        node = mesh.Node(f"bench-r0-{os.getpid()}", discovery="none", **kwargs).start()
+        tcp = next(e for e in node.endpoints if e.startswith("tcp://"))
+        for _ in range(world - 1):
+            seed_q.put(tcp)
+    else:
+        tcp = seed_q.get(timeout=60)
+        node = mesh.Node(f"bench-r{rank}-{os.getpid()}", discovery="static", seeds=[tcp],
+                         **kwargs).start()
+    times: dict[str, list[float]] = {}
+    with node:
+        node.wait_for_peers(world - 1, timeout=60)
+        options = {} if segment_bytes is None else {"segment_bytes": segment_bytes}
+        group = node.group("bench.allreduce", world, timeout=120, **options)
+        transport = sorted({p["transport"] for p in node.status()["peers"]})
+
+        def mesh_op(x: np.ndarray, algo: str, g: Any = group) -> Any:
+            def op() -> float:
+                x.fill(1.0)
+                g.barrier()
+                t0 = time.perf_counter()
+                out = g.allreduce(x, algorithm=algo, out=x)  # in place, as Gloo's all_reduce
+                dt = time.perf_counter() - t0
+                if out[0] != world:
+                    raise RuntimeError(f"mesh: wrong allreduce result {out[0]} != {world}")
+                return dt
+            return op
+
+        def gloo_op(nbytes: int) -> Any:
+            t = torch.ones(nbytes // 4, dtype=torch.float32)
+
+            def op() -> float:
+                t.fill_(1.0)
+                dist.barrier()
+                t0 = time.perf_counter()
+                dist.all_reduce(t)
+                dt = time.perf_counter() - t0
+                if float(t[0]) != world:
+                    raise RuntimeError(f"gloo: wrong allreduce result {float(t[0])}")
+                return dt
+            return op
+
+        def interleave(nbytes: int, ops: dict[str, Any]) -> None:
+            warm, reps = _reps(nbytes, quick)
+            for key in ops:
                 times[key] = []
-                for i in range(warm + reps):
-                    t.fill_(1.0)
-                    dist.barrier()
-                    t0 = time.perf_counter()
-                    dist.all_reduce(t)
-                    dt = time.perf_counter() - t0
+            for i in range(warm + reps):
+                for key, op in ops.items():
+                    dt = op()
                     if i >= warm:
                         times[key].append(dt)
-                if float(t[0]) != world:
-                    raise RuntimeError(f"wrong gloo result {float(t[0])}")
-        finally:
-            dist.destroy_process_group()
-        out.put((rank, True, {"times": times}))
-    except BaseException:
-        out.put((rank, False, traceback.format_exc()))
+
+        for nbytes in cases["small"]:
+            x = np.ones(nbytes // 4, dtype=np.float32)
+            ops = {f"{nbytes}:{a}": mesh_op(x, a) for a in ("ring", "tree", "auto")}
+            if dist is not None:
+                ops[f"{nbytes}:gloo"] = gloo_op(nbytes)
+            interleave(nbytes, ops)
+        for nbytes in cases["large"]:
+            x = np.ones(nbytes // 4, dtype=np.float32)
+            ops = {f"{nbytes}:auto": mesh_op(x, "auto")}
+            if dist is not None:
+                ops[f"{nbytes}:gloo"] = gloo_op(nbytes)
+            interleave(nbytes, ops)
+        if cases["sweep"]:
+            groups = {s: node.group(f"bench.seg{s}", world, timeout=120, segment_bytes=s)
+                      for s in sorted({s for _, s in cases["sweep"]})}
+            for nbytes in sorted({n for n, _ in cases["sweep"]}):
+                x = np.ones(nbytes // 4, dtype=np.float32)
+                interleave(nbytes, {f"{nbytes}:seg{s}": mesh_op(x, "ring", g)
+                                    for s, g in groups.items()})
+            for g in groups.values():
+                g.close()
+        if profile_dir and rank == 0:
+            import cProfile
+            import pstats
+
+            nbytes = max(cases["large"] or cases["small"])
+            x = np.ones(nbytes // 4, dtype=np.float32)
+            prof = cProfile.Profile()
+            for _ in range(3):
+                group.barrier()
+                prof.enable()
+                group.allreduce(x, out=x)
+                prof.disable()
+            path = os.path.join(profile_dir, f"collectives_w{world}_{nbytes >> 20}MiB")
+            with open(path + ".txt", "w") as fh:
+                st = pstats.Stats(prof, stream=fh)
+                st.strip_dirs().sort_stats("tottime").print_stats(25)
+            prof.dump_stats(path + ".prof")
+        elif profile_dir:
+            nbytes = max(cases["large"] or cases["small"])
+            x = np.ones(nbytes // 4, dtype=np.float32)
+            for _ in range(3):
+                group.barrier()
+                group.allreduce(x, out=x)
+        stats = group.stats()
+        group.close()
+    if dist is not None:
+        dist.destroy_process_group()
+    return {"times": times, "transport": transport, "stats": stats}
+
+
+# ====================================================================== parent
 
 
 def _free_port() -> int:
@@ -178,120 +226,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _combine(answers: list[dict]) -> dict[str, float]:
-    """Median over repetitions of the slowest rank's time."""
-    keys = answers[0]["times"].keys()
-    med = {}
-    for key in keys:
-        per_rep = [max(a["times"][key][i] for a in answers)
-                   for i in range(len(answers[0]["times"][key]))]
-        med[key] = statistics.median(per_rep)
-    return med
-
-
-# ====================================================================== parent
-
-
-def memcpy_bandwidth(nbytes: int = 64 * MiB, reps: int = 7) -> float:
-    """Bytes per second of ``np.copyto`` between two preallocated arrays (median)."""
-    src = np.ones(nbytes // 8, dtype=np.float64)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        times.append(time.perf_counter() - t0)
-    return nbytes / statistics.median(times)
-
-
-def torch_available() -> str | None:
-    """None when torch.distributed with Gloo can run, else the reason it cannot."""
-    try:
-        import torch
-        import torch.distributed as dist
-    except Exception as exc:  # ImportError, or a broken install
-        return (f"torch is not importable ({type(exc).__name__}: {exc}); install the "
-                "reference with `.venv/bin/pip install torch==2.13.0`")
-    if not dist.is_available() or not dist.is_gloo_available():
-        return f"torch {torch.__version__} has no Gloo backend"
-    return None
-
-
-def _crossover(med: dict[str, float], world: int) -> dict:
-    """Smallest measured size where the ring beats the tree (None: the ring always)."""
-    sizes = sorted({int(k.split(":")[0]) for k in med if k.endswith(":tree")})
-    if world <= 2 or not sizes:
-        return {"bytes": 0, "note": "two ranks: the ring always (half the bytes of the tree)"}
-    ring_wins = [n for n in sizes if med[f"{n}:ring"] <= med[f"{n}:tree"]]
-    tree_wins = [n for n in sizes if med[f"{n}:ring"] > med[f"{n}:tree"]]
-    if not ring_wins:
-        return {"bytes": None, "note": f"tree faster up to {sizes[-1]} B: crossover above it"}
-    first = min(ring_wins)
-    below = [n for n in tree_wins if n < first]
-    if not below:
-        return {"bytes": first, "note": f"ring already faster at {first} B"}
-    return {"bytes": first, "note": f"tree faster at {max(below)} B, ring at {first} B"}
-
-
-def _fmt_bytes(n: int) -> str:
-    return f"{n // MiB} MiB" if n >= MiB else f"{n // KiB} KiB"
-
-
-def run(quick: bool = False, *, transports: tuple[str, ...] | None = None,
-        profile_dir: str | None = None, worlds: tuple[int, ...] = WORLDS) -> dict:
-    """Run the allreduce benchmark, print its table, return every number."""
-    started = time.monotonic()
-    cases = plan(quick)
-    memcpy = memcpy_bandwidth()
-    gloo_reason = torch_available()
-    result: dict[str, Any] = {
-        "bench": "collectives",
-        "mode": "quick" if quick else "full",
-        "memcpy_bytes_per_s": memcpy,
-        "gloo_skipped": gloo_reason,
-        "rows": [],
-        "crossover": {},
-        "cpus": os.cpu_count(),
-    }
-    if gloo_reason:
-        print(f"collectives: Gloo reference skipped: {gloo_reason}")
-    for world in worlds:
-        cluster = f"bench-coll-{uuid.uuid4().hex[:8]}"
-        seed_q = _SPAWN.Queue()
-        mesh_answers = _run_plain(
-            _mesh_rank, world,
-            lambda r, w=world, c=cluster, q=seed_q: (w, c, q, cases, quick, transports, profile_dir),
-        )
-        seed_q.close()
-        mesh_med = _combine(mesh_answers)
-        gloo_med: dict[str, float] = {}
-        if not gloo_reason:
-            port = _free_port()
-            gloo_med = _combine(_run_plain(_gloo_rank, world,
-                                           lambda r, w=world, p=port: (w, p, cases, quick)))
-        result["crossover"][world] = _crossover(mesh_med, world)
-        result["transport"] = sorted({t for a in mesh_answers for t in a["transport"].values()})
-        for nbytes in sorted({n for n, _ in cases}):
-            algos = {a: mesh_med.get(f"{nbytes}:{a}") for a in ("ring", "tree", "auto")}
-            t_mesh = algos["auto"]
-            t_gloo = gloo_med.get(f"{nbytes}:gloo")
-            bus = 2 * (world - 1) / world * nbytes
-            result["rows"].append({
-                "world": world, "bytes": nbytes,
-                "mesh_s": t_mesh, "ring_s": algos["ring"], "tree_s": algos["tree"],
-                "gloo_s": t_gloo,
-                "ratio_mesh_over_gloo": (t_mesh / t_gloo) if t_gloo else None,
-                "mesh_busbw": bus / t_mesh, "gloo_busbw": (bus / t_gloo) if t_gloo else None,
-                "mesh_busbw_over_memcpy": bus / t_mesh / memcpy,
-            })
-        result.setdefault("mesh_stats", {})[world] = mesh_answers[0]["stats"]
-    result["wall_seconds"] = round(time.monotonic() - started, 1)
-    print(summary(result))
-    return result
-
-
-def _run_plain(target: Any, world: int, args_for: Any, timeout: float = TASK_TIMEOUT) -> list[dict]:
+def _run_ranks(target: Any, world: int, args_for: Any, timeout: float = TASK_TIMEOUT) -> list:
     """Run ``target(out, rank, *args_for(rank))`` in ``world`` spawned processes; collect
     one answer per rank from ``out``; reap every process (bounded waits) whatever happens."""
     out = _SPAWN.Queue()
@@ -300,7 +235,7 @@ def _run_plain(target: Any, world: int, args_for: Any, timeout: float = TASK_TIM
     try:
         for p in procs:
             p.start()
-        answers: dict[int, dict] = {}
+        answers: dict[int, Any] = {}
         deadline = time.monotonic() + timeout
         while len(answers) < world:
             remaining = deadline - time.monotonic()
@@ -333,40 +268,181 @@ def _run_plain(target: Any, world: int, args_for: Any, timeout: float = TASK_TIM
         out.close()
 
 
+def _combine(answers: list[dict]) -> dict[str, float]:
+    """Median over repetitions of the slowest rank's time."""
+    med = {}
+    for key, first in answers[0]["times"].items():
+        per_rep = [max(a["times"][key][i] for a in answers) for i in range(len(first))]
+        med[key] = statistics.median(per_rep)
+    return med
+
+
+def memcpy_bandwidth(nbytes: int = 64 * MiB, reps: int = 7) -> float:
+    """Bytes per second of ``np.copyto`` between two preallocated arrays (median)."""
+    src = np.ones(nbytes // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(times)
+
+
+def torch_available() -> str | None:
+    """None when torch.distributed with Gloo can run, else the reason it cannot."""
+    try:
+        import torch
+        import torch.distributed as dist
+    except Exception as exc:  # ImportError, or a broken install
+        return (f"torch is not importable ({type(exc).__name__}: {exc}); install the "
+                "reference with `.venv/bin/pip install torch==2.13.0`")
+    if not dist.is_available() or not dist.is_gloo_available():
+        return f"torch {torch.__version__} has no Gloo backend"
+    return None
+
+
+def _crossover(med: dict[str, float], world: int, sizes: list[int]) -> dict:
+    """Where the ring starts to beat the tree, from the measured medians.
+
+    ``bytes``: the first size from which the ring is never slower again;
+    ``suggested``: the power of two nearest the geometric mean of that size
+    and the largest size below it (what DEFAULT_CROSSOVER_BYTES should be).
+    """
+    if not sizes:
+        return {"bytes": None, "suggested": None, "note": "not measured"}
+    ring_ok = [med[f"{n}:ring"] <= med[f"{n}:tree"] for n in sizes]
+    first = next((i for i in range(len(sizes)) if all(ring_ok[i:])), None)
+    if first is None:
+        return {"bytes": None, "suggested": None,
+                "note": f"tree at least as fast up to {sizes[-1]} B: crossover above it"}
+    if first == 0:
+        return {"bytes": sizes[0], "suggested": sizes[0],
+                "note": f"ring already faster at {sizes[0]} B"}
+    lo, hi = sizes[first - 1], sizes[first]
+    suggested = 1 << round(np.log2(np.sqrt(lo * hi)))
+    return {"bytes": hi, "suggested": suggested, "note": f"tree faster at {lo} B, ring from {hi} B"}
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n // MiB} MiB" if n >= MiB else f"{n // KiB} KiB"
+
+
+def run(quick: bool = False, *, transports: tuple[str, ...] | None = None,
+        segment_bytes: int | None = None, profile_dir: str | None = None,
+        worlds: tuple[int, ...] = WORLDS) -> dict:
+    """Run the allreduce benchmark, print its table, return every number."""
+    started = time.monotonic()
+    cases = plan(quick)
+    memcpy = memcpy_bandwidth()
+    gloo_reason = torch_available()
+    result: dict[str, Any] = {
+        "bench": "collectives", "mode": "quick" if quick else "full",
+        "memcpy_bytes_per_s": memcpy, "gloo_skipped": gloo_reason,
+        "rows": [], "crossover": {}, "segments": {}, "transport": [], "cpus": os.cpu_count(),
+        "load_avg_before": os.getloadavg(),
+    }
+    if gloo_reason:
+        print(f"collectives: Gloo reference skipped: {gloo_reason}")
+    for world in worlds:
+        cluster = f"bench-coll-{uuid.uuid4().hex[:8]}"
+        seed_q = _SPAWN.Queue()
+        port = None if gloo_reason else _free_port()
+        try:
+            answers = _run_ranks(
+                _rank_main, world,
+                lambda r, w=world, c=cluster, q=seed_q, p=port: (
+                    w, c, q, p, cases, quick, transports, segment_bytes, profile_dir),
+            )
+        finally:
+            seed_q.cancel_join_thread()
+            seed_q.close()
+        med = _combine(answers)
+        result["crossover"][world] = _crossover(med, world, cases["small"])
+        result["transport"] = sorted(set(result["transport"]) | set(answers[0]["transport"]))
+        bus_factor = 2 * (world - 1) / world
+        for nbytes in cases["small"] + cases["large"]:
+            t_mesh, t_gloo = med[f"{nbytes}:auto"], med.get(f"{nbytes}:gloo")
+            bus = bus_factor * nbytes
+            result["rows"].append({
+                "world": world, "bytes": nbytes, "mesh_s": t_mesh,
+                "ring_s": med.get(f"{nbytes}:ring"), "tree_s": med.get(f"{nbytes}:tree"),
+                "gloo_s": t_gloo, "ratio_mesh_over_gloo": (t_mesh / t_gloo) if t_gloo else None,
+                "mesh_busbw": bus / t_mesh, "gloo_busbw": (bus / t_gloo) if t_gloo else None,
+                "mesh_busbw_over_memcpy": bus / t_mesh / memcpy,
+                "gloo_busbw_over_memcpy": (bus / t_gloo / memcpy) if t_gloo else None,
+            })
+        sweep = {}
+        for nbytes, seg in cases["sweep"]:
+            sweep.setdefault(nbytes, {})[seg] = med[f"{nbytes}:seg{seg}"]
+        if sweep:
+            result["segments"][world] = sweep
+        result.setdefault("mesh_stats_rank0", {})[world] = answers[0]["stats"]
+    result["load_avg_after"] = os.getloadavg()
+    result["wall_seconds"] = round(time.monotonic() - started, 1)
+    print(summary(result))
+    return result
+
+
 def summary(result: dict) -> str:
+    from mesh.collectives.schedule import DEFAULT_CROSSOVER_BYTES, DEFAULT_SEGMENT_BYTES
+
     memcpy = result["memcpy_bytes_per_s"]
     lines = [
         "",
-        f"=== allreduce float32: mesh vs torch.distributed Gloo (median of the slowest rank; "
-        f"busbw = 2(n-1)/n*bytes/time; numpy memcpy {memcpy / 1e9:.2f} GB/s; "
-        f"mesh transport {','.join(result.get('transport', [])) or '?'}) ===",
+        "=== allreduce float32: mesh vs torch.distributed Gloo, interleaved (median of the "
+        "slowest rank; ratio = mesh time / gloo time, < 1 is faster) ===",
+        f"busbw = 2(n-1)/n*bytes/time; numpy memcpy {memcpy / 1e9:.2f} GB/s; mesh transport "
+        f"{','.join(result['transport']) or '?'}, gloo tcp loopback; {result['cpus']} cpus, "
+        f"load avg {result['load_avg_before'][0]:.1f} before",
     ]
     head = (f"{'world':>5} {'size':>7}  {'mesh auto':>10} {'ring':>9} {'tree':>9} {'gloo':>9} "
-            f"{'mesh/gloo':>9}  {'mesh busbw':>11} {'gloo busbw':>11} {'mesh/memcpy':>11}")
+            f"{'mesh/gloo':>9}  {'mesh busbw':>10} {'gloo busbw':>10} {'mesh/memcpy':>11} "
+            f"{'gloo/memcpy':>11}")
     lines += [head, "-" * len(head)]
 
     def ms(v: float | None) -> str:
         return "-" if v is None else (f"{v * 1e3:.2f}ms" if v < 1 else f"{v:.2f}s")
 
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1%}"
+
     for row in result["rows"]:
-        gbw = row["gloo_busbw"]
         ratio = row["ratio_mesh_over_gloo"]
-        ratio_s = f"{ratio:.2f}x" if ratio else "-"
-        gbw_s = f"{gbw / 1e9:8.3f}GB/s" if gbw else "-"
+        gbw = row["gloo_busbw"]
         lines.append(
             f"{row['world']:>5} {_fmt_bytes(row['bytes']):>7}  {ms(row['mesh_s']):>10} "
             f"{ms(row['ring_s']):>9} {ms(row['tree_s']):>9} {ms(row['gloo_s']):>9} "
-            f"{ratio_s:>9}  "
-            f"{row['mesh_busbw'] / 1e9:>8.3f}GB/s "
-            f"{gbw_s:>11} "
-            f"{row['mesh_busbw_over_memcpy']:>10.1%}"
+            f"{(f'{ratio:.2f}x' if ratio else '-'):>9}  "
+            f"{row['mesh_busbw'] / 1e9:>6.3f}GB/s {(f'{gbw / 1e9:6.3f}GB/s' if gbw else '-'):>10} "
+            f"{pct(row['mesh_busbw_over_memcpy']):>11} {pct(row['gloo_busbw_over_memcpy']):>11}"
         )
-    from mesh.collectives.schedule import DEFAULT_CROSSOVER_BYTES
-
     for world, cross in result["crossover"].items():
-        lines.append(f"tree/ring crossover, {world} ranks: "
-                     f"{cross['bytes'] if cross['bytes'] is not None else '>max'} B ({cross['note']}); "
-                     f"auto uses schedule.DEFAULT_CROSSOVER_BYTES = {DEFAULT_CROSSOVER_BYTES}")
+        sug = cross.get("suggested")
+        lines.append(f"tree/ring crossover, {world} ranks: {cross['note']}; suggested "
+                     f"crossover {_fmt_bytes(sug) if sug else '-'} (auto now uses "
+                     f"schedule.DEFAULT_CROSSOVER_BYTES = {_fmt_bytes(DEFAULT_CROSSOVER_BYTES)}"
+                     f"{', and always the ring for 2 ranks' if world <= 2 else ''})")
+    bests = []
+    for world, sweep in result["segments"].items():
+        for nbytes, by_seg in sweep.items():
+            best = min(by_seg, key=by_seg.get)
+            bests.append(best)
+            cells = "  ".join(f"{_fmt_bytes(s)}: {ms(t)}" for s, t in sorted(by_seg.items()))
+            lines.append(f"segment sweep, {world} ranks, {_fmt_bytes(nbytes)} ring: {cells}  "
+                         f"(best {_fmt_bytes(best)})")
+    if bests:
+        # relative time of each segment size, averaged over the swept cases
+        segs = sorted(next(iter(next(iter(result["segments"].values())).values())))
+        score = {s: statistics.mean(by[s] / min(by.values())
+                                    for sw in result["segments"].values() for by in sw.values())
+                 for s in segs}
+        best = min(score, key=score.get)
+        lines.append(f"segment size: {_fmt_bytes(best)} is on average within "
+                     f"{score[best] - 1:.0%} of the best (the group default, "
+                     f"schedule.DEFAULT_SEGMENT_BYTES, is {_fmt_bytes(DEFAULT_SEGMENT_BYTES)}: "
+                     f"{score.get(DEFAULT_SEGMENT_BYTES, float('nan')) - 1:.0%} off)")
     if result["gloo_skipped"]:
         lines.append(f"Gloo skipped: {result['gloo_skipped']}")
     lines.append(f"wall time {result.get('wall_seconds', 0):.1f} s ({result['mode']} run)")
@@ -378,9 +454,12 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer sizes and reps")
     parser.add_argument("--profile", action="store_true",
-                        help="cProfile mesh rank 0 (64 MiB, 4 ranks) into bench/results/profile/")
+                        help="cProfile mesh rank 0's calling thread (largest size) into "
+                        "bench/results/profile/")
     parser.add_argument("--transports", default="",
                         help="restrict the mesh's transports, e.g. tcp (default: its own choice)")
+    parser.add_argument("--segment-bytes", type=int, default=None,
+                        help="the mesh group's pipelining segment (default: the group's)")
     parser.add_argument("--worlds", default="2,4", help="comma-separated world sizes")
     parser.add_argument("--json", default="", help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -388,8 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         profile_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "profile")
         os.makedirs(profile_dir, exist_ok=True)
-    transports = tuple(t for t in args.transports.split(",") if t) or None
-    result = run(args.quick, transports=transports, profile_dir=profile_dir,
+    result = run(args.quick, transports=tuple(t for t in args.transports.split(",") if t) or None,
+                 segment_bytes=args.segment_bytes, profile_dir=profile_dir,
                  worlds=tuple(int(w) for w in args.worlds.split(",")))
     if args.json:
         with open(args.json, "w") as fh:
@@ -398,4 +477,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
+    sys.exit(130)

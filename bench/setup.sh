@@ -28,10 +28,10 @@ fi
 #     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null
 # fi
 
-# --- Hook: torch for the Gloo collectives reference (later benchmarks).
-# Uncomment when the collectives benchmark lands; pinned for comparable runs.
-# if ! "$PY" -c 'import torch' 2>/dev/null; then
-#     "$BIN/pip" install -q torch==2.13.0
-# fi
+# --- torch for the Gloo collectives reference. Pinned: 2.13.0 is a local CPU
+# wheel here; any other version would download gigabytes of CUDA packages.
+if ! "$PY" -c 'import torch' 2>/dev/null; then
+    "$BIN/pip" install -q torch==2.13.0
+fi
 
 exit 0

@@ -10,6 +10,7 @@ from mesh import transports
 from mesh.errors import (
     BackpressureError,
     ClosedError,
+    CollectiveAborted,
     ConfigError,
     InvalidSubject,
     MeshError,
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackpressureError",
     "ClosedError",
+    "CollectiveAborted",
     "ConfigError",
     "InvalidSubject",
     "MeshError",

@@ -44,6 +44,14 @@ class PeerLostError(MeshError):
         self.peer = peer
 
 
+class CollectiveAborted(MeshError):
+    """Another member failed this collective (its message says which rank and why).
+
+    Raised on the ranks that did not fail themselves, so that no rank waits for
+    a peer that gave up; the group stays usable for the next collective.
+    """
+
+
 class PermissionDenied(MeshError):
     """The cluster policy forbids this publish or subscribe."""
 

@@ -566,7 +566,7 @@ def test_choose_algorithm() -> None:
     assert sch.choose_algorithm(c, 8, c) == "ring"
     assert sch.choose_algorithm(10 * c, 8) == "ring"
     assert sch.choose_algorithm(0, 8) == "tree"
-    assert sch.choose_algorithm(100, 2, c) == "ring"
+    assert sch.choose_algorithm(100, 2, c) == "tree"
     assert sch.choose_algorithm(100, 1, c) == "ring"
     assert sch.choose_algorithm(100, 64, 50) == "ring"
     assert sch.segment_elems_for(8, 1024) == 128 and sch.segment_elems_for(16, 1) == 1
