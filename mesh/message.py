@@ -35,6 +35,7 @@ class Message:
         "_array",
         "_node",
         "_reply_to",
+        "_credit",
     )
 
     def __init__(
@@ -61,6 +62,9 @@ class Message:
         self._array = array
         self._node = node
         self._reply_to = reply_to
+        # What consuming it gives back: nbytes (local publisher) or
+        # (grant, publisher id, nbytes) for a remote one; None: no flow control.
+        self._credit: Any = None
 
     def array(self) -> np.ndarray:
         """The numpy array the publisher sent (dtype and shape kept, no copy)."""
@@ -105,6 +109,14 @@ class Subscription:
         self.handler = handler
         self.queue = queue_group
         self.delivered = 0
+        self.sid = 0  # this subscription's id on its node, advertised to peers
+        self.credits = 0
+        self.credit_bytes: int | None = None
+        self.overflow = "block"
+        self._entry: tuple = ()
+        self._window: Any = None  # credit for this node's own publishers
+        self._grants: dict[str, Any] = {}  # publisher id -> CreditGrant
+        self._flow = threading.Condition()
         self._node = node
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
@@ -139,6 +151,8 @@ class Subscription:
             self._inbox.put(_CLOSED)  # wake any other waiter too
             raise ClosedError(f"subscription {self.pattern!r} is closed")
         self.delivered += 1
+        if msg._credit is not None:
+            self._node._consumed(self, msg)  # handed out: its credit goes back
         return msg
 
     def __iter__(self) -> Iterator[Message]:
@@ -156,6 +170,8 @@ class Subscription:
             self._closed = True
         self._inbox.put(_CLOSED)
         self._node._unsubscribe(self)
+        with self._flow:
+            self._flow.notify_all()  # local publishers blocked on this subscription
 
     def __enter__(self) -> Subscription:
         return self

@@ -45,6 +45,7 @@ from mesh.errors import (
     ProtocolError,
     TimeoutError,
 )
+from mesh.flow import OVERFLOW_POLICIES, Action, CreditGrant, CreditWindow
 from mesh.membership import Event as MemberEvent
 from mesh.membership import MemberConfig, Membership
 from mesh.membership import Send as MemberSend
@@ -59,6 +60,7 @@ from transports import Locality
 log = logging.getLogger("mesh")
 
 DEFAULT_LISTEN = ("tcp://0.0.0.0:0", "ipc://auto")
+DEFAULT_CREDITS = 256
 DISCOVERY_MODES = ("zeroconf", "static", "none")
 
 # Payloads at least this large are handed to the application as a view on the
@@ -171,6 +173,10 @@ _STOP = object()
 _WAKE_ID = b"\x00wake"  # never a node id: those are hex
 _CTL_SUFFIX = b"/c"  # identity of a peer's control DEALER: "<id>/c"
 _LIVE = ("alive", "suspect")  # members we route to
+# Messages a drop_oldest window holds back while waiting for credit.
+_DROP_OLDEST_BACKLOG = 1024
+# Subscriptions of the mesh itself (group rendezvous, notices): many credits, never block.
+_INTERNAL_FLOW = {"credits": 65536, "credit_bytes": None, "overflow": "drop_new"}
 # Data from a peer that left this recently is still delivered: its goodbye (on the
 # control pipe, or as gossip) may overtake the last messages it sent before closing.
 LEFT_GRACE = 2.0
@@ -284,6 +290,11 @@ class Node:
         self._metrics: Any = None
         self.metrics_port: int | None = None  # the real port once started
         self.membership_events: collections.Counter[str] = collections.Counter()
+        self._last_pressure = 0.0
+        self._subject_name = "".join(c if c.isalnum() or c in "-_" else "_" for c in self.name)
+        self._sids = itertools.count(1)
+        self._subs_by_sid: dict[int, Subscription] = {}
+        self._dirty_grants: dict[tuple[Subscription, str], CreditGrant] = {}
         self._members: Membership | None = None
         self._peer_callbacks: list = []
         self._rejoin: dict[str, float] = {}  # dead peer id -> next hello
@@ -483,27 +494,56 @@ class Node:
         handler: Handler | None = None,
         *,
         queue: str | None = None,
+        credits: int = DEFAULT_CREDITS,  # noqa: A002 - the API's name
+        credit_bytes: int | None = None,
+        overflow: str = "block",
     ) -> Subscription:
         """Subscribe to a pattern. With ``handler``, it runs on the dispatch thread;
         without, pull with ``sub.next()``. ``queue`` joins a queue group: each
-        message goes to exactly one member of the group across the mesh."""
+        message goes to exactly one member of the group across the mesh.
+
+        Flow control: each publisher may have ``credits`` messages (and, if set,
+        ``credit_bytes`` bytes) delivered and not yet consumed; a credit returns
+        when the handler returns or ``next()`` hands the message out. With none
+        left the publisher applies ``overflow``: "block" (publish waits; with
+        ``timeout=`` it raises BackpressureError), "drop_new" or "drop_oldest".
+        Patterns under ``_mesh.`` (e.g. ``_mesh.pressure.>``) may be subscribed to.
+        """
         self._check_started()
-        validate_pattern(pattern)
+        validate_pattern(pattern, allow_reserved=True)
         if queue is not None and (
             not isinstance(queue, str) or not queue or any(c.isspace() for c in queue)
         ):
             raise ConfigError(f"queue group {queue!r} must be a non-empty name without spaces")
         if handler is not None and not callable(handler):
             raise ConfigError("handler must be callable as handler(msg)")
-        return self._subscribe(pattern, handler, queue or "")
+        if overflow not in OVERFLOW_POLICIES:
+            raise ConfigError(f"overflow={overflow!r}; choose one of {OVERFLOW_POLICIES}")
+        return self._subscribe(pattern, handler, queue or "", credits, credit_bytes, overflow)
 
-    def _subscribe(self, pattern: str, handler: Handler | None, queue: str) -> Subscription:
+    def _subscribe(
+        self,
+        pattern: str,
+        handler: Handler | None,
+        queue: str,
+        credits: int,  # noqa: A002 - the API's name
+        credit_bytes: int | None,
+        overflow: str,
+    ) -> Subscription:
+        # The window checks credits/credit_bytes and says what to do when they are wrong.
+        window = CreditWindow(
+            credits, credit_bytes, overflow, _DROP_OLDEST_BACKLOG if overflow == "drop_oldest" else 0
+        )
         sub = Subscription(self, pattern, handler, queue)
+        sub.sid = next(self._sids)
+        sub.credits, sub.credit_bytes, sub.overflow = credits, credit_bytes, overflow
+        sub._window = window
+        sub._entry = (pattern, queue, sub.sid, credits, credit_bytes or 0, overflow)
         with self._lock:
             self._subs.add(sub)
-            added = self._routing.add_local(pattern, sub, queue)
-            if added is not None:
-                self._command(("interest", self._routing.local_version, [added], []))
+            self._subs_by_sid[sub.sid] = sub
+            self._routing.add_local(pattern, sub, sub._entry)
+            self._command(("interest", self._routing.local_version, [sub._entry], []))
             self._changed.notify_all()
         return sub
 
@@ -511,7 +551,7 @@ class Node:
         """Subscribe to the mesh's own ``_mesh.`` subjects (not for applications)."""
         self._check_started()
         validate_pattern(pattern, allow_reserved=True)
-        return self._subscribe(pattern, handler, "")
+        return self._subscribe(pattern, handler, "", **_INTERNAL_FLOW)
 
     def _publish_internal(self, subject: str, data: Any = b"", headers: dict | None = None) -> None:
         self._check_started()
@@ -532,7 +572,8 @@ class Node:
             if sub not in self._subs:
                 return
             self._subs.discard(sub)
-            removed = self._routing.remove_local(sub.pattern, sub, sub.queue)
+            self._subs_by_sid.pop(sub.sid, None)
+            removed = self._routing.remove_local(sub.pattern, sub, sub._entry)
             if removed is not None and not self._closed:
                 self._command(("interest", self._routing.local_version, [], [removed]))
 
@@ -582,70 +623,216 @@ class Node:
             counter = self._seqs.setdefault(subject, itertools.count(1))
         seq = next(counter)
 
-        # Queue groups: exactly one member per group, across the mesh.
-        peer_queues: dict[str, list[str]] | None = None
-        local_chosen: list[Subscription] = []
+        local_targets: Any = route.local
+        peer_sids: Any = route.peers
         if route.local_groups or route.peer_groups:
-            peer_queues = {}
+            # Queue groups: exactly one member subscription per group, mesh-wide.
+            local_targets = list(route.local)
+            peer_sids = {peer: list(sids) for peer, sids in route.peers.items()}
             for group in route.groups():
                 local_members = route.local_groups.get(group, ())
-                candidates = list(route.peer_groups.get(group, ()))
-                if local_members:
-                    candidates.append(None)  # this node, as one candidate
-                choice = random.choice(candidates)
-                if choice is None:
-                    local_chosen.append(random.choice(local_members))
+                remote_members = route.peer_groups.get(group, ())
+                pick = random.randrange(len(local_members) + len(remote_members))
+                if pick < len(local_members):
+                    local_targets.append(local_members[pick])
                 else:
-                    peer_queues.setdefault(choice, []).append(group)
+                    peer, sid = remote_members[pick - len(local_members)]
+                    peer_sids.setdefault(peer, []).append(sid)
 
-        if route.local or local_chosen:
-            view = payload[-1]
-            if array is not None:
-                local_array = array.view()
-                local_array.flags.writeable = False
-                local_data: Any = memoryview(local_array.reshape(-1).view(np.uint8)) if array.size else b""
-            else:
-                local_array = None
-                # Small mutable buffers are copied: the publisher may reuse them at once.
-                if isinstance(view, bytes):
-                    local_data = view
-                elif nbytes < ZERO_COPY_BYTES:
-                    local_data = bytes(view)
-                else:
-                    local_data = memoryview(view).toreadonly()
-            for sub in itertools.chain(route.local, local_chosen):
-                self._deliver(
-                    sub,
-                    Message(
-                        subject,
-                        local_data,
-                        headers,
-                        self.id,
-                        seq,
-                        array=local_array,
-                        request_id=req_id,
-                        node=self,
-                        reply_to=self.id if req_id is not None else None,
-                    ),
-                )
-
-        targets = route.peers
-        if peer_queues:
-            targets = tuple(dict.fromkeys(itertools.chain(targets, peer_queues)))
-        if not targets:
+        if local_targets:
+            self._publish_local(
+                subject, local_targets, payload, array, nbytes, headers, seq, req_id, timeout
+            )
+        if not peer_sids:
             return
         ts = time.time()
-        shared_header = None
-        for peer_id in targets:
-            queues = peer_queues.get(peer_id) if peer_queues else None
-            if queues is None:
-                if shared_header is None:
-                    shared_header = wire.pack_msg(subject, seq, ts, flags, headers, req_id, None)
-                header = shared_header
+        for peer_id, sids in peer_sids.items():
+            self._send_msg(
+                peer_id, sids, (subject, seq, ts, flags, headers, req_id, payload, nbytes), timeout
+            )
+
+    def _publish_local(
+        self,
+        subject: str,
+        subs: Any,
+        payload: list,
+        array: np.ndarray | None,
+        nbytes: int,
+        headers: dict | None,
+        seq: int,
+        req_id: int | None,
+        timeout: float | None,
+    ) -> None:
+        """Deliver to this node's own subscribers: no socket hop, same credit rules."""
+        view = payload[-1]
+        if array is not None:
+            local_array = array.view()
+            local_array.flags.writeable = False
+            local_data: Any = memoryview(local_array.reshape(-1).view(np.uint8)) if array.size else b""
+        else:
+            local_array = None
+            # Small mutable buffers are copied: the publisher may reuse them at once.
+            if isinstance(view, bytes):
+                local_data = view
+            elif nbytes < ZERO_COPY_BYTES:
+                local_data = bytes(view)
             else:
-                # The receiver hands it to one local member of each named group.
-                header = wire.pack_msg(subject, seq, ts, flags, headers, req_id, queues)
-            self._send(peer_id, [header, *payload], nbytes, timeout)
+                local_data = memoryview(view).toreadonly()
+        reply_to = self.id if req_id is not None else None
+        for sub in subs:
+            msg = Message(
+                subject, local_data, headers, self.id, seq,
+                array=local_array, request_id=req_id, node=self, reply_to=reply_to,
+            )
+            msg._credit = nbytes
+            with sub._flow:
+                decision = sub._window.offer(msg, nbytes)
+                action = decision.action
+                if action is Action.BLOCK:
+                    if sub.closed:
+                        continue
+                    if not self._wait_for_credit(
+                        sub._flow, sub._window, nbytes, timeout, sub.pattern, lambda: False
+                    ):
+                        continue
+                    action = sub._window.offer(msg, nbytes).action
+            if action is Action.SEND:
+                self._deliver(sub, msg)
+            elif action is not Action.QUEUE:
+                self._count_drop(action.value, None)
+                self._pressure_notice(action.value, sub.sid)
+
+    def _wait_for_credit(
+        self, cond: Any, window: Any, nbytes: int, timeout: float | None, what: str, lost: Any
+    ) -> bool:
+        """Wait (holding ``cond``) until ``window`` can take ``nbytes``. False when the
+        subscription went away meanwhile (nothing to send); PeerLostError when its
+        node died; BackpressureError after ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not window.can_send(nbytes):
+            if lost():
+                raise PeerLostError(
+                    f"the node subscribed to {what!r} died while publish() waited for its "
+                    "credit; the message was not delivered there",
+                )
+            if window.closed or self._closed:
+                return False
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise BackpressureError(
+                    f"subscriber of {what!r} gave no credit within {timeout} s (it consumes "
+                    "slower than you publish); slow down, raise timeout=, or subscribe with "
+                    "overflow='drop_oldest'"
+                )
+            cond.wait(remaining if remaining is not None else 1.0)
+        return True
+
+    def _send_msg(self, peer_id: str, sids: Any, item: tuple, timeout: float | None) -> None:
+        """Send one message to a peer for the subscriptions ``sids``, each within its credit."""
+        link = self._links.get(peer_id)
+        if link is None:
+            self.counters.drops["no_link"] += 1
+            return
+        nbytes = item[7]
+        with link.cond:
+            if link.closed:
+                self.counters.drops["no_link"] += 1
+                return
+            allowed = []
+            dropped = None
+            for sid in sids:
+                window = link.windows.get(sid)
+                if window is None:
+                    window = self._open_window(peer_id, link, sid)
+                    if window is None:
+                        allowed.append(sid)  # the peer asked for no flow control
+                        continue
+                decision = window.offer(item, nbytes)
+                action = decision.action
+                if action is Action.BLOCK:
+                    if not self._wait_for_credit(
+                        link.cond, window, nbytes, timeout, item[0], lambda: link.closed
+                    ):
+                        continue  # it unsubscribed meanwhile
+                    action = window.offer(item, nbytes).action
+                if action is Action.SEND:
+                    allowed.append(sid)
+                elif action is not Action.QUEUE:
+                    self._count_drop(action.value, link)
+                    dropped = (action.value, sid)
+            if allowed:
+                self._send_locked(link, peer_id, item, allowed, timeout)
+        if dropped is not None:
+            self._pressure_notice(*dropped)  # outside the link lock: it publishes
+
+    def _send_locked(
+        self, link: Link, peer_id: str, item: tuple, sids: list, timeout: float | None
+    ) -> bool:
+        """Put one message on a link's data socket; the caller holds the link lock."""
+        subject, seq, ts, flags, headers, req_id, payload, nbytes = item
+        frames = [wire.pack_msg(subject, seq, ts, flags, headers, req_id, sids), *payload]
+        sock = link.sock
+        try:
+            _send_frames(sock, frames)
+        except zmq.Again:
+            if timeout is None or timeout <= 0:
+                self._count_drop("peer_queue_full", link)
+                return False
+            if not sock.poll(int(timeout * 1000), zmq.POLLOUT):
+                raise BackpressureError(
+                    f"peer {self._peer_name(peer_id)} did not accept the message within "
+                    f"{timeout} s (its queue is full); slow down or raise timeout="
+                ) from None
+            _send_frames(sock, frames)
+        except zmq.ZMQError as exc:
+            self._count_drop("send_error", link)
+            log.debug("send to %s failed: %s", peer_id, exc)
+            return False
+        self.counters.msgs_out += 1
+        self.counters.bytes_out += nbytes
+        link.counters.msgs_out += 1
+        link.counters.bytes_out += nbytes
+        return True
+
+    def _open_window(self, peer_id: str, link: Link, sid: int) -> CreditWindow | None:
+        params = self._routing.params(peer_id, sid)
+        if params is None or params[0] <= 0:
+            return None
+        granted, credit_bytes, overflow = params
+        try:
+            window = CreditWindow(
+                granted, credit_bytes or None, overflow,
+                _DROP_OLDEST_BACKLOG if overflow == "drop_oldest" else 0,
+            )
+        except MeshError:
+            self.counters.drops["bad_flow_params"] += 1
+            return None
+        link.windows[sid] = window
+        return window
+
+    def _count_drop(self, reason: str, link: Link | None) -> None:
+        self.counters.drops[reason] += 1
+        if link is not None:
+            link.counters.drops[reason] += 1
+
+    def _pressure_notice(self, reason: str, sid: int | None) -> None:
+        """Announce drops on _mesh.pressure.<node> (at most once a second) so that
+        applications can slow down."""
+        now = time.monotonic()
+        if now - self._last_pressure < 1.0:
+            return
+        self._last_pressure = now
+        subject = f"_mesh.pressure.{self._subject_name}"
+        route = self._route(subject, internal=True)
+        if route.empty:
+            return
+        body = msgpack.packb(
+            {"node": self.name, "reason": reason, "sid": sid, "drops": dict(self.counters.drops)}
+        )
+        try:
+            self._publish(subject, route, body, None, None, None)
+        except MeshError:
+            pass  # a notice must never fail the publish that caused it
 
     def _encode_payload(self, data: Any) -> tuple[list, np.ndarray | None, int, int]:
         if isinstance(data, np.ndarray):
@@ -751,6 +938,8 @@ class Node:
             self.counters.drops["handler_error"] += 1
             log.exception("%s: handler for %r raised on %r", self.name, sub.pattern, msg.subject)
         sub.delivered += 1
+        if msg._credit is not None:
+            self._consumed(sub, msg)  # the handler returned: its credit goes back
 
     # ------------------------------------------------------------------ request/reply
 
@@ -858,6 +1047,11 @@ class Node:
                     "rtt": p.rtt,
                     "since": round(now - p.joined_at, 3) if p.joined_at else None,
                     "interest": len(self._routing.peer_interest(p.id)),
+                    # Our credit towards each of its subscriptions (sid -> window).
+                    "credits": {
+                        str(sid): {"available": w.available, "in_flight": w.in_flight, "queued": w.pending}
+                        for sid, w in list(link.windows.items())
+                    } if link else {},
                     **p.counters.as_dict(),
                 }
             )
@@ -866,8 +1060,15 @@ class Node:
                 {
                     "pattern": s.pattern,
                     "queue": s.queue or None,
+                    "sid": s.sid,
                     "delivered": s.delivered,
                     "pending": s.pending,
+                    "credits": s.credits,
+                    "overflow": s.overflow,
+                    # Per publisher: messages received and not yet consumed.
+                    "outstanding": {
+                        self._peer_name(pub): g.outstanding for pub, g in list(s._grants.items())
+                    },
                 }
                 for s in self._subs
             ]
@@ -927,6 +1128,10 @@ class Node:
                 wake_at = min(next_tick, next_seed) if self._seed_socks else next_tick
                 if deadline is not None:
                     wake_at = min(wake_at, deadline)
+                if self._dirty_grants:
+                    credit_deadline = self._flush_credits(now)
+                    if credit_deadline is not None:
+                        wake_at = min(wake_at, credit_deadline)
                 wait_ms = max(0, int((wake_at - now) * 1000) + 1)
                 if router.poll(wait_ms):
                     self._drain_router()
@@ -1033,6 +1238,8 @@ class Node:
             if type(body) is not list or len(body) != 2 or type(body[0]) is not int:
                 raise ProtocolError("malformed interest snapshot", "malformed")
             self._set_interest(peer, body[0], wire.check_interest_entries(body[1]))
+        elif kind == wire.CREDIT:
+            self._on_credit(peer, body)
         elif kind == wire.SYNC:
             self._send_control(peer.id, wire.INTEREST_FULL, self._interest_snapshot())
         elif kind == wire.PEERS:
@@ -1052,7 +1259,7 @@ class Node:
         return peer
 
     def _on_msg(self, ident: bytes, header: list, frames: list) -> None:
-        subject, seq, ts, flags, headers, req_id, queues = wire.check_msg(header)
+        subject, seq, ts, flags, headers, req_id, sids = wire.check_msg(header)
         peer = self._known_peer(ident)
         route = self._route(subject, internal=True)
         data, array, nbytes = self._payload_of(flags, frames, "message")
@@ -1066,31 +1273,100 @@ class Node:
             if 0.0 <= latency < 3600.0:  # also rejects nan/inf; clocks may disagree a little
                 self.latency.record(latency)
         reply_to = peer.id if req_id is not None else None
-        if route.local:
-            key = (peer.id, subject)
-            last = self._last_seq.get(key)
-            if last is not None and seq > last + 1:
-                self.gaps += seq - last - 1
-            self._last_seq[key] = seq
-            for sub in route.local:
-                self._io_deliver(
-                    sub,
-                    Message(subject, data, headers, peer.id, seq, array=array,
-                            request_id=req_id, node=self, reply_to=reply_to),
-                )
-        if queues:
-            for group in queues:
-                members = route.local_groups.get(group)
-                if not members:
-                    self.counters.drops["no_queue_member"] += 1
-                    continue
-                self._io_deliver(
-                    random.choice(members),
-                    Message(subject, data, headers, peer.id, seq, array=array,
-                            request_id=req_id, node=self, reply_to=reply_to),
-                )
-        elif not route.local:
+        counted_gap = False
+        for sid in sids:
+            sub = self._subs_by_sid.get(sid)
+            if sub is None or sub.closed:
+                self.counters.drops["no_subscriber"] += 1  # unsubscribed meanwhile
+                continue
+            if sub not in route.local and sub not in route.local_groups.get(sub.queue, ()):
+                self.counters.drops["not_subscribed"] += 1  # a publisher that lies
+                continue
+            if not sub.queue and not counted_gap:
+                # Plain subscribers see every message of a subject: gaps are losses.
+                counted_gap = True
+                key = (peer.id, subject)
+                last = self._last_seq.get(key)
+                if last is not None and seq > last + 1:
+                    self.gaps += seq - last - 1
+                self._last_seq[key] = seq
+            msg = Message(subject, data, headers, peer.id, seq, array=array,
+                          request_id=req_id, node=self, reply_to=reply_to)
+            grant = sub._grants.get(peer.id)
+            if grant is None:
+                grant = sub._grants[peer.id] = CreditGrant(sub.credits, sub.credit_bytes)
+            with sub._flow:
+                within = grant.on_received(nbytes)
+                if not within:
+                    grant.on_dropped(nbytes)
+            if not within:
+                self.counters.drops["credit_violation"] += 1  # sent beyond its credit
+                continue
+            msg._credit = (grant, peer.id, nbytes)
+            self._io_deliver(sub, msg)
+        if not sids:
             self.counters.drops["no_interest"] += 1
+
+    def _consumed(self, sub: Subscription, msg: Message) -> None:
+        """The application is done with ``msg``: give its credit back (any thread)."""
+        credit = msg._credit
+        msg._credit = None
+        if type(credit) is int:  # from this node's own publisher: no network
+            with sub._flow:
+                released = sub._window.on_credit(1, credit)
+                sub._flow.notify_all()
+            for held in released:
+                self._deliver(sub, held)
+            return
+        grant, publisher, nbytes = credit
+        now = time.monotonic()
+        with sub._flow:
+            grant.on_consumed(nbytes, now)
+            update = grant.take_update(now)
+            wake = False
+            if update is None:
+                wake = not self._dirty_grants
+                self._dirty_grants[(sub, publisher)] = grant
+        if update is not None:
+            self._command(("credit", publisher, [[sub.sid, update[0], update[1]]]))
+        elif wake:
+            self._command(("flush_credit",))  # the I/O thread schedules the delayed flush
+
+    def _flush_credits(self, now: float) -> float | None:
+        """Send credit returns that are due (I/O thread); the next deadline, if any."""
+        due: dict[str, list] = {}
+        next_deadline = None
+        for key, grant in list(self._dirty_grants.items()):
+            sub, publisher = key
+            with sub._flow:
+                update = grant.take_update(now)
+                deadline = grant.next_deadline()
+            if update is not None:
+                due.setdefault(publisher, []).append([sub.sid, update[0], update[1]])
+            if deadline is None or sub.closed:
+                self._dirty_grants.pop(key, None)
+            elif next_deadline is None or deadline < next_deadline:
+                next_deadline = deadline
+        for publisher, entries in due.items():
+            self._send_control(publisher, wire.CREDIT, entries)
+        return next_deadline
+
+    def _on_credit(self, peer: Peer, body: Any) -> None:
+        """A subscriber consumed messages: release held ones, wake blocked publishers."""
+        entries = wire.check_credit(body)
+        link = peer.link
+        if link is None:
+            return
+        with link.cond:
+            if link.closed:
+                return
+            for sid, msgs, nbytes in entries:
+                window = link.windows.get(sid)
+                if window is None:
+                    continue
+                for item in window.on_credit(msgs, nbytes):
+                    self._send_locked(link, peer.id, item, [sid], None)
+            link.cond.notify_all()
 
     def _on_reply(self, ident: bytes, header: list, frames: list) -> None:
         req_id, flags, headers = wire.check_reply(header)
@@ -1357,6 +1633,7 @@ class Node:
             bad = self._routing.set_peer_interest(peer.id, version, entries)
         if bad:
             self.counters.drops["invalid_interest"] += len(bad)
+        self._prune_windows(peer)
         with self._changed:
             self._changed.notify_all()
 
@@ -1374,8 +1651,19 @@ class Node:
             self._send_control(peer.id, wire.SYNC, None)  # we missed one: resync
         elif bad:
             self.counters.drops["invalid_interest"] += len(bad)
+        self._prune_windows(peer)
         with self._changed:
             self._changed.notify_all()
+
+    def _prune_windows(self, peer: Peer) -> None:
+        """Close credit windows of subscriptions the peer no longer has."""
+        link = peer.link
+        if link is None or not link.windows:
+            return
+        with link.cond:
+            for sid in [sid for sid in link.windows if self._routing.params(peer.id, sid) is None]:
+                link.windows.pop(sid).close("unsubscribed")
+            link.cond.notify_all()
 
     def _send_control(self, peer_id: str, kind: int, body: Any) -> None:
         """Send a control message (I/O thread only: the ctl socket is never shared)."""
@@ -1451,7 +1739,11 @@ class Node:
                 self._io_deliver(sub, Message(subject, data, None, self.id, 0, node=self))
 
     def _run_command(self, cmd: tuple) -> None:
-        if cmd[0] == "interest":
+        if cmd[0] == "credit":
+            self._send_control(cmd[1], wire.CREDIT, cmd[2])
+        elif cmd[0] == "flush_credit":
+            pass  # woke us: the loop computes the credit deadline
+        elif cmd[0] == "interest":
             _, version, adds, removes = cmd
             body = [version, [list(k) for k in adds], [list(k) for k in removes]]
             for peer in list(self._peers.values()):

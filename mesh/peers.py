@@ -30,7 +30,7 @@ class Link:
     it: a second pipe, so the peer's ROUTER fair-queues control past a backlog
     of data and a busy peer is not mistaken for a dead one."""
 
-    __slots__ = ("sock", "ctl", "lock", "transport", "endpoint", "closed", "counters")
+    __slots__ = ("sock", "ctl", "lock", "cond", "windows", "transport", "endpoint", "closed", "counters")
 
     def __init__(
         self, sock: Any, ctl: Any, transport: str, endpoint: str, counters: Counters
@@ -39,6 +39,9 @@ class Link:
         self.ctl = ctl
         self.counters = counters  # the peer's, so publishers count without a lookup
         self.lock = threading.Lock()
+        # Publishers blocked on credit wait here; the I/O thread notifies on credit.
+        self.cond = threading.Condition(self.lock)
+        self.windows: dict[int, Any] = {}  # subscription id at the peer -> CreditWindow
         self.transport = transport
         self.endpoint = endpoint
         self.closed = False
@@ -49,6 +52,9 @@ class Link:
                 self.closed = True
                 self.sock.close(linger=linger)
                 self.ctl.close(linger=linger)
+                for window in self.windows.values():
+                    window.close("peer gone")
+                self.cond.notify_all()  # blocked publishers see the peer is gone
 
 
 @dataclass

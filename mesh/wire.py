@@ -4,7 +4,9 @@ Every header is a msgpack array whose first two items are the protocol version
 and the message kind. Data messages (MSG, REPLY) use fixed positions so that
 the hot path packs and unpacks a short list; control messages carry a dict.
 
-    MSG    [V, MSG, subject, seq, ts, flags, headers|nil, req_id|nil, queues|nil]
+    MSG    [V, MSG, subject, seq, ts, flags, headers|nil, req_id|nil, sids]
+           sids: the receiver's subscriptions this message is for (each chosen
+           by the publisher's routing table, each within its credit)
            frames: header, payload            (flags & TENSOR == 0)
                    header, descriptor, data   (flags & TENSOR: schemas/tensor.fbs)
     REPLY  [V, REPLY, req_id, flags, headers|nil]   + payload frames as MSG
@@ -38,6 +40,7 @@ STATUS_REQ = 11  # body: token (any); sent by mesh-status from an unknown identi
 STATUS = 12  # body: [token, status dict]
 P2P = 13  # body: [channel, tag, flags, meta]  + payload frames as MSG (mesh/channels.py)
 SWIM = 14  # body: a membership message (mesh/membership.py)
+CREDIT = 15  # body: [[sid, msgs, bytes], ...] credit returned for consumed messages
 
 KIND_NAMES = {
     HELLO: "hello",
@@ -54,6 +57,7 @@ KIND_NAMES = {
     STATUS: "status",
     P2P: "p2p",
     SWIM: "swim",
+    CREDIT: "credit",
 }
 
 # MSG / REPLY flags
@@ -77,10 +81,10 @@ def pack_msg(
     flags: int,
     headers: dict | None,
     req_id: int | None,
-    queues: list[str] | None,
+    sids: list[int],
 ) -> bytes:
     return _pack(
-        [PROTOCOL_VERSION, MSG, subject, seq, ts, flags, headers, req_id, queues],
+        [PROTOCOL_VERSION, MSG, subject, seq, ts, flags, headers, req_id, sids],
         use_bin_type=True,
     )
 
@@ -111,11 +115,11 @@ def unpack(frame: bytes | memoryview) -> list:
     return header
 
 
-def check_msg(header: list) -> tuple[str, int, float, int, dict | None, int | None, list | None]:
+def check_msg(header: list) -> tuple[str, int, float, int, dict | None, int | None, list]:
     """Validate the fields of a MSG header (types only: subjects are checked by routing)."""
     if len(header) != 9:
         raise ProtocolError("MSG header has the wrong length", "malformed")
-    _, _, subject, seq, ts, flags, headers, req_id, queues = header
+    _, _, subject, seq, ts, flags, headers, req_id, sids = header
     if (
         type(subject) is not str
         or type(seq) is not int
@@ -123,10 +127,11 @@ def check_msg(header: list) -> tuple[str, int, float, int, dict | None, int | No
         or type(flags) is not int
         or (headers is not None and type(headers) is not dict)
         or (req_id is not None and type(req_id) is not int)
-        or (queues is not None and (type(queues) is not list or not all(type(q) is str for q in queues)))
+        or type(sids) is not list
+        or not all(type(sid) is int for sid in sids)
     ):
         raise ProtocolError("MSG header has fields of the wrong type", "malformed")
-    return subject, seq, ts, flags, headers, req_id, queues
+    return subject, seq, ts, flags, headers, req_id, sids
 
 
 def check_reply(header: list) -> tuple[int, int, dict | None]:
@@ -140,19 +145,47 @@ def check_reply(header: list) -> tuple[int, int, dict | None]:
     return req_id, flags, headers
 
 
-def check_interest_entries(entries: Any) -> list[tuple[str, str]]:
+_OVERFLOWS = ("block", "drop_new", "drop_oldest")
+
+
+def check_interest_entries(entries: Any) -> list[tuple]:
+    """Interest entries: [pattern, queue, sid, credits, credit_bytes, overflow] each."""
     if type(entries) is not list:
         raise ProtocolError("interest entries are not a list", "malformed")
     out = []
     for entry in entries:
         if (
             type(entry) is not list
-            or len(entry) != 2
+            or len(entry) != 6
             or type(entry[0]) is not str
             or type(entry[1]) is not str
+            or type(entry[2]) is not int
+            or type(entry[3]) is not int
+            or type(entry[4]) is not int
+            or entry[3] < 1
+            or entry[4] < 0
+            or entry[5] not in _OVERFLOWS
         ):
-            raise ProtocolError("interest entry is not [pattern, queue]", "malformed")
-        out.append((entry[0], entry[1]))
+            raise ProtocolError(
+                "interest entry is not [pattern, queue, sid, credits, credit_bytes, overflow]",
+                "malformed",
+            )
+        out.append(tuple(entry))
+    return out
+
+
+def check_credit(body: Any) -> list[tuple[int, int, int]]:
+    if type(body) is not list:
+        raise ProtocolError("credit body is not a list", "malformed")
+    out = []
+    for item in body:
+        if (
+            type(item) is not list
+            or len(item) != 3
+            or not all(type(v) is int and v >= 0 for v in item)
+        ):
+            raise ProtocolError("credit entry is not [sid, msgs, bytes]", "malformed")
+        out.append((item[0], item[1], item[2]))
     return out
 
 

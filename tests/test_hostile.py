@@ -167,12 +167,12 @@ CONTROL_KINDS = [k for k in wire.KIND_NAMES if k not in (wire.HELLO, wire.STATUS
 
 def _valid_headers(cluster: str) -> list[bytes]:
     return [
-        wire.pack_msg("a.b", 1, 1.0, 0, {"k": "v"}, 5, ["g"]),
-        wire.pack_msg("grad.w3.layer1", 7, time.time(), wire.TENSOR, None, None, None),
+        wire.pack_msg("a.b", 1, 1.0, 0, {"k": "v"}, 5, [1]),
+        wire.pack_msg("grad.w3.layer1", 7, time.time(), wire.TENSOR, None, None, []),
         wire.pack_reply(5, 0, None),
         fake_hello(cluster),
-        wire.pack(wire.INTEREST, [1, [["a.b", ""], ["c.>", "q"]], []]),
-        wire.pack(wire.INTEREST_FULL, [3, [["a.b", ""]]]),
+        wire.pack(wire.INTEREST, [1, [["a.b", "", 1, 256, 0, "block"], ["c.>", "q", 2, 256, 0, "block"]], []]),
+        wire.pack(wire.INTEREST_FULL, [3, [["a.b", "", 1, 256, 0, "block"]]]),
         wire.pack(wire.PING, [1.0]),
         wire.pack(wire.PEERS, [{"id": "x", "name": "x"}]),
     ]
@@ -275,7 +275,7 @@ def fake_cases(cluster: str):
         kind = draw(st.sampled_from(["msg", "reply"]))
         if kind == "msg":
             subject = draw(st.sampled_from(["a.b", "grad.w3.layer1", "_mesh.x"]))
-            header = wire.pack_msg(subject, 1, 1.0, wire.TENSOR, None, None, None)
+            header = wire.pack_msg(subject, 1, 1.0, wire.TENSOR, None, None, [])
         else:
             header = wire.pack_reply(draw(st.integers(0, 2**62)), wire.TENSOR, None)
         return [header, desc, data]
@@ -284,7 +284,7 @@ def fake_cases(cluster: str):
     def empty_but_huge(draw):
         shape = draw(st.sampled_from([(0, 2**62, 2**62), (2**62, 0, 2**62), (0, 2**63 - 1)]))
         desc = tensor.encode_descriptor("<f8", shape)
-        header = wire.pack_msg("a.b", 1, 1.0, wire.TENSOR, None, None, None)
+        header = wire.pack_msg("a.b", 1, 1.0, wire.TENSOR, None, None, [])
         return [header, desc, b""]
 
     @st.composite
@@ -293,7 +293,7 @@ def fake_cases(cluster: str):
         flags = wire.TENSOR if is_tensor else 0
         kind = draw(st.sampled_from(["msg", "reply"]))
         if kind == "msg":
-            header = wire.pack_msg("a.b", 1, 1.0, flags, None, None, None)
+            header = wire.pack_msg("a.b", 1, 1.0, flags, None, None, [])
         else:
             header = wire.pack_reply(1, flags, None)
         good = 2 if is_tensor else 1
@@ -303,7 +303,7 @@ def fake_cases(cluster: str):
 
     @st.composite
     def garbage_descriptor(draw):
-        header = wire.pack_msg("a.b", 1, 1.0, wire.TENSOR, None, None, None)
+        header = wire.pack_msg("a.b", 1, 1.0, wire.TENSOR, None, None, [])
         desc = bytearray(tensor.encode_descriptor("<f4", (2, 2)))
         for _ in range(draw(st.integers(1, 4))):
             pos = draw(st.integers(0, len(desc) - 1))
@@ -321,7 +321,7 @@ def fake_cases(cluster: str):
 
     @st.composite
     def bad_interest_entries(draw):
-        entries = draw(st.lists(st.sampled_from([["a.b", ""], ["c.>", "q"]]), max_size=2))
+        entries = draw(st.lists(st.sampled_from([["a.b", "", 1, 256, 0, "block"], ["c.>", "q", 2, 256, 0, "block"]]), max_size=2))
         entries.insert(draw(st.integers(0, len(entries))), draw(bad_entry))
         where = draw(st.sampled_from(["delta adds", "delta removes", "full", "hello"]))
         if where == "delta adds":
@@ -465,7 +465,7 @@ def test_huge_declared_tensor_shapes_are_dropped(target, cluster):
         for shape in HUGE_SHAPES:
             for desc in huge_descriptors("<f4", shape):
                 before = fake.status()["counters"]["drops"].get("size_mismatch", 0)
-                header = wire.pack_msg("a.b", 1, 1.0, wire.TENSOR, None, None, None)
+                header = wire.pack_msg("a.b", 1, 1.0, wire.TENSOR, None, None, [])
                 fake.send([header, desc, b"\x00" * 8])
                 after = fake.status()["counters"]["drops"].get("size_mismatch", 0)
                 assert after == before + 1, shape
@@ -477,10 +477,11 @@ def test_huge_declared_tensor_shapes_are_dropped(target, cluster):
 def test_tensor_to_a_subscriber_with_a_lying_descriptor_is_not_delivered(procs, cluster):
     h = procs.start("h")
     sid = h.call("subscribe", pattern="grad.>")
+    (mesh_sid,) = [s["sid"] for s in h.call("status")["subscriptions"] if s["pattern"] == "grad.>"]
     ctx = zmq.Context()
     try:
         fake = connect_fake(ctx, h, cluster)
-        header = wire.pack_msg("grad.x", 1, 1.0, wire.TENSOR, None, None, None)
+        header = wire.pack_msg("grad.x", 1, 1.0, wire.TENSOR, None, None, [mesh_sid])
         fake.send([header, tensor.encode_descriptor("<f4", (2**40,)), b"\x00" * 8])
         fake.send([header, tensor.encode_descriptor("<f4", (2,)), b"\x00" * 8])  # honest
         fake.status()
@@ -514,7 +515,7 @@ def test_hello_from_another_cluster_is_refused(target):
         assert "fake" not in [p["name"] for p in status["peers"]]
         # and it cannot send messages either
         before = status["counters"]["drops"].get("unknown_peer", 0)
-        raw.send([wire.pack_msg("svc.echo", 1, 1.0, 0, None, 9, None), b"x"])
+        raw.send([wire.pack_msg("svc.echo", 1, 1.0, 0, None, 9, []), b"x"])
         assert raw.status()["counters"]["drops"].get("unknown_peer", 0) == before + 1
     finally:
         raw.close()
@@ -527,10 +528,10 @@ def test_invalid_patterns_in_an_interest_delta_are_counted(target, cluster):
     fake = connect_fake(ctx, h, cluster)
     try:
         before = fake.status()["counters"]["drops"].get("invalid_interest", 0)
-        fake.send([wire.pack(wire.INTEREST_FULL, [1, [["a.>.b", ""], ["ok.x", ""]]])])
+        fake.send([wire.pack(wire.INTEREST_FULL, [1, [["a.>.b", "", 1, 256, 0, "block"], ["ok.x", "", 2, 256, 0, "block"]]])])
         mid = fake.status()["counters"]["drops"].get("invalid_interest", 0)
         assert mid == before + 1  # the snapshot path counts it
-        fake.send([wire.pack(wire.INTEREST, [2, [["x..y", ""], ["ok.y", ""]], []])])
+        fake.send([wire.pack(wire.INTEREST, [2, [["x..y", "", 3, 256, 0, "block"], ["ok.y", "", 4, 256, 0, "block"]], []])])
         status = fake.status()
         (row,) = [p for p in status["peers"] if p["name"] == "fake"]
         assert row["interest"] == 2  # ok.x and ok.y; the invalid ones skipped
@@ -547,7 +548,7 @@ def test_hostile_numbers_keep_status_strict_json(target, cluster):
     fake = connect_fake(ctx, h, cluster)
     try:
         for ts in (math.inf, -math.inf, 1e308, -1e308):
-            fake.send([wire.pack_msg("nobody.here", 1, ts, 0, None, None, None), b"x"])
+            fake.send([wire.pack_msg("nobody.here", 1, ts, 0, None, None, []), b"x"])
         fake.send([wire.pack(wire.PONG, [-math.inf])])
         fake.send([wire.pack(wire.PONG, [-1e308])])
         fake.status()
@@ -568,7 +569,7 @@ def test_hostile_values_are_validated_not_internal_errors(target, cluster, case)
     summary = {"id": "b" * 16, "name": "ghost", "cluster": cluster,
                "eps": {"tcp": ["tcp://[not-an-endpoint"]}, "host": "x", "proc": "x/1"}
     frames = {
-        "nan timestamp": [wire.pack_msg("nobody.here", 1, math.nan, 0, None, None, None), b"x"],
+        "nan timestamp": [wire.pack_msg("nobody.here", 1, math.nan, 0, None, None, []), b"x"],
         "unhashable kind": [msgpack.packb([wire.PROTOCOL_VERSION, [6], None])],
         "bad endpoint in hello": [fake_hello(cluster, id="c" * 16,
                                              eps={"tcp": ["tcp://[not-an-endpoint"]})],
@@ -608,12 +609,14 @@ def test_flood_of_garbage_from_many_identities(target):
 def test_sequence_gaps_from_a_peer_are_counted(procs, cluster):
     h = procs.start("h")
     sid = h.call("subscribe", pattern="g.>")
+    # Messages name the receiver's subscription (its id, as advertised in its interest).
+    (mesh_sid,) = [s["sid"] for s in h.call("status")["subscriptions"] if s["pattern"] == "g.>"]
     ctx = zmq.Context()
     try:
         fake = connect_fake(ctx, h, cluster)
         for seq in (1, 2, 5, 6, 10):  # 3, 4 and 7, 8, 9 missing
-            fake.send([wire.pack_msg("g.a", seq, 1.0, 0, None, None, None), b"%d" % seq])
-        fake.send([wire.pack_msg("g.b", 7, 1.0, 0, None, None, None), b"first on g.b"])
+            fake.send([wire.pack_msg("g.a", seq, 1.0, 0, None, None, [mesh_sid]), b"%d" % seq])
+        fake.send([wire.pack_msg("g.b", 7, 1.0, 0, None, None, [mesh_sid]), b"first on g.b"])
         fake.status()
         got = h.call("collected", sid=sid, n=6)
         assert [r["seq"] for r in got] == [1, 2, 5, 6, 10, 7]
