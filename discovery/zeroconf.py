@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "SERVICE_TYPE",
+    "LanBrowser",
     "ZeroconfDiscovery",
     "announcement_from_properties",
     "cosmetic_name",
@@ -568,3 +569,141 @@ class ZeroconfDiscovery(Discovery):
         self._id_to_names.pop(node_id, None)
         self._reported.pop(node_id, None)
         self._emit_lost(node_id)
+
+
+# --------------------------------------------------------------------------- browse only
+
+
+class LanBrowser:
+    """Lists the mesh nodes announced on the LAN, of every cluster, announcing nothing.
+
+    For observers (``mesh-status``) on hosts that run no node. ``interfaces``
+    restricts where mDNS runs, exactly as for :class:`ZeroconfDiscovery`.
+    Liveness is not mDNS's business: a SIGKILLed node stays listed until its
+    records expire, so callers must ask each node whether it still answers.
+
+        with LanBrowser(["eth0"]) as browser:
+            time.sleep(1.0)                   # let the answers to our query arrive
+            nodes = browser.announcements()
+    """
+
+    def __init__(
+        self,
+        interfaces: Sequence[str] | None = None,
+        *,
+        service_type: str = SERVICE_TYPE,
+        close_timeout: float = 3.0,
+    ) -> None:
+        try:
+            if service_type_name(service_type) != service_type:
+                raise BadTypeInNameException("not a service type (it names an instance)")
+        except BadTypeInNameException as e:
+            raise ConfigError(f"bad DNS-SD service type {service_type!r}: {e}") from e
+        self.service_type = service_type
+        pairs = local_ipv4_addresses(interfaces)
+        if not pairs and interfaces is None:
+            pairs = local_ipv4_addresses(None, include_loopback=True)  # a host with no network
+        if not pairs:
+            raise ConfigError("no IPv4 address to run mDNS on; pass interfaces=[...]")
+        self.addresses: list[str] = list(dict.fromkeys(a for _, a in pairs))
+        self._close_timeout = close_timeout
+        self._lock = threading.Lock()
+        self._names: set[str] = set()  # instance names the browser currently lists
+        self._zc: Zeroconf | None = None
+        self._browser: ServiceBrowser | None = None
+        self._closed = False
+
+    def __enter__(self) -> LanBrowser:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        if self._closed:
+            raise ClosedError("browser was closed; create a new one")
+        if self._zc is not None:
+            return
+        try:
+            zc = Zeroconf(interfaces=list(self.addresses), ip_version=IPVersion.V4Only)
+        except OSError as e:
+            raise ConfigError(f"cannot open mDNS sockets on {self.addresses}: {e}") from e
+        self._zc = zc
+        ZeroconfDiscovery._restrict_listen_socket(zc)
+        if not zc.engine.senders:
+            self.close()
+            raise ConfigError(f"mDNS could not join the multicast group on any of {self.addresses}")
+        # QM, as the nodes do: a unicast answer may reach another socket sharing port 5353.
+        self._browser = ServiceBrowser(
+            zc, self.service_type, handlers=[self._on_browse], question_type=DNSQuestionType.QM
+        )
+
+    def _on_browse(
+        self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
+    ) -> None:
+        with self._lock:
+            if state_change is ServiceStateChange.Removed:
+                self._names.discard(name)  # a goodbye: the node closed
+            else:
+                self._names.add(name)
+
+    def names(self) -> list[str]:
+        """The service instance names seen so far (and not withdrawn)."""
+        with self._lock:
+            return sorted(self._names)
+
+    def announcements(self, resolve_timeout: float = 1.0) -> list[Announcement]:
+        """Decode every listed service; those not already in the cache are asked for,
+        all at once, for up to ``resolve_timeout`` seconds. Undecodable ones are skipped."""
+        zc = self._zc
+        names = self.names()
+        if zc is None or zc.loop is None or not names:
+            return []
+        ms = max(50, int(resolve_timeout * 1000))
+
+        async def resolve(name: str) -> AsyncServiceInfo | None:
+            info = AsyncServiceInfo(self.service_type, name)
+            ok = await info.async_request(zc, ms, DNSQuestionType.QM)
+            return info if ok else None
+
+        async def resolve_all() -> list[AsyncServiceInfo | None]:
+            return await asyncio.gather(*(resolve(n) for n in names), return_exceptions=False)
+
+        try:
+            fut = asyncio.run_coroutine_threadsafe(resolve_all(), zc.loop)
+            infos = fut.result(resolve_timeout + 2.0)
+        except Exception as e:  # loop gone, or an unexpected zeroconf failure
+            log.debug("resolving %d services failed: %r", len(names), e)
+            return []
+        out: dict[str, Announcement] = {}
+        for info in infos:
+            if info is None:
+                continue
+            ann = announcement_from_properties(
+                info.properties, info.parsed_addresses(IPVersion.V4Only)
+            )
+            if ann is not None:
+                out.setdefault(ann.node_id, ann)  # one node may be listed under two names
+        return sorted(out.values(), key=lambda a: (a.cluster, a.name, a.node_id))
+
+    def close(self) -> None:
+        """Stop browsing; idempotent and bounded in time (zeroconf joins threads unbounded)."""
+        if self._closed:
+            return
+        self._closed = True
+        zc, browser = self._zc, self._browser
+
+        def teardown() -> None:
+            for what, fn in (("browser", browser.cancel if browser else None),
+                             ("zeroconf", zc.close if zc else None)):
+                if fn is None:
+                    continue
+                try:
+                    fn()
+                except Exception:
+                    log.debug("closing the mDNS %s failed", what, exc_info=True)
+
+        t = threading.Thread(target=teardown, name="zmesh-browse-close", daemon=True)
+        t.start()
+        t.join(self._close_timeout)

@@ -11,6 +11,10 @@ The parent starts worker PROCESSES (``python -m mesh.demo worker --role ...``):
   zero-copy on the wire); all trainers form the queue group ``evaluators`` on
   ``jobs.>``, so every job is done by exactly one of them.
 
+Workers find each other with zeroconf (mDNS on the loopback interface only:
+no address is typed anywhere, and nothing leaves this machine); ``--seeds``
+falls back to the server's endpoint as a static seed.
+
 Workers report to the parent with one JSON line per event on stdout; the
 parent prints a readable line per worker per second, then the status table of
 every node (as ``mesh-status`` shows it), and stops everything by itself.
@@ -54,6 +58,9 @@ APPLY_INTERVAL = 0.1  # the server applies the averaged gradients
 JOB_INTERVAL = 0.25  # the server hands out an evaluation job
 LR = 0.01
 QUEUE_GROUP = "evaluators"
+# The demo runs on one machine: mDNS on loopback finds every worker, and
+# restricting it there keeps the demo's multicast off the real network.
+DEMO_INTERFACES = ["lo"]
 
 
 # =========================================================================== workers
@@ -304,7 +311,10 @@ def _watch_stdin(stop: threading.Event) -> None:
     stop.set()
 
 
-def worker(role: str, name: str, n_workers: int, cluster: str, seed: str | None, max_seconds: float) -> int:
+def worker(
+    role: str, name: str, n_workers: int, cluster: str, seed: str | None, max_seconds: float,
+    use_seeds: bool = False,
+) -> int:
     """One worker process: join the mesh, play ``role`` until told to stop."""
     import mesh
     from mesh.cli import seedable_endpoints
@@ -318,12 +328,15 @@ def worker(role: str, name: str, n_workers: int, cluster: str, seed: str | None,
     failsafe.daemon = True
     failsafe.start()
 
-    # Zeroconf will replace the seed once LAN discovery lands; until then the
+    # Zeroconf on loopback by default (see DEMO_INTERFACES); with --seeds the
     # first worker listens and the others join through it ("static").
-    with mesh.Node(
-        name=name, cluster=cluster, discovery="static" if seed else "none",
-        seeds=[seed] if seed else [],
-    ) as node:
+    if seed:
+        opts: dict[str, Any] = {"discovery": "static", "seeds": [seed]}
+    elif role == "ps" and use_seeds:
+        opts = {"discovery": "none"}
+    else:
+        opts = {"discovery": "zeroconf", "interfaces": DEMO_INTERFACES}
+    with mesh.Node(name=name, cluster=cluster, **opts) as node:
         _emit("ready", endpoint=seedable_endpoints(node.status())[0], pid=os.getpid())
         if not _wait(lambda t: node.wait_for_peers(n_workers - 1, timeout=t), stop, JOIN_TIMEOUT):
             if not stop.is_set():
@@ -381,8 +394,9 @@ class _Worker:
 class Demo:
     """Runs the workers and prints what flows. ``run()`` then ``cleanup()`` (always)."""
 
-    def __init__(self, workers: int, duration: float, out: Any = None) -> None:
+    def __init__(self, workers: int, duration: float, out: Any = None, seeds: bool = False) -> None:
         self.n = workers
+        self.seeds = seeds
         self.duration = duration
         self.out = out or sys.stdout
         self.events: queue.Queue = queue.Queue()
@@ -406,6 +420,8 @@ class Demo:
         ]
         if seed:
             cmd += ["--seed", seed]
+        elif self.seeds:
+            cmd += ["--seeds"]
         proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, bufsize=1,
@@ -422,7 +438,8 @@ class Demo:
         if kind == "ready":
             w.endpoint = event["endpoint"]
             if name == "ps":
-                self.say(f"listening on {w.endpoint} (pid {event.get('pid')}); the trainers seed to it", name)
+                how = "the trainers seed to it" if self.seeds else "found through mDNS on loopback"
+                self.say(f"listening on {w.endpoint} (pid {event.get('pid')}); {how}", name)
         elif kind == "joined":
             w.joined = True
             peers = ", ".join(f"{p} ({t})" for p, t in event["peers"])
@@ -478,23 +495,26 @@ class Demo:
 
     def run(self) -> int:
         n_trainers = self.n - 1
+        how = "static seeds" if self.seeds else "zeroconf discovery (mDNS on loopback), no seeds"
         print(
             f"mesh demo: 1 parameter server + {n_trainers} trainers as separate processes, "
-            f"{self.duration:.0f} s, cluster {self.cluster!r}",
+            f"{self.duration:.0f} s, cluster {self.cluster!r}, {how}",
             file=self.out, flush=True,
         )
         end = self.t0 + self.duration
         ps = "ps"
         self.start(ps, "ps", None)
-        self.pump(min(end, time.monotonic() + JOIN_TIMEOUT), lambda: self.workers[ps].endpoint is not None
-                  or self.workers[ps].proc.poll() is not None)
-        seed = self.workers[ps].endpoint
-        if seed is None:
-            self.failures.append("the parameter server did not start")
-            self._stop()
-            return self._verdict()
+        if self.seeds:
+            # The trainers need the server's endpoint before they can start.
+            self.pump(min(end, time.monotonic() + JOIN_TIMEOUT), lambda: self.workers[ps].endpoint
+                      is not None or self.workers[ps].proc.poll() is not None)
+            if self.workers[ps].endpoint is None:
+                self.failures.append("the parameter server did not start")
+                self._stop()
+                return self._verdict()
+        # With zeroconf every worker starts at once: nobody needs anybody's address.
         for name in self.names[1:]:
-            self.start(name, "trainer", seed)
+            self.start(name, "trainer", self.workers[ps].endpoint if self.seeds else None)
 
         def all_joined() -> bool:
             return all(w.joined for w in self.workers.values())
@@ -502,13 +522,15 @@ class Demo:
         # Leave a moment at the end for the status table and the stop (~0.5 s).
         work_end = end - 1.2
         self.pump(min(work_end, time.monotonic() + JOIN_TIMEOUT), lambda: all_joined() or bool(self.failures))
+        seed = self.workers[ps].endpoint
         if not all_joined():
             missing = [n for n, w in self.workers.items() if not w.joined]
-            self.failures.append(f"not every worker joined the mesh: {', '.join(missing)} did not")
+            hint = "" if self.seeds else " (mDNS on loopback found nobody? try the --seeds fallback)"
+            self.failures.append(f"not every worker joined the mesh: {', '.join(missing)} did not{hint}")
         else:
             self.say(f"all {self.n} workers joined: gradients, parameter pulls and jobs flow")
-            self.say(f"(watch from another shell: mesh sub 'grad.>' --count 5 --seed {seed} "
-                     f"--cluster {self.cluster})")
+            self.say(f"(watch from another shell: mesh-status --interfaces lo --cluster {self.cluster} "
+                     f"--watch, or mesh sub 'grad.>' --count 5 --seed {seed} --cluster {self.cluster})")
             self.pump(work_end, lambda: bool(self.failures))
         self.show_status()
         self._stop()
@@ -523,7 +545,7 @@ class Demo:
         statuses = status_cli.collect(endpoints, timeout=1.5)
         print(
             f"\nmesh status ({len(statuses)} of {len(self.workers)} nodes answered; "
-            f"the same as `mesh-status --connect {endpoints[0]}` ...):",
+            f"the same as `mesh-status --interfaces lo --cluster {self.cluster}`):",
             file=self.out, flush=True,
         )
         if statuses:
@@ -601,14 +623,14 @@ class Demo:
                     pass
 
 
-def run(workers: int = 4, duration: float = 20.0) -> int:
+def run(workers: int = 4, duration: float = 20.0, seeds: bool = False) -> int:
     """Run the demo; 0 when every worker joined and messages flowed, 1 otherwise."""
     if not 2 <= workers <= MAX_WORKERS:
         raise ConfigError(f"--workers must be between 2 and {MAX_WORKERS} (1 server + trainers), not {workers}")
     if not duration > 0:
         raise ConfigError(f"--duration must be positive, not {duration}")
     duration = min(max(duration, MIN_DURATION), HARD_CAP)
-    demo = Demo(workers, duration)
+    demo = Demo(workers, duration, seeds=seeds)
     try:
         return demo.run()
     except KeyboardInterrupt:
@@ -627,15 +649,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     w.add_argument("--workers", type=int, required=True)
     w.add_argument("--cluster", required=True)
     w.add_argument("--seed")
+    w.add_argument("--seeds", action="store_true", help="static seeds instead of zeroconf")
     w.add_argument("--max-seconds", type=float, default=HARD_CAP + 10)
     r = subs.add_parser("run", help="the demo (default)")
     r.add_argument("--workers", type=int, default=4)
     r.add_argument("--duration", type=float, default=20.0)
+    r.add_argument(
+        "--seeds", action="store_true",
+        help="fallback: the trainers join through the server's endpoint (static seeds) "
+        "instead of finding each other with zeroconf",
+    )
     args = parser.parse_args(argv)
     if args.cmd == "worker":
-        return worker(args.role, args.name, args.workers, args.cluster, args.seed, args.max_seconds)
+        return worker(
+            args.role, args.name, args.workers, args.cluster, args.seed, args.max_seconds, args.seeds
+        )
     try:
-        return run(getattr(args, "workers", 4), getattr(args, "duration", 20.0))
+        return run(
+            getattr(args, "workers", 4), getattr(args, "duration", 20.0), getattr(args, "seeds", False)
+        )
     except KeyboardInterrupt:
         return 130
     except MeshError as exc:

@@ -1,11 +1,16 @@
-"""``mesh-status``: ask nodes for their status over the mesh's own protocol.
+"""``mesh-status``: find mesh nodes and ask each for its status over the mesh's own protocol.
 
-Any ZeroMQ DEALER may connect to a node's ROUTER endpoint and send one frame
-``wire.pack(STATUS_REQ, token)``; the node answers ``wire.pack(STATUS, [token,
-status])`` without the asker joining the mesh.
+Without ``--connect`` it browses the LAN with mDNS / DNS-SD for the mesh's
+service type (every cluster, unless ``--cluster``), then asks every node found
+at the tcp endpoint it advertises. It announces nothing itself, so it works
+from a host that runs no node. Any ZeroMQ DEALER may connect to a node's
+ROUTER endpoint and send one frame ``wire.pack(STATUS_REQ, token)``; the node
+answers ``wire.pack(STATUS, [token, status])`` without the asker joining the mesh.
 
-    mesh-status --connect tcp://127.0.0.1:40123
-    mesh-status --connect tcp://10.0.0.5:40123 --connect tcp://10.0.0.6:40123 --json
+    mesh-status                                   # every node on the LAN
+    mesh-status --cluster exp-42 --watch          # one cluster, refreshed every 2 s
+    mesh-status --interfaces lo --json            # mDNS on loopback only (tests)
+    mesh-status --connect tcp://10.0.0.5:40123    # one node, no mDNS at all
 """
 
 from __future__ import annotations
@@ -18,12 +23,13 @@ import sys
 import time
 import uuid
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
 
 from mesh import wire
-from mesh.errors import ProtocolError
+from mesh.errors import MeshError, ProtocolError
 
 PROG = "mesh-status"
 
@@ -36,13 +42,61 @@ def normalise_endpoint(endpoint: str) -> str:
     return endpoint if "://" in endpoint else f"tcp://{endpoint}"
 
 
-def discover(cluster: str | None, timeout: float) -> list[str]:
-    """Endpoints of the nodes found on the LAN.
+@dataclass
+class Target:
+    """A node to ask: answered when any of its endpoints did."""
 
-    LAN discovery (zeroconf) is not available yet: nothing is found, and main()
-    asks for --connect. When it lands, browse here and return one endpoint per node.
+    label: str  # how the user knows it: an endpoint, or "name (cluster)"
+    endpoints: list[str]
+    node_id: str | None = None
+    cluster: str | None = None
+
+
+def _is_loopback_endpoint(endpoint: str) -> bool:
+    host = endpoint.split("://", 1)[-1].rpartition(":")[0].strip("[]")
+    return host.startswith("127.") or host == "localhost"
+
+
+def query_endpoints(ann: Any, here_host: str) -> list[str]:
+    """Where to ask an announced node: on its own host loopback (and ipc) first;
+    from another host only its routable tcp addresses (our loopback is not its)."""
+    tcp = [ep for ep in ann.endpoints if ep.startswith("tcp://")]
+    if ann.host and ann.host == here_host:
+        ipc = [ep for ep in ann.endpoints if ep.startswith("ipc://")]
+        return sorted(tcp, key=lambda ep: not _is_loopback_endpoint(ep)) + ipc
+    return [ep for ep in tcp if not _is_loopback_endpoint(ep)]
+
+
+def targets_from_announcements(anns: Iterable[Any], cluster: str | None = None) -> list[Target]:
+    from transports.base import Locality
+
+    here = Locality.here().host
+    out = []
+    for ann in anns:
+        if cluster is not None and ann.cluster != cluster:
+            continue
+        eps = query_endpoints(ann, here)
+        if eps:
+            out.append(Target(f"{ann.name or ann.node_id} (cluster {ann.cluster!r})", eps,
+                              ann.node_id, ann.cluster))
+    return out
+
+
+def discover(
+    cluster: str | None = None,
+    browse: float = 1.0,
+    interfaces: Sequence[str] | None = None,
+) -> list[Target]:
+    """The nodes announced on the LAN (of ``cluster``, or of every cluster).
+
+    Browses ``interfaces`` (default: every non-loopback IPv4 interface) for
+    ``browse`` seconds: mDNS responders answer a query within ~0.6 s.
     """
-    return []
+    from discovery.zeroconf import LanBrowser
+
+    with LanBrowser(interfaces) as browser:
+        time.sleep(browse)
+        return targets_from_announcements(browser.announcements(), cluster)
 
 
 def collect(endpoints: Iterable[str], timeout: float = 2.0) -> list[dict]:
@@ -186,7 +240,7 @@ def _drops(counters: dict) -> list[str]:
 
 
 COLUMNS = (
-    "NAME", "HOST", "UPTIME", "ENDPOINTS", "PEERS (transport state rtt)",
+    "NAME", "CLUSTER", "HOST", "UPTIME", "ENDPOINTS", "PEERS (transport state rtt)",
     "SUBSCRIPTIONS (delivered)", "MSGS IN/OUT", "BYTES IN/OUT", "DROPS", "LATENCY p50/p99",
 )
 
@@ -197,6 +251,7 @@ def row(status: dict) -> list[list[str]]:
     lat = status.get("latency") or {}
     return [
         [str(status.get("name", "?"))],
+        [str(status.get("cluster", "?"))],
         [f"{status.get('host', '?')}:{status.get('pid', '?')}"],
         [_duration(status.get("uptime"))],
         _endpoints(status),
@@ -233,80 +288,154 @@ def format_table(statuses: Sequence[dict]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Ask mesh nodes for their status (peers, transports, subscriptions, "
-        "traffic, drops, latency) and print a table.",
+        description="Find mesh nodes on the LAN (mDNS) or at given endpoints, ask each for its "
+        "status (peers, transports, subscriptions, traffic, drops, latency) and print a table.",
         epilog="examples:\n"
-        "  mesh-status --connect tcp://127.0.0.1:40123\n"
-        "  mesh-status --connect 10.0.0.5:40123 --connect 10.0.0.6:40123 --json\n\n"
-        "The endpoint is any of the node's: `mesh sub` prints one (\"listening on ...\").\n"
+        "  mesh-status                                  # every node of every cluster on the LAN\n"
+        "  mesh-status --cluster exp-42 --watch         # one cluster, refreshed every 2 s\n"
+        "  mesh-status --interfaces eth1 --json         # browse eth1 only (multi-NIC hosts)\n"
+        "  mesh-status --interfaces lo                  # nodes started with interfaces=[\"lo\"]\n"
+        "  mesh-status --connect tcp://127.0.0.1:40123  # ask one node directly, no mDNS\n"
+        "  mesh-status --connect 10.0.0.5:40123 --connect 10.0.0.6:40123\n\n"
+        "Without --connect, mDNS queries go out on --interfaces (default: every non-loopback\n"
+        "IPv4 interface). On a shared machine, tests and demos keep mDNS on loopback with\n"
+        "--interfaces lo (as `mesh demo` does) so that it never leaves the machine.\n"
+        "An endpoint is any of a node's: `mesh sub` prints one (\"listening on ...\").\n"
         "Exit code 0 when at least one node answered, 1 when none did.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--connect", "-c", action="append", metavar="ENDPOINT",
-        help="a node's endpoint, e.g. tcp://10.0.0.5:40123 or 10.0.0.5:40123 (repeatable)",
+        help="a node's endpoint, e.g. tcp://10.0.0.5:40123 or 10.0.0.5:40123 (repeatable); "
+        "no LAN discovery then",
     )
     parser.add_argument("--json", action="store_true", help="print the status dicts as JSON")
     parser.add_argument(
         "--timeout", type=float, default=2.0, metavar="S",
         help="how long to wait for answers (default: %(default)s)",
     )
-    parser.add_argument("--cluster", help="only show nodes of this cluster")
+    parser.add_argument("--cluster", metavar="NAME", help="only show nodes of this cluster")
+    parser.add_argument(
+        "--interfaces", "-i", action="append", metavar="IF[,IF...]",
+        help="run mDNS only on these interfaces (names or IPv4 addresses, repeatable); "
+        "default: every non-loopback IPv4 interface",
+    )
+    parser.add_argument(
+        "--browse", type=float, default=1.0, metavar="S",
+        help="how long to listen for mDNS answers before asking the nodes (default: %(default)s)",
+    )
     parser.add_argument(
         "--watch", type=float, nargs="?", const=2.0, metavar="S",
-        help="refresh every S seconds (default 2) until Ctrl-C",
+        help="refresh in place every S seconds (default 2) until Ctrl-C",
     )
     return parser
 
 
-def _report(args: argparse.Namespace, endpoints: list[str]) -> int:
+def _interfaces(args: argparse.Namespace) -> list[str] | None:
+    if not args.interfaces:
+        return None
+    return [i.strip() for item in args.interfaces for i in item.split(",") if i.strip()]
+
+
+def _report(args: argparse.Namespace, targets: list[Target], out: list[str], err: list[str]) -> int:
+    """Ask ``targets``; the table (or JSON) goes to ``out``, complaints to ``err``."""
+    endpoints = [ep for t in targets for ep in t.endpoints]
     statuses, answered = _collect(endpoints, args.timeout)
     others = 0
     if args.cluster:
         kept = [s for s in statuses if s.get("cluster") == args.cluster]
         others, statuses = len(statuses) - len(kept), kept
+    if not args.connect:
+        statuses.sort(key=lambda s: (str(s.get("cluster")), str(s.get("name")), str(s.get("id"))))
     if args.json:
-        print(json.dumps(statuses, indent=2, sort_keys=True), flush=True)
+        out.append(json.dumps(statuses, indent=2, sort_keys=True))
     elif statuses:
-        print(format_table(statuses), flush=True)
-    for endpoint in endpoints:
-        if normalise_endpoint(endpoint) not in answered:
-            print(f"{PROG}: no answer from {endpoint} within {args.timeout} s", file=sys.stderr)
+        out.append(format_table(statuses))
+    for t in targets:
+        if not any(normalise_endpoint(ep) in answered for ep in t.endpoints):
+            where = "" if t.label in t.endpoints else f" at {', '.join(t.endpoints)}"
+            err.append(f"{PROG}: no answer from {t.label}{where} within {args.timeout} s")
     if not statuses:
         if others:
             msg = f"no node of cluster {args.cluster!r} answered ({others} of other clusters did)"
         else:
             msg = "no node answered"
-        print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
+        err.append(f"{PROG}: {msg}")
         return 1
     return 0
 
 
+def _nobody_msg(args: argparse.Namespace, where: list[str]) -> str:
+    of = f" of cluster {args.cluster!r}" if args.cluster else ""
+    return (
+        f"{PROG}: no mesh node{of} announced itself on {', '.join(where)} within {args.browse} s "
+        "(mDNS); check --interfaces, or pass --connect ENDPOINT (e.g. the \"listening on "
+        "tcp://...\" line printed by `mesh sub`)"
+    )
+
+
+def _emit(out: list[str], err: list[str], clear: bool) -> None:
+    if clear:
+        # Refresh in place (home, clear screen) in one write, so the screen never shows
+        # half a table; complaints go under the table, or the clear would wipe them.
+        print("\x1b[H\x1b[2J" + "\n".join(out + ([""] + err if err else [])), flush=True)
+        return
+    if err:
+        print("\n".join(err), file=sys.stderr, flush=True)
+    print("\n".join(out), flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    endpoints = list(args.connect or []) or discover(args.cluster, args.timeout)
-    if not endpoints:
-        print(
-            f"{PROG}: no node to ask: finding nodes on the LAN (zeroconf) is not available "
-            "yet; pass --connect ENDPOINT (e.g. the \"listening on tcp://...\" line printed "
-            "by `mesh sub`)",
-            file=sys.stderr,
-        )
-        return 1
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.watch is not None and not args.watch > 0:
+        parser.error("--watch takes a positive number of seconds")
+    if not args.browse >= 0:
+        parser.error("--browse takes a number of seconds")
+    browser: Any = None
+    code = 1
     try:
-        if args.watch is None:
-            return _report(args, endpoints)
+        if args.connect:
+            targets = [Target(ep, [ep]) for ep in args.connect]
+            where: list[str] = []
+        else:
+            from discovery.zeroconf import LanBrowser
+
+            browser = LanBrowser(_interfaces(args))
+            browser.start()
+            where = browser.addresses
+            time.sleep(args.browse)  # the answers to the browser's first query
         while True:
-            print("\x1b[2J\x1b[H" if sys.stdout.isatty() else "", end="")
-            print(time.strftime("%H:%M:%S"), flush=True)
-            _report(args, endpoints)
+            out: list[str] = []
+            err: list[str] = []
+            if browser is not None:
+                targets = targets_from_announcements(browser.announcements(), args.cluster)
+            if args.watch is not None:
+                out.append(f"{PROG} {time.strftime('%H:%M:%S')} (every {args.watch:g} s, Ctrl-C to stop)")
+            if targets:
+                code = _report(args, targets, out, err)
+            else:
+                err.append(_nobody_msg(args, where))
+                code = 1
+                if args.json:
+                    out.append("[]")
+            if args.watch is None:
+                _emit(out, err, clear=False)
+                return code
+            _emit(out, err, clear=sys.stdout.isatty())
             time.sleep(args.watch)
     except KeyboardInterrupt:
-        return 130 if args.watch is None else 0
+        return 130 if args.watch is None else code
     except BrokenPipeError:
         # `mesh-status ... | head`: the reader left; not an error worth a traceback.
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the flush at exit
         return 0
+    except MeshError as exc:  # e.g. an unknown --interfaces name
+        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if browser is not None:
+            browser.close()
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ class Sub:
     queue: str = ""
 
 
-def entry(pattern: str, queue: str = "", sid: int = 1, credits: int = 256, overflow: str = "block"):
-    return (pattern, queue, sid, credits, 0, overflow)
+def entry(pattern: str, queue: str = "", sid: int = 1, n_credits: int = 256, overflow: str = "block"):
+    return (pattern, queue, sid, n_credits, 0, overflow)
 
 
 def add(table: RoutingTable, pattern: str, queue: str = "", sid: int = 1) -> Sub:
@@ -57,12 +57,12 @@ def test_local_interest_versions() -> None:
 
 def test_peer_snapshot_deltas_and_params() -> None:
     t = RoutingTable()
-    t.set_peer_interest("p1", 3, [entry("grad.>", sid=7, credits=16), entry("jobs.*", "w", sid=8)])
+    t.set_peer_interest("p1", 3, [entry("grad.>", sid=7, n_credits=16), entry("jobs.*", "w", sid=8)])
     assert t.route("grad.a").peers == {"p1": (7,)}
     assert t.params("p1", 7) == (16, 0, "block")
     assert t.route("jobs.x").peer_groups == {"w": (("p1", 8),)}
     bad = t.apply_peer_delta("p1", 4, [entry("params.*", sid=9), entry("bad..x", sid=10)],
-                             [entry("grad.>", sid=7, credits=16)])
+                             [entry("grad.>", sid=7, n_credits=16)])
     assert bad == ["bad..x"]
     assert t.route("grad.a").empty  # the cached route was invalidated
     assert t.params("p1", 7) is None
