@@ -72,13 +72,19 @@ def as_array(rec: dict) -> np.ndarray:
 class _Collector:
     """Handler for one subscription: records every message, optionally answers."""
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, delay: float = 0.0) -> None:
         self.mode = mode
+        self.delay = delay  # seconds per message: a slow consumer
         self.records: list[dict] = []
         self.cond = threading.Condition()
         self.seen_ids: dict[int, int] = {}
 
     def __call__(self, msg: Any) -> None:
+        if self.mode == "gated":
+            # Hold the dispatch thread until the test opens the gate (bounded).
+            _STATE.setdefault("gate", threading.Event()).wait(60.0)
+        if self.delay:
+            time.sleep(self.delay)
         rec = record(msg)
         with self.cond:
             self.records.append(rec)
@@ -141,8 +147,9 @@ def _run(node: Any, subs: dict, op: str, args: dict) -> Any:
         return {"ok": ok, "elapsed": time.monotonic() - t0,
                 "alive": sorted(p.name for p in node.peers())}
     if op == "subscribe":
-        collector = _Collector(args.get("mode", "collect"))
-        sub = node.subscribe(args["pattern"], collector, queue=args.get("queue"))
+        collector = _Collector(args.get("mode", "collect"), args.get("delay", 0.0))
+        flow = {k: args[k] for k in ("credits", "credit_bytes", "overflow") if k in args}
+        sub = node.subscribe(args["pattern"], collector, queue=args.get("queue"), **flow)
         sid = args.get("sid") or f"s{len(subs)}"
         subs[sid] = (sub, collector)
         return sid
@@ -167,6 +174,39 @@ def _run(node: Any, subs: dict, op: str, args: dict) -> Any:
             for subject in args["subjects"]:
                 node.publish(subject, str(i).encode(), timeout=args.get("timeout", 5.0))
         return True
+    if op == "publish_loop":
+        # Publish str(i) for i in 1..n as fast as allowed; report how it went.
+        t0 = time.monotonic()
+        for i in range(1, args["n"] + 1):
+            try:
+                node.publish(args["subject"], str(i).encode() + b"." * args.get("pad", 0),
+                             timeout=args.get("timeout"))
+            except mesh.MeshError as exc:
+                return {"error": type(exc).__name__, "text": str(exc), "sent": i - 1,
+                        "elapsed": time.monotonic() - t0}
+        return {"sent": args["n"], "elapsed": time.monotonic() - t0}
+    if op == "publish_loop_async":
+        # The same in a background thread (so the test can act while it blocks).
+        result: dict = {}
+        def loop() -> None:
+            result.update(_run(node, subs, "publish_loop", args))
+        thread = threading.Thread(target=loop, daemon=True)
+        thread.start()
+        _STATE.setdefault("loops", {})[args["key"]] = (thread, result)
+        return True
+    if op == "loop_result":
+        thread, result = _STATE["loops"][args["key"]]
+        thread.join(args.get("timeout", 10.0))
+        return dict(result) if not thread.is_alive() else {"running": True}
+    if op == "open_gate":
+        _STATE.setdefault("gate", threading.Event()).set()
+        return True
+    if op == "rss":
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
     if op == "request":
         t0 = time.monotonic()
         try:

@@ -1,0 +1,132 @@
+"""Credit-based flow control across real processes (API.md, "Flow control").
+
+Publisher P and subscriber S run in separate processes. Consumers are made slow
+with a per-message delay, or stopped with a gate the test opens, so that every
+count asserted here is exact rather than timing-dependent.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from meshproc import wait_until
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def pair(procs, sub_args: dict, **node_kwargs):
+    s = procs.start("s", **node_kwargs)
+    p = procs.start("p", seeds=[s.tcp], **node_kwargs)
+    p.call("wait_for_peers", n=1, timeout=15)
+    sid = s.call("subscribe", pattern="f.>", **sub_args)
+    p.call("wait_for_subscribers", subject="f.x", count=1, timeout=10)
+    return p, s, sid
+
+
+def numbers(records) -> list[int]:
+    return [int(r["data"].rstrip(b".")) for r in records]
+
+
+def test_block_loses_nothing_and_holds_the_publisher_back(procs):
+    p, s, sid = pair(procs, {"credits": 8, "overflow": "block", "delay": 0.005})
+    out = p.call("publish_loop", subject="f.x", n=200, timeout=30, call_timeout=60)
+    assert out == {"sent": 200, "elapsed": out["elapsed"]}, out
+    # 192 messages had to be consumed (>= 5 ms each) before the last could go out.
+    assert out["elapsed"] > 0.5, "the publisher was not held back"
+    got = s.call("collected", sid=sid, n=200, timeout=30)
+    assert numbers(got) == list(range(1, 201))
+    assert not p.call("status")["counters"]["drops"]
+
+
+def test_block_with_timeout_raises_backpressure_error(procs):
+    p, s, sid = pair(procs, {"credits": 4, "overflow": "block", "mode": "gated"})
+    out = p.call("publish_loop", subject="f.x", n=50, timeout=0.3)
+    assert out["error"] == "BackpressureError", out
+    assert out["sent"] == 4  # exactly the credit; the fifth waited and timed out
+    assert "timeout" in out["text"] and "overflow" in out["text"]  # says what to do
+
+
+def test_drop_new_keeps_the_oldest_and_counts_exactly(procs):
+    p, s, sid = pair(procs, {"credits": 10, "overflow": "drop_new", "mode": "gated"})
+    assert p.call("publish_loop", subject="f.x", n=100)["sent"] == 100
+    assert p.call("status")["counters"]["drops"].get("drop_new") == 90
+    s.call("open_gate")
+    got = s.call("collected", sid=sid, n=10, timeout=10)
+    assert numbers(got) == list(range(1, 11))
+    assert len(s.call("collected", sid=sid, n=11, timeout=0.5)) == 10  # nothing else
+
+
+def test_drop_oldest_keeps_the_newest_counts_exactly_and_announces_pressure(procs):
+    p, s, sid = pair(procs, {"credits": 10, "overflow": "drop_oldest", "mode": "gated"})
+    notices = s.call("subscribe", pattern="_mesh.pressure.>")
+    p.call("wait_for_subscribers", subject="_mesh.pressure.p", count=1, timeout=10)
+    n, backlog = 2000, 1024  # the publisher holds at most `backlog` messages back
+    assert p.call("publish_loop", subject="f.x", n=n)["sent"] == n
+    dropped = n - 10 - backlog
+    assert p.call("status")["counters"]["drops"].get("drop_oldest") == dropped
+    s.call("open_gate")
+    got = s.call("collected", sid=sid, n=10 + backlog, timeout=30)
+    assert numbers(got) == list(range(1, 11)) + list(range(dropped + 11, n + 1))
+    notice = s.call("collected", sid=notices, n=1, timeout=10)[0]
+    assert notice["subject"] == "_mesh.pressure.p"
+    import msgpack
+
+    body = msgpack.unpackb(notice["data"])
+    assert body["node"] == "p" and body["reason"] == "drop_oldest"
+
+
+def test_a_slow_subscriber_does_not_slow_a_fast_one(procs):
+    s = procs.start("slow")
+    f = procs.start("fast", seeds=[s.tcp])
+    p = procs.start("p", seeds=[s.tcp])
+    p.call("wait_for_peers", n=2, timeout=15)
+    slow = s.call("subscribe", pattern="f.>", credits=4, overflow="drop_oldest", delay=0.05)
+    fast = f.call("subscribe", pattern="f.>")
+    p.call("wait_for_subscribers", subject="f.x", count=2, timeout=10)
+    out = p.call("publish_loop", subject="f.x", n=300, timeout=30, call_timeout=60)
+    # The slow one alone would need 15 s for 300 messages.
+    assert out["sent"] == 300 and out["elapsed"] < 5.0, out
+    assert numbers(f.call("collected", sid=fast, n=300, timeout=20)) == list(range(1, 301))
+    assert len(s.call("collected", sid=slow, n=1, timeout=5)) >= 1
+
+
+def test_blocked_publisher_is_released_when_the_subscriber_dies(procs):
+    s = procs.start("s", )
+    r = procs.start("r", seeds=[s.tcp])
+    p = procs.start("p", seeds=[s.tcp])
+    p.call("wait_for_peers", n=2, timeout=15)
+    s.call("subscribe", pattern="f.>", credits=2, mode="gated")
+    r.call("subscribe", pattern="svc", mode="echo")
+    p.call("wait_for_subscribers", subject="f.x", count=1, timeout=10)
+    p.call("wait_for_subscribers", subject="svc", count=1, timeout=10)
+    p.call("publish_loop_async", key="blocked", subject="f.x", n=100)
+    assert p.call("loop_result", key="blocked", timeout=1.0) == {"running": True}
+    # Control traffic keeps flowing while a publisher is blocked: requests, membership.
+    reply = p.call("request", subject="svc", data=b"still here", timeout=2)
+    assert reply["reply"]["data"] == b"still here", reply
+    assert p.call("wait_peer_state", name="s", states=["alive"], timeout=1)["ok"]
+    t0 = time.monotonic()
+    s.kill()
+    out = p.call("loop_result", key="blocked", timeout=10.0)
+    assert out.get("error") == "PeerLostError", out
+    assert out["sent"] == 2 and time.monotonic() - t0 < 6.0
+    assert "died" in out["text"]
+
+
+def test_memory_stays_flat_with_a_fast_publisher_and_a_slow_subscriber(procs):
+    p, s, sid = pair(procs, {"credits": 256, "overflow": "block", "delay": 0.01})
+    p.call("publish_loop_async", key="flood", subject="f.x", n=10**7, pad=1000)
+    wait_until(lambda: len(s.call("collected", sid=sid, n=0, timeout=0)) >= 50, 10)
+    before = {w.name: w.call("rss") for w in (p, s)}
+    time.sleep(3.0)  # ~300 messages consumed meanwhile; the publisher tries millions
+    after = {w.name: w.call("rss") for w in (p, s)}
+    for name in before:
+        growth = after[name] - before[name]
+        assert growth < 16 * 2**20, f"{name} RSS grew {growth / 2**20:.1f} MiB in 3 s"
+    status = p.call("status")
+    (row,) = [r for r in status["peers"] if r["name"] == "s"]
+    (window,) = row["credits"].values()
+    assert window["in_flight"] + window["available"] == 256
+    (sub,) = [x for x in s.call("status")["subscriptions"] if x["pattern"] == "f.>"]
+    assert 0 < sub["outstanding"]["p"] <= 256
