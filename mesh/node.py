@@ -45,7 +45,14 @@ from mesh.errors import (
     ProtocolError,
     TimeoutError,
 )
-from mesh.flow import OVERFLOW_POLICIES, Action, CreditGrant, CreditWindow
+from mesh.flow import (
+    OVERFLOW_POLICIES,
+    Action,
+    CreditGrant,
+    CreditWindow,
+    decode_batch,
+    encode_batch,
+)
 from mesh.membership import Event as MemberEvent
 from mesh.membership import MemberConfig, Membership
 from mesh.membership import Send as MemberSend
@@ -55,7 +62,7 @@ from mesh.routing import Route, RoutingTable
 from mesh.stats import Counters, LatencyHistogram
 from mesh.subjects import validate_pattern, validate_subject
 from mesh.tensor import array_from_frames, array_to_frames
-from transports import Locality
+from transports.base import Locality
 
 log = logging.getLogger("mesh")
 
@@ -78,6 +85,11 @@ _DEFAULT_OPTIONS: dict[str, Any] = {
     "interfaces": None,  # zeroconf: restrict to these interfaces
     "membership": None,  # dict of mesh.membership.MemberConfig fields (SWIM timers)
     "rejoin_interval": 1.0,  # hello retry period towards peers declared dead
+    # Micro-batching: a small message sent within batch_delay of the previous one
+    # to the same peer waits (at most batch_delay) to share one ZeroMQ message;
+    # a message to an idle link leaves at once. batch_bytes=0 turns it off.
+    "batch_bytes": 16384,
+    "batch_delay": 0.0005,
 }
 
 # (type, minimum) of each numeric option; minimum is exclusive for floats.
@@ -87,6 +99,7 @@ _OPTION_RULES: dict[str, tuple[type, float]] = {
     "seed_interval": (float, 0.0),
     "tombstone": (float, 0.0),
     "rejoin_interval": (float, 0.0),
+    "batch_delay": (float, 0.0),
     "max_message_size": (int, 1),
     "sndhwm": (int, 1),
     "rcvhwm": (int, 1),
@@ -105,6 +118,9 @@ def _check_options(options: dict[str, Any]) -> None:
             want = f"an integer >= {int(minimum)}"
         if not ok:
             raise ConfigError(f"option {key}={value!r}: give {want}")
+    batch = options["batch_bytes"]
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 0:
+        raise ConfigError(f"option batch_bytes={batch!r}: give an integer >= 0 (0 = no batching)")
     if options["peer_timeout"] <= options["heartbeat_interval"]:
         raise ConfigError(
             "peer_timeout must be longer than heartbeat_interval, or every peer looks dead"
@@ -149,6 +165,22 @@ def _close_live_nodes() -> None:
             pass
 
 
+class _BatchedFrame:
+    """A payload unpacked from a batch, shaped like the zmq.Frame _payload_of reads."""
+
+    __slots__ = ("bytes",)
+
+    def __init__(self, data: bytes) -> None:
+        self.bytes = data
+
+    @property
+    def buffer(self) -> memoryview:
+        return memoryview(self.bytes)
+
+    def __len__(self) -> int:
+        return len(self.bytes)
+
+
 class _CallbackSub:
     """Lets the dispatch thread run an on_peer callback like a handler."""
 
@@ -173,6 +205,8 @@ _STOP = object()
 _WAKE_ID = b"\x00wake"  # never a node id: those are hex
 _CTL_SUFFIX = b"/c"  # identity of a peer's control DEALER: "<id>/c"
 _LIVE = ("alive", "suspect")  # members we route to
+# Payloads up to this size may be batched (larger ones gain nothing from it).
+_BATCH_SMALL = 1024
 # Messages a drop_oldest window holds back while waiting for credit.
 _DROP_OLDEST_BACKLOG = 1024
 # Subscriptions of the mesh itself (group rendezvous, notices): many credits, never block.
@@ -293,6 +327,9 @@ class Node:
         self._last_pressure = 0.0
         self._subject_name = "".join(c if c.isalnum() or c in "-_" else "_" for c in self.name)
         self._sids = itertools.count(1)
+        self._batch_max = self.options["batch_bytes"]
+        self._batch_delay = self.options["batch_delay"]
+        self._batching: dict[Link, float] = {}  # links with waiting messages -> flush time
         self._subs_by_sid: dict[int, Subscription] = {}
         self._dirty_grants: dict[tuple[Subscription, str], CreditGrant] = {}
         self._members: Membership | None = None
@@ -301,6 +338,7 @@ class Node:
         self._rejoin_socks: dict[str, Any] = {}
         self.counters = Counters()
         self.gaps = 0
+        self.batches_out = 0  # frames that carried several small messages
         self.latency = LatencyHistogram()
         self._last_seq: dict[tuple[str, str], int] = {}
         self._logged_once: set[tuple[str, str]] = set()
@@ -770,7 +808,29 @@ class Node:
     ) -> bool:
         """Put one message on a link's data socket; the caller holds the link lock."""
         subject, seq, ts, flags, headers, req_id, payload, nbytes = item
-        frames = [wire.pack_msg(subject, seq, ts, flags, headers, req_id, sids), *payload]
+        header = wire.pack_msg(subject, seq, ts, flags, headers, req_id, sids)
+        if self._batch_max:
+            now = time.monotonic()
+            if nbytes <= _BATCH_SMALL and not flags and (
+                link.batch or now - link.last_send < self._batch_delay
+            ):
+                # A burst: this message waits (at most batch_delay) to share a frame.
+                if not link.batch:
+                    link.batch_since = now
+                    self._command(("batch", link))  # the I/O thread flushes it in time
+                link.batch.append([header, payload[0]])
+                link.batch_bytes += len(header) + nbytes
+                self.counters.msgs_out += 1
+                self.counters.bytes_out += nbytes
+                link.counters.msgs_out += 1
+                link.counters.bytes_out += nbytes
+                if link.batch_bytes >= self._batch_max:
+                    self._flush_batch(link)
+                return True
+            if link.batch:
+                self._flush_batch(link)  # keep order: what waited goes first
+            link.last_send = now
+        frames = [header, *payload]
         sock = link.sock
         try:
             _send_frames(sock, frames)
@@ -793,6 +853,24 @@ class Node:
         link.counters.msgs_out += 1
         link.counters.bytes_out += nbytes
         return True
+
+    def _flush_batch(self, link: Link) -> None:
+        """Send a link's waiting small messages as one frame (caller holds the lock)."""
+        batch = link.batch
+        link.batch = []
+        link.batch_bytes = 0
+        link.last_send = time.monotonic()
+        if link.closed or not batch:
+            return
+        try:
+            link.sock.send_multipart(
+                [wire.pack(wire.BATCH, len(batch)), encode_batch(batch)], zmq.NOBLOCK
+            )
+            self.batches_out += 1
+        except zmq.ZMQError:
+            self._count_drop("peer_queue_full", link)
+            self.counters.drops["peer_queue_full"] += len(batch) - 1
+            link.counters.drops["peer_queue_full"] += len(batch) - 1
 
     def _open_window(self, peer_id: str, link: Link, sid: int) -> CreditWindow | None:
         params = self._routing.params(peer_id, sid)
@@ -1086,7 +1164,7 @@ class Node:
             "discovery": self.discovery_mode,
             "peers": peers,
             "subscriptions": subs,
-            "counters": {**self.counters.as_dict(), "gaps": self.gaps},
+            "counters": {**self.counters.as_dict(), "gaps": self.gaps, "batches_out": self.batches_out},
             "latency": self.latency.summary(),
         }
 
@@ -1128,6 +1206,10 @@ class Node:
                 wake_at = min(next_tick, next_seed) if self._seed_socks else next_tick
                 if deadline is not None:
                     wake_at = min(wake_at, deadline)
+                if self._batching:
+                    batch_deadline = self._flush_batches(now)
+                    if batch_deadline is not None:
+                        wake_at = min(wake_at, batch_deadline)
                 if self._dirty_grants:
                     credit_deadline = self._flush_credits(now)
                     if credit_deadline is not None:
@@ -1200,6 +1282,9 @@ class Node:
             return
         if kind == wire.P2P:
             self._on_p2p(ident, header[2], frames)
+            return
+        if kind == wire.BATCH:
+            self._on_batch(ident, frames)
             return
         body = header[2]
         if kind == wire.HELLO:
@@ -1307,6 +1392,18 @@ class Node:
         if not sids:
             self.counters.drops["no_interest"] += 1
 
+    def _on_batch(self, ident: bytes, frames: list) -> None:
+        if len(frames) != 3:
+            raise ProtocolError("batch needs exactly one data frame", "malformed")
+        self._known_peer(ident)
+        for parts in decode_batch(frames[2].buffer):
+            if len(parts) != 2:
+                raise ProtocolError("batched message is not [header, payload]", "malformed")
+            header = wire.unpack(parts[0])
+            if header[1] != wire.MSG:
+                raise ProtocolError("only data messages may be batched", "malformed")
+            self._on_msg(ident, header, [None, None, _BatchedFrame(parts[1])])
+
     def _consumed(self, sub: Subscription, msg: Message) -> None:
         """The application is done with ``msg``: give its credit back (any thread)."""
         credit = msg._credit
@@ -1331,6 +1428,24 @@ class Node:
             self._command(("credit", publisher, [[sub.sid, update[0], update[1]]]))
         elif wake:
             self._command(("flush_credit",))  # the I/O thread schedules the delayed flush
+
+    def _flush_batches(self, now: float) -> float | None:
+        """Send batches that waited batch_delay (I/O thread); the next deadline."""
+        next_deadline = None
+        for link, due in list(self._batching.items()):
+            if due > now:
+                next_deadline = due if next_deadline is None else min(next_deadline, due)
+                continue
+            with link.lock:
+                if link.batch and now - link.batch_since >= self._batch_delay:
+                    self._flush_batch(link)
+                if link.batch:  # a new batch began since: wait for its turn
+                    due = link.batch_since + self._batch_delay
+                    self._batching[link] = due
+                    next_deadline = due if next_deadline is None else min(next_deadline, due)
+                else:
+                    del self._batching[link]
+        return next_deadline
 
     def _flush_credits(self, now: float) -> float | None:
         """Send credit returns that are due (I/O thread); the next deadline, if any."""
@@ -1743,6 +1858,9 @@ class Node:
             self._send_control(cmd[1], wire.CREDIT, cmd[2])
         elif cmd[0] == "flush_credit":
             pass  # woke us: the loop computes the credit deadline
+        elif cmd[0] == "batch":
+            link = cmd[1]
+            self._batching[link] = link.batch_since + self._batch_delay
         elif cmd[0] == "interest":
             _, version, adds, removes = cmd
             body = [version, [list(k) for k in adds], [list(k) for k in removes]]
@@ -1882,6 +2000,8 @@ class Node:
             if peer.state in (*_LIVE, "joining") and link is not None:
                 # On the data pipe: it arrives after everything we published.
                 with link.lock:
+                    if link.batch:
+                        self._flush_batch(link)  # what waited in a batch goes first
                     if not link.closed:
                         try:
                             link.sock.send(wire.pack(wire.BYE, None), zmq.NOBLOCK)

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 from mesh.errors import ProtocolError
 from mesh.stats import Counters
-from transports import Locality
+from transports.base import Locality
 
 
 class PeerInfo(NamedTuple):
@@ -30,7 +30,10 @@ class Link:
     it: a second pipe, so the peer's ROUTER fair-queues control past a backlog
     of data and a busy peer is not mistaken for a dead one."""
 
-    __slots__ = ("sock", "ctl", "lock", "cond", "windows", "transport", "endpoint", "closed", "counters")
+    __slots__ = (
+        "sock", "ctl", "lock", "cond", "windows", "transport", "endpoint", "closed", "counters",
+        "batch", "batch_bytes", "batch_since", "last_send",
+    )
 
     def __init__(
         self, sock: Any, ctl: Any, transport: str, endpoint: str, counters: Counters
@@ -42,6 +45,11 @@ class Link:
         # Publishers blocked on credit wait here; the I/O thread notifies on credit.
         self.cond = threading.Condition(self.lock)
         self.windows: dict[int, Any] = {}  # subscription id at the peer -> CreditWindow
+        # Micro-batching of small messages (see Node._send_locked).
+        self.batch: list[list] = []
+        self.batch_bytes = 0
+        self.batch_since = 0.0
+        self.last_send = 0.0
         self.transport = transport
         self.endpoint = endpoint
         self.closed = False

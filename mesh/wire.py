@@ -41,6 +41,7 @@ STATUS = 12  # body: [token, status dict]
 P2P = 13  # body: [channel, tag, flags, meta]  + payload frames as MSG (mesh/channels.py)
 SWIM = 14  # body: a membership message (mesh/membership.py)
 CREDIT = 15  # body: [[sid, msgs, bytes], ...] credit returned for consumed messages
+BATCH = 16  # body: message count; one frame of small messages (mesh/flow.py encode_batch)
 
 KIND_NAMES = {
     HELLO: "hello",
@@ -58,6 +59,7 @@ KIND_NAMES = {
     P2P: "p2p",
     SWIM: "swim",
     CREDIT: "credit",
+    BATCH: "batch",
 }
 
 # MSG / REPLY flags

@@ -1,3 +1,4 @@
+# ruff: noqa: I001 - import order matters here (see the comment at the imports)
 """Transport plugins, found through the entry-point group ``mesh.transports``.
 
 A transport says where a node listens, what it advertises, and whether it can
@@ -12,8 +13,11 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from importlib.metadata import entry_points
 
-from mesh.errors import TransportError
+# Before anything from mesh: importing mesh.errors runs mesh/__init__, which needs
+# transports.base (a user may import this package before mesh).
 from transports.base import Locality, Transport
+
+from mesh.errors import TransportError
 
 __all__ = [
     "Locality",
