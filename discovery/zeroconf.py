@@ -25,6 +25,8 @@ import ipaddress
 import logging
 import queue
 import re
+import secrets
+import select
 import socket
 import sys
 import threading
@@ -34,7 +36,14 @@ from typing import Any
 
 from zeroconf import (
     BadTypeInNameException,
+    DNSAddress,
+    DNSIncoming,
+    DNSOutgoing,
+    DNSPointer,
+    DNSQuestion,
     DNSQuestionType,
+    DNSService,
+    DNSText,
     IPVersion,
     ServiceBrowser,
     ServiceInfo,
@@ -573,26 +582,47 @@ class ZeroconfDiscovery(Discovery):
 
 # --------------------------------------------------------------------------- browse only
 
+_MDNS_GROUP = ("224.0.0.251", 5353)
+_QTYPE_A, _QTYPE_PTR, _QTYPE_TXT, _QTYPE_SRV, _QCLASS_IN = 1, 12, 16, 33, 1
+_FLAGS_QUERY = 0x0000
+MAX_SCAN_PACKETS = 10_000  # per scan: a flood must not keep us busy forever
+MAX_SCAN_NODES = 4096
+
+
+def _txt_properties(raw: bytes) -> dict[bytes, bytes | None]:
+    """DNS TXT wire data (length-prefixed strings) -> {key: value}; the first key wins (RFC 6763)."""
+    props: dict[bytes, bytes | None] = {}
+    i = 0
+    while i < len(raw):
+        n = raw[i]
+        item = raw[i + 1 : i + 1 + n]
+        i += 1 + n
+        key, sep, value = item.partition(b"=")
+        if key and key not in props:
+            props[key] = value if sep else None
+    return props
+
 
 class LanBrowser:
     """Lists the mesh nodes announced on the LAN, of every cluster, announcing nothing.
 
-    For observers (``mesh-status``) on hosts that run no node. ``interfaces``
-    restricts where mDNS runs, exactly as for :class:`ZeroconfDiscovery`.
-    Liveness is not mDNS's business: a SIGKILLed node stays listed until its
-    records expire, so callers must ask each node whether it still answers.
+    For observers (``mesh-status``) on hosts that may run no node. It asks with
+    one-shot mDNS queries (RFC 6762 section 5.1) from an ephemeral port rather
+    than as a full mDNS participant on port 5353: responders then answer each
+    query at once by unicast to that port, whereas a multicast answer is held
+    back when the same record went out less than a second ago (so a second
+    ``mesh-status`` run right after the first would see nothing), and a
+    unicast answer to port 5353 reaches a random one of the sockets that
+    share it on a host running nodes. Only the responders of live processes
+    answer, so a SIGKILLed node is simply not listed (no stale cache).
+    ``interfaces`` restricts where the queries go, as for :class:`ZeroconfDiscovery`.
 
         with LanBrowser(["eth0"]) as browser:
-            time.sleep(1.0)                   # let the answers to our query arrive
-            nodes = browser.announcements()
+            nodes = browser.scan(1.0)
     """
 
     def __init__(
-        self,
-        interfaces: Sequence[str] | None = None,
-        *,
-        service_type: str = SERVICE_TYPE,
-        close_timeout: float = 3.0,
+        self, interfaces: Sequence[str] | None = None, *, service_type: str = SERVICE_TYPE
     ) -> None:
         try:
             if service_type_name(service_type) != service_type:
@@ -606,11 +636,7 @@ class LanBrowser:
         if not pairs:
             raise ConfigError("no IPv4 address to run mDNS on; pass interfaces=[...]")
         self.addresses: list[str] = list(dict.fromkeys(a for _, a in pairs))
-        self._close_timeout = close_timeout
-        self._lock = threading.Lock()
-        self._names: set[str] = set()  # instance names the browser currently lists
-        self._zc: Zeroconf | None = None
-        self._browser: ServiceBrowser | None = None
+        self._socks: list[socket.socket] = []
         self._closed = False
 
     def __enter__(self) -> LanBrowser:
@@ -623,87 +649,125 @@ class LanBrowser:
     def start(self) -> None:
         if self._closed:
             raise ClosedError("browser was closed; create a new one")
-        if self._zc is not None:
+        if self._socks:
             return
-        try:
-            zc = Zeroconf(interfaces=list(self.addresses), ip_version=IPVersion.V4Only)
-        except OSError as e:
-            raise ConfigError(f"cannot open mDNS sockets on {self.addresses}: {e}") from e
-        self._zc = zc
-        ZeroconfDiscovery._restrict_listen_socket(zc)
-        if not zc.engine.senders:
-            self.close()
-            raise ConfigError(f"mDNS could not join the multicast group on any of {self.addresses}")
-        # QM, as the nodes do: a unicast answer may reach another socket sharing port 5353.
-        self._browser = ServiceBrowser(
-            zc, self.service_type, handlers=[self._on_browse], question_type=DNSQuestionType.QM
-        )
-
-    def _on_browse(
-        self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
-    ) -> None:
-        with self._lock:
-            if state_change is ServiceStateChange.Removed:
-                self._names.discard(name)  # a goodbye: the node closed
-            else:
-                self._names.add(name)
-
-    def names(self) -> list[str]:
-        """The service instance names seen so far (and not withdrawn)."""
-        with self._lock:
-            return sorted(self._names)
-
-    def announcements(self, resolve_timeout: float = 1.0) -> list[Announcement]:
-        """Decode every listed service; those not already in the cache are asked for,
-        all at once, for up to ``resolve_timeout`` seconds. Undecodable ones are skipped."""
-        zc = self._zc
-        names = self.names()
-        if zc is None or zc.loop is None or not names:
-            return []
-        ms = max(50, int(resolve_timeout * 1000))
-
-        async def resolve(name: str) -> AsyncServiceInfo | None:
-            info = AsyncServiceInfo(self.service_type, name)
-            ok = await info.async_request(zc, ms, DNSQuestionType.QM)
-            return info if ok else None
-
-        async def resolve_all() -> list[AsyncServiceInfo | None]:
-            return await asyncio.gather(*(resolve(n) for n in names), return_exceptions=False)
-
-        try:
-            fut = asyncio.run_coroutine_threadsafe(resolve_all(), zc.loop)
-            infos = fut.result(resolve_timeout + 2.0)
-        except Exception as e:  # loop gone, or an unexpected zeroconf failure
-            log.debug("resolving %d services failed: %r", len(names), e)
-            return []
-        out: dict[str, Announcement] = {}
-        for info in infos:
-            if info is None:
+        errors = []
+        for addr in self.addresses:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                sock.bind((addr, 0))  # answers come back here, on this interface's address
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(addr))
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 255)
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)  # nodes on this host
+                sock.setblocking(False)
+            except OSError as e:
+                sock.close()
+                errors.append(f"{addr}: {e}")
                 continue
-            ann = announcement_from_properties(
-                info.properties, info.parsed_addresses(IPVersion.V4Only)
-            )
-            if ann is not None:
-                out.setdefault(ann.node_id, ann)  # one node may be listed under two names
-        return sorted(out.values(), key=lambda a: (a.cluster, a.name, a.node_id))
+            self._socks.append(sock)
+        if not self._socks:
+            raise ConfigError(f"cannot send mDNS queries on {self.addresses}: {'; '.join(errors)}")
 
     def close(self) -> None:
-        """Stop browsing; idempotent and bounded in time (zeroconf joins threads unbounded)."""
-        if self._closed:
-            return
         self._closed = True
-        zc, browser = self._zc, self._browser
+        for sock in self._socks:
+            sock.close()
+        self._socks = []
 
-        def teardown() -> None:
-            for what, fn in (("browser", browser.cancel if browser else None),
-                             ("zeroconf", zc.close if zc else None)):
-                if fn is None:
-                    continue
+    def _query(self, questions: list[tuple[str, int]], ids: set[int]) -> None:
+        # A fresh id per query: responders drop a byte-identical packet seen < 0.8 s ago.
+        qid = secrets.randbelow(0xFFFF) + 1
+        ids.add(qid)
+        out = DNSOutgoing(_FLAGS_QUERY, False, qid)  # multicast=False keeps the id on the wire
+        for name, qtype in questions:
+            out.add_question(DNSQuestion(name, qtype, _QCLASS_IN))
+        for packet in out.packets():
+            for sock in self._socks:
                 try:
-                    fn()
-                except Exception:
-                    log.debug("closing the mDNS %s failed", what, exc_info=True)
+                    sock.sendto(packet, _MDNS_GROUP)
+                except OSError as e:  # e.g. no route for multicast on this interface
+                    log.debug("mDNS query via %s failed: %s", sock.getsockname(), e)
 
-        t = threading.Thread(target=teardown, name="zmesh-browse-close", daemon=True)
-        t.start()
-        t.join(self._close_timeout)
+    def scan(self, duration: float = 1.0, queries: int = 3) -> list[Announcement]:
+        """Ask ``queries`` times over ``duration`` seconds (a lost packet is asked again);
+        every well-formed announcement answered, one per node, sorted by cluster and name."""
+        if not self._socks:
+            self.start()
+        ptrs: set[str] = set()
+        txt: dict[str, dict[bytes, bytes | None]] = {}
+        srv: dict[str, str] = {}
+        addrs: dict[str, list[str]] = {}
+        ids: set[int] = set()
+        t0 = time.monotonic()
+        deadline = t0 + max(0.05, duration)
+        sends = [t0 + duration * k / max(1, queries) for k in range(max(1, queries))]
+        packets = 0
+        while True:
+            now = time.monotonic()
+            if sends and now >= sends[0]:
+                sends.pop(0)
+                questions = [(self.service_type, _QTYPE_PTR)]
+                # Answers normally carry TXT, SRV and A as additionals; ask for what is missing.
+                questions += [(n, _QTYPE_TXT) for n in sorted(ptrs - txt.keys())][:16]
+                questions += [(n, _QTYPE_SRV) for n in sorted(ptrs - srv.keys())][:16]
+                questions += [(h, _QTYPE_A) for h in sorted(set(srv.values()) - addrs.keys())][:16]
+                self._query(questions, ids)
+            if now >= deadline or packets >= MAX_SCAN_PACKETS:
+                break
+            wake = min([deadline, *sends[:1]])
+            ready, _, _ = select.select(self._socks, [], [], max(0.0, wake - now))
+            for sock in ready:
+                while packets < MAX_SCAN_PACKETS:
+                    try:
+                        data = sock.recv(9000)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:
+                        break  # e.g. ICMP unreachable reported on the socket
+                    packets += 1
+                    self._absorb(data, ids, ptrs, txt, srv, addrs)
+        out: dict[str, Announcement] = {}
+        for name in sorted(ptrs):
+            props = txt.get(name)
+            if props is None:
+                continue
+            ann = announcement_from_properties(props, addrs.get(srv.get(name, ""), []))
+            if ann is not None:
+                out.setdefault(ann.node_id, ann)  # one node may answer under two names
+        return sorted(out.values(), key=lambda a: (a.cluster, a.name, a.node_id))
+
+    def _absorb(
+        self,
+        data: bytes,
+        ids: set[int],
+        ptrs: set[str],
+        txt: dict[str, dict[bytes, bytes | None]],
+        srv: dict[str, str],
+        addrs: dict[str, list[str]],
+    ) -> None:
+        """Take the records of one answer to one of our queries; anything else is ignored."""
+        try:
+            msg = DNSIncoming(data)
+            if not msg.valid or msg.id not in ids or not msg.is_response():
+                return
+            records = msg.answers()
+        except Exception:  # hostile or garbled packets never stop the scan
+            log.debug("undecodable mDNS answer", exc_info=True)
+            return
+        # DNS names compare case-insensitively: every key is lower case.
+        stype = self.service_type.lower()
+        suffix = "." + stype
+        for r in records:
+            name = r.name.lower()
+            if isinstance(r, DNSPointer) and name == stype:
+                if r.alias.lower().endswith(suffix) and len(ptrs) < MAX_SCAN_NODES:
+                    ptrs.add(r.alias.lower())
+            elif isinstance(r, DNSText) and name.endswith(suffix):
+                txt[name] = _txt_properties(r.text)
+            elif isinstance(r, DNSService) and name.endswith(suffix):
+                srv[name] = r.server.lower()
+            elif isinstance(r, DNSAddress) and r.type == _QTYPE_A and len(r.address) == 4:
+                got = addrs.setdefault(name, [])
+                a = socket.inet_ntoa(r.address)
+                if a not in got and len(got) < MAX_ADDRESSES:
+                    got.append(a)

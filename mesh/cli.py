@@ -328,7 +328,7 @@ def cmd_reply(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from mesh import demo
 
-    return demo.run(workers=args.workers, duration=args.duration)
+    return demo.run(workers=args.workers, duration=args.duration, seeds=args.seeds)
 
 
 # --------------------------------------------------------------------------- parser
@@ -448,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", "Run a small distributed-training mesh on this machine.", [])
     p.add_argument("--workers", type=int, default=4, metavar="N", help="worker processes (default: 4)")
     p.add_argument("--duration", type=float, default=20.0, metavar="S", help="seconds (default: 20, at most 60)")
+    p.add_argument("--seeds", action="store_true",
+                   help="find each other through a seed endpoint instead of zeroconf (mDNS)")
     _verbose(p)
     p.set_defaults(func=cmd_demo)
     return parser

@@ -491,8 +491,16 @@ class Membership:
             self.malformed += 1
             return []
         out: list[Action] = []
+        known = self._members.get(sender)
+        # A sender we think is dead (e.g. cut off by a partition that just healed)
+        # may replay "dead" news it queued meanwhile about members that are fine:
+        # from it, "dead" only raises a suspicion, which the member can refute.
+        trusted = known is not None and known.state in (ALIVE, SUSPECT)
         for entry in message.get(GOSSIP_KEY, ()):
-            self._apply(entry, sender, now, out)
+            if not trusted and entry.get("kind") == DEAD:
+                self._merge(entry, sender, now, out)
+            else:
+                self._apply(entry, sender, now, out)
         kind = message["type"]
         if kind == PING:
             if message.get("to", self.self_id) == self.self_id:

@@ -90,6 +90,10 @@ _DEFAULT_OPTIONS: dict[str, Any] = {
     # a message to an idle link leaves at once. batch_bytes=0 turns it off.
     "batch_bytes": 16384,
     "batch_delay": 0.0005,
+    # Arrays of at least shm_threshold bytes to a peer on this host travel through
+    # shared memory (transports/shm.py); shm=False keeps them on the socket.
+    "shm": True,
+    "shm_threshold": 1 << 20,
 }
 
 # (type, minimum) of each numeric option; minimum is exclusive for floats.
@@ -101,6 +105,7 @@ _OPTION_RULES: dict[str, tuple[type, float]] = {
     "rejoin_interval": (float, 0.0),
     "batch_delay": (float, 0.0),
     "max_message_size": (int, 1),
+    "shm_threshold": (int, 1),
     "sndhwm": (int, 1),
     "rcvhwm": (int, 1),
 }
@@ -163,6 +168,16 @@ def _close_live_nodes() -> None:
             node.close()
         except Exception:
             pass
+
+
+class _DoneTracker:
+    """What a channel send returns when the data was copied into shared memory:
+    the caller's buffer is free at once."""
+
+    done = True
+
+    def wait(self, timeout: float | None = None) -> None:
+        return None
 
 
 class _BatchedFrame:
@@ -328,6 +343,7 @@ class Node:
         self._subject_name = "".join(c if c.isalnum() or c in "-_" else "_" for c in self.name)
         self._sids = itertools.count(1)
         self._batch_max = self.options["batch_bytes"]
+        self._shm_threshold = self.options["shm_threshold"]
         self._batch_delay = self.options["batch_delay"]
         self._batching: dict[Link, float] = {}  # links with waiting messages -> flush time
         self._subs_by_sid: dict[int, Subscription] = {}
@@ -336,6 +352,8 @@ class Node:
         self._peer_callbacks: list = []
         self._rejoin: dict[str, float] = {}  # dead peer id -> next hello
         self._rejoin_socks: dict[str, Any] = {}
+        self._beacon: Any = None
+        self._shm_dirty = False  # a shared-memory view was released: tell its sender
         self.counters = Counters()
         self.gaps = 0
         self.batches_out = 0  # frames that carried several small messages
@@ -390,6 +408,7 @@ class Node:
         self._waker_lock = threading.Lock()
         self._seed_socks: dict[str, Any] = {}
         self._seed_peer: dict[str, str] = {}
+        self._start_shm()
         self._start_time = time.monotonic()
         self._members = Membership(
             self.id,
@@ -422,6 +441,21 @@ class Node:
             self._start_zeroconf()
         return self
 
+    def _start_shm(self) -> None:
+        """Offer shared memory to same-host peers when this node talks to any."""
+        self._beacon = None
+        if not self.options["shm"] or not any(t.name in ("ipc", "inproc") for t in self._transports):
+            return
+        from transports import shm
+
+        if not shm.shm_usable():
+            return
+        shm.cleanup_stale()  # segments of processes that died without cleaning up
+        try:
+            self._beacon = shm.Beacon(self.id)
+        except OSError as exc:
+            log.info("%s: no shared memory (%s); arrays stay on the socket", self.name, exc)
+
     def close(self) -> None:
         """Say goodbye to peers and release everything. Idempotent; never hangs."""
         if self._closed:
@@ -448,6 +482,8 @@ class Node:
             pending.event.set()
         with self._waker_lock:
             self._waker.close(linger=0)
+        if self._beacon is not None:
+            self._beacon.close()
         with self._changed:
             self._changed.notify_all()
 
@@ -808,6 +844,11 @@ class Node:
     ) -> bool:
         """Put one message on a link's data socket; the caller holds the link lock."""
         subject, seq, ts, flags, headers, req_id, payload, nbytes = item
+        shm_desc = None
+        if flags and link.shm_out is not None and nbytes >= self._shm_threshold:
+            payload, shm_desc = self._to_shm(link, payload)
+            if shm_desc is not None:
+                flags |= wire.SHM
         header = wire.pack_msg(subject, seq, ts, flags, headers, req_id, sids)
         if self._batch_max:
             now = time.monotonic()
@@ -837,6 +878,8 @@ class Node:
         except zmq.Again:
             if timeout is None or timeout <= 0:
                 self._count_drop("peer_queue_full", link)
+                if shm_desc is not None:
+                    link.shm_out.abort(shm_desc)
                 return False
             if not sock.poll(int(timeout * 1000), zmq.POLLOUT):
                 raise BackpressureError(
@@ -853,6 +896,14 @@ class Node:
         link.counters.msgs_out += 1
         link.counters.bytes_out += nbytes
         return True
+
+    def _to_shm(self, link: Link, payload: list) -> tuple[list, Any]:
+        """Copy an array's bytes into a shared-memory slot for the peer: the frames
+        then carry only descriptors. (payload, None) when no slot is free now."""
+        desc = link.shm_out.write(np.frombuffer(payload[1], np.uint8))
+        if desc is None:
+            return payload, None  # pool full or no space: the socket path it is
+        return [payload[0], desc.pack()], desc
 
     def _flush_batch(self, link: Link) -> None:
         """Send a link's waiting small messages as one frame (caller holds the lock)."""
@@ -998,7 +1049,11 @@ class Node:
             item = get()
             if item is _STOP:
                 return
-            self._run_item(item)
+            try:
+                self._run_item(item)
+            except Exception:  # nothing may end this thread: every handler depends on it
+                self.counters.drops["dispatch_error"] += 1
+                log.exception("%s: dispatch error", self.name)
 
     def _run_item(self, item: Any) -> None:
         if type(item) is list:
@@ -1016,7 +1071,7 @@ class Node:
             self.counters.drops["handler_error"] += 1
             log.exception("%s: handler for %r raised on %r", self.name, sub.pattern, msg.subject)
         sub.delivered += 1
-        if msg._credit is not None:
+        if getattr(msg, "_credit", None) is not None:  # on_peer callbacks get a PeerInfo
             self._consumed(sub, msg)  # the handler returned: its credit goes back
 
     # ------------------------------------------------------------------ request/reply
@@ -1121,6 +1176,9 @@ class Node:
                     "name": p.name,
                     "state": p.state,
                     "transport": link.transport if link else None,
+                    # Large arrays: through shared memory, or on the transport itself.
+                    "bulk": ("shm" if link.shm_out is not None else link.transport) if link else None,
+                    "shm": link.shm_out.stats() if link and link.shm_out is not None else None,
                     "endpoint": link.endpoint if link else None,
                     "rtt": p.rtt,
                     "since": round(now - p.joined_at, 3) if p.joined_at else None,
@@ -1206,6 +1264,8 @@ class Node:
                 wake_at = min(next_tick, next_seed) if self._seed_socks else next_tick
                 if deadline is not None:
                     wake_at = min(wake_at, deadline)
+                if self._shm_dirty:
+                    self._send_shm_releases()
                 if self._batching:
                     batch_deadline = self._flush_batches(now)
                     if batch_deadline is not None:
@@ -1325,6 +1385,19 @@ class Node:
             self._set_interest(peer, body[0], wire.check_interest_entries(body[1]))
         elif kind == wire.CREDIT:
             self._on_credit(peer, body)
+        elif kind == wire.SHM_OK:
+            link = peer.link
+            if self._beacon is not None and link is not None and link.shm_out is None:
+                from transports import shm
+
+                with link.lock:
+                    link.shm_out = shm.ShmSender(self.id)
+        elif kind == wire.SHM_RELEASE:
+            link = peer.link
+            if link is not None and link.shm_out is not None:
+                from transports import shm
+
+                link.shm_out.on_release(shm.unpack_releases(body))
         elif kind == wire.SYNC:
             self._send_control(peer.id, wire.INTEREST_FULL, self._interest_snapshot())
         elif kind == wire.PEERS:
@@ -1347,7 +1420,7 @@ class Node:
         subject, seq, ts, flags, headers, req_id, sids = wire.check_msg(header)
         peer = self._known_peer(ident)
         route = self._route(subject, internal=True)
-        data, array, nbytes = self._payload_of(flags, frames, "message")
+        data, array, nbytes = self._payload_of(flags, frames, "message", peer)
         counters = peer.counters
         counters.msgs_in += 1
         counters.bytes_in += nbytes
@@ -1486,7 +1559,7 @@ class Node:
     def _on_reply(self, ident: bytes, header: list, frames: list) -> None:
         req_id, flags, headers = wire.check_reply(header)
         peer = self._known_peer(ident)
-        data, array, _nbytes = self._payload_of(flags, frames, "reply")
+        data, array, _nbytes = self._payload_of(flags, frames, "reply", peer)
         pending = self._pending.get(req_id)
         if pending is None or pending.reply is not None:
             self.counters.drops["late_reply"] += 1
@@ -1494,11 +1567,20 @@ class Node:
         pending.reply = Message("", data, headers, peer.id, 0, array=array, request_id=req_id)
         pending.event.set()
 
-    def _payload_of(self, flags: int, frames: list, what: str) -> tuple[Any, Any, int]:
+    def _payload_of(self, flags: int, frames: list, what: str, peer: Peer) -> tuple[Any, Any, int]:
         """(data, array or None, nbytes) of a message's payload frames."""
         if flags & wire.TENSOR:
             if len(frames) != 4:
                 raise ProtocolError(f"tensor {what} needs descriptor and data frames", "malformed")
+            if flags & wire.SHM:
+                if peer.shm_in is None:
+                    raise ProtocolError("shared memory from a peer that was never offered it", "shm_unexpected")
+                from transports.shm import ShmDescriptor
+
+                # A view on the peer's segment; its slot is released when the
+                # application drops the last view of it.
+                view = peer.shm_in.open(ShmDescriptor.unpack(frames[3].bytes))
+                return view.data, array_from_frames(frames[2].buffer, view.data), view.descriptor.nbytes
             data = frames[3].buffer
             return data, array_from_frames(frames[2].buffer, data), len(frames[3])
         if len(frames) != 3:
@@ -1510,7 +1592,7 @@ class Node:
     def _on_p2p(self, ident: bytes, body: Any, frames: list) -> None:
         channel_name, tag, flags, meta = wire.check_p2p(body)
         peer = self._known_peer(ident)
-        data, array, nbytes = self._payload_of(flags, frames, "p2p message")
+        data, array, nbytes = self._payload_of(flags, frames, "p2p message", peer)
         peer.counters.msgs_in += 1
         peer.counters.bytes_in += nbytes
         self.counters.msgs_in += 1
@@ -1561,7 +1643,6 @@ class Node:
     ) -> Any:
         self._check_open()
         payload, _array, flags, nbytes = self._encode_payload(data)
-        header = wire.pack(wire.P2P, [channel, tag, flags, meta])
         link = self._links.get(peer_id)
         peer = self._peers.get(peer_id)
         if link is None or peer is None or peer.state != "alive":
@@ -1573,6 +1654,12 @@ class Node:
         with link.lock:
             if link.closed:
                 raise PeerLostError(f"peer {peer.name} is gone", peer=peer_id)
+            shm_desc = None
+            if flags and link.shm_out is not None and nbytes >= self._shm_threshold:
+                payload, shm_desc = self._to_shm(link, payload)
+                if shm_desc is not None:
+                    flags |= wire.SHM
+            header = wire.pack(wire.P2P, [channel, tag, flags, meta])
             sock = link.sock
             try:
                 tracker = sock.send_multipart([header, *payload], zmq.NOBLOCK, copy=False, track=True)
@@ -1590,7 +1677,7 @@ class Node:
         link.counters.bytes_out += nbytes
         self.counters.msgs_out += 1
         self.counters.bytes_out += nbytes
-        return tracker
+        return _DoneTracker() if shm_desc is not None else tracker
 
     # -- handshake and gossip ---------------------------------------------------
 
@@ -1610,6 +1697,8 @@ class Node:
         }
         if via is not None:
             body["via"] = via
+        if self._beacon is not None:
+            body["shm"] = [self._beacon.name, self._beacon.token]
         return body
 
     def _interest_snapshot(self) -> list:
@@ -1670,6 +1759,7 @@ class Node:
             # Our interest may have changed since the hello this peer saw (e.g. one
             # sent through a seed before we knew its id): send it whole once more.
             self._send_control(peer.id, wire.INTEREST_FULL, self._interest_snapshot())
+        self._agree_shm(peer, body.get("shm"))  # after our answer: the peer knows us then
         if was_joining or is_new:
             # Tell everyone else about the newcomer so the mesh becomes full.
             summary = [peer.summary()]
@@ -1680,6 +1770,49 @@ class Node:
                 self._changed.notify_all()
             # After our hello answer, on the same pipe: the peer knows us by then.
             self._swim(self._members.add_member(peer.id, peer.summary(), now=now))
+
+    def _agree_shm(self, peer: Peer, offer: Any) -> None:
+        """If we can map the peer's shared memory, say so: it then sends us large
+        arrays through it. Only between processes of one host (inproc needs none)."""
+        if (
+            self._beacon is None
+            or peer.shm_in is not None
+            or peer.link is None
+            or peer.link.transport != "ipc"
+            or type(offer) is not list
+            or len(offer) != 2
+        ):
+            return
+        from transports import shm
+
+        if not shm.can_use_shm(self._locality, peer.locality) or not shm.check_beacon(
+            peer.id, offer[0], offer[1]
+        ):
+            return
+        peer.shm_in = shm.ShmReceiver(peer.id, notify=self._shm_wake)
+        self._send_control(peer.id, wire.SHM_OK, None)
+
+    def _shm_wake(self) -> None:
+        # Called from whatever thread dropped a view's last reference (even inside
+        # the garbage collector): never block here.
+        self._shm_dirty = True
+        if self._waker_lock.acquire(blocking=False):
+            try:
+                self._waker.send(b"", zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            finally:
+                self._waker_lock.release()
+
+    def _send_shm_releases(self) -> None:
+        self._shm_dirty = False
+        from transports import shm
+
+        for peer in list(self._peers.values()):
+            if peer.shm_in is not None:
+                pairs = peer.shm_in.take_releases()
+                if pairs:
+                    self._send_control(peer.id, wire.SHM_RELEASE, shm.pack_releases(pairs))
 
     def _add_peer(self, info: dict, now: float) -> Peer | None:
         locality = Locality(info["host"], info["proc"])
@@ -1964,6 +2097,9 @@ class Node:
         was = peer.state
         peer.state = state
         peer.gone_at = time.monotonic()
+        if peer.shm_in is not None:
+            peer.shm_in.close()  # views the application still holds stay valid
+            peer.shm_in = None
         self._tombstones[peer.id] = time.monotonic()
         self._close_link(peer)
         with self._lock:

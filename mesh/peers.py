@@ -32,7 +32,7 @@ class Link:
 
     __slots__ = (
         "sock", "ctl", "lock", "cond", "windows", "transport", "endpoint", "closed", "counters",
-        "batch", "batch_bytes", "batch_since", "last_send",
+        "batch", "batch_bytes", "batch_since", "last_send", "shm_out",
     )
 
     def __init__(
@@ -50,6 +50,7 @@ class Link:
         self.batch_bytes = 0
         self.batch_since = 0.0
         self.last_send = 0.0
+        self.shm_out: Any = None  # transports.shm.ShmSender once the peer can map ours
         self.transport = transport
         self.endpoint = endpoint
         self.closed = False
@@ -62,6 +63,8 @@ class Link:
                 self.ctl.close(linger=linger)
                 for window in self.windows.values():
                     window.close("peer gone")
+                if self.shm_out is not None:
+                    self.shm_out.close()
                 self.cond.notify_all()  # blocked publishers see the peer is gone
 
 
@@ -79,6 +82,7 @@ class Peer:
     rtt: float | None = None
     link: Link | None = None
     counters: Counters = field(default_factory=Counters)
+    shm_in: Any = None  # transports.shm.ShmReceiver for arrays this peer sends us
 
     def info(self) -> PeerInfo:
         return PeerInfo(

@@ -89,14 +89,14 @@ def discover(
 ) -> list[Target]:
     """The nodes announced on the LAN (of ``cluster``, or of every cluster).
 
-    Browses ``interfaces`` (default: every non-loopback IPv4 interface) for
-    ``browse`` seconds: mDNS responders answer a query within ~0.6 s.
+    Asks with mDNS on ``interfaces`` (default: every non-loopback IPv4
+    interface) for ``browse`` seconds; responders answer in milliseconds, the
+    time is there to ask again when a packet was lost.
     """
     from discovery.zeroconf import LanBrowser
 
     with LanBrowser(interfaces) as browser:
-        time.sleep(browse)
-        return targets_from_announcements(browser.announcements(), cluster)
+        return targets_from_announcements(browser.scan(browse), cluster)
 
 
 def collect(endpoints: Iterable[str], timeout: float = 2.0) -> list[dict]:
@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--browse", type=float, default=1.0, metavar="S",
-        help="how long to listen for mDNS answers before asking the nodes (default: %(default)s)",
+        help="how long to ask with mDNS (3 queries) before asking the nodes (default: %(default)s)",
     )
     parser.add_argument(
         "--watch", type=float, nargs="?", const=2.0, metavar="S",
@@ -404,12 +404,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             browser = LanBrowser(_interfaces(args))
             browser.start()
             where = browser.addresses
-            time.sleep(args.browse)  # the answers to the browser's first query
         while True:
             out: list[str] = []
             err: list[str] = []
             if browser is not None:
-                targets = targets_from_announcements(browser.announcements(), args.cluster)
+                targets = targets_from_announcements(browser.scan(args.browse), args.cluster)
             if args.watch is not None:
                 out.append(f"{PROG} {time.strftime('%H:%M:%S')} (every {args.watch:g} s, Ctrl-C to stop)")
             if targets:

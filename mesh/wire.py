@@ -42,6 +42,8 @@ P2P = 13  # body: [channel, tag, flags, meta]  + payload frames as MSG (mesh/cha
 SWIM = 14  # body: a membership message (mesh/membership.py)
 CREDIT = 15  # body: [[sid, msgs, bytes], ...] credit returned for consumed messages
 BATCH = 16  # body: message count; one frame of small messages (mesh/flow.py encode_batch)
+SHM_OK = 17  # body: None; "I can map your shared memory: send me arrays through it"
+SHM_RELEASE = 18  # body: released (slot, generation) pairs (transports/shm.py)
 
 KIND_NAMES = {
     HELLO: "hello",
@@ -60,10 +62,13 @@ KIND_NAMES = {
     SWIM: "swim",
     CREDIT: "credit",
     BATCH: "batch",
+    SHM_OK: "shm_ok",
+    SHM_RELEASE: "shm_release",
 }
 
-# MSG / REPLY flags
+# MSG / REPLY / P2P flags
 TENSOR = 1
+SHM = 2  # with TENSOR: the data frame is a transports.shm descriptor, the bytes are in shared memory
 
 # Headers are small; anything larger is hostile or a bug.
 MAX_HEADER_BYTES = 1 << 20

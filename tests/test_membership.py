@@ -945,3 +945,17 @@ def test_next_deadline_drives_everything() -> None:
     assert t is not None and 0 <= t <= m.config.probe_interval
     assert m.tick(t) == []
     assert m.next_deadline() == pytest.approx(t + m.config.probe_interval)
+
+
+def test_dead_news_from_a_node_we_think_dead_only_raises_suspicion() -> None:
+    """After a partition heals, the cut-off node replays 'dead' news it queued about
+    members that are fine; from a sender we consider dead it must not kill them."""
+    m = solo(peers=["b", "c", "d", "e"])
+    m.handle("c", gossip(entry(DEAD, "d", 0)), 0.0)  # c (alive) says d died: believed
+    assert state(m, "d") == (DEAD, 0)
+    # d itself, dead to us, says b is dead: only a suspicion that b can refute.
+    m.handle("d", gossip(entry(DEAD, "b", 0)), 0.1)
+    assert state(m, "b") == (SUSPECT, 0)
+    # From a live sender the same news still counts in full.
+    m.handle("c", gossip(entry(DEAD, "e", 0)), 0.2)
+    assert state(m, "e") == (DEAD, 0)

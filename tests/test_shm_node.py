@@ -1,0 +1,65 @@
+"""Large arrays between processes of one host travel through shared memory."""
+
+from __future__ import annotations
+
+import glob
+
+import numpy as np
+import pytest
+from meshproc import as_array, wait_until
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def peer_row(status: dict, name: str) -> dict:
+    (row,) = [p for p in status["peers"] if p["name"] == name]
+    return row
+
+
+def test_large_arrays_use_shared_memory_and_slots_come_back(procs):
+    s = procs.start("s")
+    p = procs.start("p", seeds=[s.tcp])
+    p.call("wait_for_peers", n=1, timeout=15)
+    assert wait_until(lambda: peer_row(p.call("status"), "s")["bulk"] == "shm", 10)
+    sid = s.call("subscribe", pattern="grad.>")
+    p.call("wait_for_subscribers", subject="grad.x", count=1, timeout=10)
+    arrays = [np.arange(n, dtype=np.float32) * (i + 1) for i, n in enumerate((1 << 18, 1 << 21, 3 << 20))]
+    small = np.arange(10, dtype=np.int64)  # under the threshold: stays on the socket
+    for arr in [*arrays, small]:
+        p.call("publish", subject="grad.x", data=arr, timeout=10)
+    got = s.call("collected", sid=sid, n=4, timeout=30)
+    for want, rec in zip([*arrays, small], got, strict=True):
+        np.testing.assert_array_equal(as_array(rec), want)
+    row = peer_row(p.call("status"), "s")
+    assert row["shm"]["writes"] == 3  # the three large ones
+    # The subscriber dropped each message after recording it: every slot comes back.
+    assert wait_until(lambda: peer_row(p.call("status"), "s")["shm"]["in_use"] == 0, 10)
+
+
+def test_allreduce_between_local_processes_goes_through_shared_memory(procs):
+    a = procs.start("a")
+    b = procs.start("b", seeds=[a.tcp])
+    a.call("wait_for_peers", n=1, timeout=15)
+    assert wait_until(lambda: peer_row(a.call("status"), "b")["bulk"] == "shm", 10)
+    # Data through the collective channel: a point-to-point array, checked by the peer.
+    arr = np.linspace(0, 1, 1 << 20, dtype=np.float64)
+    sid = b.call("subscribe", pattern="p2p.check")
+    a.call("wait_for_subscribers", subject="p2p.check", count=1, timeout=10)
+    a.call("publish", subject="p2p.check", data=arr, timeout=10)
+    np.testing.assert_array_equal(as_array(b.call("collected", sid=sid, n=1)[0]), arr)
+
+
+def test_no_segments_left_after_nodes_close(procs):
+    s = procs.start("s")
+    p = procs.start("p", seeds=[s.tcp])
+    p.call("wait_for_peers", n=1, timeout=15)
+    ids = [w.id for w in (s, p)]
+    assert wait_until(lambda: peer_row(p.call("status"), "s")["bulk"] == "shm", 10)
+    sid = s.call("subscribe", pattern="x")
+    p.call("wait_for_subscribers", subject="x", count=1, timeout=10)
+    p.call("publish", subject="x", data=np.ones(1 << 20, dtype=np.float32))
+    s.call("collected", sid=sid, n=1)
+    assert any(glob.glob(f"/dev/shm/zmesh-{i}*") for i in ids)
+    for w in (p, s):
+        w.call("close")
+    assert wait_until(lambda: not any(glob.glob(f"/dev/shm/zmesh-{i}*") for i in ids), 5)
