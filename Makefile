@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: demo test bench lint clean venv
+.PHONY: demo test bench lint clean venv pyverbs-link rdma-test
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -12,6 +12,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e '.[test,bench]'
+	@$(MAKE) -s pyverbs-link
 	@rm -f $(VENV)/.installed-*; touch $(STAMP)
 
 venv: $(STAMP)
@@ -34,3 +35,19 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# pyverbs (the RDMA transport) comes from Debian's python3-pyverbs, not PyPI:
+# link just that package into the venv when it is installed.
+PYVERBS_DEB := /usr/lib/python3/dist-packages/pyverbs
+PYVERBS_PTH = $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zmesh-pyverbs.pth
+pyverbs-link: $(BIN)/python
+	@if [ -d $(PYVERBS_DEB) ]; then \
+	  mkdir -p $(VENV)/pyverbs-link && ln -sfn $(PYVERBS_DEB) $(VENV)/pyverbs-link/pyverbs && \
+	  echo "$(abspath $(VENV))/pyverbs-link" > "$(PYVERBS_PTH)" && \
+	  if $(BIN)/python -c 'import pyverbs.device' 2>/dev/null; then echo "pyverbs: linked into $(VENV)"; \
+	  else rm -f "$(PYVERBS_PTH)"; echo "pyverbs: Debian's build does not import in $(BIN)/python"; fi; \
+	else echo "pyverbs: not installed (apt-get install python3-pyverbs): rdma transport off"; fi
+
+# The RDMA tests on two real soft-RoCE devices, in ../shared/rdma-vm (root, ~2 min).
+rdma-test: $(STAMP)
+	../shared/rdma-vm/run --timeout 600 -- $(BIN)/python -m pytest -q tests/test_rdma_vm.py tests/test_rdma_core.py

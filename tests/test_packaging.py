@@ -27,10 +27,13 @@ def test_every_package_directory_is_listed_in_pyproject() -> None:
 
 def test_transport_plugins_are_entry_points() -> None:
     names = {ep.name for ep in entry_points(group="mesh.transports")}
-    assert {"inproc", "ipc", "tcp"} <= names
+    assert {"inproc", "ipc", "tcp", "rdma"} <= names
 
 
 def test_mesh_transports_available_lists_usable_transports_best_first() -> None:
     import mesh
 
-    assert mesh.transports.available()[:3] == ["inproc", "ipc", "tcp"]
+    usable = mesh.transports.available()
+    assert {"inproc", "ipc", "tcp"} <= set(usable)
+    ranks = [mesh.transports.plugins()[name].rank for name in usable]
+    assert ranks == sorted(ranks)  # best first: inproc, (shm, rdma,) ipc, tcp

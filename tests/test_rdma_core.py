@@ -1,0 +1,386 @@
+"""The RDMA ring/credit core (transports/rdma_core.py): pure, so tested exhaustively here.
+
+The end-to-end property test simulates the whole data path: a sender cutting
+frames into writes, a "wire" that lands them in order (as an RC queue pair
+does) into a real bytearray ring, a receiver consuming in random-sized bites
+and acknowledging, acks travelling back late. It checks that credits never go
+negative, no write lands on unconsumed bytes, and every byte of every message
+arrives once, in order.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mesh.errors import MessageTooLarge, ProtocolError
+from transports.rdma_core import (
+    FRAME_HEADER,
+    FrameReader,
+    Outbox,
+    RegistrationCache,
+    RingReader,
+    RingWriter,
+    SlotPool,
+    encode_header,
+)
+
+# --------------------------------------------------------------------------- simulation
+
+
+class Sim:
+    """Sender, wire and receiver of one direction, with the ring's real bytes."""
+
+    def __init__(self, capacity: int, max_write: int, ack_threshold: int | None) -> None:
+        self.capacity = capacity
+        self.writer = RingWriter(capacity)
+        self.outbox = Outbox(self.writer, max_write=max_write)
+        self.reader = RingReader(capacity, ack_threshold)
+        self.frames = FrameReader()
+        self.ring = bytearray(capacity)
+        self.unconsumed = [False] * capacity
+        self.sources: dict[int, list[bytes]] = {}
+        self.wire: deque[tuple[int, bytes]] = deque()
+        self.acks: deque[int] = deque()
+        self.payload = bytearray()
+        self.received: list[tuple[int, bytes, bytes]] = []
+        self.next_id = 0
+
+    def send(self, meta: bytes, payload: bytes) -> None:
+        head = encode_header(self.next_id, len(meta), len(payload)) + meta
+        self.sources[self.next_id] = [head, payload]
+        self.outbox.push(self.next_id, [len(head), len(payload)])
+        self.next_id += 1
+
+    def check(self) -> None:
+        assert 0 <= self.writer.credits <= self.capacity
+        assert 0 <= self.reader.readable <= self.capacity
+
+    def post(self, k: int) -> None:
+        for w in self.outbox.plan(k):
+            assert 0 < w.length and w.ring_offset + w.length <= self.capacity, "crossed the ring end"
+            src = self.sources[w.frame][w.part]
+            self.wire.append((w.ring_offset, src[w.part_offset : w.part_offset + w.length]))
+        self.check()
+
+    def land(self, k: int) -> None:
+        for _ in range(min(k, len(self.wire))):
+            off, data = self.wire.popleft()
+            for i in range(off, off + len(data)):
+                assert not self.unconsumed[i], f"write overwrote unconsumed byte {i}"
+                self.unconsumed[i] = True
+            self.ring[off : off + len(data)] = data
+            self.reader.on_write(len(data))
+        self.check()
+
+    def consume(self, bite: int) -> None:
+        while self.reader.readable:
+            part, missing = self.frames.need()
+            n = min(missing, self.reader.contiguous(), bite) if missing else 0
+            if n == 0:
+                break
+            off = self.reader.consume(n)
+            data = bytes(self.ring[off : off + n])
+            for i in range(off, off + n):
+                assert self.unconsumed[i]
+                self.unconsumed[i] = False
+            if part == FrameReader.PAYLOAD:
+                self.payload += data
+                self.frames.advance_payload(n)
+            else:
+                self.frames.feed(data)
+            done = self.frames.take_done()
+            if done:
+                header, meta = done
+                self.received.append((header.msg_id, meta, bytes(self.payload)))
+                self.payload.clear()
+        self.check()
+
+    def ack(self, force: bool) -> None:
+        n = self.reader.take_ack(force)
+        if n:
+            self.acks.append(n)
+
+    def deliver_acks(self, k: int) -> None:
+        for _ in range(min(k, len(self.acks))):
+            self.writer.on_ack(self.acks.popleft())
+        self.check()
+
+    def drain(self) -> None:
+        for _ in range(100_000):
+            unacked = self.reader.consumed - self.reader.acked
+            if not (len(self.outbox) or self.wire or self.reader.readable or self.acks or unacked):
+                return
+            self.post(1 << 30)
+            self.land(1 << 30)
+            self.consume(1 << 30)
+            self.ack(False)
+            self.deliver_acks(1 << 30)
+        raise AssertionError("the stream did not drain: credits were never returned")
+
+
+messages = st.lists(
+    st.tuples(st.binary(max_size=8), st.binary(max_size=200)), min_size=1, max_size=8
+)
+ops = st.lists(
+    st.tuples(st.sampled_from(["post", "land", "consume", "ack", "force_ack", "acks"]),
+              st.integers(1, 50)),
+    max_size=80,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    msgs=messages,
+    capacity=st.integers(1, 96),
+    max_write=st.integers(1, 128),
+    ack_threshold=st.one_of(st.none(), st.integers(1, 96)),
+    script=ops,
+)
+def test_stream_delivers_every_byte_once_in_order(msgs, capacity, max_write, ack_threshold, script):
+    sim = Sim(capacity, max_write, ack_threshold)
+    for meta, payload in msgs:
+        sim.send(meta, payload)
+    for op, k in script:
+        if op == "post":
+            sim.post(k)
+        elif op == "land":
+            sim.land(k)
+        elif op == "consume":
+            sim.consume(k)
+        elif op in ("ack", "force_ack"):
+            sim.ack(op == "force_ack")
+        else:
+            sim.deliver_acks(k)
+    sim.drain()
+    assert sim.received == [(i, m, p) for i, (m, p) in enumerate(msgs)]
+    assert sim.writer.credits == capacity and sim.writer.written == sim.reader.consumed
+
+
+@settings(max_examples=100, deadline=None)
+@given(sizes=st.lists(st.integers(0, 5000), min_size=1, max_size=5), capacity=st.integers(16, 1024))
+def test_messages_larger_than_the_ring_stream_through_it(sizes, capacity):
+    sim = Sim(capacity, max_write=capacity, ack_threshold=None)
+    for i, n in enumerate(sizes):
+        sim.send(b"", bytes([i % 251]) * n)
+    sim.drain()
+    assert [len(p) for _, _, p in sim.received] == sizes
+
+
+# --------------------------------------------------------------------------- ring edges
+
+
+def test_wrap_around_splits_writes_at_the_ring_end():
+    w = RingWriter(10)
+    out = Outbox(w, max_write=100)
+    out.push(0, [7])
+    assert [(x.ring_offset, x.length) for x in out.plan(10)] == [(0, 7)]
+    w.on_ack(7)  # consumed: 10 credits, next write at 7
+    out.push(1, [9])
+    writes = out.plan(10)
+    assert [(x.ring_offset, x.length, x.last) for x in writes] == [(7, 3, False), (0, 6, True)]
+    assert w.credits == 1
+
+
+def test_writer_stops_at_zero_credits_and_resumes_on_ack():
+    w = RingWriter(8)
+    out = Outbox(w, max_write=8)
+    out.push(0, [20])
+    assert sum(x.length for x in out.plan(100)) == 8
+    assert w.credits == 0 and out.plan(100) == []
+    w.on_ack(5)
+    assert sum(x.length for x in out.plan(100)) == 5
+
+
+def test_ack_beyond_in_flight_is_a_protocol_error():
+    w = RingWriter(8)
+    w.advance(3)
+    with pytest.raises(ProtocolError):
+        w.on_ack(4)
+    with pytest.raises(ProtocolError):
+        w.on_ack(0)
+
+
+def test_reader_refuses_overrun_and_writes_across_the_end():
+    r = RingReader(8)
+    r.on_write(6)
+    with pytest.raises(ProtocolError, match="overran"):
+        r.on_write(3)
+    r.consume(6)
+    assert r.take_ack() == 6
+    with pytest.raises(ProtocolError, match="wrapping"):
+        r.on_write(4)  # offset 6 + 4 > 8: a well-behaved sender wraps at 8
+
+
+def test_take_ack_waits_for_threshold_unless_drained_or_forced():
+    r = RingReader(100, ack_threshold=50)
+    r.on_write(60)
+    r.consume(10)
+    assert r.take_ack() == 0  # 10 pending, 50 still readable
+    assert r.take_ack(force=True) == 10
+    r.consume(45)
+    assert r.take_ack() == 0
+    r.consume(5)  # drained: ack whatever is pending
+    assert r.take_ack() == 50
+    assert r.take_ack() == 0
+
+
+def test_writer_refuses_a_write_beyond_credits_or_the_end():
+    w = RingWriter(8)
+    with pytest.raises(ValueError):
+        w.advance(9)
+    w.advance(5)
+    with pytest.raises(ValueError):
+        w.advance(4)
+
+
+def test_message_over_the_limit_is_refused_clearly():
+    out = Outbox(RingWriter(64), max_message=100)
+    with pytest.raises(MessageTooLarge, match="exceeds"):
+        out.push(0, [24, 200])
+    out.push(1, [24, 76])
+    assert len(out) == 1
+
+
+def test_empty_parts_keep_their_index():
+    out = Outbox(RingWriter(64))
+    out.push(0, [0, 5, 0, 3])
+    assert [(x.part, x.length, x.last) for x in out.plan(10)] == [(1, 5, False), (3, 3, True)]
+
+
+def test_frame_reader_rejects_a_corrupt_header():
+    fr = FrameReader()
+    with pytest.raises(ProtocolError, match="out of sync"):
+        fr.feed(b"XXXX" + bytes(FRAME_HEADER.size - 4))
+    fr = FrameReader(max_payload=10)
+    with pytest.raises(ProtocolError, match="exceeds"):
+        fr.feed(encode_header(1, 0, 11))
+
+
+def test_frame_reader_handles_empty_meta_and_payload():
+    fr = FrameReader()
+    fr.feed(encode_header(7, 0, 0))
+    header, meta = fr.take_done()
+    assert (header.msg_id, meta) == (7, b"")
+    assert fr.need() == (FrameReader.HEADER, FRAME_HEADER.size)
+
+
+# --------------------------------------------------------------------------- registration cache
+
+
+class FakeNic:
+    def __init__(self) -> None:
+        self.live: dict[int, tuple[int, int]] = {}
+        self.next = 0
+        self.registrations = 0
+
+    def register(self, addr: int, size: int) -> int:
+        self.next += 1
+        self.registrations += 1
+        self.live[self.next] = (addr, size)
+        return self.next
+
+    def deregister(self, handle: int) -> None:
+        assert handle in self.live, "deregistered twice"
+        del self.live[handle]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    script=st.lists(st.tuples(st.booleans(), st.integers(0, 7)), max_size=120),
+    max_entries=st.integers(1, 5),
+    max_bytes=st.integers(1, 40),
+)
+def test_registration_cache_against_a_model(script, max_entries, max_bytes):
+    nic = FakeNic()
+    cache = RegistrationCache(nic.register, nic.deregister, max_entries=max_entries,
+                              max_bytes=max_bytes)
+    size = {k: k + 1 for k in range(8)}  # buffer k: address 1000*k, k+1 bytes
+    model: list[int] = []  # cached keys, least recently used first
+    pins: dict[int, int] = {}
+    handles: dict[int, int] = {}
+    for acquire, k in script:
+        addr = 1000 * k
+        if acquire:
+            hit = k in model
+            before = nic.registrations
+            h = cache.acquire(addr, size[k], owner=object())
+            assert (nic.registrations == before) == hit
+            if hit:
+                assert h == handles[k], "a hit must return the same registration"
+                model.remove(k)
+            handles[k] = h
+            model.append(k)
+            pins[k] = pins.get(k, 0) + 1
+        elif pins.get(k):
+            cache.release(addr, size[k])
+            pins[k] -= 1
+        else:
+            with pytest.raises(ValueError):
+                cache.release(addr, size[k])
+            continue
+        # model eviction: unpinned, least recently used first, while over budget
+        for key in list(model):
+            total = sum(size[x] for x in model)
+            if len(model) <= max_entries and total <= max_bytes:
+                break
+            if not pins.get(key):
+                model.remove(key)
+        assert [a // 1000 for a, _ in sorted(nic.live.values())] == sorted(model)
+        for key in model:
+            assert handles[key] in nic.live
+        assert all((1000 * key, size[key]) in cache for key in model)
+        pinned = [key for key in model if pins.get(key)]
+        assert all(handles[key] in nic.live for key in pinned), "evicted a pinned registration"
+    cache.clear()
+    assert nic.live == {}
+
+
+def test_registration_cache_hits_and_lru_eviction():
+    nic = FakeNic()
+    cache = RegistrationCache(nic.register, nic.deregister, max_entries=2)
+    a = cache.acquire(0x1000, 64)
+    cache.release(0x1000, 64)
+    assert cache.acquire(0x1000, 64) == a and cache.hits == 1
+    cache.release(0x1000, 64)
+    cache.acquire(0x2000, 64)
+    cache.release(0x2000, 64)
+    cache.acquire(0x1000, 64)  # touch: 0x2000 is now least recently used
+    cache.release(0x1000, 64)
+    cache.acquire(0x3000, 64)
+    assert (0x2000, 64) not in cache and (0x1000, 64) in cache and cache.evictions == 1
+    assert (0x1000, 128) not in cache, "size is part of the key"
+
+
+def test_registration_cache_keeps_the_owner_alive():
+    import gc
+    import weakref
+
+    class Buf:
+        pass
+
+    buf = Buf()
+    ref = weakref.ref(buf)
+    nic = FakeNic()
+    cache = RegistrationCache(nic.register, nic.deregister, max_entries=1)
+    cache.acquire(1, 1, owner=buf)
+    cache.release(1, 1)
+    del buf
+    gc.collect()
+    assert ref() is not None, "a cached registration must pin its buffer's memory"
+    cache.acquire(2, 1)  # evicts the first entry
+    gc.collect()
+    assert ref() is None
+
+
+def test_slot_pool():
+    pool = SlotPool(2, 100)
+    a, b = pool.acquire(), pool.acquire()
+    assert pool.acquire() is None and {pool.offset(a), pool.offset(b)} == {0, 100}
+    pool.release(a)
+    with pytest.raises(ValueError):
+        pool.release(a)
+    assert pool.acquire() == a
