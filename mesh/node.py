@@ -63,6 +63,7 @@ from mesh.stats import Counters, LatencyHistogram
 from mesh.subjects import validate_pattern, validate_subject
 from mesh.tensor import array_from_frames, array_to_frames
 from transports.base import Locality
+from transports.rdma import RdmaError
 
 log = logging.getLogger("mesh")
 
@@ -94,6 +95,11 @@ _DEFAULT_OPTIONS: dict[str, Any] = {
     # shared memory (transports/shm.py); shm=False keeps them on the socket.
     "shm": True,
     "shm_threshold": 1 << 20,
+    # Arrays of at least rdma_threshold bytes to a peer that also has RDMA go through
+    # an RC queue pair (transports/rdma.py) when both have it; rdma_device picks the
+    # verbs device (default: the first with an active port).
+    "rdma_device": None,
+    "rdma_threshold": 64 << 10,
 }
 
 # (type, minimum) of each numeric option; minimum is exclusive for floats.
@@ -106,6 +112,7 @@ _OPTION_RULES: dict[str, tuple[type, float]] = {
     "batch_delay": (float, 0.0),
     "max_message_size": (int, 1),
     "shm_threshold": (int, 1),
+    "rdma_threshold": (int, 1),
     "sndhwm": (int, 1),
     "rcvhwm": (int, 1),
 }
@@ -178,6 +185,24 @@ class _DoneTracker:
 
     def wait(self, timeout: float | None = None) -> None:
         return None
+
+
+class _RdmaTracker:
+    """What a channel send returns when the array went through RDMA: done once the
+    peer's ring holds all of it (or it was resent on the socket)."""
+
+    __slots__ = ("event",)
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    @property
+    def done(self) -> bool:
+        return self.event.is_set()
+
+    def wait(self, timeout: float | None = None) -> None:
+        if not self.event.wait(timeout):
+            raise zmq.NotDone()
 
 
 class _BatchedFrame:
@@ -354,6 +379,11 @@ class Node:
         self._rejoin_socks: dict[str, Any] = {}
         self._beacon: Any = None
         self._shm_dirty = False  # a shared-memory view was released: tell its sender
+        self._rdma: Any = None  # transports.rdma.RdmaTransport when usable
+        self._rdma_threshold = self.options["rdma_threshold"]
+        self._rdma_links: dict[Link, tuple[str, Any]] = {}  # I/O thread: link -> (peer id, conn)
+        self._rdma_offers: dict[str, Any] = {}  # peer id -> our offered, unconnected conn
+        self._rdma_poller: Any = None
         self.counters = Counters()
         self.gaps = 0
         self.batches_out = 0  # frames that carried several small messages
@@ -409,6 +439,7 @@ class Node:
         self._seed_socks: dict[str, Any] = {}
         self._seed_peer: dict[str, str] = {}
         self._start_shm()
+        self._start_rdma()
         self._start_time = time.monotonic()
         self._members = Membership(
             self.id,
@@ -455,6 +486,19 @@ class Node:
             self._beacon = shm.Beacon(self.id)
         except OSError as exc:
             log.info("%s: no shared memory (%s); arrays stay on the socket", self.name, exc)
+
+    def _start_rdma(self) -> None:
+        """Offer RDMA to peers when the rdma transport is among ours and usable."""
+        plugin = next((t for t in self._transports if t.name == "rdma"), None)
+        if plugin is None:
+            return
+        device = self.options["rdma_device"]
+        if device is not None and getattr(plugin, "rdma_device", None) != device:
+            plugin = type(plugin)(rdma_device=device)
+        if plugin.available():
+            self._rdma = plugin
+        else:
+            log.info("%s: rdma device %s not usable; arrays stay on the socket", self.name, device)
 
     def close(self) -> None:
         """Say goodbye to peers and release everything. Idempotent; never hangs."""
@@ -872,6 +916,13 @@ class Node:
                 self._flush_batch(link)  # keep order: what waited goes first
             link.last_send = now
         frames = [header, *payload]
+        if (flags and shm_desc is None and link.rdma is not None and nbytes >= self._rdma_threshold
+                and self._to_rdma(link, peer_id, frames, None)):
+            self.counters.msgs_out += 1
+            self.counters.bytes_out += nbytes
+            link.counters.msgs_out += 1
+            link.counters.bytes_out += nbytes
+            return True
         sock = link.sock
         try:
             _send_frames(sock, frames)
@@ -904,6 +955,51 @@ class Node:
         if desc is None:
             return payload, None  # pool full or no space: the socket path it is
         return [payload[0], desc.pack()], desc
+
+    def _to_rdma(self, link: Link, peer_id: str, frames: list, tracker: Any) -> bool:
+        """Send a tensor message (header, descriptor, data) through the link's RDMA
+        connection (caller holds the link lock). False: send it on the socket."""
+        conn = link.rdma
+        if conn.state != "ready":
+            return False  # still connecting
+        meta = msgpack.packb([bytes(frames[0]), bytes(frames[1])], use_bin_type=True)
+        try:
+            msg_id = conn.send(np.frombuffer(frames[2], np.uint8), meta=meta)
+        except RdmaError as err:
+            self._rdma_fallback(link, peer_id, err)
+            return False
+        except Exception as exc:  # noqa: BLE001 - e.g. meta too large: this one goes on the socket
+            log.debug("rdma send to %s refused: %s", peer_id, exc)
+            return False
+        if tracker is not None:
+            link.rdma_trackers[msg_id] = tracker
+        return True
+
+    def _rdma_fallback(self, link: Link, peer_id: str, err: Any) -> None:
+        """The link's RDMA connection failed (caller holds the link lock): resend what
+        it had not delivered on the socket and stay there. The I/O thread closes it."""
+        if link.rdma is None:
+            return
+        link.rdma = None
+        link.rdma_off = True
+        log.warning("%s: rdma to %s failed (%s); arrays go over %s from now on",
+                    self.name, self._peer_name(peer_id), err, link.transport)
+        for _msg_id, array, meta in err.unsent:
+            try:
+                header, descriptor = msgpack.unpackb(meta, raw=False)
+                frames = [header, descriptor, array]
+                try:
+                    link.sock.send_multipart(frames, zmq.NOBLOCK)
+                except zmq.Again:
+                    if not link.sock.poll(int(self.options["peer_timeout"] * 1000), zmq.POLLOUT):
+                        raise
+                    link.sock.send_multipart(frames, zmq.NOBLOCK)
+            except Exception as exc:  # noqa: BLE001
+                self._count_drop("send_error", link)
+                log.debug("resending to %s after rdma failed: %s", peer_id, exc)
+        for tracker in link.rdma_trackers.values():
+            tracker.event.set()  # resent by copy (or lost): the caller's buffer is free
+        link.rdma_trackers.clear()
 
     def _flush_batch(self, link: Link) -> None:
         """Send a link's waiting small messages as one frame (caller holds the lock)."""
@@ -1177,8 +1273,13 @@ class Node:
                     "state": p.state,
                     "transport": link.transport if link else None,
                     # Large arrays: through shared memory, or on the transport itself.
-                    "bulk": ("shm" if link.shm_out is not None else link.transport) if link else None,
+                    "bulk": (
+                        "shm" if link.shm_out is not None
+                        else "rdma" if link.rdma is not None and link.rdma.state == "ready"
+                        else link.transport
+                    ) if link else None,
                     "shm": link.shm_out.stats() if link and link.shm_out is not None else None,
+                    "rdma": dict(link.rdma.stats) if link and link.rdma is not None else None,
                     "endpoint": link.endpoint if link else None,
                     "rtt": p.rtt,
                     "since": round(now - p.joined_at, 3) if p.joined_at else None,
@@ -1275,7 +1376,9 @@ class Node:
                     if credit_deadline is not None:
                         wake_at = min(wake_at, credit_deadline)
                 wait_ms = max(0, int((wake_at - now) * 1000) + 1)
-                if router.poll(wait_ms):
+                if self._rdma_links:
+                    self._rdma_wait(wait_ms)
+                elif router.poll(wait_ms):
                     self._drain_router()
                 while self._commands:
                     cmd = self._commands.popleft()
@@ -1287,6 +1390,70 @@ class Node:
             log.exception("%s: I/O thread crashed; closing the node", self.name)
             self._closed = True
             self._io_shutdown()
+
+    def _rdma_wait(self, wait_ms: int) -> None:
+        """Wait on the ROUTER and the RDMA connections' completion channels, then
+        drive the connections (a short timer for one without a channel fd)."""
+        poller = self._rdma_poller
+        if poller is None:
+            poller = self._rdma_poller = zmq.Poller()
+            poller.register(self._router, zmq.POLLIN)
+            timer = False
+            for _peer_id, conn in self._rdma_links.values():
+                fd = conn.fileno()
+                if fd is None:
+                    timer = True
+                else:
+                    poller.register(fd, zmq.POLLIN)
+            poller.timer = timer  # type: ignore[attr-defined]
+        events = dict(poller.poll(min(wait_ms, 1 if poller.timer else 50)))  # type: ignore[attr-defined]
+        if self._router in events:
+            self._drain_router()
+        self._rdma_progress()
+
+    def _rdma_progress(self) -> None:
+        now = time.monotonic()
+        for link, (peer_id, conn) in list(self._rdma_links.items()):
+            received: list = []
+            with link.lock:
+                if link.closed or link.rdma is not conn:
+                    self._rdma_forget(link)
+                    continue
+                try:
+                    progress = conn.progress()
+                except RdmaError as err:
+                    received = err.received
+                    self._rdma_fallback(link, peer_id, err)
+                    self._rdma_forget(link)
+                else:
+                    received = progress.received
+                    for msg_id in progress.sent:
+                        tracker = link.rdma_trackers.pop(msg_id, None)
+                        if tracker is not None:
+                            tracker.event.set()
+            ident = peer_id.encode()
+            for r in received:
+                try:
+                    header, descriptor = msgpack.unpackb(r.meta, raw=False)
+                    frames = [_BatchedFrame(ident), _BatchedFrame(header),
+                              _BatchedFrame(descriptor), _BatchedFrame(memoryview(r.array))]
+                except Exception:  # noqa: BLE001
+                    self._drop("malformed", ident, "undecodable rdma message meta")
+                    continue
+                self._handle_frames(frames, now)
+        if self._io_batch:
+            self._dispatch.put(self._io_batch)
+            self._io_batch = []
+
+    def _rdma_forget(self, link: Link) -> None:
+        """Close a link's RDMA connection (I/O thread, link lock held)."""
+        entry = self._rdma_links.pop(link, None)
+        self._rdma_poller = None  # its fds change
+        if entry is not None:
+            try:
+                entry[1].close()
+            except Exception as exc:  # noqa: BLE001
+                log.debug("closing an rdma connection: %s", exc)
 
     def _drain_router(self) -> None:
         recv = self._router.recv
@@ -1398,6 +1565,10 @@ class Node:
                 from transports import shm
 
                 link.shm_out.on_release(shm.unpack_releases(body))
+        elif kind == wire.RDMA_OFFER:
+            self._on_rdma_offer(peer, body)
+        elif kind == wire.RDMA_ACCEPT:
+            self._on_rdma_accept(peer, body)
         elif kind == wire.SYNC:
             self._send_control(peer.id, wire.INTEREST_FULL, self._interest_snapshot())
         elif kind == wire.PEERS:
@@ -1661,8 +1832,14 @@ class Node:
                     flags |= wire.SHM
             header = wire.pack(wire.P2P, [channel, tag, flags, meta])
             sock = link.sock
+            tracker = None
+            if flags and shm_desc is None and link.rdma is not None and nbytes >= self._rdma_threshold:
+                tracker = _RdmaTracker()
+                if not self._to_rdma(link, peer_id, [header, *payload], tracker):
+                    tracker = None
             try:
-                tracker = sock.send_multipart([header, *payload], zmq.NOBLOCK, copy=False, track=True)
+                if tracker is None:
+                    tracker = sock.send_multipart([header, *payload], zmq.NOBLOCK, copy=False, track=True)
             except zmq.Again:
                 # Bounded even without a timeout: the link lock is held meanwhile.
                 if timeout is None:
@@ -1699,6 +1876,8 @@ class Node:
             body["via"] = via
         if self._beacon is not None:
             body["shm"] = [self._beacon.name, self._beacon.token]
+        if self._rdma is not None:
+            body["rdma"] = self._rdma.brochure()
         return body
 
     def _interest_snapshot(self) -> list:
@@ -1760,6 +1939,7 @@ class Node:
             # sent through a seed before we knew its id): send it whole once more.
             self._send_control(peer.id, wire.INTEREST_FULL, self._interest_snapshot())
         self._agree_shm(peer, body.get("shm"))  # after our answer: the peer knows us then
+        self._agree_rdma(peer, body)
         if was_joining or is_new:
             # Tell everyone else about the newcomer so the mesh becomes full.
             summary = [peer.summary()]
@@ -1791,6 +1971,86 @@ class Node:
             return
         peer.shm_in = shm.ShmReceiver(peer.id, notify=self._shm_wake)
         self._send_control(peer.id, wire.SHM_OK, None)
+
+    def _agree_rdma(self, peer: Peer, hello: dict) -> None:
+        """Both have RDMA: the lower node id offers a queue pair (after our hello
+        answer, so the peer knows us). Shared memory and inproc are better."""
+        link = peer.link
+        if (
+            self._rdma is None
+            or type(hello.get("rdma")) is not dict
+            or self.id > peer.id
+            or link is None
+            or link.rdma is not None
+            or link.rdma_off
+            or peer.id in self._rdma_offers
+            or link.transport == "inproc"
+            or (link.transport == "ipc" and self._beacon is not None and hello.get("shm"))
+        ):
+            return
+        try:
+            conn = self._rdma.connection()
+        except Exception as exc:  # noqa: BLE001 - no queue pair: the socket it is
+            log.warning("%s: no rdma towards %s: %s", self.name, peer.name, exc)
+            link.rdma_off = True
+            return
+        self._rdma_offers[peer.id] = conn
+        self._send_control(peer.id, wire.RDMA_OFFER, conn.local_info())
+
+    def _on_rdma_offer(self, peer: Peer, body: Any) -> None:
+        link = peer.link
+        if link is None:
+            return
+        if self._rdma is None or link.rdma_off or type(body) is not dict:
+            self._send_control(peer.id, wire.RDMA_ACCEPT, None)
+            return
+        with link.lock:
+            if link.rdma is not None:  # the peer started over: so do we
+                self._rdma_fallback(
+                    link, peer.id, RdmaError("the peer offered a new queue pair", link.rdma.unsent()))
+                link.rdma_off = False
+                self._rdma_forget(link)
+        conn = None
+        try:
+            conn = self._rdma.connection()
+            conn.connect(body)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("%s: cannot set up rdma with %s (%s); arrays stay on %s",
+                        self.name, peer.name, exc, link.transport)
+            if conn is not None:
+                conn.close()
+            link.rdma_off = True
+            self._send_control(peer.id, wire.RDMA_ACCEPT, None)
+            return
+        self._send_control(peer.id, wire.RDMA_ACCEPT, conn.local_info())
+        self._rdma_use(link, peer, conn)
+
+    def _on_rdma_accept(self, peer: Peer, body: Any) -> None:
+        conn = self._rdma_offers.pop(peer.id, None)
+        link = peer.link
+        if conn is None:
+            return
+        if link is None or link.closed or type(body) is not dict:
+            conn.close()
+            if link is not None:
+                link.rdma_off = True
+            return
+        try:
+            conn.connect(body)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("%s: cannot connect rdma to %s (%s); arrays stay on %s",
+                        self.name, peer.name, exc, link.transport)
+            conn.close()
+            link.rdma_off = True
+            return
+        self._rdma_use(link, peer, conn)
+
+    def _rdma_use(self, link: Link, peer: Peer, conn: Any) -> None:
+        with link.lock:
+            link.rdma = conn
+        self._rdma_links[link] = (peer.id, conn)
+        self._rdma_poller = None
+        log.info("%s: arrays to %s go over rdma (%s)", self.name, peer.name, conn.device.device)
 
     def _shm_wake(self) -> None:
         # Called from whatever thread dropped a view's last reference (even inside
@@ -2143,6 +2403,13 @@ class Node:
                             link.sock.send(wire.pack(wire.BYE, None), zmq.NOBLOCK)
                         except zmq.ZMQError:
                             pass
+        for link in list(self._rdma_links):
+            with link.lock:
+                link.rdma = None
+                self._rdma_forget(link)
+        for conn in self._rdma_offers.values():
+            conn.close()
+        self._rdma_offers.clear()
         for peer in list(self._peers.values()):
             if peer.link is not None:
                 self._links.pop(peer.id, None)

@@ -32,7 +32,8 @@ class Link:
 
     __slots__ = (
         "sock", "ctl", "lock", "cond", "windows", "transport", "endpoint", "closed", "counters",
-        "batch", "batch_bytes", "batch_since", "last_send", "shm_out",
+        "batch", "batch_bytes", "batch_since", "last_send", "shm_out", "rdma", "rdma_off",
+        "rdma_trackers",
     )
 
     def __init__(
@@ -51,6 +52,11 @@ class Link:
         self.batch_since = 0.0
         self.last_send = 0.0
         self.shm_out: Any = None  # transports.shm.ShmSender once the peer can map ours
+        # transports.rdma.RdmaConnection once connected (the I/O thread drives and
+        # closes it; senders use it under the lock); rdma_off: it failed, stay off.
+        self.rdma: Any = None
+        self.rdma_off = False
+        self.rdma_trackers: dict[int, Any] = {}  # rdma msg id -> channel-send tracker
         self.transport = transport
         self.endpoint = endpoint
         self.closed = False

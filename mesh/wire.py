@@ -44,6 +44,8 @@ CREDIT = 15  # body: [[sid, msgs, bytes], ...] credit returned for consumed mess
 BATCH = 16  # body: message count; one frame of small messages (mesh/flow.py encode_batch)
 SHM_OK = 17  # body: None; "I can map your shared memory: send me arrays through it"
 SHM_RELEASE = 18  # body: released (slot, generation) pairs (transports/shm.py)
+RDMA_OFFER = 19  # body: the offerer's RdmaConnection.local_info() (the lower node id offers)
+RDMA_ACCEPT = 20  # body: the accepter's local_info(), or None: "no rdma between us"
 
 KIND_NAMES = {
     HELLO: "hello",
@@ -64,6 +66,8 @@ KIND_NAMES = {
     BATCH: "batch",
     SHM_OK: "shm_ok",
     SHM_RELEASE: "shm_release",
+    RDMA_OFFER: "rdma_offer",
+    RDMA_ACCEPT: "rdma_accept",
 }
 
 # MSG / REPLY / P2P flags
