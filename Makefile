@@ -50,4 +50,4 @@ pyverbs-link: $(BIN)/python
 
 # The RDMA tests on two real soft-RoCE devices, in ../shared/rdma-vm (root, ~2 min).
 rdma-test: $(STAMP)
-	../shared/rdma-vm/run --timeout 600 -- $(BIN)/python -m pytest -q tests/test_rdma_vm.py tests/test_rdma_core.py
+	../shared/rdma-vm/run --timeout 900 -- $(BIN)/python -m pytest -q tests/test_rdma_vm.py tests/test_rdma_core.py tests/test_rdma_node.py
