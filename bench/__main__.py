@@ -1,7 +1,7 @@
 """``python -m bench``: every benchmark in one run, ratios first.
 
-    python -m bench            # full run, a few minutes
-    python -m bench --quick    # smoke run, small counts, well under 30 s
+    python -m bench            # full run, some minutes
+    python -m bench --quick    # smoke run, small counts, about 30 s
     python -m bench --profile  # also cProfile the mesh side into bench/results/profile/
 
 Exit status: 0 when every benchmark produced a result (missed goals are
@@ -21,8 +21,8 @@ from typing import Any
 
 import zmq
 
-from bench import collectives, pubsub
-from bench._runner import log, workers
+from bench import collectives, pubsub, shm
+from bench._runner import BenchError, log, workers
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -37,41 +37,90 @@ def _fmt_value(row: dict, side: str) -> str:
     return text
 
 
+def _fmt_ratio(row: dict) -> str:
+    if row["bench"] == "throughput":
+        return f"{row['ratio']:.0%}"
+    if row["bench"] == "flow control":
+        return f"cost {row['cost']:.0%}"
+    return f"{row['ratio']:.2f}x"
+
+
 def _extra(row: dict) -> str:
     if row["bench"] == "latency":
         return f"p99 ratio {row['p99_ratio']:.2f}x"
     mesh, raw = row["mesh"], row["raw"]
+    if row["bench"] == "batching":
+        return (f"CPU/msg {mesh['cpu_us_per_msg']:.1f} vs {raw['cpu_us_per_msg']:.1f} µs "
+                f"({row['cpu_ratio']:.2f}x); per rep {', '.join(f'{r:.2f}' for r in row['ratios'])}")
+    if row["bench"] == "flow control":
+        return (f"CPU/msg {mesh['cpu_us_per_msg']:.1f} vs {raw['cpu_us_per_msg']:.1f} µs "
+                f"(CPU cost {row['cpu_cost']:+.0%}); per rep "
+                f"{', '.join(f'{c:+.0%}' for c in row['costs'])}")
     drops = sum(mesh["publisher_drops"])
     text = (f"CPU/msg (pub+sub) {mesh['cpu_us_per_msg']:.1f} vs {raw['cpu_us_per_msg']:.1f} µs; "
             f"publish(timeout={row['publish_timeout']}): {drops} dropped")
     if drops:
         text += f", {sum(mesh['received']):,} of {row['count'] * row['reps']:,} received"
+    if mesh.get("msgs_per_batch"):
+        text += f"; {mesh['msgs_per_batch']:.0f} msgs/batch"
     if "MiB_per_s" in mesh:
         text += (f"; subscriber page faults/msg {mesh['sink_faults_per_msg']:.0f} "
-                 f"(raw {raw['sink_faults_per_msg']:.0f})")
+                 f"(raw {raw['sink_faults_per_msg']:.0f}); arrays via {'+'.join(mesh['bulk'])}")
     return text
 
 
 def summary(rows: list[dict], cfg: pubsub.Config) -> str:
     lines = [
         "",
-        "=== pub/sub: mesh vs raw pyzmq (ratio = mesh/raw, median of per-repetition ratios) ===",
+        "=== pub/sub: mesh vs reference (ratio = mesh/reference, median of per-repetition "
+        "ratios; all cases of one transport share one raw reference per repetition) ===",
         f"latency {cfg.lat_reps} x {cfg.lat_count:,} round trips; 64 B {cfg.small_reps} x "
-        f"{cfg.small_count:,} msgs; 1 MiB {cfg.array_reps} x {cfg.array_count:,} arrays",
+        f"{cfg.small_count:,} msgs; 1 MiB {cfg.array_reps} x {cfg.array_count:,} arrays; "
+        "flow control cost = 1 - controlled/uncontrolled",
+        "64 B variants: batching off = batch_bytes=0 on both nodes; flow control on = "
+        "subscribe(credits=256, overflow='block'), off = credits=10**9, overflow='drop_new'; "
+        "all with publish(timeout=5) but 'default publish()'. Latency goal: batch_bytes=0 "
+        "on both nodes.",
     ]
-    header = f"{'ratio':>7}  {'goal':<22} {'met':<4}  {'benchmark':<46} {'tp':<4} {'mesh':<36} {'raw':<36} notes"
+    header = (f"{'ratio':>8}  {'goal':<22} {'met':<4}  {'benchmark':<66} {'tp':<7} "
+              f"{'mesh':<36} {'reference':<50} notes")
     lines += [header, "-" * len(header)]
     for row in rows:
-        ratio = f"{row['ratio']:.2f}x" if row["bench"] == "latency" else f"{row['ratio']:.0%}"
         met = {True: "yes", False: "NO", None: "-"}[row["met"]]
         name = f"{row['bench']} {row['case']}"
+        ref = f"{row['reference']}: {_fmt_value(row, 'raw')}"
         lines.append(
-            f"{ratio:>7}  {row['goal']:<22} {met:<4}  {name:<46} {row['transport']:<4} "
-            f"{_fmt_value(row, 'mesh'):<36} {_fmt_value(row, 'raw'):<36} {_extra(row)}"
+            f"{_fmt_ratio(row):>8}  {row['goal']:<22} {met:<4}  {name:<66} {row['transport']:<7} "
+            f"{_fmt_value(row, 'mesh'):<36} {ref:<50} {_extra(row)}"
         )
     goals = [r for r in rows if r["met"] is not None]
     missed = [r for r in goals if not r["met"]]
-    lines.append(f"goals met: {len(goals) - len(missed)} of {len(goals)}")
+    text = f"goals met: {len(goals) - len(missed)} of {len(goals)}"
+    if missed:
+        text += " (missed: " + "; ".join(
+            f"{r['bench']} {r['case']} {r['transport']}" for r in missed) + ")"
+    lines.append(text)
+    return "\n".join(lines)
+
+
+def recap(rows: list[dict], shm_result: dict | None, shm_allreduce: dict | None) -> str:
+    """Every goal in one place, ratio first, with its reference."""
+    lines = ["", "=== goals (ratio vs reference) ==="]
+    for row in rows:
+        if row["met"] is None:
+            continue
+        lines.append(f"{_fmt_ratio(row):>8}  {'met' if row['met'] else 'MISSED':<6} "
+                     f"{row['goal']:<22} {row['bench']} {row['case']} [{row['transport']}] "
+                     f"vs {row['reference']}")
+    if shm_result is not None:
+        lines.append(f"{shm_result['ratio']:>7.2f}x  {'met' if shm_result['met'] else 'MISSED':<6} "
+                     f"{'shm >= ' + format(shm.GOAL, '.0f') + 'x ipc':<22} shm 64 MiB arrays, "
+                     "receiver takes a view [shm] vs zmq ipc PAIR")
+    if shm_allreduce is not None:
+        for row in shm_allreduce["rows"]:
+            lines.append(f"{row['ratio_noshm_over_shm']:>7.2f}x  {'-':<6} {'information only':<22} "
+                         f"allreduce {row['bytes'] >> 20} MiB, {row['world']} processes: shm off "
+                         "time / shm on time")
     return "\n".join(lines)
 
 
@@ -84,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=os.path.join(RESULTS_DIR, "latest.json"),
                         help="where to write the results (default: bench/results/latest.json)")
     parser.add_argument("--transports", default="tcp,ipc", help="comma-separated (default tcp,ipc)")
-    parser.add_argument("--suites", default="pubsub,collectives",
-                        help="which benchmark suites to run (default: pubsub,collectives)")
+    parser.add_argument("--suites", default="pubsub,collectives,shm",
+                        help="which benchmark suites to run (default: pubsub,collectives,shm; "
+                        "shm = bench.shm's 64 MiB shm vs ipc, then a 4-process allreduce with "
+                        "the node's shm on vs off)")
     parser.add_argument("--only", default="",
                         help="comma-separated substrings of case names, e.g. latency,1MiB/ipc")
     args = parser.parse_args(argv)
@@ -103,10 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     errors: list[str] = []
     rows: list[dict] = []
     collective_results: dict | None = None
+    shm_results: dict | None = None
+    shm_allreduce: dict | None = None
+    load_before = os.getloadavg()
     try:
         if "pubsub" in suites:
             with workers() as pair:
                 rows = pubsub.run(pair, cfg, errors)
+            if rows:
+                print(summary(rows, cfg), flush=True)
         if "collectives" in suites:
             # Mesh allreduce vs torch.distributed/Gloo, in the same processes.
             try:
@@ -115,13 +171,24 @@ def main(argv: list[str] | None = None) -> int:
                 )
             except RuntimeError as exc:
                 errors.append(f"collectives: {exc}")
+        if "shm" in suites:
+            # 64 MiB arrays between two processes: transports/shm.py vs a zmq ipc socket.
+            try:
+                shm_results = shm.run(quick=args.quick)
+                print(shm.summary(shm_results), flush=True)
+            except BenchError as exc:
+                errors.append(f"shm: {exc}")
+            # The node's own use of it: allreduce, 4 processes, shm on vs shm=False.
+            try:
+                shm_allreduce = collectives.shm_compare(quick=args.quick)
+            except RuntimeError as exc:
+                errors.append(f"collectives shm on/off: {exc}")
     except KeyboardInterrupt:
         log("interrupted; workers stopped")
         return 130
     elapsed = time.monotonic() - started
 
-    if rows:
-        print(summary(rows, cfg))
+    print(recap(rows, shm_results, shm_allreduce))
     for error in errors:
         print(f"ERROR: {error}")
     print(f"wall time {elapsed:.1f} s ({'quick' if args.quick else 'full'} run)")
@@ -138,11 +205,14 @@ def main(argv: list[str] | None = None) -> int:
                     "pyzmq": zmq.__version__,
                     "libzmq": zmq.zmq_version(),
                     "cpus": os.cpu_count(),
+                    "load_avg_before": load_before,
                     "load_avg": os.getloadavg(),
                     "config": dataclasses.asdict(cfg),
                 },
                 "results": rows,
                 "collectives": collective_results,
+                "shm": shm_results,
+                "collectives_shm": shm_allreduce,
                 "errors": errors,
             },
             fh,
@@ -152,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"results: {os.path.relpath(args.json)}")
     if errors:
         return 1
-    if args.strict and any(r["met"] is False for r in rows):
+    if args.strict and (any(r["met"] is False for r in rows)
+                        or (shm_results is not None and not shm_results["met"])):
         return 1
     return 0
 

@@ -7,6 +7,9 @@
 From ``bench/__main__.py``: ``from bench import collectives`` then
 ``collectives.run(quick=args.quick)``; it prints its own table and returns a
 JSON-serialisable dict (``rows``, ``crossover``, ``segments``, ``memcpy_bytes_per_s``).
+``collectives.shm_compare(quick)``: 4 processes, allreduce with the node's shared
+memory on (default) vs off (``shm=False``), two nodes per process (one per
+mode, separate clusters), interleaved call by call; ``--shm`` runs it alone.
 
 Method. For each world size (2 and 4 processes on this host) one set of
 spawned processes runs *both* sides: each rank joins a mesh group and a Gloo
@@ -385,6 +388,141 @@ def run(quick: bool = False, *, transports: tuple[str, ...] | None = None,
     return result
 
 
+# ====================================================================== shm on vs off
+
+SHM_SIZES = (4 * MiB, 16 * MiB, 64 * MiB)
+SHM_MODES: dict[str, dict[str, Any]] = {"shm": {}, "noshm": {"shm": False}}
+
+
+def _shm_rank_main(out: Any, rank: int, world: int, cluster: str, seed_q: Any,
+                   sizes: list[int], quick: bool) -> None:
+    _quiet_threads()
+    try:
+        out.put((rank, True, _shm_rank_body(rank, world, cluster, seed_q, sizes, quick)))
+    except BaseException:
+        out.put((rank, False, traceback.format_exc()))
+
+
+def _shm_rank_body(rank: int, world: int, cluster: str, seed_q: Any, sizes: list[int],
+                   quick: bool) -> dict:
+    """Two nodes per rank, one per mode of ``SHM_MODES`` (default, and ``shm=False``),
+    each in a cluster of its own; the two groups' allreduces interleaved."""
+    import mesh
+
+    listen = ("tcp://127.0.0.1:0", "ipc://auto")
+    nodes: dict[str, Any] = {}
+    times: dict[str, list[float]] = {}
+    try:
+        if rank == 0:
+            for mode, opts in SHM_MODES.items():
+                nodes[mode] = mesh.Node(f"bench-r0-{mode}-{os.getpid()}", cluster=f"{cluster}-{mode}",
+                                        discovery="none", listen=listen, **opts).start()
+            seeds = {mode: next(e for e in n.endpoints if e.startswith("tcp://"))
+                     for mode, n in nodes.items()}
+            for _ in range(world - 1):
+                seed_q.put(seeds)
+        else:
+            seeds = seed_q.get(timeout=60)
+            for mode, opts in SHM_MODES.items():
+                nodes[mode] = mesh.Node(f"bench-r{rank}-{mode}-{os.getpid()}",
+                                        cluster=f"{cluster}-{mode}", discovery="static",
+                                        seeds=[seeds[mode]], listen=listen, **opts).start()
+        groups = {}
+        for mode, node in nodes.items():
+            node.wait_for_peers(world - 1, timeout=60)
+            groups[mode] = node.group("bench.shm", world, timeout=120)
+        for nbytes in sizes:
+            x = np.ones(nbytes // 4, dtype=np.float32)
+            warm, reps = _reps(nbytes, quick)
+            for mode in SHM_MODES:
+                times[f"{nbytes}:{mode}"] = []
+            for i in range(warm + reps):
+                order = list(SHM_MODES) if i % 2 == 0 else list(SHM_MODES)[::-1]
+                for mode in order:
+                    g = groups[mode]
+                    x.fill(1.0)
+                    g.barrier()
+                    t0 = time.perf_counter()
+                    res = g.allreduce(x, out=x)
+                    dt = time.perf_counter() - t0
+                    if res[0] != world:
+                        raise RuntimeError(f"mesh ({mode}): wrong allreduce result {res[0]}")
+                    if i >= warm:
+                        times[f"{nbytes}:{mode}"].append(dt)
+        status = {mode: n.status() for mode, n in nodes.items()}
+        for g in groups.values():
+            g.close()
+    finally:
+        for n in nodes.values():
+            n.close()
+    return {
+        "times": times,
+        # How arrays went to the peers: "shm", or the socket's transport.
+        "bulk": {mode: sorted({str(p["bulk"]) for p in st["peers"]}) for mode, st in status.items()},
+        "transport": {mode: sorted({str(p["transport"]) for p in st["peers"]})
+                      for mode, st in status.items()},
+        "shm_stats": [p["shm"] for p in status["shm"]["peers"] if p.get("shm")],
+    }
+
+
+def shm_compare(quick: bool = False, world: int = 4) -> dict:
+    """Allreduce with the node's shared memory on (default) vs off (``shm=False``),
+    ``world`` processes, interleaved call by call; prints its table, returns the numbers.
+    Ratio = shm-off time / shm-on time (> 1: shared memory is faster)."""
+    started = time.monotonic()
+    sizes = list(SHM_SIZES[:2] if quick else SHM_SIZES)
+    cluster = f"bench-shm-{uuid.uuid4().hex[:8]}"
+    seed_q = _SPAWN.Queue()
+    load_before = os.getloadavg()
+    try:
+        answers = _run_ranks(_shm_rank_main, world,
+                             lambda r: (world, cluster, seed_q, sizes, quick))
+    finally:
+        seed_q.cancel_join_thread()
+        seed_q.close()
+    bus_factor = 2 * (world - 1) / world
+    rows = []
+    for nbytes in sizes:
+        per_rep = {mode: [max(a["times"][f"{nbytes}:{mode}"][i] for a in answers)
+                          for i in range(len(answers[0]["times"][f"{nbytes}:{mode}"]))]
+                   for mode in SHM_MODES}
+        ratios = [off / on for on, off in zip(per_rep["shm"], per_rep["noshm"], strict=True)]
+        on, off = statistics.median(per_rep["shm"]), statistics.median(per_rep["noshm"])
+        rows.append({"world": world, "bytes": nbytes, "shm_s": on, "noshm_s": off,
+                     "ratio_noshm_over_shm": statistics.median(ratios), "ratios": ratios,
+                     "shm_busbw": bus_factor * nbytes / on, "noshm_busbw": bus_factor * nbytes / off})
+    result = {"bench": "collectives-shm", "mode": "quick" if quick else "full", "world": world,
+              "rows": rows, "bulk": answers[0]["bulk"], "transport": answers[0]["transport"],
+              "shm_stats_rank0": answers[0]["shm_stats"], "load_avg_before": load_before,
+              "load_avg_after": os.getloadavg(),
+              "wall_seconds": round(time.monotonic() - started, 1)}
+    print(shm_summary(result))
+    return result
+
+
+def shm_summary(result: dict) -> str:
+    bulk = result["bulk"]
+    lines = [
+        "",
+        f"=== allreduce float32, {result['world']} processes: node shm on (default) vs "
+        "shm=False, interleaved (median of the slowest rank; ratio = off time / on time, "
+        "> 1: shm faster) ===",
+        f"links: shm on -> {','.join(result['transport']['shm'])} + bulk "
+        f"{','.join(bulk['shm'])}; shm off -> {','.join(result['transport']['noshm'])} + bulk "
+        f"{','.join(bulk['noshm'])}; load avg {result['load_avg_before'][0]:.1f} before",
+    ]
+    head = (f"{'size':>7}  {'off/on':>7}  {'shm on':>9} {'shm off':>9}  "
+            f"{'on busbw':>10} {'off busbw':>10}")
+    lines += [head, "-" * len(head)]
+    for row in result["rows"]:
+        lines.append(
+            f"{_fmt_bytes(row['bytes']):>7}  {row['ratio_noshm_over_shm']:>6.2f}x  "
+            f"{row['shm_s'] * 1e3:>7.1f}ms {row['noshm_s'] * 1e3:>7.1f}ms  "
+            f"{row['shm_busbw'] / 1e9:>6.3f}GB/s {row['noshm_busbw'] / 1e9:>6.3f}GB/s")
+    lines.append(f"wall time {result['wall_seconds']:.1f} s ({result['mode']} run)")
+    return "\n".join(lines)
+
+
 def summary(result: dict) -> str:
     from mesh.collectives.schedule import DEFAULT_CROSSOVER_BYTES, DEFAULT_SEGMENT_BYTES
 
@@ -461,12 +599,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--segment-bytes", type=int, default=None,
                         help="the mesh group's pipelining segment (default: the group's)")
     parser.add_argument("--worlds", default="2,4", help="comma-separated world sizes")
+    parser.add_argument("--shm", action="store_true",
+                        help="only the 4-process allreduce with node shm on vs off")
     parser.add_argument("--json", default="", help="also write the results to this file")
     args = parser.parse_args(argv)
     profile_dir = None
     if args.profile:
         profile_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "profile")
         os.makedirs(profile_dir, exist_ok=True)
+    if args.shm:
+        result = shm_compare(args.quick)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(result, fh, indent=1, default=str)
+        return 0
     result = run(args.quick, transports=tuple(t for t in args.transports.split(",") if t) or None,
                  segment_bytes=args.segment_bytes, profile_dir=profile_dir,
                  worlds=tuple(int(w) for w in args.worlds.split(",")))

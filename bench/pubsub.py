@@ -7,12 +7,23 @@ reports the ratio mesh/raw:
 1. latency: one-way publish -> handler, from a ping-pong (RTT/2); the mesh's
    A publishes ``bench.ping``, B's handler publishes ``bench.pong``, A's handler
    wakes A's loop. Reference: DEALER/ROUTER ping-pong. p50/p99; goal p50 <= 1.5x.
-2. 64 B throughput at the subscriber, one publisher: mesh with
-   ``publish(timeout=5)`` (waits instead of dropping: the fair comparison) and,
-   for information, the default drop mode with its drop count. Reference:
-   PUSH/PULL with the same high-water marks. Goal >= 50 %.
+   The goal case runs with micro-batching OFF on both nodes (``batch_bytes=0``);
+   the default (batching on) is measured too, for information: a ping-pong sends
+   each message within ``batch_delay`` of the previous one, so it waits for it.
+2. 64 B throughput at the subscriber, one publisher, all against the same
+   PUSH/PULL reference (same high-water marks), every variant in the same
+   repetition: the default node (batching on, flow control: ``credits=256``,
+   ``overflow="block"``) with ``publish(timeout=5)`` (waits instead of dropping:
+   the fair comparison; goal >= 50 % of raw); batching off (``batch_bytes=0``
+   on both nodes); flow control out of the way (``credits=10**9``,
+   ``overflow="drop_new"``: credits never bind); the default drop-mode
+   ``publish()`` with its drop count. Derived: batching on/off (goal >= 2x) and
+   the cost of flow control, 1 - controlled/uncontrolled (goal < 10 %).
 3. 1 MiB float32 arrays: mesh vs PUSH/PULL ``copy=False``; both receivers
    build a numpy view on the received frame (no copy) and read it. Goal >= 80 %.
+   tcp: ``transports=("tcp",)``, so the node's shared memory is off (it is used
+   over ipc only). ipc: the node sends arrays >= ``shm_threshold`` (1 MiB)
+   through shared memory, reported as "ipc+shm"; the reference stays plain ipc.
 
 Task functions (``*_task``) run inside the workers; ``run()`` runs in the parent.
 """
@@ -49,7 +60,9 @@ JOIN_TIMEOUT = 20.0  # two nodes on one host join in well under a second
 # ====================================================================== helpers
 
 
-def _mesh_node(role: str, transport: str, seeds: tuple[str, ...] = ()) -> Any:
+def _mesh_node(
+    role: str, transport: str, seeds: tuple[str, ...] = (), options: dict | None = None
+) -> Any:
     import mesh
 
     return mesh.Node(
@@ -60,6 +73,7 @@ def _mesh_node(role: str, transport: str, seeds: tuple[str, ...] = ()) -> Any:
         # Loopback only: a benchmark has no business listening on the LAN.
         listen=("tcp://127.0.0.1:0", "ipc://auto"),
         transports=(transport,),
+        **(options or {}),  # node options, e.g. batch_bytes=0
     )
 
 
@@ -71,9 +85,14 @@ def _mesh_endpoint(node: Any, transport: str) -> str:
 
 
 def _mesh_counters(node: Any) -> dict[str, Any]:
-    counters = node.status()["counters"]
+    status = node.status()
+    counters = status["counters"]
     drops = counters.get("drops", {})
-    return {"drops": sum(drops.values()), "drop_reasons": drops, "gaps": counters.get("gaps", 0)}
+    return {"drops": sum(drops.values()), "drop_reasons": drops, "gaps": counters.get("gaps", 0),
+            "batches_out": counters.get("batches_out", 0), "msgs_out": counters.get("msgs_out"),
+            # How large arrays travel to each peer: "shm", or the socket's transport.
+            "bulk": sorted({str(p.get("bulk")) for p in status["peers"]}),
+            "shm": [p["shm"] for p in status["peers"] if p.get("shm")]}
 
 
 _ipc_ids = itertools.count()
@@ -173,8 +192,11 @@ def _round_trips(
 # ====================================================================== latency tasks
 
 
-def mesh_echo_task(ctl: Control, transport: str, timeout: float, profile: str | None = None) -> dict:
-    with profiled(profile), _mesh_node("echo", transport) as node:
+def mesh_echo_task(
+    ctl: Control, transport: str, timeout: float, profile: str | None = None,
+    node_options: dict | None = None,
+) -> dict:
+    with profiled(profile), _mesh_node("echo", transport, options=node_options) as node:
         publish = node.publish
         node.subscribe(PING, lambda msg: publish(PONG, msg.data))
         ctl.send("ready", _mesh_endpoint(node, transport))
@@ -191,10 +213,11 @@ def mesh_ping_task(
     warmup: int,
     timeout: float,
     profile: str | None = None,
+    node_options: dict | None = None,
 ) -> dict:
     replies: queue.SimpleQueue = queue.SimpleQueue()
     put = replies.put
-    with profiled(profile), _mesh_node("ping", transport, (endpoint,)) as node:
+    with profiled(profile), _mesh_node("ping", transport, (endpoint,), node_options) as node:
         node.subscribe(PONG, lambda msg: put(None))
         node.wait_for_peers(1, timeout=JOIN_TIMEOUT)
         node.wait_for_subscribers(PING, 1, timeout=JOIN_TIMEOUT)
@@ -294,13 +317,35 @@ class _Sink:
                 "thread_cpu_s": _delta(_thread_cpu(), self.threads0)}
 
 
+STALL_TIMEOUT = 30.0  # seconds without a message, after the first: the rest will not come
+
+
+def _wait_end(sink: _Sink, timeout: float) -> str | None:
+    """Wait for the end mark; why it will not come, or None once it came. A sink
+    that received some messages and then none for STALL_TIMEOUT gives up early
+    (a lost end mark would otherwise hold the run for the whole timeout)."""
+    start = time.monotonic()
+    deadline = start + timeout
+    last_n, last_change = -1, start
+    while not sink.done.wait(1.0):
+        now = time.monotonic()
+        if sink.n != last_n:
+            last_n, last_change = sink.n, now
+        elif sink.n and now - last_change > STALL_TIMEOUT:
+            return f"then nothing for {STALL_TIMEOUT:.0f} s and no end mark"
+        if now > deadline:
+            return f"and no end mark after {timeout:.0f} s"
+    return None
+
+
 def _warm_count(kind: str, count: int) -> int:
     """Untimed messages first: connection set up, buffers allocated, code paths hot."""
     return max(1, min(count // 10, 20 if kind == "array" else 1000))
 
 
 def mesh_sink_task(
-    ctl: Control, transport: str, kind: str, count: int, timeout: float, profile: str | None = None
+    ctl: Control, transport: str, kind: str, count: int, timeout: float, profile: str | None = None,
+    node_options: dict | None = None, sub_options: dict | None = None,
 ) -> dict:
     sink = _Sink()
     pc = time.perf_counter
@@ -323,12 +368,16 @@ def mesh_sink_task(
         if sink.shape is None:
             sink.shape = (array.dtype.str, array.shape)
 
-    with profiled(profile), _mesh_node("sink", transport) as node:
-        node.subscribe(DATA, on_bytes if kind == "bytes" else on_array)
+    with profiled(profile), _mesh_node("sink", transport, options=node_options) as node:
+        # sub_options: credits / overflow (flow control); the end mark shares the
+        # subject, so with overflow="drop_new" the credits must never bind.
+        node.subscribe(DATA, on_bytes if kind == "bytes" else on_array, **(sub_options or {}))
         ctl.send("ready", _mesh_endpoint(node, transport))
-        if not sink.done.wait(timeout):
-            raise BenchError(f"mesh sink: {sink.n} of {count} messages and no end mark "
-                             f"after {timeout:.0f} s")
+        stalled = _wait_end(sink, timeout)
+        if stalled:
+            counters = _mesh_counters(node)
+            raise BenchError(f"mesh sink: {sink.n} of {count} messages, {stalled} (drops "
+                             f"{counters['drop_reasons']}, gaps {counters['gaps']})")
         return {**sink.result(), **_mesh_counters(node)}
 
 
@@ -345,10 +394,11 @@ def mesh_source_task(
     pub_timeout: float | None,
     timeout: float,
     profile: str | None = None,
+    node_options: dict | None = None,
 ) -> dict:
     payload = _payload(kind)
     warm = _warm_count(kind, count)
-    with profiled(profile), _mesh_node("source", transport, (endpoint,)) as node:
+    with profiled(profile), _mesh_node("source", transport, (endpoint,), node_options) as node:
         node.wait_for_peers(1, timeout=JOIN_TIMEOUT)
         node.wait_for_subscribers(DATA, 1, timeout=JOIN_TIMEOUT)
         publish = node.publish
@@ -463,42 +513,81 @@ def _median(values: list[float]) -> float:
     return float(statistics.median(values))
 
 
+# Node options of the latency goal case, on both nodes: micro-batching off (a
+# ping-pong sends within batch_delay of the previous message, so with batching
+# on every message would wait for company that never comes).
+NO_BATCH: dict[str, Any] = {"batch_bytes": 0}
+# The closest thing to no flow control: credits that never run out, and an
+# overflow policy that never waits (were they to run out, messages would drop).
+NO_FLOW: dict[str, Any] = {"credits": 10**9, "overflow": "drop_new"}
+
+# Latency: impl -> node options (both nodes). "mesh" is the goal case.
+LATENCY_VARIANTS: dict[str, dict[str, Any]] = {"mesh": NO_BATCH, "mesh-batch": {}}
+
+# Throughput: impl -> publish timeout, node options (both nodes), subscribe options.
+# "mesh" is the default node, flow-controlled, publish(timeout=5): the goal case.
+BYTES_VARIANTS: dict[str, dict[str, Any]] = {
+    "mesh": {"pub_timeout": 5.0},
+    "mesh-nobatch": {"pub_timeout": 5.0, "node_options": NO_BATCH},
+    "mesh-noflow": {"pub_timeout": 5.0, "sub_options": NO_FLOW},
+    "mesh-drop": {"pub_timeout": None},
+}
+ARRAY_VARIANTS: dict[str, dict[str, Any]] = {"mesh": {"pub_timeout": 5.0}}
+
+GOAL_LATENCY = 1.5  # mesh p50 <= 1.5x raw, batching off
+GOAL_SMALL = 0.5  # 64 B: mesh >= 50 % of raw
+GOAL_ARRAY = 0.8  # 1 MiB: mesh >= 80 % of raw
+GOAL_BATCHING = 2.0  # 64 B: batching on >= 2x batching off
+GOAL_FLOW_COST = 0.10  # 64 B: flow control costs < 10 % of the uncontrolled rate
+
+
 def _latency(pair: Pair, cfg: Config, transport: str) -> list[dict]:
     timeout = 60.0 + cfg.lat_count * len(cfg.lat_sizes) * 0.01
     common = {"transport": transport, "sizes": list(cfg.lat_sizes), "count": cfg.lat_count,
               "warmup": cfg.lat_warmup, "timeout": timeout}
-    reps: list[tuple[dict, dict]] = []
+    impls = ["raw", *LATENCY_VARIANTS]
+    reps: list[dict[str, dict]] = []
     for rep in range(cfg.lat_reps):
-        # Alternate which goes first so a drifting machine favours neither.
-        order = ("raw", "mesh") if rep % 2 == 0 else ("mesh", "raw")
+        # Alternate the order so a drifting machine favours none.
+        order = impls if rep % 2 == 0 else impls[::-1]
         got: dict[str, dict] = {}
         for impl in order:
+            base = "raw" if impl == "raw" else "mesh"
+            server_kw: dict[str, Any] = {"transport": transport, "timeout": timeout}
+            client_kw = dict(common)
+            if base == "mesh":
+                server_kw["node_options"] = client_kw["node_options"] = LATENCY_VARIANTS[impl]
             _, got[impl] = pair.run(
-                f"{HERE}:{impl}_echo_task", f"{HERE}:{impl}_ping_task",
-                server_kw={"transport": transport, "timeout": timeout}, client_kw=common,
-                timeout=timeout,
+                f"{HERE}:{base}_echo_task", f"{HERE}:{base}_ping_task",
+                server_kw=server_kw, client_kw=client_kw, timeout=timeout,
             )
-        reps.append((got["mesh"], got["raw"]))
-        log(f"  latency {transport} rep {rep + 1}/{cfg.lat_reps}: " + ", ".join(
-            f"{s} B mesh {got['mesh'][str(s)]['p50_us']:.1f} / raw {got['raw'][str(s)]['p50_us']:.1f} µs"
-            for s in cfg.lat_sizes))
+        reps.append(got)
+        log(f"  latency {transport} rep {rep + 1}/{cfg.lat_reps}: " + "; ".join(
+            f"{s} B " + ", ".join(f"{impl} {got[impl][str(s)]['p50_us']:.1f}" for impl in impls)
+            + " µs" for s in cfg.lat_sizes))
     rows = []
     for size in cfg.lat_sizes:
         key = str(size)
-        mesh = [m[key] for m, _ in reps]
-        raw = [r[key] for _, r in reps]
-        ratios = [m["p50_us"] / r["p50_us"] for m, r in zip(mesh, raw, strict=True)]
-        p99_ratios = [m["p99_us"] / r["p99_us"] for m, r in zip(mesh, raw, strict=True)]
-        ratio = _median(ratios)
-        rows.append({
-            "bench": "latency", "case": f"one-way {size} B", "transport": transport,
-            "unit": "µs", "metric": "p50 one-way latency (RTT/2)",
-            "mesh": {q: _median([m[q] for m in mesh]) for q in ("p50_us", "p99_us", "mean_us")},
-            "raw": {q: _median([r[q] for r in raw]) for q in ("p50_us", "p99_us", "mean_us")},
-            "ratio": ratio, "ratios": ratios, "p99_ratio": _median(p99_ratios),
-            "goal": "mesh p50 <= 1.5x raw", "met": ratio <= 1.5,
-            "mesh_counters": reps[-1][0].get("counters"), "reps": len(reps),
-        })
+        raw = [r["raw"][key] for r in reps]
+        for impl, options in LATENCY_VARIANTS.items():
+            mesh = [r[impl][key] for r in reps]
+            ratios = [m["p50_us"] / r["p50_us"] for m, r in zip(mesh, raw, strict=True)]
+            p99_ratios = [m["p99_us"] / r["p99_us"] for m, r in zip(mesh, raw, strict=True)]
+            ratio = _median(ratios)
+            primary = impl == "mesh"
+            rows.append({
+                "bench": "latency", "impl": impl, "transport": transport,
+                "case": f"one-way {size} B, " + ("batching off (batch_bytes=0)" if primary
+                                                 else "batching on (default)"),
+                "node_options": options, "reference": "raw DEALER/ROUTER",
+                "unit": "µs", "metric": "p50 one-way latency (RTT/2)",
+                "mesh": {q: _median([m[q] for m in mesh]) for q in ("p50_us", "p99_us", "mean_us")},
+                "raw": {q: _median([r[q] for r in raw]) for q in ("p50_us", "p99_us", "mean_us")},
+                "ratio": ratio, "ratios": ratios, "p99_ratio": _median(p99_ratios),
+                "goal": f"mesh p50 <= {GOAL_LATENCY}x raw" if primary else "information only",
+                "met": ratio <= GOAL_LATENCY if primary else None,
+                "mesh_counters": reps[-1][impl].get("counters"), "reps": len(reps),
+            })
     return rows
 
 
@@ -512,16 +601,21 @@ def _rate(impl: str, sink: dict, source: dict) -> float:
     return timed / seconds
 
 
+# Table text of each 64 B variant (details: NO_BATCH, NO_FLOW, BYTES_VARIANTS).
+_DESCRIPTIONS = {
+    "mesh": "batching on, flow control on (the default)",
+    "mesh-nobatch": "batching off, flow control on",
+    "mesh-noflow": "batching on, flow control off",
+    "mesh-drop": "default publish() (drops when full)",
+}
+
+
 def _throughput(
     pair: Pair, cfg: Config, transport: str, kind: str, count: int, nreps: int
 ) -> list[dict]:
     per_msg = 0.02 if kind == "array" else 0.002
     timeout = 60.0 + count * per_msg
-    # "mesh" waits when the peer's queue is full (publish timeout=5), like the
-    # blocking PUSH; "mesh-drop" is the default publish(), which drops instead.
-    variants: dict[str, float | None] = {"mesh": 5.0}
-    if kind == "bytes":
-        variants["mesh-drop"] = None
+    variants = BYTES_VARIANTS if kind == "bytes" else ARRAY_VARIANTS
     impls = ["raw", *variants]
     reps: list[dict[str, dict]] = []
     for rep in range(nreps):
@@ -529,15 +623,17 @@ def _throughput(
         got: dict[str, dict] = {}
         for impl in order:
             base = "raw" if impl == "raw" else "mesh"
-            client_kw: dict[str, Any] = {"transport": transport, "kind": kind, "count": count,
+            server_kw: dict[str, Any] = {"transport": transport, "kind": kind, "count": count,
                                          "timeout": timeout}
+            client_kw: dict[str, Any] = dict(server_kw)
             if base == "mesh":
-                client_kw["pub_timeout"] = variants[impl]
+                spec = variants[impl]
+                client_kw["pub_timeout"] = spec["pub_timeout"]
+                server_kw["node_options"] = client_kw["node_options"] = spec.get("node_options")
+                server_kw["sub_options"] = spec.get("sub_options")
             sink, source = pair.run(
                 f"{HERE}:{base}_sink_task", f"{HERE}:{base}_source_task",
-                server_kw={"transport": transport, "kind": kind, "count": count,
-                           "timeout": timeout},
-                client_kw=client_kw, timeout=timeout, primary="server",
+                server_kw=server_kw, client_kw=client_kw, timeout=timeout, primary="server",
             )
             got[impl] = {"sink": sink, "source": source, "rate": _rate(impl, sink, source)}
         reps.append(got)
@@ -571,29 +667,72 @@ def _throughput(
         if kind == "array":
             out["MiB_per_s"] = out["msgs_per_s"] * ARRAY_BYTES / (1 << 20)
         if impl != "raw":
-            out["publisher_drop_reasons"] = reps[-1][impl]["source"].get("drop_reasons")
+            source = reps[-1][impl]["source"]
+            out["publisher_drop_reasons"] = source.get("drop_reasons")
             out["subscriber_gaps"] = [r[impl]["sink"].get("gaps", 0) for r in reps]
             out["shape"] = reps[-1][impl]["sink"].get("shape")
+            # Small messages per ZeroMQ message: how much micro-batching coalesced.
+            out["batches_out"] = [r[impl]["source"].get("batches_out", 0) for r in reps]
+            sent = sum(r[impl]["source"].get("msgs_out") or 0 for r in reps)
+            batches = sum(out["batches_out"])
+            out["msgs_per_batch"] = sent / batches if batches and kind == "bytes" else None
+            out["bulk"] = sorted({b for r in reps for b in r[impl]["source"].get("bulk", [])})
+            out["shm"] = source.get("shm")
         return out
 
-    goal = 0.8 if kind == "array" else 0.5
-    case = "1 MiB float32 arrays" if kind == "array" else "64 B messages"
+    goal = GOAL_ARRAY if kind == "array" else GOAL_SMALL
+    case = "1 MiB float32 arrays" if kind == "array" else "64 B msgs"
     raw = summary("raw")
+    meshes = {impl: summary(impl) for impl in variants}
+    # Over ipc the node hands arrays >= shm_threshold to shared memory: say so.
+    label = transport
+    if kind == "array" and meshes["mesh"]["bulk"] == ["shm"]:
+        label = f"{transport}+shm"
     rows = []
-    for impl, pub_timeout in variants.items():
+    for impl, spec in variants.items():
         ratios = [r[impl]["rate"] / r["raw"]["rate"] for r in reps]
         ratio = _median(ratios)
         primary = impl == "mesh"
         rows.append({
-            "bench": "throughput", "case": case + ("" if primary else ", default publish (drops)"),
-            "transport": transport, "unit": "msg/s", "count": count,
+            "bench": "throughput", "impl": impl,
+            "case": case + ("" if kind == "array" else f", {_DESCRIPTIONS[impl]}"),
+            "transport": label, "unit": "msg/s", "count": count,
             "metric": "messages/s received by the subscriber",
-            "publish_timeout": pub_timeout,
-            "mesh": summary(impl), "raw": raw, "ratio": ratio, "ratios": ratios,
+            "publish_timeout": spec["pub_timeout"], "node_options": spec.get("node_options"),
+            "sub_options": spec.get("sub_options"), "reference": "raw PUSH/PULL",
+            "mesh": meshes[impl], "raw": raw, "ratio": ratio, "ratios": ratios,
             "goal": f"mesh >= {goal:.0%} of raw" if primary else "information only",
             "met": ratio >= goal if primary else None, "reps": len(reps),
         })
+    if kind == "bytes":
+        rows.append(_compare(reps, meshes, transport, count, "batching", "mesh", "mesh-nobatch"))
+        rows.append(_compare(reps, meshes, transport, count, "flow control", "mesh", "mesh-noflow"))
     return rows
+
+
+def _compare(reps: list[dict[str, dict]], meshes: dict[str, dict], transport: str, count: int,
+             bench: str, impl: str, ref: str) -> dict:
+    """A mesh variant against another, per repetition (same run, same reference)."""
+    ratios = [r[impl]["rate"] / r[ref]["rate"] for r in reps]
+    ratio = _median(ratios)
+    cpu_ratio = meshes[impl]["cpu_us_per_msg"] / meshes[ref]["cpu_us_per_msg"]
+    row: dict[str, Any] = {
+        "bench": bench, "impl": impl, "transport": transport, "unit": "msg/s", "count": count,
+        "mesh": meshes[impl], "raw": meshes[ref], "ratio": ratio, "ratios": ratios,
+        "reference": ref, "reps": len(reps), "cpu_ratio": cpu_ratio,
+    }
+    if bench == "batching":
+        row.update(case="64 B msgs, batching on / off", met=ratio >= GOAL_BATCHING,
+                   goal=f"on >= {GOAL_BATCHING:.0f}x off",
+                   metric="msg/s with batching / msg/s without (flow control on in both)")
+    else:
+        # Cost: the rate given up by honouring credits, as a fraction of the rate without.
+        cost = 1.0 - ratio
+        row.update(case="64 B msgs, cost of flow control (on vs off)", cost=cost,
+                   costs=[1.0 - x for x in ratios], cpu_cost=cpu_ratio - 1.0,
+                   met=cost < GOAL_FLOW_COST, goal=f"cost < {GOAL_FLOW_COST:.0%}",
+                   metric="1 - msg/s flow-controlled / msg/s uncontrolled (batching on in both)")
+    return row
 
 
 def _profile(pair: Pair, cfg: Config) -> None:
@@ -604,18 +743,26 @@ def _profile(pair: Pair, cfg: Config) -> None:
     log(f"profiling the mesh side into {out}/ (cProfile slows it down; rates are not comparable)")
     pair.run(f"{HERE}:mesh_echo_task", f"{HERE}:mesh_ping_task",
              server_kw={"transport": transport, "timeout": 120.0,
-                        "profile": f"{out}/latency-echo"},
+                        "profile": f"{out}/latency-echo", "node_options": NO_BATCH},
              client_kw={"transport": transport, "sizes": [64], "count": cfg.lat_count,
                         "warmup": cfg.lat_warmup, "timeout": 120.0,
-                        "profile": f"{out}/latency-ping"},
+                        "profile": f"{out}/latency-ping", "node_options": NO_BATCH},
              timeout=120.0)
-    for kind, count in (("bytes", cfg.small_count // 2), ("array", cfg.array_count // 2)):
+    runs = (("bytes", "", cfg.small_count // 2, BYTES_VARIANTS["mesh"]),
+            ("bytes", "-nobatch", cfg.small_count // 2, BYTES_VARIANTS["mesh-nobatch"]),
+            ("bytes", "-noflow", cfg.small_count // 2, BYTES_VARIANTS["mesh-noflow"]),
+            ("array", "", cfg.array_count // 2, ARRAY_VARIANTS["mesh"]))
+    for kind, suffix, count, spec in runs:
+        name = f"{out}/throughput-{kind}{suffix}"
         pair.run(f"{HERE}:mesh_sink_task", f"{HERE}:mesh_source_task",
                  server_kw={"transport": transport, "kind": kind, "count": count,
-                            "timeout": 300.0, "profile": f"{out}/throughput-{kind}-sink"},
+                            "timeout": 300.0, "profile": f"{name}-sink",
+                            "node_options": spec.get("node_options"),
+                            "sub_options": spec.get("sub_options")},
                  client_kw={"transport": transport, "kind": kind, "count": count,
-                            "pub_timeout": 5.0, "timeout": 300.0,
-                            "profile": f"{out}/throughput-{kind}-source"},
+                            "pub_timeout": spec["pub_timeout"], "timeout": 300.0,
+                            "profile": f"{name}-source",
+                            "node_options": spec.get("node_options")},
                  timeout=300.0, primary="server")
 
 
