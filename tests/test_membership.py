@@ -291,8 +291,8 @@ def test_config_rejects_nonsense(bad: dict[str, Any]) -> None:
 def test_default_timing_budget() -> None:
     cfg = MemberConfig()
     # The arithmetic of the MemberConfig docstring: after an unconfirmed suspicion that
-    # starts one interval after the first probe, six intervals are left for that probe.
-    assert cfg.probe_interval + cfg.suspicion_max + 6 * cfg.probe_interval < 3.0
+    # starts one interval after the first probe, four intervals are left for that probe.
+    assert cfg.probe_interval + cfg.suspicion_max + 4 * cfg.probe_interval < 3.0
     # A 0.5 s stall cannot end in death: the earliest suspicion plus the shortest timer.
     assert cfg.probe_interval + cfg.suspicion_min > 0.5 + 0.3
     assert 0.8 * cfg.probe_timeout + cfg.probe_timeout < cfg.probe_interval  # nacks in time
@@ -452,22 +452,24 @@ def test_suspect_that_speaks_is_told_then_refutes() -> None:
 
 def test_confirmations_shorten_the_suspicion() -> None:
     cfg = {"probe_interval": 100.0, "probe_timeout": 50.0}  # keep our own probes out of it
+    hi, lo = MemberConfig().suspicion_max, MemberConfig().suspicion_min
     m = solo(**cfg)
     m.handle("c", gossip(entry(SUSPECT, "b", 0, **{"from": "c"})), 0.0)
-    assert events(run_to(m, 1.19)) == []
-    assert (DEAD, "b") in events(run_to(m, 1.21))  # no confirmation: suspicion_max
+    assert events(run_to(m, hi - 0.01)) == []
+    assert (DEAD, "b") in events(run_to(m, hi + 0.01))  # no confirmation: suspicion_max
     m = solo(**cfg)
     m.handle("c", gossip(entry(SUSPECT, "b", 0, **{"from": "c"})), 0.0)
     for accuser in ("c", "d", "d", "e", "x"):  # repeats do not count; any other member does
         m.handle("c", gossip(entry(SUSPECT, "b", 0, **{"from": accuser})), 0.0)
-    assert events(run_to(m, 0.59)) == []
-    assert (DEAD, "b") in events(run_to(m, 0.61))  # k = 3 confirmations: suspicion_min
+    assert events(run_to(m, lo - 0.01)) == []
+    assert (DEAD, "b") in events(run_to(m, lo + 0.01))  # k = 3 confirmations: suspicion_min
     m = solo(**cfg)
     m.handle("c", gossip(entry(SUSPECT, "b", 0, **{"from": "c"})), 0.0)
     m.handle("c", gossip(entry(SUSPECT, "b", 0, **{"from": "d"})), 0.5)
-    # One confirmation: 1.2 - 0.6 * log(2)/log(4) = 0.9 after the start, not after 0.5.
-    assert events(run_to(m, 0.89)) == []
-    assert (DEAD, "b") in events(run_to(m, 0.91))
+    # One confirmation: hi - (hi - lo) * log(2)/log(4) after the start, not after 0.5.
+    one = hi - (hi - lo) * 0.5
+    assert events(run_to(m, one - 0.01)) == []
+    assert (DEAD, "b") in events(run_to(m, one + 0.01))
 
 
 def test_push_pull_exchanges_full_state_periodically() -> None:
