@@ -385,6 +385,16 @@ def _emit(out: list[str], err: list[str], clear: bool) -> None:
     print("\n".join(out), flush=True)
 
 
+def _live(live: Any) -> Any:
+    """A rich Live display (started once) for --watch on a terminal."""
+    if live is None:
+        from rich.live import Live
+
+        live = Live(auto_refresh=False)
+        live.start()
+    return live
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -393,6 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.browse >= 0:
         parser.error("--browse takes a number of seconds")
     browser: Any = None
+    live: Any = None
     code = 1
     try:
         if args.connect:
@@ -421,7 +432,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.watch is None:
                 _emit(out, err, clear=False)
                 return code
-            _emit(out, err, clear=sys.stdout.isatty())
+            if sys.stdout.isatty():
+                live = _live(live)
+                # rich redraws the same region in place, without clearing the screen.
+                from rich.text import Text
+
+                live.update(Text("\n".join(out + err)), refresh=True)
+            else:
+                _emit(out, err, clear=False)  # piped: one table after another
             time.sleep(args.watch)
     except KeyboardInterrupt:
         return 130 if args.watch is None else code
@@ -433,6 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
+        if live is not None:
+            live.stop()
         if browser is not None:
             browser.close()
 

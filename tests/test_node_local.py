@@ -775,3 +775,30 @@ def test_goodbye_between_in_process_nodes(make_node):
     assert wait_until(lambda: not a.peers(), timeout=2.0), "a still lists b after its goodbye"
     assert time.monotonic() - t0 < 1.0
     assert a.status()["peers"][0]["state"] == "left"
+
+
+def test_membership_events_reach_on_peer_and_mesh_peers_subjects(make_node):
+    import msgpack
+
+    a = make_node("a")
+    events: list = []
+    seen = threading.Event()
+
+    def on_peer(event, info):
+        events.append((event, info.name, info.state))
+        if event == "left":
+            seen.set()
+
+    a.on_peer(on_peer)
+    joined = a.subscribe("_mesh.peers.joined")
+    left = a.subscribe("_mesh.peers.left")
+    b = make_node("b", seeds=[a.endpoints[0]])
+    a.wait_for_peers(1, timeout=10)
+    body = msgpack.unpackb(joined.next(timeout=5).data)
+    assert body["name"] == "b" and body["state"] == "alive"
+    b.close()
+    assert msgpack.unpackb(left.next(timeout=5).data)["name"] == "b"
+    assert seen.wait(5)
+    assert ("joined", "b", "alive") in events and ("left", "b", "left") in events
+    with pytest.raises(ConfigError):
+        a.on_peer("not callable")
