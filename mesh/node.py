@@ -905,10 +905,7 @@ class Node:
                     self._command(("batch", link))  # the I/O thread flushes it in time
                 link.batch.append([header, payload[0]])
                 link.batch_bytes += len(header) + nbytes
-                self.counters.msgs_out += 1
-                self.counters.bytes_out += nbytes
-                link.counters.msgs_out += 1
-                link.counters.bytes_out += nbytes
+                self._count_out(link, nbytes)
                 if link.batch_bytes >= self._batch_max:
                     self._flush_batch(link)
                 return True
@@ -918,19 +915,24 @@ class Node:
         frames = [header, *payload]
         if (flags and shm_desc is None and link.rdma is not None and nbytes >= self._rdma_threshold
                 and self._to_rdma(link, peer_id, frames, None)):
-            self.counters.msgs_out += 1
-            self.counters.bytes_out += nbytes
-            link.counters.msgs_out += 1
-            link.counters.bytes_out += nbytes
+            self._count_out(link, nbytes)
             return True
+        sent = self._put_frames(link, peer_id, frames, nbytes, timeout)
+        if not sent and shm_desc is not None:
+            link.shm_out.abort(shm_desc)  # the slot was never announced: free it
+        return sent
+
+    def _put_frames(
+        self, link: Link, peer_id: str, frames: list, nbytes: int, timeout: float | None
+    ) -> bool:
+        """Put one message on a link's data socket; the caller holds the link lock.
+        A full peer queue drops it (counted), or with ``timeout`` waits that long."""
         sock = link.sock
         try:
             _send_frames(sock, frames)
         except zmq.Again:
             if timeout is None or timeout <= 0:
                 self._count_drop("peer_queue_full", link)
-                if shm_desc is not None:
-                    link.shm_out.abort(shm_desc)
                 return False
             if not sock.poll(int(timeout * 1000), zmq.POLLOUT):
                 raise BackpressureError(
@@ -942,11 +944,14 @@ class Node:
             self._count_drop("send_error", link)
             log.debug("send to %s failed: %s", peer_id, exc)
             return False
+        self._count_out(link, nbytes)
+        return True
+
+    def _count_out(self, link: Link, nbytes: int) -> None:
         self.counters.msgs_out += 1
         self.counters.bytes_out += nbytes
         link.counters.msgs_out += 1
         link.counters.bytes_out += nbytes
-        return True
 
     def _to_shm(self, link: Link, payload: list) -> tuple[list, Any]:
         """Copy an array's bytes into a shared-memory slot for the peer: the frames
@@ -1088,6 +1093,7 @@ class Node:
             )
 
     def _send(self, peer_id: str, frames: list, nbytes: int, timeout: float | None) -> bool:
+        """Send ready-made frames to a peer (replies)."""
         link = self._links.get(peer_id)
         if link is None:
             self.counters.drops["no_link"] += 1
@@ -1096,29 +1102,7 @@ class Node:
             if link.closed:
                 self.counters.drops["no_link"] += 1
                 return False
-            sock = link.sock
-            try:
-                _send_frames(sock, frames)
-            except zmq.Again:
-                if timeout is None or timeout <= 0:
-                    self.counters.drops["peer_queue_full"] += 1
-                    return False
-                if not sock.poll(int(timeout * 1000), zmq.POLLOUT):
-                    peer = self._peers.get(peer_id)
-                    raise BackpressureError(
-                        f"peer {peer.name if peer else peer_id} did not accept the message "
-                        f"within {timeout} s (its queue is full); slow down or raise timeout="
-                    ) from None
-                _send_frames(sock, frames)
-            except zmq.ZMQError as exc:
-                self.counters.drops["send_error"] += 1
-                log.debug("send to %s failed: %s", peer_id, exc)
-                return False
-        self.counters.msgs_out += 1
-        self.counters.bytes_out += nbytes
-        link.counters.msgs_out += 1
-        link.counters.bytes_out += nbytes
-        return True
+            return self._put_frames(link, peer_id, frames, nbytes, timeout)
 
     def _deliver(self, sub: Subscription, msg: Message) -> None:
         """Hand a message to a subscription (from a publishing thread)."""
@@ -1850,10 +1834,7 @@ class Node:
                         f"within {timeout} s"
                     ) from None
                 tracker = sock.send_multipart([header, *payload], zmq.NOBLOCK, copy=False, track=True)
-        link.counters.msgs_out += 1
-        link.counters.bytes_out += nbytes
-        self.counters.msgs_out += 1
-        self.counters.bytes_out += nbytes
+        self._count_out(link, nbytes)
         return _DoneTracker() if shm_desc is not None else tracker
 
     # -- handshake and gossip ---------------------------------------------------
