@@ -802,3 +802,16 @@ def test_membership_events_reach_on_peer_and_mesh_peers_subjects(make_node):
     assert ("joined", "b", "alive") in events and ("left", "b", "left") in events
     with pytest.raises(ConfigError):
         a.on_peer("not callable")
+
+
+def test_static_seeds_combine_with_zeroconf(make_node):
+    """A zeroconf node (mDNS on loopback only) still dials its seeds: it reaches a
+    node that mDNS cannot find, and both find a third one through mDNS."""
+    hidden = make_node("hidden")  # discovery "none": never announced
+    zc = make_node("zc", discovery="zeroconf", interfaces=["lo"], seeds=[hidden.endpoints[0]])
+    other = make_node("other", discovery="zeroconf", interfaces=["lo"])
+    names = {p.name for p in zc.wait_for_peers(2, timeout=15)}
+    assert names == {"hidden", "other"}
+    # hidden learns of "other" through zc's gossip, not mDNS
+    assert {p.name for p in hidden.wait_for_peers(2, timeout=15)} == {"zc", "other"}
+    assert {p.name for p in other.wait_for_peers(2, timeout=15)} == {"zc", "hidden"}
