@@ -37,3 +37,36 @@ def test_mesh_transports_available_lists_usable_transports_best_first() -> None:
     assert {"inproc", "ipc", "tcp"} <= set(usable)
     ranks = [mesh.transports.plugins()[name].rank for name in usable]
     assert ranks == sorted(ranks)  # best first: inproc, (shm, rdma,) ipc, tcp
+
+
+def test_stale_ipc_socket_files_are_removed_and_live_ones_kept(tmp_path) -> None:
+    import os
+    import socket
+    import time
+
+    from transports.zmq_transports import STALE_AFTER, remove_stale_sockets
+
+    def unix_socket(name: str, listen: bool) -> tuple[str, socket.socket]:
+        path = str(tmp_path / name)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(path)
+        if listen:
+            sock.listen()
+        return path, sock
+
+    dead, dead_sock = unix_socket("zmesh-dead.sock", listen=False)
+    dead_sock.close()  # a killed node: the file stays, nobody listens
+    young, young_sock = unix_socket("zmesh-young.sock", listen=False)
+    young_sock.close()
+    live, live_sock = unix_socket("zmesh-live.sock", listen=True)
+    other, other_sock = unix_socket("not-ours.sock", listen=False)
+    other_sock.close()
+    old = time.time() - STALE_AFTER - 10
+    for path in (dead, live, other):
+        os.utime(path, (old, old))
+    try:
+        assert remove_stale_sockets(str(tmp_path)) == [dead]
+        assert not os.path.exists(dead)
+        assert all(os.path.exists(p) for p in (young, live, other))
+    finally:
+        live_sock.close()

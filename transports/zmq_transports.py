@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import glob
 import ipaddress
 import os
+import socket
 import tempfile
+import time
 from collections.abc import Sequence
 
 from transports.base import Locality, Transport
@@ -36,6 +39,7 @@ class IpcTransport(Transport):
         out = []
         for endpoint in listen:
             if endpoint == "ipc://auto":
+                remove_stale_sockets(_socket_dir())
                 out.append(f"ipc://{_socket_dir()}/zmesh-{node_id}.sock")
             elif endpoint.startswith("ipc://"):
                 out.append(endpoint)
@@ -51,6 +55,34 @@ class IpcTransport(Transport):
                 os.unlink(path)
             except OSError:
                 pass
+
+
+# A socket file younger than this is never removed: its node may be between
+# bind() and listen() this very moment.
+STALE_AFTER = 60.0
+
+
+def remove_stale_sockets(directory: str, now: float | None = None) -> list[str]:
+    """Remove zmesh-*.sock files nobody listens on (left by killed nodes, which
+    cannot unlink their own)."""
+    now = time.time() if now is None else now
+    removed = []
+    for path in glob.glob(os.path.join(directory, "zmesh-*.sock")):
+        try:
+            if now - os.lstat(path).st_mtime < STALE_AFTER:
+                continue
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.settimeout(0.1)
+                probe.connect(path)
+            except ConnectionRefusedError:
+                os.unlink(path)
+                removed.append(path)
+            finally:
+                probe.close()
+        except OSError:
+            continue  # not a socket, gone meanwhile, or not ours to touch
+    return removed
 
 
 def _socket_dir() -> str:
