@@ -297,6 +297,26 @@ def announcement_from_properties(
 # --------------------------------------------------------------------------- network
 
 
+def _checked_service_type(service_type: str) -> str:
+    try:
+        if service_type_name(service_type) != service_type:
+            raise BadTypeInNameException("not a service type (it names an instance)")
+    except BadTypeInNameException as e:
+        raise ConfigError(f"bad DNS-SD service type {service_type!r}: {e}") from e
+    return service_type
+
+
+def mdns_addresses(interfaces: Sequence[str] | None) -> list[str]:
+    """IPv4 addresses to run mDNS on: those of ``interfaces``, by default every
+    non-loopback one (loopback only on a host with no network)."""
+    pairs = local_ipv4_addresses(interfaces)
+    if not pairs and interfaces is None:
+        pairs = local_ipv4_addresses(None, include_loopback=True)  # a host with no network
+    if not pairs:
+        raise ConfigError("no IPv4 address to run mDNS on; pass interfaces=[...]")
+    return list(dict.fromkeys(a for _, a in pairs))
+
+
 class ZeroconfDiscovery(Discovery):
     """Finds the nodes of one cluster on the LAN with mDNS / DNS-SD.
 
@@ -317,19 +337,9 @@ class ZeroconfDiscovery(Discovery):
         close_timeout: float = 3.0,
     ) -> None:
         super().__init__(me, on_found, on_lost)
-        try:
-            if service_type_name(service_type) != service_type:
-                raise BadTypeInNameException("not a service type (it names an instance)")
-        except BadTypeInNameException as e:
-            raise ConfigError(f"bad DNS-SD service type {service_type!r}: {e}") from e
-        self.service_type = service_type
+        self.service_type = _checked_service_type(service_type)
         self._props = encode_properties(me)  # refuse an unannounceable node now, not in start()
-        pairs = local_ipv4_addresses(interfaces)
-        if not pairs and interfaces is None:
-            pairs = local_ipv4_addresses(None, include_loopback=True)  # a host with no network
-        if not pairs:
-            raise ConfigError("no IPv4 address to run mDNS on; pass interfaces=[...]")
-        self.addresses: list[str] = list(dict.fromkeys(a for _, a in pairs))
+        self.addresses: list[str] = mdns_addresses(interfaces)
         self.instance = instance_name(me.name, me.node_id)
         tcp = [parse_tcp_endpoint(e) for e in me.endpoints if e.startswith("tcp://")]
         self.port = next((p[1] for p in tcp if p is not None), 0)
@@ -624,18 +634,8 @@ class LanBrowser:
     def __init__(
         self, interfaces: Sequence[str] | None = None, *, service_type: str = SERVICE_TYPE
     ) -> None:
-        try:
-            if service_type_name(service_type) != service_type:
-                raise BadTypeInNameException("not a service type (it names an instance)")
-        except BadTypeInNameException as e:
-            raise ConfigError(f"bad DNS-SD service type {service_type!r}: {e}") from e
-        self.service_type = service_type
-        pairs = local_ipv4_addresses(interfaces)
-        if not pairs and interfaces is None:
-            pairs = local_ipv4_addresses(None, include_loopback=True)  # a host with no network
-        if not pairs:
-            raise ConfigError("no IPv4 address to run mDNS on; pass interfaces=[...]")
-        self.addresses: list[str] = list(dict.fromkeys(a for _, a in pairs))
+        self.service_type = _checked_service_type(service_type)
+        self.addresses: list[str] = mdns_addresses(interfaces)
         self._socks: list[socket.socket] = []
         self._closed = False
 
