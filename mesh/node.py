@@ -86,9 +86,9 @@ _DEFAULT_OPTIONS: dict[str, Any] = {
     "interfaces": None,  # zeroconf: restrict to these interfaces
     "membership": None,  # dict of mesh.membership.MemberConfig fields (SWIM timers)
     "rejoin_interval": 1.0,  # hello retry period towards peers declared dead
-    # Micro-batching: a small message sent within batch_delay of the previous one
-    # to the same peer waits (at most batch_delay) to share one ZeroMQ message;
-    # a message to an idle link leaves at once. batch_bytes=0 turns it off.
+    # Micro-batching: in a burst (a small message right after the previous one to
+    # the same peer) messages wait at most batch_delay to share one ZeroMQ message;
+    # otherwise a message leaves at once. batch_bytes=0 turns it off.
     "batch_bytes": 16384,
     "batch_delay": 0.0005,
     # Arrays of at least shm_threshold bytes to a peer on this host travel through
@@ -245,6 +245,10 @@ _STOP = object()
 _WAKE_ID = b"\x00wake"  # never a node id: those are hex
 _CTL_SUFFIX = b"/c"  # identity of a peer's control DEALER: "<id>/c"
 _LIVE = ("alive", "suspect")  # members we route to
+# A message following the previous one to the same peer this closely is part of
+# a burst and may wait to be batched. A publishing loop sends every 5-15 µs; a
+# request/reply exchange takes hundreds of µs per round trip and is never held.
+_BURST_GAP = 50e-6
 # Payloads up to this size may be batched (larger ones gain nothing from it).
 _BATCH_SMALL = 1024
 # Messages a drop_oldest window holds back while waiting for credit.
@@ -897,7 +901,7 @@ class Node:
         if self._batch_max:
             now = time.monotonic()
             if nbytes <= _BATCH_SMALL and not flags and (
-                link.batch or now - link.last_send < self._batch_delay
+                link.batch or now - link.last_send < _BURST_GAP
             ):
                 # A burst: this message waits (at most batch_delay) to share a frame.
                 if not link.batch:
