@@ -26,6 +26,10 @@ class Announcement:
     transports: tuple[str, ...]  # e.g. ("inproc", "ipc", "tcp")
     endpoints: tuple[str, ...]  # e.g. ("tcp://10.77.0.1:40111", "ipc:///tmp/mesh-ab12.sock")
     host: str = ""  # host token (boot id + netns), lets peers choose ipc/shm
+    # Z85 CURVE public key of a secured cluster ("" = unsecured). A hint: a node
+    # dials only announcements carrying its own cluster key, and the handshake
+    # proves it; an intruder can copy the key but not the secret behind it.
+    public_key: str = ""
 
 
 def same_cluster_peer(me: Announcement, other: Announcement) -> bool:

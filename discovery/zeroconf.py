@@ -86,6 +86,7 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 _TOKEN = re.compile(r"^[A-Za-z0-9_.+-]{1,32}$")
 _ENDPOINT = re.compile(r"^[a-z][a-z0-9+.-]{0,15}://\S{1,1000}$")
 _VERSION = re.compile(rb"^[0-9]{1,9}$")
+_CURVE_KEY = re.compile(r"^[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")  # Z85, 32 bytes
 # Linux: without IP_MULTICAST_ALL=0 a socket bound to 0.0.0.0 receives the
 # group's traffic from every interface any process joined, not just ours.
 _IP_MULTICAST_ALL = getattr(
@@ -187,6 +188,10 @@ def encode_properties(ann: Announcement) -> dict[bytes, bytes]:
     out[b"ver"] = str(ann.version).encode()
     _put(out, "transports", _identity("transports", ",".join(ann.transports), required=False))
     _put(out, "host", _identity("host token", ann.host, required=False))
+    if ann.public_key:
+        if not _CURVE_KEY.match(ann.public_key):
+            raise ConfigError("public_key must be a 40-character Z85 CURVE key")
+        out[b"key"] = ann.public_key.encode()
     used = 0
     index = 0
     for ep in ann.endpoints:
@@ -248,6 +253,9 @@ def _decode(props: Mapping[bytes, bytes | None], addresses: Iterable[Any]) -> An
     transports_s = _text(_get(props, "transports")) or ""
     transports = tuple(dict.fromkeys(t for t in transports_s.split(",") if _TOKEN.match(t)))[:32]
     host = _text(_get(props, "host")) or ""
+    key = _text(_get(props, "key")) or ""
+    if key and not _CURVE_KEY.match(key):
+        return None  # a malformed key is not an announcement we could ever use
     addrs = _clean_addresses(addresses)
     endpoints: list[str] = []
     for i in range(min(len(props), MAX_ENDPOINTS)):
@@ -276,6 +284,7 @@ def _decode(props: Mapping[bytes, bytes | None], addresses: Iterable[Any]) -> An
         transports=transports,
         endpoints=tuple(endpoints),
         host=host,
+        public_key=key,
     )
 
 

@@ -99,6 +99,25 @@ class NodeCollector:
             depth.add_metric([*values, sub["pattern"]], sub["pending"])
         yield depth
 
+        secured = family(GaugeMetricFamily, "mesh_secured", "1 when every link runs CurveZMQ")
+        secured.add_metric(values, 1 if status["secured"] else 0)
+        yield secured
+
+        refused = family(
+            CounterMetricFamily, "mesh_auth_refused", "Connections refused by CurveZMQ/ZAP", ("reason",)
+        )
+        for reason, count in sorted(((status["security"] or {}).get("refused") or {}).items()):
+            refused.add_metric([*values, reason], count)
+        yield refused
+
+        denied = family(
+            CounterMetricFamily, "mesh_permission_denied",
+            "Messages and subscriptions of peers refused by the policy", ("peer", "action"),
+        )
+        for item in status["denied"]:
+            denied.add_metric([*values, item["peer"], item["action"]], item["count"])
+        yield denied
+
         yield _latency_family(node.latency, names, values)
 
 

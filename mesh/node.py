@@ -31,7 +31,7 @@ import numpy as np
 import zmq
 
 import transports as transport_plugins
-from mesh import wire
+from mesh import security, wire
 from mesh.channels import EARLY_MAX_AGE, EARLY_MAX_MESSAGES, Channel, ChannelMessage
 from mesh.errors import (
     BackpressureError,
@@ -58,6 +58,7 @@ from mesh.membership import MemberConfig, Membership
 from mesh.membership import Send as MemberSend
 from mesh.message import Handler, Message, Subscription
 from mesh.peers import Link, Peer, PeerInfo, parse_summary
+from mesh.policy import Policy
 from mesh.routing import Route, RoutingTable
 from mesh.stats import Counters, LatencyHistogram
 from mesh.subjects import validate_pattern, validate_subject
@@ -100,6 +101,9 @@ _DEFAULT_OPTIONS: dict[str, Any] = {
     # verbs device (default: the first with an active port).
     "rdma_device": None,
     "rdma_threshold": 64 << 10,
+    # Per-subject permissions (mesh/policy.py): a dict, or a JSON/TOML file. Checked
+    # by this node before it publishes or subscribes, and on what peers send it.
+    "policy": None,
 }
 
 # (type, minimum) of each numeric option; minimum is exclusive for floats.
@@ -308,11 +312,6 @@ class Node:
             raise ConfigError(
                 f"unknown option(s) {sorted(unknown)}; known options: {sorted(_DEFAULT_OPTIONS)}"
             )
-        if secret is not None:
-            raise ConfigError(
-                "secret= (CurveZMQ authentication) is not available in this version; "
-                "run without it on a trusted network"
-            )
         if metrics_port is not None and (
             not isinstance(metrics_port, int) or not 0 <= metrics_port < 65536
         ):
@@ -330,10 +329,16 @@ class Node:
         self.id: str = uuid.uuid4().hex[:16]
         self.name: str = name or _default_name()
         self.cluster = cluster
+        # CurveZMQ on every link when the cluster has a secret (mesh/security.py).
+        self._keys = security.cluster_keys(secret, cluster) if secret is not None else None
+        self.denials: collections.Counter[tuple[str, str]] = collections.Counter()  # (peer, action)
+        self._zap: Any = None
+        self.secured = self._keys is not None
         self.discovery_mode = discovery
         self.seeds = seeds
         self.options = {**_DEFAULT_OPTIONS, **options}
         _check_options(self.options)
+        self._policy = Policy.from_any(self.options["policy"]) if self.options["policy"] is not None else None
         if isinstance(listen, str):
             listen = (listen,)  # one endpoint given bare
         self._listen = tuple(listen)
@@ -417,6 +422,15 @@ class Node:
         self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self._router.setsockopt(zmq.RCVHWM, self.options["rcvhwm"])
         self._router.setsockopt(zmq.MAXMSGSIZE, self.options["max_message_size"] + (1 << 20))
+        if self._keys is not None:
+            # The ZAP handler must be up before the ROUTER binds: without one,
+            # libzmq's CURVE server admits any client that knows the server key.
+            self._zap = security.zap_register(self._ctx, f"zmesh:{self.id}", self._keys, self.name)
+            self._router.setsockopt(zmq.CURVE_SERVER, 1)
+            self._router.setsockopt(zmq.CURVE_SECRETKEY, self._keys.secret)
+            self._router.setsockopt(zmq.CURVE_PUBLICKEY, self._keys.public)
+            self._router.setsockopt(zmq.ZAP_DOMAIN, f"zmesh:{self.id}".encode())
+            self._zap.watch(self._router)
         try:
             for plugin in self._transports:
                 for endpoint in plugin.bind_endpoints(self._listen, self.id):
@@ -427,6 +441,8 @@ class Node:
                     self._advertised.setdefault(plugin.name, []).extend(plugin.advertise(bound))
         except zmq.ZMQError as exc:
             self._router.close(linger=0)
+            if self._zap is not None:
+                self._zap.close()
             self._cleanup_bound()
             raise ConfigError(
                 f"cannot listen on {self._listen}: {exc}; pick a free port or another address"
@@ -532,6 +548,8 @@ class Node:
             self._waker.close(linger=0)
         if self._beacon is not None:
             self._beacon.close()
+        if self._zap is not None:
+            self._zap.close()
         with self._changed:
             self._changed.notify_all()
 
@@ -641,6 +659,8 @@ class Node:
             raise ConfigError("handler must be callable as handler(msg)")
         if overflow not in OVERFLOW_POLICIES:
             raise ConfigError(f"overflow={overflow!r}; choose one of {OVERFLOW_POLICIES}")
+        if self._policy is not None:
+            self._policy.check_subscribe(self.name, pattern)
         return self._subscribe(pattern, handler, queue or "", credits, credit_bytes, overflow)
 
     def _subscribe(
@@ -704,6 +724,8 @@ class Node:
             validate_subject(subject)  # raises InvalidSubject with a clear message
         if not internal and subject.startswith("_mesh"):
             validate_subject(subject)  # reserved: refused even when a route is cached
+        if self._policy is not None and not internal:
+            self._policy.check_publish(self.name, subject)  # cached: cheap after the first
         route = self._routing.cached(subject)
         if route is None:
             validate_subject(subject, allow_reserved=internal)
@@ -1309,10 +1331,27 @@ class Node:
             "endpoints": self._advertised,
             "transports": [t.name for t in self._transports],
             "discovery": self.discovery_mode,
+            "secured": self._keys is not None,
+            "security": self._security_status(),
+            "policy": self._policy.describe() if self._policy is not None else None,
+            "denied": [
+                {"peer": name, "action": action, "count": n} for (name, action), n in self.denials.items()
+            ],
             "peers": peers,
             "subscriptions": subs,
             "counters": {**self.counters.as_dict(), "gaps": self.gaps, "batches_out": self.batches_out},
             "latency": self.latency.summary(),
+        }
+
+    def _security_status(self) -> dict | None:
+        if self._keys is None:
+            return None
+        zap = self._zap
+        return {
+            "mechanism": "CURVE",
+            "key": self._keys.fingerprint,
+            "accepted": zap.accepted if zap is not None else 0,
+            "refused": dict(zap.refused) if zap is not None else {},
         }
 
     # ================================================================== I/O thread
@@ -1578,6 +1617,9 @@ class Node:
     def _on_msg(self, ident: bytes, header: list, frames: list) -> None:
         subject, seq, ts, flags, headers, req_id, sids = wire.check_msg(header)
         peer = self._known_peer(ident)
+        if self._policy is not None and not self._policy.may_publish(peer.name, subject):
+            self._denied(peer, "publish", subject)
+            return
         route = self._route(subject, internal=True)
         data, array, nbytes = self._payload_of(flags, frames, "message", peer)
         counters = peer.counters
@@ -1857,6 +1899,8 @@ class Node:
             "peers": [p.summary() for p in self._peers.values() if p.state == "alive"],
             "ack": ack,
         }
+        if self._keys is not None:
+            body["sec"] = self._keys.fingerprint
         if via is not None:
             body["via"] = via
         if self._beacon is not None:
@@ -1876,6 +1920,11 @@ class Node:
             return
         if info["id"] == self.id:
             return  # we are our own seed
+        if body.get("sec", "") != (self._keys.fingerprint if self._keys is not None else ""):
+            # Over tcp/ipc CURVE already refused such a node; inproc has no handshake,
+            # so nodes of one process with different credentials must not mix either.
+            self._command(("foreign", info["id"], info["name"], "sec" in body))
+            return
         iv, entries = body.get("iv"), body.get("int")
         if type(iv) is not int:
             raise ProtocolError("hello without interest version", "malformed")
@@ -2096,6 +2145,8 @@ class Node:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, identity)
         sock.setsockopt(zmq.LINGER, 0)
+        if self._keys is not None:
+            self._keys.apply_client(sock)
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
@@ -2121,7 +2172,31 @@ class Node:
         if peer is not None:
             self._send_control(peer.id, wire.HELLO, self._hello_body(False))
 
+    def _permitted(self, peer: Peer, entries: list) -> list:
+        """The interest entries the policy lets ``peer`` have: we never send it the rest."""
+        policy = self._policy
+        if policy is None:
+            return entries
+        kept = []
+        for entry in entries:
+            if policy.may_subscribe(peer.name, entry[0]):
+                kept.append(entry)
+            else:
+                self._denied(peer, "subscribe", entry[0])
+        return kept
+
+    def _denied(self, peer: Peer, action: str, subject: str) -> None:
+        self.denials[(peer.name, action)] += 1
+        self.counters.drops["permission_denied"] += 1
+        key = (f"{peer.id}/{action}", subject)
+        if key not in self._logged_once and len(self._logged_once) < 1000:
+            self._logged_once.add(key)
+            log.warning("%s: denied %s %s to %s (roles %s) by the policy; dropped",
+                        self.name, action, subject, peer.name,
+                        sorted(self._policy.roles_of(peer.name)) if self._policy else [])
+
     def _set_interest(self, peer: Peer, version: int, entries: list) -> None:
+        entries = self._permitted(peer, entries)
         with self._lock:
             bad = self._routing.set_peer_interest(peer.id, version, entries)
         if bad:
@@ -2134,7 +2209,7 @@ class Node:
         if type(body) is not list or len(body) != 3 or type(body[0]) is not int:
             raise ProtocolError("malformed interest update", "malformed")
         version = body[0]
-        adds = wire.check_interest_entries(body[1])
+        adds = self._permitted(peer, wire.check_interest_entries(body[1]))
         removes = wire.check_interest_entries(body[2])
         with self._lock:
             if version <= self._routing.peer_version(peer.id):
@@ -2246,6 +2321,17 @@ class Node:
                 # Joining peers too: they have our older snapshot from the hello.
                 if peer.state in ("alive", "joining"):
                     self._send_control(peer.id, wire.INTEREST, body)
+        elif cmd[0] == "foreign":
+            _, node_id, name, secured = cmd
+            self.counters.drops["foreign_credential"] += 1
+            if ("foreign", node_id) not in self._logged_once and len(self._logged_once) < 1000:
+                self._logged_once.add(("foreign", node_id))
+                if self._keys is None:
+                    log.warning("%s: not joining %s (%s): it is secured; give this node the "
+                                "cluster's secret=", self.name, name, node_id)
+                else:
+                    log.warning("%s: not joining %s (%s): it %s", self.name, name, node_id,
+                                "holds another cluster secret" if secured else "is not secured")
         elif cmd[0] == "found":
             try:
                 self._introduce(parse_summary(cmd[1]), time.monotonic())
@@ -2259,6 +2345,8 @@ class Node:
         # Another identity than our link's: a ROUTER refuses two pipes with one identity.
         sock.setsockopt(zmq.IDENTITY, f"{self.id}/seed/{len(self._seed_socks)}".encode())
         sock.setsockopt(zmq.LINGER, 0)
+        if self._keys is not None:
+            self._keys.apply_client(sock)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing towards a seed that is down
         sock.setsockopt(zmq.SNDHWM, 4)
         try:
@@ -2422,6 +2510,7 @@ class Node:
             transports=tuple(self._advertised),
             endpoints=tuple(ep for eps in self._advertised.values() for ep in eps),
             host=self._locality.host,
+            public_key=self._keys.public.decode() if self._keys is not None else "",
         )
         self._discovery = ZeroconfDiscovery(
             me, self._on_discovered, lambda _node_id: None, interfaces=self.options["interfaces"]
@@ -2430,6 +2519,11 @@ class Node:
 
     def _on_discovered(self, ann: Any) -> None:
         if ann.version != wire.PROTOCOL_VERSION or ann.node_id == self.id:
+            return
+        ours = self._keys.public.decode() if self._keys is not None else ""
+        if ann.public_key != ours:
+            # Another credential (or none): the handshake would fail both ways.
+            self._command(("foreign", ann.node_id, ann.name, bool(ann.public_key)))
             return
         eps: dict[str, list[str]] = {}
         for ep in ann.endpoints:

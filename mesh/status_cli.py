@@ -50,6 +50,7 @@ class Target:
     endpoints: list[str]
     node_id: str | None = None
     cluster: str | None = None
+    public_key: str = ""  # announced CURVE key: the node is secured
 
 
 def _is_loopback_endpoint(endpoint: str) -> bool:
@@ -78,7 +79,7 @@ def targets_from_announcements(anns: Iterable[Any], cluster: str | None = None) 
         eps = query_endpoints(ann, here)
         if eps:
             out.append(Target(f"{ann.name or ann.node_id} (cluster {ann.cluster!r})", eps,
-                              ann.node_id, ann.cluster))
+                              ann.node_id, ann.cluster, ann.public_key))
     return out
 
 
@@ -99,19 +100,24 @@ def discover(
         return targets_from_announcements(browser.scan(browse), cluster)
 
 
-def collect(endpoints: Iterable[str], timeout: float = 2.0) -> list[dict]:
+def collect(endpoints: Iterable[str], timeout: float = 2.0, keys: Any = None) -> list[dict]:
     """Ask every endpoint for its node's status, all at once; wait up to ``timeout``.
 
     Returns the status dict of each node that answered, in the order of
     ``endpoints``, with ``"queried"`` set to the endpoint that answered. A node
-    reached through several endpoints is listed once.
+    reached through several endpoints is listed once. ``keys`` (a
+    mesh.security.ClusterKeys, or a dict endpoint -> ClusterKeys) asks secured
+    nodes over CurveZMQ.
     """
-    return _collect(endpoints, timeout)[0]
+    return _collect(endpoints, timeout, keys)[0]
 
 
-def _collect(endpoints: Iterable[str], timeout: float) -> tuple[list[dict], set[str]]:
+def _collect(endpoints: Iterable[str], timeout: float, keys: Any = None) -> tuple[list[dict], set[str]]:
     """collect(), plus the set of endpoints that answered."""
     endpoints = list(dict.fromkeys(normalise_endpoint(ep) for ep in endpoints))
+    if not isinstance(keys, dict):
+        keys = dict.fromkeys(endpoints, keys)
+    keys = {normalise_endpoint(ep): k for ep, k in keys.items()}
     ctx = zmq.Context()  # our own: never disturb the sockets of a node in this process
     socks: dict[Any, tuple[str, int]] = {}
     answers: dict[str, dict] = {}
@@ -122,6 +128,8 @@ def _collect(endpoints: Iterable[str], timeout: float) -> tuple[list[dict], set[
             sock.setsockopt(zmq.LINGER, 0)
             # A fresh identity: the node must not mistake us for one of its peers.
             sock.setsockopt(zmq.IDENTITY, f"status/{uuid.uuid4().hex}".encode())
+            if keys.get(endpoint) is not None:
+                keys[endpoint].apply_client(sock)
             try:
                 sock.connect(endpoint)
             except zmq.ZMQError:
@@ -240,9 +248,17 @@ def _drops(counters: dict) -> list[str]:
 
 
 COLUMNS = (
-    "NAME", "CLUSTER", "HOST", "UPTIME", "ENDPOINTS", "PEERS (transport state rtt)",
+    "NAME", "CLUSTER", "HOST", "UPTIME", "SECURED", "ENDPOINTS", "PEERS (transport state rtt)",
     "SUBSCRIPTIONS (delivered)", "MSGS IN/OUT", "BYTES IN/OUT", "DROPS", "LATENCY p50/p99",
 )
+
+
+def _secured(status: dict) -> list[str]:
+    sec = status.get("security")
+    if not status.get("secured") or not isinstance(sec, dict):
+        return ["no"]
+    refused = sum(v for v in (sec.get("refused") or {}).values() if isinstance(v, int))
+    return [f"curve {sec.get('key', '?')}"] + ([f"refused {refused}"] if refused else [])
 
 
 def row(status: dict) -> list[list[str]]:
@@ -254,6 +270,7 @@ def row(status: dict) -> list[list[str]]:
         [str(status.get("cluster", "?"))],
         [f"{status.get('host', '?')}:{status.get('pid', '?')}"],
         [_duration(status.get("uptime"))],
+        _secured(status),
         _endpoints(status),
         _peers(status),
         _subscriptions(status),
@@ -325,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long to ask with mDNS (3 queries) before asking the nodes (default: %(default)s)",
     )
     parser.add_argument(
+        "--secret-file", metavar="PATH",
+        help="the cluster credential of secured nodes (a file, mode 600); or set ZMESH_SECRET",
+    )
+    parser.add_argument(
         "--watch", type=float, nargs="?", const=2.0, metavar="S",
         help="refresh in place every S seconds (default 2) until Ctrl-C",
     )
@@ -337,10 +358,49 @@ def _interfaces(args: argparse.Namespace) -> list[str] | None:
     return [i.strip() for item in args.interfaces for i in item.split(",") if i.strip()]
 
 
+def _secret(args: argparse.Namespace) -> Any:
+    """The credential given on the command line or in the environment, or None."""
+    if args.secret_file:
+        import pathlib
+
+        return pathlib.Path(args.secret_file)
+    return os.environ.get("ZMESH_SECRET") or None
+
+
+def _keys_for(args: argparse.Namespace, targets: list[Target], err: list[str]) -> tuple[list[Target], dict]:
+    """The targets we can ask, and the CURVE keys to ask each endpoint with."""
+    from mesh.security import cluster_keys
+
+    secret = _secret(args)
+    derived: dict[str, Any] = {}
+    keys: dict[str, Any] = {}
+    kept = []
+    for t in targets:
+        if args.connect:  # no announcement: secured when we hold a credential
+            if secret is not None:
+                cluster = args.cluster or "default"
+                derived.setdefault(cluster, cluster_keys(secret, cluster))
+                keys.update(dict.fromkeys(t.endpoints, derived[cluster]))
+        elif t.public_key:
+            if secret is None:
+                err.append(f"{PROG}: {t.label} is secured (CurveZMQ): pass --secret-file PATH "
+                           "or set ZMESH_SECRET to ask it")
+                continue
+            cluster = t.cluster or "default"
+            derived.setdefault(cluster, cluster_keys(secret, cluster))
+            if derived[cluster].public.decode() != t.public_key:
+                err.append(f"{PROG}: {t.label} is secured with another credential than ours; not asked")
+                continue
+            keys.update(dict.fromkeys(t.endpoints, derived[cluster]))
+        kept.append(t)
+    return kept, keys
+
+
 def _report(args: argparse.Namespace, targets: list[Target], out: list[str], err: list[str]) -> int:
     """Ask ``targets``; the table (or JSON) goes to ``out``, complaints to ``err``."""
+    targets, keys = _keys_for(args, targets, err)
     endpoints = [ep for t in targets for ep in t.endpoints]
-    statuses, answered = _collect(endpoints, args.timeout)
+    statuses, answered = _collect(endpoints, args.timeout, keys)
     others = 0
     if args.cluster:
         kept = [s for s in statuses if s.get("cluster") == args.cluster]
