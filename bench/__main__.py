@@ -40,7 +40,7 @@ def _fmt_value(row: dict, side: str) -> str:
 def _fmt_ratio(row: dict) -> str:
     if row["bench"] == "throughput":
         return f"{row['ratio']:.0%}"
-    if row["bench"] == "flow control":
+    if row["bench"] in ("flow control", "curve"):
         return f"cost {row['cost']:.0%}"
     return f"{row['ratio']:.2f}x"
 
@@ -52,7 +52,7 @@ def _extra(row: dict) -> str:
     if row["bench"] == "batching":
         return (f"CPU/msg {mesh['cpu_us_per_msg']:.1f} vs {raw['cpu_us_per_msg']:.1f} µs "
                 f"({row['cpu_ratio']:.2f}x); per rep {', '.join(f'{r:.2f}' for r in row['ratios'])}")
-    if row["bench"] == "flow control":
+    if row["bench"] in ("flow control", "curve"):
         return (f"CPU/msg {mesh['cpu_us_per_msg']:.1f} vs {raw['cpu_us_per_msg']:.1f} µs "
                 f"(CPU cost {row['cpu_cost']:+.0%}); per rep "
                 f"{', '.join(f'{c:+.0%}' for c in row['costs'])}")

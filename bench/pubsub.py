@@ -526,13 +526,19 @@ LATENCY_VARIANTS: dict[str, dict[str, Any]] = {"mesh": NO_BATCH, "mesh-batch": {
 
 # Throughput: impl -> publish timeout, node options (both nodes), subscribe options.
 # "mesh" is the default node, flow-controlled, publish(timeout=5): the goal case.
+# CurveZMQ on both nodes (issue #7): its cost is measured against the default node.
+CURVE: dict[str, Any] = {"secret": "bench-cluster-secret-0123456789"}
 BYTES_VARIANTS: dict[str, dict[str, Any]] = {
     "mesh": {"pub_timeout": 5.0},
     "mesh-nobatch": {"pub_timeout": 5.0, "node_options": NO_BATCH},
     "mesh-noflow": {"pub_timeout": 5.0, "sub_options": NO_FLOW},
     "mesh-drop": {"pub_timeout": None},
+    "mesh-curve": {"pub_timeout": 5.0, "node_options": CURVE},
 }
-ARRAY_VARIANTS: dict[str, dict[str, Any]] = {"mesh": {"pub_timeout": 5.0}}
+ARRAY_VARIANTS: dict[str, dict[str, Any]] = {
+    "mesh": {"pub_timeout": 5.0},
+    "mesh-curve": {"pub_timeout": 5.0, "node_options": CURVE},
+}
 
 GOAL_LATENCY = 1.5  # mesh p50 <= 1.5x raw, batching off
 GOAL_SMALL = 0.5  # 64 B: mesh >= 50 % of raw
@@ -607,6 +613,7 @@ _DESCRIPTIONS = {
     "mesh-nobatch": "batching off, flow control on",
     "mesh-noflow": "batching on, flow control off",
     "mesh-drop": "default publish() (drops when full)",
+    "mesh-curve": "CurveZMQ (secret=), batching and flow control on",
 }
 
 
@@ -695,7 +702,7 @@ def _throughput(
         primary = impl == "mesh"
         rows.append({
             "bench": "throughput", "impl": impl,
-            "case": case + ("" if kind == "array" else f", {_DESCRIPTIONS[impl]}"),
+            "case": case + ("" if kind == "array" and impl == "mesh" else f", {_DESCRIPTIONS[impl]}"),
             "transport": label, "unit": "msg/s", "count": count,
             "metric": "messages/s received by the subscriber",
             "publish_timeout": spec["pub_timeout"], "node_options": spec.get("node_options"),
@@ -707,11 +714,12 @@ def _throughput(
     if kind == "bytes":
         rows.append(_compare(reps, meshes, transport, count, "batching", "mesh", "mesh-nobatch"))
         rows.append(_compare(reps, meshes, transport, count, "flow control", "mesh", "mesh-noflow"))
+    rows.append(_compare(reps, meshes, transport, count, "curve", "mesh-curve", "mesh", case))
     return rows
 
 
 def _compare(reps: list[dict[str, dict]], meshes: dict[str, dict], transport: str, count: int,
-             bench: str, impl: str, ref: str) -> dict:
+             bench: str, impl: str, ref: str, case: str = "64 B msgs") -> dict:
     """A mesh variant against another, per repetition (same run, same reference)."""
     ratios = [r[impl]["rate"] / r[ref]["rate"] for r in reps]
     ratio = _median(ratios)
@@ -721,7 +729,14 @@ def _compare(reps: list[dict[str, dict]], meshes: dict[str, dict], transport: st
         "mesh": meshes[impl], "raw": meshes[ref], "ratio": ratio, "ratios": ratios,
         "reference": ref, "reps": len(reps), "cpu_ratio": cpu_ratio,
     }
-    if bench == "batching":
+    if bench == "curve":
+        # Information (the issue asks for the number, sets no goal): rate given up to CURVE.
+        cost = 1.0 - ratio
+        row.update(case=f"{case}, cost of CurveZMQ (secured vs not)", cost=cost,
+                   costs=[1.0 - x for x in ratios], cpu_cost=cpu_ratio - 1.0, met=None,
+                   goal="information only",
+                   metric="1 - msg/s secured / msg/s unsecured (same node defaults otherwise)")
+    elif bench == "batching":
         row.update(case="64 B msgs, batching on / off", met=ratio >= GOAL_BATCHING,
                    goal=f"on >= {GOAL_BATCHING:.0f}x off",
                    metric="msg/s with batching / msg/s without (flow control on in both)")
