@@ -512,6 +512,10 @@ class Node:
         plugin = next((t for t in self._transports if t.name == "rdma"), None)
         if plugin is None:
             return
+        if self._keys is not None:
+            # RDMA writes cross the wire in clear: a secured cluster keeps arrays on CURVE.
+            log.info("%s: secured cluster: rdma not offered (it is not encrypted)", self.name)
+            return
         device = self.options["rdma_device"]
         if device is not None and getattr(plugin, "rdma_device", None) != device:
             plugin = type(plugin)(rdma_device=device)
