@@ -188,16 +188,17 @@ class CreditGrant:
             self.violations += 1
         return ok
 
-    def on_consumed(self, nbytes: int, now: float) -> None:
-        """The application took one received message: its credit will go back."""
-        if self.buffered <= 0:
+    def on_consumed(self, nbytes: int, now: float, count: int = 1) -> None:
+        """The application took ``count`` received messages (``nbytes`` in all):
+        their credit will go back. The dispatch thread reports a whole batch at once."""
+        if self.buffered < count or count <= 0:
             raise MeshError(
                 "on_consumed() without a matching on_received(): the flow "
                 "accounting of this subscription is broken (a bug in the I/O layer)"
             )
-        self.buffered -= 1
-        self.consumed += 1
-        self._pending += 1
+        self.buffered -= count
+        self.consumed += count
+        self._pending += count
         self._pending_bytes += nbytes
         if self._pending_since is None:
             self._pending_since = now

@@ -65,6 +65,7 @@ from mesh.subjects import validate_pattern, validate_subject
 from mesh.tensor import array_from_frames, array_to_frames
 from transports.base import Locality
 from transports.rdma import RdmaError
+from transports.rdma_core import RdmaTag, ReceiveOrder, SendOrder, Sync
 
 log = logging.getLogger("mesh")
 
@@ -262,11 +263,30 @@ _INTERNAL_FLOW = {"credits": 65536, "credit_bytes": None, "overflow": "drop_new"
 # Data from a peer that left this recently is still delivered: its goodbye (on the
 # control pipe, or as gossip) may overtake the last messages it sent before closing.
 LEFT_GRACE = 2.0
+# A message from a peer that also sends by RDMA waits for the messages sent before it
+# on the other path (see _rdma_hold); this long without progress, they count as lost.
+_RDMA_HOLD = 10.0
 
 
 def _peer_id_of(ident: bytes) -> str:
     """Node id behind a ROUTER identity ("<id>", "<id>/c", "<id>/seed/N")."""
     return ident.split(b"/", 1)[0].decode("ascii", "replace")
+
+
+def _header_kind(frame: Any) -> int | None:
+    """The kind of a header frame without decoding it (wire.pack: fixarray, version,
+    kind as a positive fixint); None when it does not look like one."""
+    b = frame.bytes
+    if len(b) >= 3 and b[0] & 0xF0 == 0x90 and b[1] == wire.PROTOCOL_VERSION and b[2] < 0x80:
+        return b[2]
+    return None
+
+
+def _rdma_tag(epoch: Any, index: Any, k: Any) -> RdmaTag:
+    """An RdmaTag (or the fields of a Sync) from the network: three ints >= 0."""
+    if not all(type(v) is int and 0 <= v < 1 << 63 for v in (epoch, index, k)):
+        raise ProtocolError("malformed rdma order fields", "malformed")
+    return RdmaTag(epoch, index, k)
 
 
 def _nbytes(frame: Any) -> int:
@@ -287,6 +307,9 @@ def _send_frames(sock: Any, frames: list) -> None:
 
 
 _NOBLOCK_MORE = zmq.NOBLOCK | zmq.SNDMORE
+# The dispatch thread returns the credit of a batch of messages at its end, or as
+# soon as handling it has taken this long (seconds).
+_CREDIT_HOLD = 0.002
 
 
 class Node:
@@ -391,8 +414,14 @@ class Node:
         self._rdma: Any = None  # transports.rdma.RdmaTransport when usable
         self._rdma_threshold = self.options["rdma_threshold"]
         self._rdma_links: dict[Link, tuple[str, Any]] = {}  # I/O thread: link -> (peer id, conn)
-        self._rdma_offers: dict[str, Any] = {}  # peer id -> our offered, unconnected conn
+        self._rdma_offers: dict[str, Any] = {}  # peer id -> our offered conn (None: being made)
         self._rdma_poller: Any = None
+        # Data-pipe identity -> the order of what that peer sends on both paths.
+        self._rdma_order: dict[bytes, ReceiveOrder] = {}
+        # Queue-pair setup runs on its own thread (see _rdma_submit).
+        self._rdma_jobs: Any = None
+        self._rdma_setup_lock = threading.Lock()
+        self._rdma_setup_open = True
         self.counters = Counters()
         self.gaps = 0
         self.batches_out = 0  # frames that carried several small messages
@@ -898,6 +927,10 @@ class Node:
                 decision = window.offer(item, nbytes)
                 action = decision.action
                 if action is Action.BLOCK:
+                    if link.batch:
+                        # Out of credit: the batch cannot grow while we wait, and its
+                        # messages are what the subscriber needs to return credit.
+                        self._flush_batch(link)
                     if not self._wait_for_credit(
                         link.cond, window, nbytes, timeout, item[0], lambda: link.closed
                     ):
@@ -936,7 +969,7 @@ class Node:
                 link.batch.append([header, payload[0]])
                 link.batch_bytes += len(header) + nbytes
                 self._count_out(link, nbytes)
-                if link.batch_bytes >= self._batch_max:
+                if link.batch_bytes >= self._batch_max or len(link.batch) >= link.batch_cap:
                     self._flush_batch(link)
                 return True
             if link.batch:
@@ -958,6 +991,9 @@ class Node:
         """Put one message on a link's data socket; the caller holds the link lock.
         A full peer queue drops it (counted), or with ``timeout`` waits that long."""
         sock = link.sock
+        sync = None
+        if link.rdma_order is not None:  # arrays went by RDMA: keep the order with them
+            frames, sync = self._rdma_sync(link, frames)
         try:
             _send_frames(sock, frames)
         except zmq.Again:
@@ -974,6 +1010,8 @@ class Node:
             self._count_drop("send_error", link)
             log.debug("send to %s failed: %s", peer_id, exc)
             return False
+        if sync is not None:
+            link.rdma_order.synced(sync)
         self._count_out(link, nbytes)
         return True
 
@@ -997,7 +1035,11 @@ class Node:
         conn = link.rdma
         if conn.state != "ready":
             return False  # still connecting
-        meta = msgpack.packb([bytes(frames[0]), bytes(frames[1])], use_bin_type=True)
+        order = link.rdma_order
+        if order is None:  # the first array by RDMA on this link: order matters from now on
+            order = link.rdma_order = SendOrder(int.from_bytes(os.urandom(4), "big"))
+        tag = order.next_rdma()
+        meta = msgpack.packb([bytes(frames[0]), bytes(frames[1]), *tag], use_bin_type=True)
         try:
             msg_id = conn.send(np.frombuffer(frames[2], np.uint8), meta=meta)
         except RdmaError as err:
@@ -1006,23 +1048,48 @@ class Node:
         except Exception as exc:  # noqa: BLE001 - e.g. meta too large: this one goes on the socket
             log.debug("rdma send to %s refused: %s", peer_id, exc)
             return False
+        sync = order.sent_rdma(tag)
+        if sync is not None:  # socket messages went before it: the peer holds it for this
+            self._rdma_send_sync(link, sync)
         if tracker is not None:
             link.rdma_trackers[msg_id] = tracker
         return True
 
-    def _rdma_fallback(self, link: Link, peer_id: str, err: Any) -> None:
+    def _rdma_sync(self, link: Link, frames: list) -> tuple[list, Sync | None]:
+        """A data message for the socket of a link that sends arrays by RDMA (link lock
+        held): where the path changes, a sync goes in front of it (SendOrder), in the
+        same ZeroMQ message so neither is lost without the other. Returns the frames
+        and the sync, to confirm with ``link.rdma_order.synced()`` once it is queued."""
+        sync = link.rdma_order.socket()
+        if sync is None:
+            return frames, None
+        return [wire.pack(wire.RDMA_SYNC, list(sync)), *frames], sync
+
+    def _rdma_send_sync(self, link: Link, sync: Sync) -> None:
+        """A sync on its own (link lock held). When the socket queue is full it stays
+        pending: the I/O thread retries it, and the next socket message carries it."""
+        try:
+            link.sock.send(wire.pack(wire.RDMA_SYNC, list(sync)), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return
+        link.rdma_order.synced(sync)
+
+    def _rdma_fallback(self, link: Link, peer_id: str, err: Any, quiet: bool = False) -> None:
         """The link's RDMA connection failed (caller holds the link lock): resend what
         it had not delivered on the socket and stay there. The I/O thread closes it."""
         if link.rdma is None:
             return
         link.rdma = None
         link.rdma_off = True
-        log.warning("%s: rdma to %s failed (%s); arrays go over %s from now on",
-                    self.name, self._peer_name(peer_id), err, link.transport)
+        (log.debug if quiet else log.warning)(
+            "%s: rdma to %s failed (%s); arrays go over %s from now on",
+            self.name, self._peer_name(peer_id), err, link.transport)
         for _msg_id, array, meta in err.unsent:
             try:
-                header, descriptor = msgpack.unpackb(meta, raw=False)
-                frames = [header, descriptor, array]
+                header, descriptor, *tag = msgpack.unpackb(meta, raw=False)
+                # Marked as sent by RDMA: the peer delivers it in its place, and drops
+                # it if the first copy landed after all.
+                frames = [wire.pack(wire.RDMA_RESENT, tag), header, descriptor, array]
                 try:
                     link.sock.send_multipart(frames, zmq.NOBLOCK)
                 except zmq.Again:
@@ -1044,11 +1111,14 @@ class Node:
         link.last_send = time.monotonic()
         if link.closed or not batch:
             return
+        frames, sync = [wire.pack(wire.BATCH, len(batch)), encode_batch(batch)], None
+        if link.rdma_order is not None:  # arrays went by RDMA: keep the order with them
+            frames, sync = self._rdma_sync(link, frames)
         try:
-            link.sock.send_multipart(
-                [wire.pack(wire.BATCH, len(batch)), encode_batch(batch)], zmq.NOBLOCK
-            )
+            link.sock.send_multipart(frames, zmq.NOBLOCK)
             self.batches_out += 1
+            if sync is not None:
+                link.rdma_order.synced(sync)
         except zmq.ZMQError:
             self._count_drop("peer_queue_full", link)
             self.counters.drops["peer_queue_full"] += len(batch) - 1
@@ -1068,6 +1138,7 @@ class Node:
             self.counters.drops["bad_flow_params"] += 1
             return None
         link.windows[sid] = window
+        link.batch_cap = min(link.batch_cap, max(8, granted // 4))
         return window
 
     def _count_drop(self, reason: str, link: Link | None) -> None:
@@ -1166,11 +1237,45 @@ class Node:
                 log.exception("%s: dispatch error", self.name)
 
     def _run_item(self, item: Any) -> None:
-        if type(item) is list:
-            for sub, msg in item:
-                self._run_handler(sub, msg)
-        else:
+        if type(item) is not list:
             self._run_handler(*item)
+            return
+        # A drain's worth of messages: credits of remote publishers go back once
+        # per (subscription, publisher) after the batch, not once per message.
+        consumed: dict[tuple[Subscription, Any], list] = {}
+        monotonic = time.monotonic
+        since = monotonic()
+        for sub, msg in item:
+            if consumed and monotonic() - since > _CREDIT_HOLD:
+                # Slow handlers: the credit of what they finished must not wait for
+                # the rest of the batch.
+                self._return_credits(consumed)
+                consumed = {}
+                since = monotonic()
+            if sub.closed:
+                continue
+            try:
+                sub.handler(msg)
+            except Exception:
+                self.counters.drops["handler_error"] += 1
+                log.exception("%s: handler for %r raised on %r", self.name, sub.pattern, msg.subject)
+            sub.delivered += 1
+            credit = getattr(msg, "_credit", None)  # on_peer callbacks get a PeerInfo
+            if type(credit) is tuple:
+                msg._credit = None
+                tally = consumed.get((sub, credit[0]))
+                if tally is None:
+                    consumed[(sub, credit[0])] = [credit[1], 1, credit[2]]
+                else:
+                    tally[1] += 1
+                    tally[2] += credit[2]
+            elif credit is not None:
+                self._consumed(sub, msg)
+        self._return_credits(consumed)
+
+    def _return_credits(self, consumed: dict) -> None:
+        for (sub, grant), (publisher, count, nbytes) in consumed.items():
+            self._return_credit(sub, grant, publisher, count, nbytes)
 
     def _run_handler(self, sub: Subscription, msg: Message) -> None:
         if sub.closed:
@@ -1407,7 +1512,7 @@ class Node:
                     if credit_deadline is not None:
                         wake_at = min(wake_at, credit_deadline)
                 wait_ms = max(0, int((wake_at - now) * 1000) + 1)
-                if self._rdma_links:
+                if self._rdma_links or self._rdma_order:
                     self._rdma_wait(wait_ms)
                 elif router.poll(wait_ms):
                     self._drain_router()
@@ -1446,15 +1551,16 @@ class Node:
         now = time.monotonic()
         for link, (peer_id, conn) in list(self._rdma_links.items()):
             received: list = []
+            ident = peer_id.encode()
             with link.lock:
-                if link.closed or link.rdma is not conn:
-                    self._rdma_forget(link)
-                    continue
+                # Also once for a link that is gone or failed over meanwhile (on a
+                # publishing thread): what landed in its ring is handed out first.
                 try:
                     progress = conn.progress()
                 except RdmaError as err:
                     received = err.received
-                    self._rdma_fallback(link, peer_id, err)
+                    if link.rdma is conn:
+                        self._rdma_fallback(link, peer_id, err)
                     self._rdma_forget(link)
                 else:
                     received = progress.received
@@ -1462,19 +1568,100 @@ class Node:
                         tracker = link.rdma_trackers.pop(msg_id, None)
                         if tracker is not None:
                             tracker.event.set()
-            ident = peer_id.encode()
+                    if link.closed or link.rdma is not conn:
+                        self._rdma_forget(link)
+                    order = self._rdma_order.get(ident)
+                    if order is not None:  # bytes landing: a long array is on its way
+                        order.progress(conn.stats["bytes_received"], now)
+                if link.rdma_order is not None and link.rdma_order.pending is not None:
+                    self._rdma_send_sync(link, link.rdma_order.pending)  # a full queue lost it
             for r in received:
                 try:
-                    header, descriptor = msgpack.unpackb(r.meta, raw=False)
+                    header, descriptor, epoch, index, k = msgpack.unpackb(r.meta, raw=False)
+                    tag = _rdma_tag(epoch, index, k)
                     frames = [_BatchedFrame(ident), _BatchedFrame(header),
                               _BatchedFrame(descriptor), _BatchedFrame(memoryview(r.array))]
                 except Exception:  # noqa: BLE001
                     self._drop("malformed", ident, "undecodable rdma message meta")
                     continue
-                self._handle_frames(frames, now)
+                self._rdma_arrived(ident, tag, frames, now)
+        if self._rdma_order:
+            self._rdma_expire(now)
         if self._io_batch:
             self._dispatch.put(self._io_batch)
             self._io_batch = []
+
+    def _rdma_arrived(self, ident: bytes, tag: RdmaTag, frames: list, now: float) -> None:
+        """A message the peer sent by RDMA (through the queue pair, or re-sent on the
+        socket): handle it, and what waited for it, in the order the peer sent them."""
+        order = self._rdma_order.get(ident)
+        if order is None:
+            order = self._rdma_order[ident] = ReceiveOrder()
+        for item in order.rdma(tag, frames, now):
+            self._handle_frames(item, now, ordered=True)
+
+    def _rdma_hold(self, frames: list, now: float) -> bool:
+        """A socket message from a peer that also sends us arrays by RDMA: hold it
+        while an array sent before it has not arrived yet (see ReceiveOrder). Syncs
+        and re-sent arrays go on to _handle, which applies them in their place."""
+        order = self._rdma_order.get(frames[0].bytes)  # data pipe only: never control
+        if order is None or not order.blocked or len(frames) < 2:
+            return False
+        if _header_kind(frames[1]) in (wire.RDMA_SYNC, wire.RDMA_RESENT):
+            return False
+        for item in order.socket(frames, now):
+            self._handle_frames(item, now, ordered=True)
+        return True
+
+    def _on_rdma_sync(self, ident: bytes, body: Any, frames: list, now: float) -> None:
+        """A sync on the data pipe (alone, or in front of a data message)."""
+        if self._rdma is None or b"/" in ident:
+            raise ProtocolError("rdma sync from a peer we exchange no rdma with", "unexpected")
+        sync = Sync(*_rdma_tag(*body)) if type(body) is list and len(body) == 3 else None
+        if sync is None:
+            raise ProtocolError("malformed rdma sync", "malformed")
+        order = self._rdma_order.get(ident)
+        if order is None:
+            order = self._rdma_order[ident] = ReceiveOrder()
+        released = order.sync(sync, now)
+        if len(frames) > 2:  # the data message it came in front of
+            rest = [frames[0], *frames[2:]]
+            if order.blocked:
+                released += order.socket(rest, now)
+            else:
+                released.append(rest)
+        for item in released:
+            self._handle_frames(item, now, ordered=True)
+
+    def _on_rdma_resent(self, ident: bytes, body: Any, frames: list, now: float) -> None:
+        """A message first sent by RDMA, re-sent on the socket after the queue pair failed."""
+        if self._rdma is None or b"/" in ident:
+            raise ProtocolError("rdma resend from a peer we exchange no rdma with", "unexpected")
+        if type(body) is not list or len(body) != 3 or len(frames) < 3:
+            raise ProtocolError("malformed rdma resend", "malformed")
+        self._rdma_arrived(ident, _rdma_tag(*body), [frames[0], *frames[2:]], now)
+
+    def _rdma_expire(self, now: float) -> None:
+        """Release what waited too long for a message that was lost; forget the order
+        of peers that are gone (what they sent is handled as it stands)."""
+        for ident, order in list(self._rdma_order.items()):
+            peer = self._peers.get(_peer_id_of(ident))
+            if peer is None or peer.state == "dead" or (
+                    peer.state == "left" and now - peer.gone_at > LEFT_GRACE):
+                del self._rdma_order[ident]
+                released = order.flush()
+            elif order.held:
+                forced = order.forced
+                released = order.expire(now, _RDMA_HOLD)
+                if order.forced > forced:
+                    self.counters.drops["rdma_order_timeout"] += order.forced - forced
+                    log.warning("%s: messages from %s waited %.0f s for earlier ones sent by "
+                                "rdma that did not come (lost?); delivering them",
+                                self.name, self._peer_name(_peer_id_of(ident)), _RDMA_HOLD)
+            else:
+                continue
+            for item in released:
+                self._handle_frames(item, now, ordered=True)
 
     def _rdma_forget(self, link: Link) -> None:
         """Close a link's RDMA connection (I/O thread, link lock held)."""
@@ -1506,10 +1693,12 @@ class Node:
                 self._dispatch.put(self._io_batch)
                 self._io_batch = []
 
-    def _handle_frames(self, frames: list, now: float) -> None:
+    def _handle_frames(self, frames: list, now: float, ordered: bool = False) -> None:
         if len(frames) == 2 and frames[0].bytes == _WAKE_ID:
             return  # a wake-up: commands run after the drain
         try:
+            if self._rdma_order and not ordered and self._rdma_hold(frames, now):
+                return  # it waits for an array its sender sent before it by RDMA
             self._handle(frames, now)
         except ProtocolError as exc:
             self._drop(exc.reason, frames[0].bytes, str(exc))
@@ -1600,6 +1789,10 @@ class Node:
             self._on_rdma_offer(peer, body)
         elif kind == wire.RDMA_ACCEPT:
             self._on_rdma_accept(peer, body)
+        elif kind == wire.RDMA_SYNC:
+            self._on_rdma_sync(ident, body, frames, now)
+        elif kind == wire.RDMA_RESENT:
+            self._on_rdma_resent(ident, body, frames, now)
         elif kind == wire.SYNC:
             self._send_control(peer.id, wire.INTEREST_FULL, self._interest_snapshot())
         elif kind == wire.PEERS:
@@ -1694,9 +1887,15 @@ class Node:
                 self._deliver(sub, held)
             return
         grant, publisher, nbytes = credit
+        self._return_credit(sub, grant, publisher, 1, nbytes)
+
+    def _return_credit(self, sub: Subscription, grant: CreditGrant, publisher: str,
+                       count: int, nbytes: int) -> None:
+        """``count`` messages from ``publisher`` were consumed: send their credit back
+        now if the grant's threshold is reached, else have the I/O thread flush it later."""
         now = time.monotonic()
         with sub._flow:
-            grant.on_consumed(nbytes, now)
+            grant.on_consumed(nbytes, now, count)
             update = grant.take_update(now)
             wake = False
             if update is None:
@@ -1871,9 +2070,12 @@ class Node:
                 tracker = _RdmaTracker()
                 if not self._to_rdma(link, peer_id, [header, *payload], tracker):
                     tracker = None
+            frames, sync = [header, *payload], None
+            if tracker is None and link.rdma_order is not None:  # keep the order with RDMA
+                frames, sync = self._rdma_sync(link, frames)
             try:
                 if tracker is None:
-                    tracker = sock.send_multipart([header, *payload], zmq.NOBLOCK, copy=False, track=True)
+                    tracker = sock.send_multipart(frames, zmq.NOBLOCK, copy=False, track=True)
             except zmq.Again:
                 # Bounded even without a timeout: the link lock is held meanwhile.
                 if timeout is None:
@@ -1883,7 +2085,9 @@ class Node:
                         f"peer {peer.name} did not accept data on channel {channel!r} "
                         f"within {timeout} s"
                     ) from None
-                tracker = sock.send_multipart([header, *payload], zmq.NOBLOCK, copy=False, track=True)
+                tracker = sock.send_multipart(frames, zmq.NOBLOCK, copy=False, track=True)
+            if sync is not None:
+                link.rdma_order.synced(sync)
         self._count_out(link, nbytes)
         return _DoneTracker() if shm_desc is not None else tracker
 

@@ -32,8 +32,8 @@ class Link:
 
     __slots__ = (
         "sock", "ctl", "lock", "cond", "windows", "transport", "endpoint", "closed", "counters",
-        "batch", "batch_bytes", "batch_since", "last_send", "shm_out", "rdma", "rdma_off",
-        "rdma_trackers",
+        "batch", "batch_bytes", "batch_cap", "batch_since", "last_send", "shm_out", "rdma", "rdma_off",
+        "rdma_trackers", "rdma_order",
     )
 
     def __init__(
@@ -49,6 +49,9 @@ class Link:
         # Micro-batching of small messages (see Node._send_locked).
         self.batch: list[list] = []
         self.batch_bytes = 0
+        # Messages per batch: a quarter of the tightest credit window towards this
+        # peer, so several batches are in flight before the publisher runs dry.
+        self.batch_cap = 1 << 30
         self.batch_since = 0.0
         self.last_send = 0.0
         self.shm_out: Any = None  # transports.shm.ShmSender once the peer can map ours
@@ -57,6 +60,9 @@ class Link:
         self.rdma: Any = None
         self.rdma_off = False
         self.rdma_trackers: dict[int, Any] = {}  # rdma msg id -> channel-send tracker
+        # transports.rdma_core.SendOrder from the first array sent by RDMA on: keeps the
+        # order with socket messages (None: nothing to keep, nothing extra is sent).
+        self.rdma_order: Any = None
         self.transport = transport
         self.endpoint = endpoint
         self.closed = False
