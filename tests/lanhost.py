@@ -5,11 +5,14 @@ Host side, run inside a network namespace of /work/shared/netns/lab.sh::
     bash lab.sh exec I .venv/bin/python -m tests.lanhost --name h1 --cluster C
 
 starts ``mesh.Node(discovery="zeroconf", interfaces=["eth0"])`` (no seeds, no
-address), prints ``{"ev": "ready", ...}``, then obeys one JSON command per
-stdin line ``{"id": N, "op": ..., ...}`` and answers ``{"id": N, "ok": bool,
+address; ``--secret-file``, ``--policy`` and ``--seeds`` add a cluster secret, a
+permission policy and seed endpoints, for tests/test_lan_security.py), prints
+``{"ev": "ready", ...}``, then obeys one JSON command per stdin line
+``{"id": N, "op": ..., ...}`` and answers ``{"id": N, "ok": bool,
 "value"|"error": ...}``. Unprompted lines report what happens: ``{"ev":
 "peer", "event": "joined"|"suspect"|"alive"|"dead"|"left", "name", "t"}`` and
-``{"ev": "msg", "sid", "subject", "data", "sender", "t"}``, and ``{"ev":
+``{"ev": "msg", "sid", "subject", "data", "nbytes", "sha256", "sender", "t"}`` (``data``
+is None above 64 KiB: compare ``sha256``), and ``{"ev":
 "state", "name", "state", "t"}`` for every change of a peer's state in
 ``node.status()`` (polled every 10 ms, independent of the dispatch thread). ``t`` is
 ``time.monotonic()``: one clock for every namespace of the machine, so the
@@ -21,6 +24,7 @@ Test side: :class:`LanHost` starts that program and waits on its lines.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import queue
@@ -43,6 +47,7 @@ LAB_SH = next(
 # =========================================================================== host side
 
 _out_lock = threading.Lock()
+BIG = 64 * 1024  # messages above this are reported by size and sha256, without their data
 
 
 def _say(obj: dict[str, Any]) -> None:
@@ -60,14 +65,37 @@ def _run(node: Any, op: str, cmd: dict[str, Any]) -> Any:
         sid = cmd.get("sid") or cmd["pattern"]
 
         def handler(msg: Any) -> None:
+            raw = bytes(msg.data)
+            data = raw.decode("utf-8", "replace") if len(raw) <= BIG else None
             _say({"ev": "msg", "sid": sid, "subject": msg.subject, "t": time.monotonic(),
-                  "data": bytes(msg.data).decode("utf-8", "replace"), "sender": msg.sender})
+                  "data": data, "nbytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest(),
+                  "sender": msg.sender})
 
         node.subscribe(cmd["pattern"], handler)
         return sid
     if op == "publish":
         node.publish(cmd["subject"], cmd.get("data", "").encode(), timeout=cmd.get("timeout", 2.0))
         return True
+    if op == "publish_array":
+        # ``nbytes`` random bytes with ``marker`` in the middle, as a uint8 numpy array
+        # (the tensor path of the wire); returns the sha256 of the array's bytes.
+        import numpy as np
+
+        buf = bytearray(os.urandom(cmd["nbytes"]))
+        marker = cmd.get("marker", "").encode()
+        at = (len(buf) - len(marker)) // 2
+        buf[at:at + len(marker)] = marker
+        node.publish(cmd["subject"], np.frombuffer(bytes(buf), dtype=np.uint8),
+                     timeout=cmd.get("timeout", 5.0))
+        return hashlib.sha256(buf).hexdigest()
+    if op == "browse":
+        # What this host's mDNS sees of the LAN (every cluster), as mesh-status does.
+        from discovery.zeroconf import LanBrowser
+
+        with LanBrowser(node.options["interfaces"]) as browser:
+            anns = browser.scan(cmd.get("seconds", 1.0))
+        return [{"id": a.node_id, "name": a.name, "cluster": a.cluster, "key": a.public_key,
+                 "endpoints": list(a.endpoints)} for a in anns]
     if op == "wait_subscribers":
         return node.wait_for_subscribers(cmd["subject"], cmd["count"], timeout=cmd.get("timeout", 10.0))
     if op == "peers":
@@ -103,6 +131,9 @@ def host_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--interfaces", default="eth0", help="comma-separated (default: eth0)")
     parser.add_argument("--max-seconds", type=float, default=120.0,
                         help="exit by itself after this long, whatever happens to the test")
+    parser.add_argument("--secret-file", help="the cluster secret (a key file, mode 600)")
+    parser.add_argument("--policy", help="a permission policy file (.json or .toml)")
+    parser.add_argument("--seeds", default="", help="comma-separated seed endpoints to dial")
     args = parser.parse_args(argv)
     import logging
 
@@ -114,13 +145,16 @@ def host_main(argv: Sequence[str] | None = None) -> int:
     import mesh
 
     node = mesh.Node(args.name, cluster=args.cluster, discovery="zeroconf",
-                     interfaces=args.interfaces.split(","))
+                     interfaces=args.interfaces.split(","),
+                     secret=Path(args.secret_file) if args.secret_file else None,
+                     policy=args.policy, seeds=[s for s in args.seeds.split(",") if s])
     node.on_peer(lambda event, info: _say(
         {"ev": "peer", "event": event, "name": info.name, "id": info.id, "t": time.monotonic()}))
     node.start()
     threading.Thread(target=_watch_states, args=(node,), daemon=True).start()
+    status = node.status()
     _say({"ev": "ready", "id": node.id, "name": node.name, "pid": os.getpid(),
-          "endpoints": node.status()["endpoints"], "t": time.monotonic()})
+          "endpoints": status["endpoints"], "secured": status["secured"], "t": time.monotonic()})
     try:
         for line in sys.stdin:
             if not line.strip():
@@ -159,14 +193,23 @@ class LanHost:
     """Test-side handle of one ``tests.lanhost`` process inside lab host ``index``."""
 
     def __init__(
-        self, prefix: str | None, index: int, name: str, cluster: str, interfaces: str = "eth0"
+        self, prefix: str | None, index: int, name: str, cluster: str, interfaces: str = "eth0",
+        *, secret_file: str | os.PathLike | None = None, policy: str | os.PathLike | None = None,
+        seeds: Sequence[str] = (),
     ) -> None:
-        """``prefix=None``: run in this namespace instead of a lab host (use interfaces="lo")."""
+        """``prefix=None``: run in this namespace instead of a lab host (use interfaces="lo").
+        ``secret_file``, ``policy``, ``seeds``: see host_main's options."""
         self.index = index
         self.name = name
         wrap = ["bash", str(LAB_SH), "exec", str(index)] if prefix is not None else []
         cmd = [*wrap, sys.executable, "-m", "tests.lanhost",
                "--name", name, "--cluster", cluster, "--interfaces", interfaces]
+        if secret_file is not None:
+            cmd += ["--secret-file", os.fspath(secret_file)]
+        if policy is not None:
+            cmd += ["--policy", os.fspath(policy)]
+        if seeds:
+            cmd += ["--seeds", ",".join(seeds)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if prefix is not None:
             env["LAB_PREFIX"] = prefix

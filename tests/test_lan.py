@@ -11,13 +11,13 @@ otherwise), and ``nft`` for ``lab.sh loss`` (that test is skipped without it).
 ZMESH_REQUIRE_LAB=1 (set by .ci/run) turns those skips into failures, so CI
 cannot skip them silently.
 Every wait is bounded; the hosts' processes and the namespaces are removed by
-fixture finalizers, also when a test fails.
+fixture finalizers, also when a test fails. The fixtures' machinery is shared
+with tests/test_lan_security.py in tests/lanlab.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -33,38 +33,22 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.lanhost, as the hosts do
 
-from tests.lanhost import LAB_SH, LanHost, lab  # noqa: E402
+from tests.lanhost import LanHost  # noqa: E402
+from tests.lanlab import (  # noqa: E402
+    MESH_STATUS,
+    Lan,
+    cannot,
+    lan_of,
+    logs,
+    namespace_lab,
+    pubsub,
+    require_lab,
+)
 
-MESH_STATUS = str(Path(sys.executable).parent / "mesh-status")
 HOSTS = 4  # h1-h3 run nodes; h4 runs none (the operator's machine)
 DEAD_WITHIN = 3.0  # s from SIGKILL to "dead" at every other node (the issue's bound)
 
-
-def _why_not() -> str | None:
-    """None when the namespace lab can run here, else why not."""
-    if os.geteuid() != 0:
-        return "not root (network namespaces need root)"
-    if not LAB_SH.exists():
-        return f"{LAB_SH} is missing"
-    if shutil.which("ip") is None:
-        return "no `ip` command (apt-get install iproute2)"
-    r = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10)
-    if r.returncode != 0:
-        return f"`ip netns` is unavailable: {r.stderr.strip()}"
-    return None
-
-
-def _cannot(reason: str, *, module: bool = False) -> None:
-    """Skip (printing why), or fail when CI demands that these tests run."""
-    if os.environ.get("ZMESH_REQUIRE_LAB") == "1":
-        pytest.fail(f"ZMESH_REQUIRE_LAB=1 but the namespace lab cannot run: {reason}", pytrace=False)
-    print(f"\ntests/test_lan.py: skipped: {reason}", file=sys.stderr)
-    pytest.skip(reason, allow_module_level=module)
-
-
-_REASON = _why_not()
-if _REASON is not None:
-    _cannot(f"namespace lab unavailable: {_REASON}", module=True)
+require_lab(__file__)
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -72,74 +56,14 @@ if _REASON is not None:
 
 @pytest.fixture(scope="module")
 def lab_prefix() -> Iterator[str]:
-    prefix = f"zl{os.getpid() % 100000}{uuid.uuid4().hex[:3]}-"  # unique per run
-    try:
-        lab(prefix, "setup", str(HOSTS))
+    with namespace_lab(HOSTS, tag="zl") as prefix:  # kills what still runs, deletes the netns
         yield prefix
-    finally:
-        lab(prefix, "teardown")  # kills whatever still runs inside, deletes the namespaces
-
-
-class Lan:
-    """The nodes of one test, plus the lab faults it applied."""
-
-    def __init__(self, prefix: str, cluster: str) -> None:
-        self.prefix = prefix
-        self.cluster = cluster
-        self.hosts: list[LanHost] = []
-        self.faulted: set[int] = set()
-
-    def start(self, *indices: int) -> list[LanHost]:
-        """One node per lab host, started in parallel; returns when all are ready."""
-        new = [LanHost(self.prefix, i, f"h{i}", self.cluster) for i in indices]
-        self.hosts.extend(new)
-        return [h.ready() for h in new]
-
-    def full_mesh(self, hosts: list[LanHost], timeout: float = 10.0) -> float:
-        """Wait until every node sees all the others; seconds it took."""
-        t0 = time.monotonic()
-        for h in hosts:
-            names = h.call("wait_peers", n=len(hosts) - 1, timeout=timeout)
-            assert set(names) >= {o.name for o in hosts if o is not h}, (h.name, names)
-        return time.monotonic() - t0
-
-    def lab(self, *args: str) -> None:
-        if args[0] in ("loss", "rate", "cut"):
-            self.faulted.add(int(args[1]))
-        lab(self.prefix, *args)
-
-    def status_cli(self, index: int, *args: str, timeout: float = 20.0) -> subprocess.CompletedProcess:
-        """Run mesh-status inside lab host ``index``."""
-        return subprocess.run(
-            ["bash", str(LAB_SH), "exec", str(index), MESH_STATUS, *args],
-            env={**os.environ, "LAB_PREFIX": self.prefix}, capture_output=True, text=True,
-            timeout=timeout,
-        )
-
-    def close(self) -> None:
-        for i in sorted(self.faulted):  # heal first, so that goodbyes get through
-            for action in ("heal", "clear"):
-                try:
-                    lab(self.prefix, action, str(i))
-                except Exception as exc:  # teardown of the module still removes everything
-                    print(f"lab.sh {action} {i} failed: {exc}", file=sys.stderr)
-        for h in self.hosts:
-            h.quit()  # all at once: each close says goodbye for a moment
-        for h in self.hosts:
-            h.stop()
 
 
 @pytest.fixture
 def lan(lab_prefix: str) -> Iterator[Lan]:
-    net = Lan(lab_prefix, f"lan-{uuid.uuid4().hex[:8]}")
-    try:
+    with lan_of(lab_prefix) as net:
         yield net
-    finally:
-        net.close()
-
-
-def _logs(*hosts: LanHost) -> str:
-    return "\n".join(h.log() for h in hosts)
 
 
 def _peer_ev(name: str, event: str) -> Callable[[dict[str, Any]], bool]:
@@ -175,20 +99,6 @@ def _false_deaths(hosts: list[LanHost], since: float) -> list[str]:
     return out
 
 
-def _pubsub(pub: LanHost, subs: list[LanHost], subject: str, timeout: float = 5.0) -> None:
-    """``subs`` subscribe (if not yet), ``pub`` publishes once; each must receive it."""
-    sid = f"sid-{uuid.uuid4().hex[:6]}"
-    for s in subs:
-        s.call("subscribe", pattern=subject, sid=sid)
-    pub.call("wait_subscribers", subject=subject, count=len(subs), timeout=timeout)
-    payload = f"from {pub.name} {uuid.uuid4().hex[:6]}"
-    pub.call("publish", subject=subject, data=payload)
-    for s in subs:
-        got = s.wait_event(lambda e: e.get("ev") == "msg" and e["sid"] == sid, timeout)
-        assert got is not None, f"{s.name} did not receive {subject!r} from {pub.name}\n{_logs(pub, s)}"
-        assert got["data"] == payload and got["subject"] == subject
-
-
 # --------------------------------------------------------------------------- tests
 
 
@@ -209,8 +119,8 @@ def test_three_hosts_find_each_other_and_pubsub_over_tcp(lan: Lan) -> None:
                 assert p["state"] == "alive" and p["transport"] == "tcp", p
                 assert p["endpoint"].startswith(f"tcp://10.77.0.{o.index}:"), p
     h1, h2, h3 = hosts
-    _pubsub(h1, [h2, h3], "lan.grad.layer1")
-    _pubsub(h3, [h1], "lan.params.v1")
+    pubsub(h1, [h2, h3], "lan.grad.layer1")
+    pubsub(h3, [h1], "lan.params.v1")
 
 
 def test_mesh_status_from_a_host_without_a_node(lan: Lan) -> None:
@@ -250,11 +160,11 @@ def test_sigkilled_node_is_declared_dead_within_3s(lan: Lan) -> None:
     times: dict[str, float] = {}
     for h in (h1, h3):
         dead = h.wait_event(_state_ev("h2", "dead"), DEAD_WITHIN + 3.0)
-        assert dead is not None, f"{h.name} never declared h2 dead\n{_logs(h)}"
+        assert dead is not None, f"{h.name} never declared h2 dead\n{logs(h)}"
         times[h.name] = dead["t"] - t_kill
         # and the application heard it through node.on_peer
         cb = h.wait_event(_peer_ev("h2", "dead"), 2.0)
-        assert cb is not None, f"{h.name}: no on_peer('dead') for h2\n{_logs(h)}"
+        assert cb is not None, f"{h.name}: no on_peer('dead') for h2\n{logs(h)}"
         times[f"{h.name} on_peer"] = cb["t"] - t_kill
     timeline = {h.name: [(e["state"], round(e["t"] - t_kill, 3)) for e in h.states("h2")]
                 for h in (h1, h3)}
@@ -276,13 +186,13 @@ def test_stalled_but_live_node_is_not_declared_dead(lan: Lan) -> None:
     timeline = {h.name: [(e["name"], e["state"], round(e["t"] - t_stop, 3)) for e in h.events
                          if e.get("ev") == "state" and e["t"] >= t_stop] for h in hosts}
     print(f"\nafter SIGSTOP 500 ms / SIGCONT, state changes: {timeline}")
-    assert not deaths, f"{deaths}\n{timeline}\n{_logs(*hosts)}"
+    assert not deaths, f"{deaths}\n{timeline}\n{logs(*hosts)}"
     assert _wait_all_alive(hosts, 3.0) is not None, timeline
 
 
 def test_20_percent_loss_keeps_membership(lan: Lan) -> None:
     if shutil.which("nft") is None:
-        _cannot("no `nft` command for lab.sh loss (apt-get install nftables)")
+        cannot("no `nft` command for lab.sh loss (apt-get install nftables)", who="tests/test_lan.py")
     hosts = lan.start(1, 2, 3)
     lan.full_mesh(hosts)
     t0 = time.monotonic()
@@ -303,7 +213,7 @@ def test_20_percent_loss_keeps_membership(lan: Lan) -> None:
     got = len([e for e in h2.events if e.get("ev") == "msg" and e["sid"] == sid])
     print(f"\n20% loss on h2 for 10 s: {sent} published to h2, {got} received; "
           f"suspicions {suspects}; false deaths {deaths}")
-    assert not deaths, f"{deaths}\n{_logs(*hosts)}"
+    assert not deaths, f"{deaths}\n{logs(*hosts)}"
     assert _wait_all_alive(hosts, 3.0) is not None, [h.states(o.name) for h in hosts for o in hosts]
     assert got > 0.5 * sent  # tcp retransmits; at-most-once may lose a few on a dead link only
 
@@ -318,7 +228,7 @@ def test_partition_then_heal_without_restart(lan: Lan) -> None:
     for h, gone in ((h1, "h3"), (h2, "h3"), (h3, "h1"), (h3, "h2")):
         ev = h.wait_event(lambda e, g=gone: e.get("ev") == "state" and e["name"] == g
                           and e["state"] == "dead" and e["t"] >= t_cut, 8.0)
-        assert ev is not None, f"{h.name} never declared {gone} dead after the cut\n{_logs(h)}"
+        assert ev is not None, f"{h.name} never declared {gone} dead after the cut\n{logs(h)}"
         cut_seen[f"{h.name}->{gone}"] = round(ev["t"] - t_cut, 3)
 
     t_heal = time.monotonic()
@@ -328,17 +238,17 @@ def test_partition_then_heal_without_restart(lan: Lan) -> None:
                          if e.get("ev") == "state" and e["t"] >= t_cut] for h in hosts}
     print(f"\ncut h3: declared dead after {cut_seen} s; heal: all alive again after "
           f"{healed and round(healed, 3)} s; timeline {timeline}")
-    assert healed is not None, f"the mesh did not heal within 15 s: {timeline}\n{_logs(*hosts)}"
+    assert healed is not None, f"the mesh did not heal within 15 s: {timeline}\n{logs(*hosts)}"
     assert time.monotonic() - t_heal < 20.0
     # h1 and h2 stayed connected the whole time: neither may ever declare the other dead,
     # not even briefly when h3 comes back with its own (stale) verdicts.
     same_side = [d for d in _false_deaths([h1, h2], t_cut) if "h3" not in d]
     assert not same_side, (
-        f"false deaths on the connected side: {same_side}; timeline {timeline}\n{_logs(*hosts)}"
+        f"false deaths on the connected side: {same_side}; timeline {timeline}\n{logs(*hosts)}"
     )
     # pub/sub across the former partition, both ways, with the same processes
-    _pubsub(h1, [h3], "lan.after.heal", timeout=8.0)
-    _pubsub(h3, [h1, h2], "lan.back.across", timeout=8.0)
+    pubsub(h1, [h3], "lan.after.heal", timeout=8.0)
+    pubsub(h3, [h1, h2], "lan.back.across", timeout=8.0)
 
 
 def test_mesh_status_finds_loopback_nodes_in_this_namespace() -> None:
