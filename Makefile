@@ -49,5 +49,8 @@ pyverbs-link: $(BIN)/python
 	else echo "pyverbs: not installed (apt-get install python3-pyverbs): rdma transport off"; fi
 
 # The RDMA tests on two real soft-RoCE devices, in ../shared/rdma-vm (root, ~2 min).
+# pyverbs-link runs again first: the venv may predate python3-pyverbs.
+RDMA_VM_RUN ?= ../shared/rdma-vm/run
 rdma-test: $(STAMP)
-	../shared/rdma-vm/run --timeout 900 -- $(BIN)/python -m pytest -q tests/test_rdma_vm.py tests/test_rdma_core.py tests/test_rdma_node.py
+	@$(MAKE) -s pyverbs-link
+	$(RDMA_VM_RUN) --timeout 900 -- $(BIN)/python -m pytest -q tests/test_rdma_vm.py tests/test_rdma_core.py tests/test_rdma_node.py

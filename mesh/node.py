@@ -76,6 +76,10 @@ DISCOVERY_MODES = ("zeroconf", "static", "none")
 # Payloads at least this large are handed to the application as a view on the
 # received frame instead of a bytes copy (pyzmq's own zero-copy threshold).
 ZERO_COPY_BYTES = zmq.COPY_THRESHOLD
+# Channel (collective) payloads below this are copied into the zmq message: a
+# zero-copy frame costs a tracker and a wake of pyzmq's gc thread, ~0.1 ms of
+# CPU per message here, more than copying up to this size.
+P2P_COPY_BYTES = 1 << 20
 
 _DEFAULT_OPTIONS: dict[str, Any] = {
     "heartbeat_interval": 0.5,  # seconds between pings to each peer
@@ -418,6 +422,7 @@ class Node:
         self._rdma_poller: Any = None
         # Data-pipe identity -> the order of what that peer sends on both paths.
         self._rdma_order: dict[bytes, ReceiveOrder] = {}
+        self._rdma_next_expire = 0.0
         # Queue-pair setup runs on its own thread (see _rdma_submit).
         self._rdma_jobs: Any = None
         self._rdma_setup_lock = threading.Lock()
@@ -1559,8 +1564,10 @@ class Node:
                     progress = conn.progress()
                 except RdmaError as err:
                     received = err.received
-                    if link.rdma is conn:
+                    if link.rdma is conn and not link.closed:
                         self._rdma_fallback(link, peer_id, err)
+                    elif link.rdma is conn:
+                        link.rdma = None
                     self._rdma_forget(link)
                 else:
                     received = progress.received
@@ -1573,6 +1580,10 @@ class Node:
                     order = self._rdma_order.get(ident)
                     if order is not None:  # bytes landing: a long array is on its way
                         order.progress(conn.stats["bytes_received"], now)
+                if link.closed and link.rdma_trackers:  # the peer is gone: nothing to wait for
+                    for tracker in link.rdma_trackers.values():
+                        tracker.event.set()
+                    link.rdma_trackers.clear()
                 if link.rdma_order is not None and link.rdma_order.pending is not None:
                     self._rdma_send_sync(link, link.rdma_order.pending)  # a full queue lost it
             for r in received:
@@ -1585,7 +1596,8 @@ class Node:
                     self._drop("malformed", ident, "undecodable rdma message meta")
                     continue
                 self._rdma_arrived(ident, tag, frames, now)
-        if self._rdma_order:
+        if self._rdma_order and now >= self._rdma_next_expire:
+            self._rdma_next_expire = now + 0.1
             self._rdma_expire(now)
         if self._io_batch:
             self._dispatch.put(self._io_batch)
@@ -2073,9 +2085,10 @@ class Node:
             frames, sync = [header, *payload], None
             if tracker is None and link.rdma_order is not None:  # keep the order with RDMA
                 frames, sync = self._rdma_sync(link, frames)
+            copy = nbytes < P2P_COPY_BYTES
             try:
                 if tracker is None:
-                    tracker = sock.send_multipart(frames, zmq.NOBLOCK, copy=False, track=True)
+                    tracker = sock.send_multipart(frames, zmq.NOBLOCK, copy=copy, track=not copy)
             except zmq.Again:
                 # Bounded even without a timeout: the link lock is held meanwhile.
                 if timeout is None:
@@ -2085,11 +2098,11 @@ class Node:
                         f"peer {peer.name} did not accept data on channel {channel!r} "
                         f"within {timeout} s"
                     ) from None
-                tracker = sock.send_multipart(frames, zmq.NOBLOCK, copy=False, track=True)
+                tracker = sock.send_multipart(frames, zmq.NOBLOCK, copy=copy, track=not copy)
             if sync is not None:
                 link.rdma_order.synced(sync)
         self._count_out(link, nbytes)
-        return _DoneTracker() if shm_desc is not None else tracker
+        return _DoneTracker() if shm_desc is not None or tracker is None else tracker
 
     # -- handshake and gossip ---------------------------------------------------
 
@@ -2230,18 +2243,23 @@ class Node:
             or (link.transport == "ipc" and self._beacon is not None and hello.get("shm"))
         ):
             return
-        try:
-            conn = self._rdma.connection()
-        except Exception as exc:  # noqa: BLE001 - no queue pair: the socket it is
-            log.warning("%s: no rdma towards %s: %s", self.name, peer.name, exc)
-            link.rdma_off = True
-            return
-        self._rdma_offers[peer.id] = conn
-        self._send_control(peer.id, wire.RDMA_OFFER, conn.local_info())
+        self._rdma_offers[peer.id] = None  # being made on the setup thread; offered when ready
+        self._rdma_submit("offer", peer, None, None)
 
     def _on_rdma_offer(self, peer: Peer, body: Any) -> None:
         link = peer.link
         if link is None:
+            return
+        if body is None and self._rdma is not None:
+            # The offerer could not connect its half (its log says why): drop ours.
+            with link.lock:
+                if link.rdma is not None:
+                    self._rdma_fallback(link, peer.id, RdmaError(
+                        "the peer could not connect its queue pair", link.rdma.unsent()), quiet=True)
+                    self._rdma_forget(link)
+            link.rdma_off = True
+            log.info("%s: %s could not connect rdma; arrays stay on %s",
+                     self.name, peer.name, link.transport)
             return
         if self._rdma is None or link.rdma_off or type(body) is not dict:
             self._send_control(peer.id, wire.RDMA_ACCEPT, None)
@@ -2252,47 +2270,135 @@ class Node:
                     link, peer.id, RdmaError("the peer offered a new queue pair", link.rdma.unsent()))
                 link.rdma_off = False
                 self._rdma_forget(link)
-        conn = None
-        try:
-            conn = self._rdma.connection()
-            conn.connect(body)
-        except Exception as exc:  # noqa: BLE001
-            log.warning("%s: cannot set up rdma with %s (%s); arrays stay on %s",
-                        self.name, peer.name, exc, link.transport)
-            if conn is not None:
-                conn.close()
-            link.rdma_off = True
-            self._send_control(peer.id, wire.RDMA_ACCEPT, None)
-            return
-        self._send_control(peer.id, wire.RDMA_ACCEPT, conn.local_info())
-        self._rdma_use(link, peer, conn)
+        self._rdma_submit("accept", peer, None, body)
 
     def _on_rdma_accept(self, peer: Peer, body: Any) -> None:
-        conn = self._rdma_offers.pop(peer.id, None)
-        link = peer.link
-        if conn is None:
+        conn = self._rdma_offers.get(peer.id)
+        if conn is None:  # nothing offered, or a step still running on the setup thread
             return
+        del self._rdma_offers[peer.id]
+        link = peer.link
         if link is None or link.closed or type(body) is not dict:
             conn.close()
             if link is not None:
                 link.rdma_off = True
             return
-        try:
-            conn.connect(body)
-        except Exception as exc:  # noqa: BLE001
-            log.warning("%s: cannot connect rdma to %s (%s); arrays stay on %s",
-                        self.name, peer.name, exc, link.transport)
-            conn.close()
-            link.rdma_off = True
+        self._rdma_offers[peer.id] = None  # connecting on the setup thread: no new offer
+        self._rdma_submit("connect", peer, conn, body)
+
+    def _rdma_submit(self, what: str, peer: Peer, conn: Any, body: dict | None) -> None:
+        """Queue-pair setup (creating the queue pair, registering its ring, moving it
+        to RTS: up to seconds, far more under emulation) runs on a setup thread, never
+        on the I/O thread: membership probes must not wait for it (a live peer was
+        once suspected while one was made). pyverbs holds the GIL in its calls, so
+        connect() first has the kernel resolve the peer's address without it (see
+        transports.rdma.resolve_neighbour). "offer" makes a queue pair, "accept"
+        makes one and connects it to ``body``, "connect" connects ``conn``. The result
+        comes back as an ("rdma", ...) command; until then arrays go on the socket."""
+        if self._rdma_jobs is None:
+            import queue
+
+            self._rdma_jobs = queue.SimpleQueue()
+            threading.Thread(target=self._rdma_setup_loop, name=f"mesh-rdma-{self.name}",
+                             daemon=True).start()
+        self._rdma_jobs.put((what, peer.id, peer.link, conn, body))
+
+    def _rdma_setup_loop(self) -> None:
+        jobs = self._rdma_jobs
+        while True:
+            job = jobs.get()
+            if job is _STOP:
+                return
+            what, peer_id, link, conn, body = job
+            error = None
+            t0 = time.monotonic()
+            try:
+                if conn is None:
+                    conn = self._rdma.connection()
+                if body is not None:
+                    conn.connect(body)
+            except Exception as exc:  # noqa: BLE001 - reported by _rdma_setup_done
+                error = exc
+            with self._rdma_setup_lock:
+                if self._rdma_setup_open:
+                    self._command(("rdma", what, peer_id, link, conn, error, time.monotonic() - t0))
+                    continue
+            if conn is not None:  # the node closed meanwhile
+                conn.close()
+
+    def _rdma_setup_done(self, what: str, peer_id: str, link: Link | None, conn: Any,
+                         error: Exception | None, seconds: float) -> None:
+        """A setup step finished on the setup thread (I/O thread, from _run_command)."""
+        peer = self._peers.get(peer_id)
+        # The offerer's steps hold a None in _rdma_offers meanwhile (no second offer).
+        pending = what != "accept" and self._rdma_offers.get(peer_id, False) is None
+        if pending:
+            del self._rdma_offers[peer_id]
+        if (peer is None or link is None or peer.link is not link or link.closed or link.rdma_off
+                or (what != "accept" and not pending)):
+            if conn is not None:  # the peer is gone, or one side gave up meanwhile
+                conn.close()
             return
+        if error is not None:
+            log.warning("%s: cannot set up rdma with %s (%s); arrays stay on %s",
+                        self.name, peer.name, error, link.transport)
+            if conn is not None:
+                conn.close()
+            link.rdma_off = True
+            if what == "accept":
+                self._send_control(peer_id, wire.RDMA_ACCEPT, None)
+            elif what == "connect":
+                self._send_control(peer_id, wire.RDMA_OFFER, None)  # the peer drops its half
+            return
+        conn.stats["setup_s"] = round(conn.stats.get("setup_s", 0) + seconds, 3)
+        if what == "offer":
+            self._rdma_offers[peer_id] = conn
+            self._send_control(peer_id, wire.RDMA_OFFER, conn.local_info())
+            return
+        if what == "accept":  # connected: the offerer may write as soon as it connects
+            self._send_control(peer_id, wire.RDMA_ACCEPT, conn.local_info())
         self._rdma_use(link, peer, conn)
 
     def _rdma_use(self, link: Link, peer: Peer, conn: Any) -> None:
         with link.lock:
+            old = link.rdma
+            if old is not None and old is not conn:  # a newer offer won
+                self._rdma_fallback(link, peer.id, RdmaError("replaced by a new queue pair",
+                                                             old.unsent()), quiet=True)
+                self._rdma_forget(link)
+                link.rdma_off = False
             link.rdma = conn
         self._rdma_links[link] = (peer.id, conn)
         self._rdma_poller = None
-        log.info("%s: arrays to %s go over rdma (%s)", self.name, peer.name, conn.device.device)
+        log.info("%s: arrays to %s go over rdma (%s, set up in %.2f s)", self.name, peer.name,
+                 conn.device.device, conn.stats.get("setup_s", 0.0))
+
+    def _rdma_shutdown(self) -> None:
+        """Closing (I/O thread, before the goodbyes): arrays still on their way by RDMA
+        are re-sent on the socket (the peer drops the copies that landed anyway), a
+        sync keeps the goodbye behind them, and every queue pair is closed."""
+        with self._rdma_setup_lock:
+            self._rdma_setup_open = False  # the setup thread closes what it finishes
+        if self._rdma_jobs is not None:
+            self._rdma_jobs.put(_STOP)
+        for cmd in list(self._commands):  # finished setups the I/O thread never took
+            if cmd[0] == "rdma" and cmd[4] is not None:
+                cmd[4].close()
+        for link, (peer_id, conn) in list(self._rdma_links.items()):
+            with link.lock:
+                if link.rdma is conn and not link.closed and conn.unsent():
+                    self._rdma_fallback(link, peer_id, RdmaError("closing", conn.unsent()),
+                                        quiet=True)
+                link.rdma = None
+                if link.rdma_order is not None and not link.closed:
+                    sync = link.rdma_order.socket()  # the goodbye waits for the arrays
+                    if sync is not None:
+                        self._rdma_send_sync(link, sync)
+                self._rdma_forget(link)
+        for conn in self._rdma_offers.values():
+            if conn is not None:
+                conn.close()
+        self._rdma_offers.clear()
 
     def _shm_wake(self) -> None:
         # Called from whatever thread dropped a view's last reference (even inside
@@ -2540,6 +2646,8 @@ class Node:
                 else:
                     log.warning("%s: not joining %s (%s): it %s", self.name, name, node_id,
                                 "holds another cluster secret" if secured else "is not secured")
+        elif cmd[0] == "rdma":
+            self._rdma_setup_done(*cmd[1:])
         elif cmd[0] == "found":
             try:
                 self._introduce(parse_summary(cmd[1]), time.monotonic())
@@ -2672,6 +2780,7 @@ class Node:
             self._swim(self._members.leave(time.monotonic()))
         for peer_id in list(self._rejoin_socks):
             self._close_probe(peer_id)
+        self._rdma_shutdown()  # before the goodbyes: they go after what was sent by RDMA
         for peer in list(self._peers.values()):
             link = peer.link
             if peer.state in (*_LIVE, "joining") and link is not None:
@@ -2684,13 +2793,6 @@ class Node:
                             link.sock.send(wire.pack(wire.BYE, None), zmq.NOBLOCK)
                         except zmq.ZMQError:
                             pass
-        for link in list(self._rdma_links):
-            with link.lock:
-                link.rdma = None
-                self._rdma_forget(link)
-        for conn in self._rdma_offers.values():
-            conn.close()
-        self._rdma_offers.clear()
         for peer in list(self._peers.values()):
             if peer.link is not None:
                 self._links.pop(peer.id, None)

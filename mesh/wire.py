@@ -46,6 +46,11 @@ SHM_OK = 17  # body: None; "I can map your shared memory: send me arrays through
 SHM_RELEASE = 18  # body: released (slot, generation) pairs (transports/shm.py)
 RDMA_OFFER = 19  # body: the offerer's RdmaConnection.local_info() (the lower node id offers)
 RDMA_ACCEPT = 20  # body: the accepter's local_info(), or None: "no rdma between us"
+# (RDMA_OFFER with body None, from the offerer: "my half failed to connect: drop yours")
+# On the data pipe of a link that sends arrays by RDMA (order across the two paths,
+# transports/rdma_core.py SendOrder/ReceiveOrder):
+RDMA_SYNC = 21  # body: [epoch, ordinal, rdma_count]; alone, or + the frames of a data message
+RDMA_RESENT = 22  # body: [epoch, index, k] + the frames of a message first sent by RDMA
 
 KIND_NAMES = {
     HELLO: "hello",
@@ -68,6 +73,8 @@ KIND_NAMES = {
     SHM_RELEASE: "shm_release",
     RDMA_OFFER: "rdma_offer",
     RDMA_ACCEPT: "rdma_accept",
+    RDMA_SYNC: "rdma_sync",
+    RDMA_RESENT: "rdma_resent",
 }
 
 # MSG / REPLY / P2P flags

@@ -21,10 +21,14 @@ from transports.rdma_core import (
     FRAME_HEADER,
     FrameReader,
     Outbox,
+    RdmaTag,
+    ReceiveOrder,
     RegistrationCache,
     RingReader,
     RingWriter,
+    SendOrder,
     SlotPool,
+    Sync,
     encode_header,
 )
 
@@ -384,3 +388,206 @@ def test_slot_pool():
     with pytest.raises(ValueError):
         pool.release(a)
     assert pool.acquire() == a
+
+
+# --------------------------------------------------------------------------- order across the two paths
+
+
+def _send(ops, drop_sock=(), drop_sync=(), fail_at=None, confirmed=0, landed=0):
+    """Run a SendOrder over ``ops`` ("S": a socket message, "R": an array by RDMA).
+    Returns (socket stream, rdma stream, ids delivered by the sender's intent).
+
+    ``drop_sock``: op indices whose socket message is dropped at a full queue (its
+    sync stays pending); ``drop_sync``: op indices whose stand-alone sync is. At
+    ``fail_at`` the queue pair fails: of the RDMA messages so far the first
+    ``confirmed`` were confirmed, the first ``landed`` (>= confirmed) reached the
+    peer's ring; the rest are re-sent on the socket, and later "R" go there too."""
+    order = SendOrder(epoch=7)
+    sock, rdma, sent = [], [], []
+    rdma_ok = True
+    for i, op in enumerate(ops):
+        if fail_at is not None and i == fail_at and rdma_ok:
+            rdma_ok = False
+            n = len(rdma)
+            landed = max(min(landed, n), min(confirmed, n))
+            for tag, j in rdma[min(confirmed, n):]:
+                sock.append(("resent", tag, j))
+            del rdma[landed:]
+        if op == "R" and rdma_ok:
+            tag = order.next_rdma()
+            sync = order.sent_rdma(tag)
+            rdma.append((tag, i))
+            sent.append(i)
+            if sync is not None and i not in drop_sync:
+                sock.append(("sync", sync))
+                order.synced(sync)
+        else:
+            sync = order.socket()
+            if i in drop_sock:
+                continue
+            sock.append(("msg", sync, i))
+            sent.append(i)
+            if sync is not None:
+                order.synced(sync)
+    if fail_at is not None and fail_at >= len(ops) and rdma_ok:  # failed after the last op
+        n = len(rdma)
+        landed = max(min(landed, n), min(confirmed, n))
+        for tag, j in rdma[min(confirmed, n):]:
+            sock.append(("resent", tag, j))
+        del rdma[landed:]
+    return sock, rdma, sent
+
+
+def _receive(sock, rdma, schedule, recv=None):
+    """Deliver both streams (each in its own order) interleaved as ``schedule`` says
+    (True: the socket's next, False: the RDMA path's next), as the node does."""
+    recv = recv if recv is not None else ReceiveOrder()
+    out = []
+    sock, rdma = deque(sock), deque(rdma)
+    steps = iter(schedule)
+    now = 0.0
+    while sock or rdma:
+        now += 0.001
+        take_sock = next(steps, True) if sock and rdma else bool(sock)
+        if take_sock:
+            entry = sock.popleft()
+            if entry[0] == "sync":
+                out += recv.sync(entry[1], now)
+            elif entry[0] == "resent":
+                out += recv.rdma(entry[1], entry[2], now)
+            else:
+                _, sync, item = entry
+                if sync is not None:
+                    out += recv.sync(sync, now)
+                if recv.blocked:
+                    out += recv.socket(item, now)
+                else:
+                    out.append(item)
+        else:
+            tag, item = rdma.popleft()
+            out += recv.rdma(tag, item, now)
+    return out, recv
+
+
+OPS = st.lists(st.sampled_from("SR"), max_size=40)
+SCHEDULE = st.lists(st.booleans(), max_size=120)
+
+
+@settings(max_examples=500, deadline=None)
+@given(ops=OPS, schedule=SCHEDULE, drops=st.sets(st.integers(0, 39), max_size=6))
+def test_two_paths_deliver_in_send_order(ops, schedule, drops):
+    """Whatever overtakes what between the socket and the RDMA path, and whichever
+    socket messages a full queue drops, the receiver delivers in send order."""
+    sock, rdma, sent = _send(ops, drop_sock=drops)
+    out, recv = _receive(sock, rdma, schedule)
+    assert out == sent
+    assert recv.held == 0 and recv.forced == 0 and recv.duplicates == 0
+
+
+@settings(max_examples=500, deadline=None)
+@given(ops=OPS, schedule=SCHEDULE, fail_at=st.integers(0, 41),
+       confirmed=st.integers(0, 40), extra=st.integers(0, 40))
+def test_failover_resends_keep_order_and_drop_duplicates(ops, schedule, fail_at, confirmed, extra):
+    """The queue pair fails: unconfirmed RDMA messages are re-sent on the socket,
+    some of them also landed in the ring. Each is delivered once, in send order."""
+    sock, rdma, sent = _send(ops, fail_at=fail_at, confirmed=confirmed, landed=confirmed + extra)
+    out, recv = _receive(sock, rdma, schedule)
+    assert out == sent
+    assert recv.held == 0 and recv.forced == 0
+
+
+def test_no_rdma_means_nothing_travels():
+    order = SendOrder(epoch=1)
+    assert [order.socket() for _ in range(5)] == [None] * 5
+
+
+def test_syncs_only_where_the_path_changes():
+    order = SendOrder(epoch=3)
+    assert order.socket() is None
+    tag = order.next_rdma()
+    assert tag == RdmaTag(3, 1, 1)
+    first = order.sent_rdma(tag)
+    assert first == Sync(3, 1, 0)  # a socket message went before it
+    order.synced(first)
+    assert order.sent_rdma(order.next_rdma()) is None  # RDMA after RDMA: nothing
+    s = order.socket()
+    assert s == Sync(3, 2, 2)  # the socket message waits for 2 RDMA messages
+    assert order.socket() == s  # not queued yet (dropped): the next one carries it
+    order.synced(s)
+    assert order.socket() is None
+    with pytest.raises(ValueError):
+        order.sent_rdma(RdmaTag(3, 9, 9))
+
+
+def test_a_lost_sync_is_carried_by_the_next_socket_message():
+    # S0 R1 (its stand-alone sync is lost: socket queue full) R2 S3
+    sock, rdma, sent = _send("SRRS", drop_sync={1})
+    out, recv = _receive(sock, rdma, [False, False, True, True])
+    assert out == sent == [0, 1, 2, 3] and recv.forced == 0
+
+
+def test_a_lost_sync_with_nothing_after_it_is_released_by_expiry():
+    sock, rdma, _ = _send("SR", drop_sync={1})
+    recv: ReceiveOrder[int] = ReceiveOrder()
+    out = recv.socket(0, 0.0) if recv.blocked else [0]
+    out += recv.rdma(rdma[0][0], 1, 1.0)
+    assert out == [0] and recv.held == 1
+    assert recv.expire(5.0, max_hold=10.0) == []
+    assert recv.expire(11.0, max_hold=10.0) == [1] and recv.forced == 1
+
+
+def test_a_socket_message_waits_while_the_rdma_path_makes_progress():
+    recv: ReceiveOrder[str] = ReceiveOrder()
+    assert recv.sync(Sync(1, 1, 0), 0.0) == []
+    assert recv.rdma(RdmaTag(1, 1, 1), "r1", 0.0) == ["r1"]
+    assert recv.sync(Sync(1, 2, 2), 0.1) == []  # then "s" waits for RDMA message 2
+    assert recv.blocked and recv.socket("s", 0.1) == []
+    for t in range(1, 30):  # a long array: bytes keep landing
+        recv.progress(t * 1000, float(t))
+        assert recv.expire(float(t), max_hold=10.0) == []
+    assert recv.rdma(RdmaTag(1, 2, 1), "r2", 30.0) == ["r2", "s"]
+    # The same wait with no progress at all: released after max_hold.
+    assert recv.sync(Sync(1, 3, 3), 31.0) == [] and recv.socket("t", 31.0) == []
+    assert recv.expire(40.0, 10.0) == [] and recv.expire(41.5, 10.0) == ["t"]
+    assert recv.forced == 1
+    assert recv.rdma(RdmaTag(1, 3, 1), "late", 42.0) == ["late"]  # late, not lost
+
+
+def test_a_new_epoch_flushes_the_old_and_stragglers_pass():
+    recv: ReceiveOrder[str] = ReceiveOrder()
+    recv.sync(Sync(1, 1, 5), 0.0)
+    assert recv.socket("old", 0.0) == []  # waits for 5 RDMA messages that never come
+    assert recv.sync(Sync(2, 1, 0), 1.0) == ["old"]  # the peer's link was made anew
+    assert not recv.blocked and recv.epoch == 2
+    assert recv.rdma(RdmaTag(1, 4, 1), "straggler", 2.0) == ["straggler"]
+    assert recv.rdma(RdmaTag(2, 1, 1), "new", 2.0) == ["new"]
+
+
+def test_flush_releases_everything():
+    recv: ReceiveOrder[str] = ReceiveOrder()
+    recv.sync(Sync(1, 1, 3), 0.0)
+    recv.socket("a", 0.0)
+    recv.sync(Sync(1, 2, 3), 0.0)
+    recv.socket("b", 0.0)
+    recv.rdma(RdmaTag(1, 4, 9), "c", 0.0)
+    assert sorted(recv.flush()) == ["a", "b", "c"] and recv.held == 0
+
+
+def test_a_resent_message_waits_for_an_earlier_one_still_in_the_ring():
+    # R0 R1; the queue pair fails with R0 confirmed (in the ring, unread) and R1
+    # re-sent on the socket, which the receiver reads first.
+    sock, rdma, sent = _send("RR", fail_at=2, confirmed=1, landed=1)
+    out, recv = _receive(sock, rdma, [True, True, False])
+    assert out == sent == [0, 1] and recv.duplicates == 0
+
+
+def test_a_lost_resend_is_given_up_after_max_hold_and_the_rest_flows():
+    recv: ReceiveOrder[str] = ReceiveOrder()
+    recv.sync(Sync(1, 1, 0), 0.0)
+    assert recv.rdma(RdmaTag(1, 2, 1), "r2", 0.0) == []  # r1 was lost (its resend dropped)
+    recv.sync(Sync(1, 2, 2), 0.0)
+    assert recv.socket("s", 0.0) == []
+    assert recv.expire(9.0, 10.0) == []
+    assert recv.expire(10.0, 10.0) == ["r2", "s"] and recv.forced == 1
+    assert recv.rdma(RdmaTag(1, 1, 1), "r1", 11.0) == ["r1"]  # turned up after all
+    assert recv.rdma(RdmaTag(1, 1, 1), "r1", 12.0) == [] and recv.duplicates == 1

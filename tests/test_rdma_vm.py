@@ -34,7 +34,13 @@ if IN_VM:  # before anything imports pyverbs
     rdma_peer.ensure_pyverbs_importable()
     rdma_peer.prepare_guest_network()
 
-from transports.rdma import RdmaError, RdmaTransport, list_devices  # noqa: E402
+from transports.rdma import (  # noqa: E402
+    RdmaError,
+    RdmaTransport,
+    ipv4_of_gid,
+    list_devices,
+    resolve_neighbour,
+)
 
 
 def _vm_skip_reason() -> str | None:
@@ -83,6 +89,21 @@ def test_bad_gid_index_env_disables_rdma_with_one_warning(monkeypatch, caplog):
         return
     assert t.available() is False and t.available() is False
     assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
+
+
+def test_ipv4_of_a_roce_v2_gid():
+    assert ipv4_of_gid("0000:0000:0000:0000:0000:ffff:0a63:0002") == "10.99.0.2"
+    assert ipv4_of_gid("0000:0000:0000:0000:0000:ffff:c0a8:01fe") == "192.168.1.254"
+    assert ipv4_of_gid("fe80:0000:0000:0000:5054:00ff:fe12:3456") is None  # IPv6: left to verbs
+    assert ipv4_of_gid("0000:0000:0000:0000:0000:ffff:zzzz:0002") is None
+
+
+def test_resolving_an_address_that_no_arp_entry_shows_is_undecided_and_bounded():
+    # Loopback never has ARP entries: "cannot tell" (connect() then lets verbs find
+    # out), within the timeout. (Reached and unreachable peers: in the VM tests.)
+    t = time.monotonic()
+    assert resolve_neighbour("127.0.0.2", None, 0.2) is None
+    assert time.monotonic() - t < 2.0
 
 
 # --------------------------------------------------------------------------- in the VM

@@ -63,8 +63,10 @@ __all__ = [
     "RdmaError",
     "RdmaTransport",
     "Received",
+    "ipv4_of_gid",
     "list_devices",
     "probe_device",
+    "resolve_neighbour",
 ]
 
 log = logging.getLogger("mesh.transports.rdma")
@@ -128,6 +130,7 @@ class DeviceInfo:
     mtu: int  # ibv_mtu enum of the active MTU (3 = 1024 bytes)
     lid: int
     link_layer: str  # "ethernet" (RoCE) or "infiniband"
+    netdev: str | None = None  # RoCE: the network interface the GID belongs to
 
     def brochure(self) -> dict[str, Any]:
         return {"device": self.device, "port": self.port, "gid": self.gid,
@@ -175,6 +178,71 @@ def _discover_gid_index(ctx: Any, device: str, port: int, table_len: int) -> int
     return first_v2 if first_v2 is not None else 0
 
 
+def _gid_netdev(device: str, port: int, index: int) -> str | None:
+    try:
+        with open(f"/sys/class/infiniband/{device}/ports/{port}/gid_attrs/ndevs/{index}") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def ipv4_of_gid(gid: str) -> str | None:
+    """The IPv4 address of an IPv4-mapped GID (RoCE v2), else None."""
+    if not gid.startswith(_IPV4_MAPPED_PREFIX):
+        return None
+    try:
+        hi, lo = (int(g, 16) for g in gid[len(_IPV4_MAPPED_PREFIX):].split(":"))
+    except ValueError:
+        return None
+    return socket.inet_ntoa(((hi << 16) | lo).to_bytes(4, "big"))
+
+
+def _arp_complete(ip: str, netdev: str | None) -> bool | None:
+    """The kernel's ARP entry for ``ip`` (on ``netdev``): complete, incomplete, or none."""
+    try:
+        with open("/proc/net/arp") as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 6 and parts[0] == ip and (netdev is None or parts[5] == netdev):
+            return bool(int(parts[2], 16) & 0x2)  # ATF_COM
+    return None
+
+
+def resolve_neighbour(ip: str, netdev: str | None, timeout: float) -> bool | None:
+    """Have the kernel resolve ``ip``'s link-layer address before a queue pair moves
+    to RTR. ibv_modify_qp does it too, but pyverbs holds the GIL meanwhile: about a
+    second for a neighbour not known yet (measured in the RDMA VM), longer for one
+    that never answers, and every thread of the process (a node's I/O thread, its
+    membership probes) stops. Here the waiting is a Python loop that lets them run.
+    True: resolved; False: the address did not answer (unreachable); None: cannot
+    tell (no ARP entry shows up, e.g. the peer is behind a router)."""
+    if _arp_complete(ip, netdev):
+        return True
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            if netdev:  # the route the queue pair takes: out of the GID's interface
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, netdev.encode())
+                except OSError:
+                    pass  # unprivileged: the ordinary route, right on a plain LAN
+            sock.setblocking(False)
+            sock.sendto(b"", (ip, 9))  # discard port: any datagram makes the kernel ask
+    except OSError as exc:
+        log.debug("cannot prompt address resolution of %s: %s", ip, exc)
+        return None
+    deadline = time.monotonic() + timeout
+    state = None
+    while time.monotonic() < deadline:
+        state = _arp_complete(ip, netdev)
+        if state:
+            return True
+        time.sleep(0.005)
+    return False if state is False else None
+
+
 def probe_device(device: str | None = None, port: int | None = None,
                  gid_index: int | None = None) -> DeviceInfo | None:
     """Find the device/port to use: ``device`` or the first device with an active
@@ -206,7 +274,8 @@ def probe_device(device: str | None = None, port: int | None = None,
                     index = _discover_gid_index(ctx, name, p, attr.gid_tbl_len) if ethernet else 0
                 gid = str(ctx.query_gid(p, index))
                 return DeviceInfo(name, p, gid, index, int(attr.active_mtu), int(attr.lid),
-                                  "ethernet" if ethernet else "infiniband")
+                                  "ethernet" if ethernet else "infiniband",
+                                  _gid_netdev(name, p, index) if ethernet else None)
         except TransportError:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -335,8 +404,9 @@ class RdmaConnection:
     copied into a registered staging slot; larger ones are registered in place
     through the registration cache, zero-copy), ``staging_slots``,
     ``max_message`` (refuse larger messages, None: no limit), ``connect_timeout``
-    (seconds to wait for the peer's in-band "ready"), ``cache_entries`` and
-    ``cache_bytes`` (registration cache budget).
+    (seconds to wait for the peer's in-band "ready"), ``resolve_timeout`` (seconds
+    to wait for the peer's address to resolve, see :func:`resolve_neighbour`),
+    ``cache_entries`` and ``cache_bytes`` (registration cache budget).
     """
 
     def __init__(
@@ -349,6 +419,7 @@ class RdmaConnection:
         staging_slots: int = 32,
         max_message: int | None = None,
         connect_timeout: float = 60.0,
+        resolve_timeout: float = 3.0,
         cache_entries: int = 64,
         cache_bytes: int = 512 << 20,
         send_queue: int = 256,
@@ -370,8 +441,10 @@ class RdmaConnection:
         self.copy_threshold = copy_threshold
         self.max_message = max_message
         self.connect_timeout = connect_timeout
+        self.resolve_timeout = resolve_timeout
         self.state = "init"  # -> connected -> ready -> failed | closed
         self._error: RdmaError | None = None
+        self._error_raised = False  # progress() reported it (with what had landed)
         self._send_queue = send_queue
         self._recv_queue = recv_queue
         try:
@@ -389,8 +462,10 @@ class RdmaConnection:
             attr = QPAttr(port_num=device.port)
             attr.qp_access_flags = e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE
             self._qp = QP(self._pd, init, attr)  # RC + attr: left in INIT, recvs can be posted
-            # The inbox: the peer writes here.
+            # The inbox: the peer writes here. Its pages are touched first (numpy does
+            # it without the GIL), so registering only pins them: pyverbs holds the GIL.
             self._ring = np.empty(ring_size, dtype=np.uint8)
+            self._ring.fill(0)
             self._ring_mr = MR(self._pd, ring_size,
                                e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE,
                                address=self._ring.ctypes.data)
@@ -398,6 +473,7 @@ class RdmaConnection:
             slot_size = max(copy_threshold, 0) + 4096
             self._slots = SlotPool(staging_slots, slot_size)
             self._staging = np.empty(staging_slots * slot_size, dtype=np.uint8)
+            self._staging.fill(0)
             self._staging_mr = MR(self._pd, self._staging.nbytes, e.IBV_ACCESS_LOCAL_WRITE,
                                   address=self._staging.ctypes.data)
             # Receives only ever complete write-with-immediate and zero-byte acks.
@@ -490,6 +566,12 @@ class RdmaConnection:
             gid, mtu, lid = str(remote["gid"]), int(remote["mtu"]), int(remote.get("lid", 0))
         except (KeyError, TypeError, ValueError) as exc:
             raise TransportError(f"malformed rdma connection info from peer: {exc!r}") from None
+        ip = ipv4_of_gid(gid) if self.device.link_layer == "ethernet" else None
+        if ip is not None and resolve_neighbour(ip, self.device.netdev, self.resolve_timeout) is False:
+            raise self._fail(
+                f"cannot connect the rdma queue pair {self.device.device} -> {remote.get('device')} "
+                f"(gid {gid}): {ip} did not answer ARP on {self.device.netdev or 'its interface'} "
+                f"within {self.resolve_timeout:g}s")
         from pyverbs.addr import GID, AHAttr, GlobalRoute
         from pyverbs.qp import QPAttr
 
@@ -662,13 +744,20 @@ class RdmaConnection:
     def progress(self) -> Progress:
         """Handle completions: land writes, hand out complete messages, return
         credits, post more writes. Never blocks. Raises RdmaError when the queue
-        pair failed (the peer died, a write was refused, the peer broke the protocol)."""
-        self._check()
+        pair failed (the peer died, a write was refused, the peer broke the protocol);
+        the first time, even when the failure was found elsewhere (a send), with the
+        messages that had landed in ``received``: they are intact."""
+        if self._error_raised or self.state == "closed":
+            self._check()
         try:
-            return self._progress()
-        except ProtocolError as exc:
-            raise self._fail(f"the rdma peer ({self._remote.get('device')}) broke the "
-                             f"protocol: {exc}") from None
+            try:
+                return self._progress()
+            except ProtocolError as exc:
+                raise self._fail(f"the rdma peer ({self._remote.get('device')}) broke the "
+                                 f"protocol: {exc}") from None
+        except RdmaError:
+            self._error_raised = True
+            raise
 
     def _progress(self) -> Progress:
         out = Progress()
@@ -792,7 +881,7 @@ class RdmaConnection:
     def _fail(self, message: str) -> RdmaError:
         """Mark the connection failed (the first failure is the one reported)."""
         if self._error is None:
-            log.warning("%s", message)
+            log.debug("%s", message)  # raised to the caller, who says what it does about it
             self._error = RdmaError(message, self.unsent())
             self.state = "failed"
         return self._error

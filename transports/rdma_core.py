@@ -20,7 +20,8 @@ A frame on the stream is ``header | meta | payload``::
     meta    = opaque bytes (the connection puts dtype, shape and the caller's meta there)
     payload = the array's bytes
 
-Also here: the registration cache (registering memory with the NIC is slow,
+Also here: the order of a link's messages across its two paths (socket and
+RDMA, :class:`SendOrder` and :class:`ReceiveOrder`), the registration cache (registering memory with the NIC is slow,
 so registrations of send buffers are kept, keyed by address and size, and the
 least recently used unpinned one is dropped past a budget) and the pool of
 staging slots that small messages are copied into.
@@ -31,6 +32,7 @@ the protocol gives :class:`~mesh.errors.ProtocolError`.
 
 from __future__ import annotations
 
+import bisect
 import struct
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
@@ -46,10 +48,14 @@ __all__ = [
     "FrameHeader",
     "FrameReader",
     "Outbox",
+    "RdmaTag",
+    "ReceiveOrder",
     "RegistrationCache",
     "RingReader",
     "RingWriter",
+    "SendOrder",
     "SlotPool",
+    "Sync",
     "Write",
     "decode_header",
     "encode_header",
@@ -491,3 +497,250 @@ class SlotPool:
 
     def offset(self, slot: int) -> int:
         return slot * self.size
+
+
+# --------------------------------------------------------------------------- order across the two paths
+
+
+class Sync(NamedTuple):
+    """A marker in a link's socket stream. ``ordinal`` numbers the markers (1, 2, ...).
+    Socket messages after it wait until ``rdma_count`` RDMA messages have been
+    delivered; RDMA messages tagged ``k <= ordinal`` wait until it has been processed
+    (which means every socket message sent before it was delivered)."""
+
+    epoch: int
+    ordinal: int
+    rdma_count: int
+
+
+class RdmaTag(NamedTuple):
+    """What an RDMA message carries: its index on the link (1, 2, ...) and ``k``, the
+    ordinal of the sync that follows the socket messages sent before it."""
+
+    epoch: int
+    index: int
+    k: int
+
+
+class SendOrder:
+    """Sender side of the order of one link's messages over its two paths.
+
+    Messages to one peer go either on the ZeroMQ socket or, large arrays, through
+    the RDMA queue pair; each path is FIFO, but one can overtake the other. Only
+    where the path changes does anything travel: before the first socket message
+    after RDMA messages, a :class:`Sync` (in the same ZeroMQ message, so it cannot
+    be lost without the message) says how many RDMA messages precede it; after
+    socket messages, the next RDMA message is tagged with the ordinal of a sync
+    sent on the socket right then. A link that never sends by RDMA has no
+    SendOrder at all. Not thread-safe: the node uses it under the link lock.
+    ``epoch`` tells one link's numbering from a later link's to the same peer.
+    """
+
+    __slots__ = ("epoch", "rdma_count", "syncs", "pending", "_last_rdma")
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.rdma_count = 0  # RDMA messages queued so far (the last index)
+        self.syncs = 0  # ordinal of the last sync made
+        self.pending: Sync | None = None  # made, not on the socket yet
+        # Socket messages may have gone before the first RDMA message (before the
+        # queue pair was up): the first RDMA message needs a sync too.
+        self._last_rdma = False
+
+    def socket(self) -> Sync | None:
+        """Before a data message on the socket: the sync to put in front of it (same
+        ZeroMQ message), or None. Call :meth:`synced` once that message is queued;
+        if it is dropped instead, the sync goes in front of the next one."""
+        if self._last_rdma:
+            self._last_rdma = False
+            self.syncs += 1
+            self.pending = Sync(self.epoch, self.syncs, self.rdma_count)
+        return self.pending
+
+    def next_rdma(self) -> RdmaTag:
+        """The tag for the next RDMA message; nothing changes until :meth:`sent_rdma`."""
+        return RdmaTag(self.epoch, self.rdma_count + 1, self.syncs + (0 if self._last_rdma else 1))
+
+    def sent_rdma(self, tag: RdmaTag) -> Sync | None:
+        """The message tagged ``tag`` is queued on the RDMA path. Returns a sync to send
+        on the socket now, on its own, when socket messages went before it (the RDMA
+        message waits for it at the receiver); call :meth:`synced` once it is queued.
+        One that cannot be sent stays :attr:`pending`: retry it, and it goes in front
+        of the next socket message anyway."""
+        if tag != self.next_rdma():
+            raise ValueError(f"rdma tag {tag} is not the next one ({self.next_rdma()})")
+        sync = None
+        if not self._last_rdma:
+            self._last_rdma = True
+            self.syncs += 1
+            # Supersedes an unsent pending sync: a higher ordinal implies the lower.
+            self.pending = sync = Sync(self.epoch, self.syncs, self.rdma_count)
+        self.rdma_count += 1
+        return sync
+
+    def synced(self, sync: Sync) -> None:
+        """``sync`` is on the socket now."""
+        if self.pending == sync:
+            self.pending = None
+
+
+T = TypeVar("T")
+
+
+class ReceiveOrder(Generic[T]):
+    """Receiver side: puts one peer's messages from both paths back in send order.
+
+    Feed socket messages to :meth:`socket` while :attr:`blocked` (when it is not,
+    deliver them at once: the usual case costs one attribute check), syncs to
+    :meth:`sync`, and RDMA messages, also those the peer re-sent over the socket
+    after its queue pair failed, to :meth:`rdma`. Each returns the items now
+    deliverable, in order. RDMA messages go out by index: one re-sent on the
+    socket may arrive before an earlier one is read from the ring, so it waits
+    for it; one that arrived both ways is dropped (:attr:`duplicates`). Nothing
+    waits forever: :meth:`expire` releases what waits for a message that was
+    lost (:attr:`forced`), :meth:`flush` everything (the peer is gone). Not
+    thread-safe.
+    """
+
+    RETIRED = 8  # epochs of earlier links remembered, to recognise their stragglers
+    MAX_SKIPPED = 4096  # indices given up on, remembered so a late one still counts
+
+    def __init__(self, epoch: int | None = None) -> None:
+        self.epoch = epoch
+        self._retired: deque[int] = deque(maxlen=self.RETIRED)
+        self.duplicates = 0
+        self.forced = 0
+        self.progress_at = 0.0  # when the RDMA path last made progress
+        self._marker: object = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.syncs = 0  # highest sync ordinal processed
+        self.wait_for = 0  # socket messages wait until rdma_seen >= wait_for
+        self.rdma_seen = 0  # every RDMA index up to this one is delivered (or given up)
+        self._skipped: set[int] = set()  # given up on by expire(); may still turn up
+        self._sock: deque[tuple[float, Sync | None, T | None]] = deque()
+        self._rdma: list[tuple[int, float, int, T]] = []  # (index, arrived, k, item) by index
+
+    @property
+    def blocked(self) -> bool:
+        """Whether a socket message arriving now must go through :meth:`socket`."""
+        return bool(self._sock) or self.rdma_seen < self.wait_for
+
+    @property
+    def held(self) -> int:
+        return len(self._sock) + len(self._rdma)
+
+    def socket(self, item: T, now: float) -> list[T]:
+        """A data message from the socket."""
+        self._sock.append((now, None, item))
+        return self._drain([])
+
+    def sync(self, sync: Sync, now: float) -> list[T]:
+        """A sync from the socket (alone, or in front of a message: pass that to
+        :meth:`socket` right after)."""
+        out, current = self._epoch(sync.epoch)
+        if current:
+            self._sock.append((now, sync, None))
+            self._drain(out)
+        return out
+
+    def rdma(self, tag: RdmaTag, item: T, now: float) -> list[T]:
+        """A message sent by RDMA (arrived through the queue pair or re-sent on the socket)."""
+        out, current = self._epoch(tag.epoch)
+        if not current:
+            out.append(item)  # a straggler of a link that is gone: nothing to order it by
+            return out
+        index = tag.index
+        if index <= self.rdma_seen:
+            if index in self._skipped:  # late, not lost: better out of order than never
+                self._skipped.discard(index)
+                out.append(item)
+            else:
+                self.duplicates += 1  # both ways after a failure: the first copy counts
+            return out
+        q = self._rdma
+        at = bisect.bisect_left(q, index, key=lambda e: e[0])
+        if at < len(q) and q[at][0] == index:
+            self.duplicates += 1
+            return out
+        q.insert(at, (index, now, tag.k, item))
+        self.progress_at = now
+        return self._drain(out)
+
+    def progress(self, marker: object, now: float) -> None:
+        """The RDMA path reports how far it got (e.g. bytes received): a new marker
+        counts as progress, so socket messages waiting for a long array keep waiting."""
+        if marker != self._marker:
+            self._marker = marker
+            self.progress_at = now
+
+    def expire(self, now: float, max_hold: float) -> list[T]:
+        """Release what waits for a message that is presumably lost: waiting for an
+        RDMA message, once the RDMA path made no progress for ``max_hold`` seconds;
+        an RDMA message waiting for a sync, ``max_hold`` seconds after it arrived."""
+        out: list[T] = []
+        while True:
+            sock, rdma = self._sock, self._rdma
+            quiet = now - self.progress_at >= max_hold
+            if rdma and rdma[0][0] > self.rdma_seen + 1 and quiet and now - rdma[0][1] >= max_hold:
+                self._skip_to(rdma[0][0] - 1)
+            elif rdma and rdma[0][2] > self.syncs and now - rdma[0][1] >= max_hold:
+                self.syncs = rdma[0][2]
+            elif (sock and sock[0][1] is None and self.rdma_seen < self.wait_for and quiet
+                    and now - sock[0][0] >= max_hold):
+                self._skip_to(self.wait_for)
+            else:
+                return out
+            self.forced += 1
+            self._drain(out)
+
+    def flush(self) -> list[T]:
+        """Everything held, in the best order known (the peer is gone or started over)."""
+        out: list[T] = []
+        while self._sock or self._rdma:
+            if self._rdma:
+                self._skip_to(self._rdma[0][0] - 1)
+                self.syncs = max(self.syncs, self._rdma[0][2])
+            else:
+                self._skip_to(self.wait_for)
+            self._drain(out)
+        return out
+
+    def _skip_to(self, index: int) -> None:
+        """Give up on the RDMA messages up to ``index`` that have not arrived."""
+        if index > self.rdma_seen and len(self._skipped) + index - self.rdma_seen <= self.MAX_SKIPPED:
+            self._skipped.update(range(self.rdma_seen + 1, index + 1))
+        self.rdma_seen = max(self.rdma_seen, index)
+
+    def _epoch(self, epoch: int) -> tuple[list[T], bool]:
+        """(released, current): a new epoch (the peer's link was made anew) flushes the
+        old one's messages; one of the last few epochs is a straggler (not current)."""
+        if epoch == self.epoch:
+            return [], True
+        if epoch in self._retired:
+            return [], False
+        out: list[T] = []
+        if self.epoch is not None:
+            out = self.flush()
+            self._retired.append(self.epoch)
+        self.epoch = epoch
+        self._reset()
+        return out, True
+
+    def _drain(self, out: list[T]) -> list[T]:
+        sock, rdma = self._sock, self._rdma
+        while True:
+            if rdma and rdma[0][0] == self.rdma_seen + 1 and rdma[0][2] <= self.syncs:
+                index, _, _, item = rdma.pop(0)
+                self.rdma_seen = index
+                out.append(item)
+            elif sock and (sock[0][1] is not None or self.rdma_seen >= self.wait_for):
+                _, sync, item = sock.popleft()
+                if sync is not None:  # every socket message before it is delivered
+                    self.syncs = max(self.syncs, sync.ordinal)
+                    self.wait_for = max(self.wait_for, sync.rdma_count)
+                else:
+                    out.append(item)  # type: ignore[arg-type]
+            else:
+                return out
