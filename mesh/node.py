@@ -916,7 +916,7 @@ class Node:
             self.counters.drops["no_link"] += 1
             return
         nbytes = item[7]
-        with link.cond:
+        with link.lock:  # link.cond's lock; entering the lock itself skips a Python call
             if link.closed:
                 self.counters.drops["no_link"] += 1
                 return
@@ -1824,20 +1824,46 @@ class Node:
         return peer
 
     def _on_msg(self, ident: bytes, header: list, frames: list) -> None:
-        subject, seq, ts, flags, headers, req_id, sids = wire.check_msg(header)
+        fields = wire.check_msg(header)
         peer = self._known_peer(ident)
+        data, array, nbytes = self._payload_of(fields[3], frames, "message", peer)
+        self._accept_msg(peer, fields, data, array, nbytes, time.time())
+
+    def _on_batch(self, ident: bytes, frames: list) -> None:
+        if len(frames) != 3:
+            raise ProtocolError("batch needs exactly one data frame", "malformed")
+        # Resolved once per batch, not per message: the peer and the clock.
+        peer = self._known_peer(ident)
+        now = time.time()
+        unpack, check_msg, accept = wire.unpack, wire.check_msg, self._accept_msg
+        for parts in decode_batch(frames[2].buffer):
+            if len(parts) != 2:
+                raise ProtocolError("batched message is not [header, payload]", "malformed")
+            header = unpack(parts[0])
+            if header[1] != wire.MSG:
+                raise ProtocolError("only data messages may be batched", "malformed")
+            fields = check_msg(header)
+            if fields[3]:
+                raise ProtocolError("arrays are never batched", "malformed")
+            data = parts[1]
+            accept(peer, fields, data, None, len(data), now)
+
+    def _accept_msg(
+        self, peer: Peer, fields: tuple, data: Any, array: Any, nbytes: int, now: float
+    ) -> None:
+        """Deliver one checked data message from ``peer`` to the subscriptions it names."""
+        subject, seq, ts, _flags, headers, req_id, sids = fields
         if self._policy is not None and not self._policy.may_publish(peer.name, subject):
             self._denied(peer, "publish", subject)
             return
         route = self._route(subject, internal=True)
-        data, array, nbytes = self._payload_of(flags, frames, "message", peer)
         counters = peer.counters
         counters.msgs_in += 1
         counters.bytes_in += nbytes
         self.counters.msgs_in += 1
         self.counters.bytes_in += nbytes
         if ts:
-            latency = time.time() - ts
+            latency = now - ts
             if 0.0 <= latency < 3600.0:  # also rejects nan/inf; clocks may disagree a little
                 self.latency.record(latency)
         reply_to = peer.id if req_id is not None else None
@@ -1874,18 +1900,6 @@ class Node:
             self._io_deliver(sub, msg)
         if not sids:
             self.counters.drops["no_interest"] += 1
-
-    def _on_batch(self, ident: bytes, frames: list) -> None:
-        if len(frames) != 3:
-            raise ProtocolError("batch needs exactly one data frame", "malformed")
-        self._known_peer(ident)
-        for parts in decode_batch(frames[2].buffer):
-            if len(parts) != 2:
-                raise ProtocolError("batched message is not [header, payload]", "malformed")
-            header = wire.unpack(parts[0])
-            if header[1] != wire.MSG:
-                raise ProtocolError("only data messages may be batched", "malformed")
-            self._on_msg(ident, header, [None, None, _BatchedFrame(parts[1])])
 
     def _consumed(self, sub: Subscription, msg: Message) -> None:
         """The application is done with ``msg``: give its credit back (any thread)."""
