@@ -1259,12 +1259,7 @@ class Node:
                 since = monotonic()
             if sub.closed:
                 continue
-            try:
-                sub.handler(msg)
-            except Exception:
-                self.counters.drops["handler_error"] += 1
-                log.exception("%s: handler for %r raised on %r", self.name, sub.pattern, msg.subject)
-            sub.delivered += 1
+            self._call_handler(sub, msg)
             credit = getattr(msg, "_credit", None)  # on_peer callbacks get a PeerInfo
             if type(credit) is tuple:
                 msg._credit = None
@@ -1282,15 +1277,18 @@ class Node:
         for (sub, grant), (publisher, count, nbytes) in consumed.items():
             self._return_credit(sub, grant, publisher, count, nbytes)
 
-    def _run_handler(self, sub: Subscription, msg: Message) -> None:
-        if sub.closed:
-            return
+    def _call_handler(self, sub: Subscription, msg: Message) -> None:
         try:
             sub.handler(msg)
         except Exception:
             self.counters.drops["handler_error"] += 1
             log.exception("%s: handler for %r raised on %r", self.name, sub.pattern, msg.subject)
         sub.delivered += 1
+
+    def _run_handler(self, sub: Subscription, msg: Message) -> None:
+        if sub.closed:
+            return
+        self._call_handler(sub, msg)
         if getattr(msg, "_credit", None) is not None:  # on_peer callbacks get a PeerInfo
             self._consumed(sub, msg)  # the handler returned: its credit goes back
 
