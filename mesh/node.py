@@ -63,7 +63,7 @@ from mesh.routing import Route, RoutingTable
 from mesh.stats import Counters, LatencyHistogram
 from mesh.subjects import validate_pattern, validate_subject
 from mesh.tensor import array_from_frames, array_to_frames
-from transports.base import Locality
+from transports.base import Locality, choose_bulk
 from transports.rdma import RdmaError
 from transports.rdma_core import RdmaTag, ReceiveOrder, SendOrder, Sync
 
@@ -2244,15 +2244,16 @@ class Node:
         answer, so the peer knows us). Shared memory and inproc are better."""
         link = peer.link
         if (
-            self._rdma is None
-            or type(hello.get("rdma")) is not dict
+            link is None
+            or choose_bulk(
+                link.transport,
+                shm_both=self._beacon is not None and bool(hello.get("shm")),
+                rdma_both=self._rdma is not None and type(hello.get("rdma")) is dict,
+                rdma_failed=link.rdma_off,
+            ) != "rdma"
             or self.id > peer.id
-            or link is None
             or link.rdma is not None
-            or link.rdma_off
             or peer.id in self._rdma_offers
-            or link.transport == "inproc"
-            or (link.transport == "ipc" and self._beacon is not None and hello.get("shm"))
         ):
             return
         self._rdma_offers[peer.id] = None  # being made on the setup thread; offered when ready

@@ -591,3 +591,27 @@ def test_a_lost_resend_is_given_up_after_max_hold_and_the_rest_flows():
     assert recv.expire(10.0, 10.0) == ["r2", "s"] and recv.forced == 1
     assert recv.rdma(RdmaTag(1, 1, 1), "r1", 11.0) == ["r1"]  # turned up after all
     assert recv.rdma(RdmaTag(1, 1, 1), "r1", 12.0) == [] and recv.duplicates == 1
+
+
+# ---------------------------------------------------------------------------- bulk path selection
+
+
+@pytest.mark.parametrize(
+    ("transport", "shm_both", "rdma_both", "rdma_failed", "expected"),
+    [
+        ("inproc", True, True, False, "inproc"),  # one process: nothing beats a pointer
+        ("ipc", True, True, False, "shm"),  # one host: shared memory before rdma
+        ("ipc", False, True, False, "rdma"),  # one host, shm off: rdma before ipc
+        ("ipc", False, False, False, "ipc"),
+        ("tcp", False, True, False, "rdma"),  # two hosts that both have a device
+        ("tcp", True, True, False, "rdma"),  # shm is meaningless across hosts
+        ("tcp", False, False, False, "tcp"),  # a peer without rdma
+        ("tcp", False, True, True, "tcp"),  # the queue pair failed once: stay on tcp
+        ("ipc", False, True, True, "ipc"),
+    ],
+)
+def test_bulk_path_is_the_best_both_share(transport, shm_both, rdma_both, rdma_failed, expected):
+    from transports.base import choose_bulk
+
+    got = choose_bulk(transport, shm_both=shm_both, rdma_both=rdma_both, rdma_failed=rdma_failed)
+    assert got == expected

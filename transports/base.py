@@ -39,6 +39,32 @@ class Locality:
 
 _PROCESS_NONCE = uuid.uuid4().hex[:8]
 
+# Best first, for large arrays. Control messages always stay on the zmq transport.
+BULK_ORDER = ("inproc", "shm", "rdma", "ipc", "tcp")
+
+
+def choose_bulk(
+    transport: str,
+    *,
+    shm_both: bool = False,
+    rdma_both: bool = False,
+    rdma_failed: bool = False,
+) -> str:
+    """The path large arrays take to a peer, from what both sides offered.
+
+    ``transport`` is the zmq transport chosen for the link (inproc, ipc, tcp);
+    ``shm_both``: both offered shared memory and share a host; ``rdma_both``:
+    both advertised a usable verbs device; ``rdma_failed``: a queue pair with
+    this peer failed before (the link stays on its socket from then on).
+    Pure: the node's hello handling follows it, tests check every case.
+    """
+    candidates = {transport}
+    if transport == "ipc" and shm_both:
+        candidates.add("shm")
+    if rdma_both and not rdma_failed and transport != "inproc":
+        candidates.add("rdma")
+    return next(t for t in BULK_ORDER if t in candidates)
+
 
 def _renew_nonce() -> None:
     # A forked child is another process even if it reuses a pid later.
