@@ -3,10 +3,12 @@
     python -m bench.collectives            # full run, a few minutes
     python -m bench.collectives --quick    # smoke run, well under a minute
     python -m bench.collectives --profile  # also cProfile mesh rank 0's calling thread
+    python -m bench.collectives --sizes 16K,64K,256K --worlds 2   # only these sizes
 
 From ``bench/__main__.py``: ``from bench import collectives`` then
 ``collectives.run(quick=args.quick)``; it prints its own table and returns a
-JSON-serialisable dict (``rows``, ``crossover``, ``segments``, ``memcpy_bytes_per_s``).
+JSON-serialisable dict (``rows``, ``crossover``, ``direct_crossover``, ``segments``,
+``memcpy_bytes_per_s``).
 ``collectives.shm_compare(quick)``: 4 processes, allreduce with the node's shared
 memory on (default) vs off (``shm=False``), two nodes per process (one per
 mode, separate clusters), interleaved call by call; ``--shm`` runs it alone.
@@ -14,13 +16,28 @@ mode, separate clusters), interleaved call by call; ``--shm`` runs it alone.
 Method. For each world size (2 and 4 processes on this host) one set of
 spawned processes runs *both* sides: each rank joins a mesh group and a Gloo
 process group (``init_method="tcp://127.0.0.1:PORT"``), and the two are
-interleaved repetition by repetition (each timed allreduce after a barrier of
-its own kind), so load from anything else on the machine hits both alike. A
-repetition's time is the slowest rank's; tables show the median over
-repetitions. Both reduce in place (``group.allreduce(x, out=x)`` and
-``dist.all_reduce(t)``), the buffer refilled outside the timing. Sizes (float32): 4 KiB, 16 KiB, 64 KiB, 256 KiB, 1 MiB, 4 MiB (where
-the mesh runs ``ring`` and ``tree`` too, to measure the tree/ring crossover),
-then 16 MiB and 64 MiB. Bus bandwidth is ``2 (n - 1) / n * bytes / time``
+interleaved repetition by repetition, in a new random order every repetition
+(the same on every rank), so load from anything else on the machine, and any
+cleanup an op leaves behind for the next one, hits all alike. Each timed
+allreduce follows a barrier of its own kind; both reduce in place
+(``group.allreduce(x, out=x)`` and ``dist.all_reduce(t)``), the buffer refilled
+outside the timing. Three times per repetition (all ranks share one clock,
+``perf_counter`` = CLOCK_MONOTONIC):
+
+* ``span`` (the tables' times, ratios and crossovers): from the last rank's
+  start to the last rank's end: the allreduce's latency once every rank is in;
+* ``own``: the slowest rank's time from its own start (what this benchmark
+  reported before 2026-11-22): it also counts the exit skew of the barrier
+  before it, up to one message hop of that barrier's implementation, which
+  hides the gain of a one-step algorithm such as ``direct``;
+* ``b2b``: per allreduce, the slowest rank's time for ``B2B`` more allreduces
+  right after the timed one (sizes up to 4 MiB; how training loops call it).
+
+Tables show medians over repetitions. Sizes
+(float32): 4 KiB, 16 KiB, 64 KiB, 256 KiB, 1 MiB, 4 MiB, 8 MiB, 16 MiB
+(where the mesh runs ``direct``, ``tree`` and ``ring`` too, to measure where
+``auto`` should switch from one to the next), then 64 MiB (``auto`` only;
+``--sizes`` picks others: up to 16 MiB every algorithm, above only ``auto``). Bus bandwidth is ``2 (n - 1) / n * bytes / time``
 (what each link carried, NCCL's definition), also as a fraction of this
 machine's numpy memcpy bandwidth (``np.copyto`` of 64 MiB, same run). The
 full run also sweeps the mesh's pipelining segment size at 16 and 64 MiB.
@@ -37,6 +54,7 @@ import json
 import multiprocessing as mp
 import os
 import queue
+import random
 import socket
 import statistics
 import sys
@@ -50,9 +68,11 @@ import numpy as np
 _SPAWN = mp.get_context("spawn")
 
 KiB, MiB = 1 << 10, 1 << 20
-# ring, tree and auto at these (the crossover); auto only at the large ones
-SMALL_SIZES = (4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB)
-LARGE_SIZES = (16 * MiB, 64 * MiB)
+# every algorithm and auto at these (the crossovers); auto only at the large ones
+ALGORITHMS = ("direct", "tree", "ring")
+SMALL_MAX = 16 * MiB
+SMALL_SIZES = (4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB, 8 * MiB, 16 * MiB)
+LARGE_SIZES = (64 * MiB,)
 SEGMENT_SWEEP = (256 * KiB, 1 * MiB, 2 * MiB, 4 * MiB, 8 * MiB)
 SWEEP_SIZES = (16 * MiB, 64 * MiB)
 WORLDS = (2, 4)
@@ -72,8 +92,20 @@ def _reps(nbytes: int, quick: bool) -> tuple[int, int]:
     return 1, 7
 
 
-def plan(quick: bool) -> dict:
-    """What runs: small sizes (ring, tree, auto), large sizes (auto), segment sweep."""
+# Allreduces run back to back after each timed one, up to B2B_MAX (the "b2b" metric).
+B2B, B2B_MAX = 4, 4 * MiB
+
+
+def _b2b(nbytes: int, quick: bool) -> int:
+    return 0 if quick or nbytes > B2B_MAX else B2B
+
+
+def plan(quick: bool, sizes: list[int] | None = None) -> dict:
+    """What runs: small sizes (every algorithm and auto), large sizes (auto), segment
+    sweep. ``sizes``: only these (no sweep)."""
+    if sizes:
+        return {"small": sorted(n for n in sizes if n <= SMALL_MAX),
+                "large": sorted(n for n in sizes if n > SMALL_MAX), "sweep": []}
     return {
         "small": [4 * KiB, 64 * KiB, 1 * MiB] if quick else list(SMALL_SIZES),
         "large": [] if quick else list(LARGE_SIZES),
@@ -126,7 +158,7 @@ def _rank_body(rank: int, world: int, cluster: str, seed_q: Any, gloo_port: int 
         tcp = seed_q.get(timeout=60)
         node = mesh.Node(f"bench-r{rank}-{os.getpid()}", discovery="static", seeds=[tcp],
                          **kwargs).start()
-    times: dict[str, list[float]] = {}
+    times: dict[str, list[tuple[float, float, float]]] = {}
     with node:
         node.wait_for_peers(world - 1, timeout=60)
         options = {} if segment_bytes is None else {"segment_bytes": segment_bytes}
@@ -134,44 +166,55 @@ def _rank_body(rank: int, world: int, cluster: str, seed_q: Any, gloo_port: int 
         transport = sorted({p["transport"] for p in node.status()["peers"]})
 
         def mesh_op(x: np.ndarray, algo: str, g: Any = group) -> Any:
-            def op() -> float:
+            b2b = _b2b(x.nbytes, quick)
+
+            def op() -> tuple[float, float, float]:
                 x.fill(1.0)
                 g.barrier()
                 t0 = time.perf_counter()
                 out = g.allreduce(x, algorithm=algo, out=x)  # in place, as Gloo's all_reduce
-                dt = time.perf_counter() - t0
+                t1 = time.perf_counter()
                 if out[0] != world:
                     raise RuntimeError(f"mesh: wrong allreduce result {out[0]} != {world}")
-                return dt
+                for _ in range(b2b):
+                    g.allreduce(x, algorithm=algo, out=x)
+                return t0, t1, time.perf_counter() if b2b else t1
             return op
 
         def gloo_op(nbytes: int) -> Any:
             t = torch.ones(nbytes // 4, dtype=torch.float32)
+            b2b = _b2b(nbytes, quick)
 
-            def op() -> float:
+            def op() -> tuple[float, float, float]:
                 t.fill_(1.0)
                 dist.barrier()
                 t0 = time.perf_counter()
                 dist.all_reduce(t)
-                dt = time.perf_counter() - t0
+                t1 = time.perf_counter()
                 if float(t[0]) != world:
                     raise RuntimeError(f"gloo: wrong allreduce result {float(t[0])}")
-                return dt
+                for _ in range(b2b):
+                    dist.all_reduce(t)
+                return t0, t1, time.perf_counter() if b2b else t1
             return op
 
         def interleave(nbytes: int, ops: dict[str, Any]) -> None:
             warm, reps = _reps(nbytes, quick)
             for key in ops:
                 times[key] = []
+            keys = list(ops)
+            order = random.Random(nbytes)  # the same sequence on every rank
             for i in range(warm + reps):
-                for key, op in ops.items():
-                    dt = op()
+                # A new order every repetition: an op runs measurably slower right
+                # after some others (their cleanup overlaps it); that must hit all alike.
+                for key in order.sample(keys, len(keys)):
+                    stamps = ops[key]()
                     if i >= warm:
-                        times[key].append(dt)
+                        times[key].append(stamps)
 
         for nbytes in cases["small"]:
             x = np.ones(nbytes // 4, dtype=np.float32)
-            ops = {f"{nbytes}:{a}": mesh_op(x, a) for a in ("ring", "tree", "auto")}
+            ops = {f"{nbytes}:{a}": mesh_op(x, a) for a in (*ALGORITHMS, "auto")}
             if dist is not None:
                 ops[f"{nbytes}:gloo"] = gloo_op(nbytes)
             interleave(nbytes, ops)
@@ -271,13 +314,29 @@ def _run_ranks(target: Any, world: int, args_for: Any, timeout: float = TASK_TIM
         out.close()
 
 
-def _combine(answers: list[dict]) -> dict[str, float]:
-    """Median over repetitions of the slowest rank's time."""
-    med = {}
+METRICS = ("span", "own", "b2b")
+
+
+def _per_rep(answers: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """Each repetition's time per metric (see the module docstring; all ranks run on
+    this host, so their ``perf_counter`` is one clock, CLOCK_MONOTONIC):
+
+    * ``span``: from the last rank's start to the last rank's end (the latency of
+      the collective once every rank has arrived);
+    * ``own``: the slowest rank's time from its own start (includes the exit skew
+      of the barrier before it: up to one message hop);
+    * ``b2b``: the slowest rank's time per allreduce of the ``B2B`` that follow
+      back to back (None when there are none).
+    """
+    out: dict[str, dict[str, list[float]]] = {m: {} for m in METRICS}
     for key, first in answers[0]["times"].items():
-        per_rep = [max(a["times"][key][i] for a in answers) for i in range(len(first))]
-        med[key] = statistics.median(per_rep)
-    return med
+        reps = [[a["times"][key][i] for a in answers] for i in range(len(first))]
+        out["span"][key] = [max(t1 for _, t1, _ in r) - max(t0 for t0, _, _ in r) for r in reps]
+        out["own"][key] = [max(t1 - t0 for t0, t1, _ in r) for r in reps]
+        if any(t2 > t1 for _, t1, t2 in reps[0]):
+            k = B2B
+            out["b2b"][key] = [max(t2 - t1 for _, t1, t2 in r) / k for r in reps]
+    return out
 
 
 def memcpy_bandwidth(nbytes: int = 64 * MiB, reps: int = 7) -> float:
@@ -311,7 +370,8 @@ def _crossover(med: dict[str, float], world: int, sizes: list[int]) -> dict:
 
     ``bytes``: the first size from which the ring is never slower again;
     ``suggested``: the power of two nearest the geometric mean of that size
-    and the largest size below it (what DEFAULT_CROSSOVER_BYTES should be).
+    and the largest size below it (what ``schedule.DEFAULT_CROSSOVER_BY_SIZE[world]``
+    should be).
     """
     if not sizes:
         return {"bytes": None, "suggested": None, "note": "not measured"}
@@ -328,22 +388,62 @@ def _crossover(med: dict[str, float], world: int, sizes: list[int]) -> dict:
     return {"bytes": hi, "suggested": suggested, "note": f"tree faster at {lo} B, ring from {hi} B"}
 
 
+def _direct_crossover(med: dict[str, float], world: int, sizes: list[int]) -> dict:
+    """Up to where the direct plan beats both the tree and the ring.
+
+    ``bytes``: the first size from which direct is never the fastest again;
+    ``suggested``: the power of two nearest the geometric mean of that size and
+    the largest size below it (what ``schedule.DEFAULT_DIRECT_BYTES[world]``
+    should be).
+    """
+    if not sizes:
+        return {"bytes": None, "suggested": None, "note": "not measured"}
+    best_other = {n: min(med[f"{n}:tree"], med[f"{n}:ring"]) for n in sizes}
+    direct_ok = [med[f"{n}:direct"] <= best_other[n] for n in sizes]
+    last = next((i for i in range(len(sizes) - 1, -1, -1) if direct_ok[i]), None)
+    if last is None:
+        return {"bytes": sizes[0], "suggested": sizes[0],
+                "note": f"direct already slower at {sizes[0]} B"}
+    if last == len(sizes) - 1:
+        return {"bytes": None, "suggested": None,
+                "note": f"direct the fastest up to {sizes[-1]} B: crossover above it"}
+    lo, hi = sizes[last], sizes[last + 1]
+    suggested = 1 << round(np.log2(np.sqrt(lo * hi)))
+    return {"bytes": hi, "suggested": suggested,
+            "note": f"direct fastest at {lo} B, slower from {hi} B"}
+
+
 def _fmt_bytes(n: int) -> str:
-    return f"{n // MiB} MiB" if n >= MiB else f"{n // KiB} KiB"
+    if n >= MiB and n % MiB == 0:
+        return f"{n // MiB} MiB"
+    return f"{n // KiB} KiB" if n % KiB == 0 else f"{n} B"
+
+
+def parse_sizes(text: str) -> list[int]:
+    """``"16K,1M,4096"`` -> bytes (K = KiB, M = MiB); multiples of 4 (float32)."""
+    out = []
+    for part in (p.strip().upper() for p in text.split(",") if p.strip()):
+        mult = {"K": KiB, "M": MiB}.get(part[-1], 1)
+        n = int(part[:-1] if mult > 1 else part) * mult
+        if n < 4 or n % 4:
+            raise ValueError(f"size {part!r}: a positive multiple of 4 bytes (float32)")
+        out.append(n)
+    return out
 
 
 def run(quick: bool = False, *, transports: tuple[str, ...] | None = None,
         segment_bytes: int | None = None, profile_dir: str | None = None,
-        worlds: tuple[int, ...] = WORLDS) -> dict:
+        worlds: tuple[int, ...] = WORLDS, sizes: list[int] | None = None) -> dict:
     """Run the allreduce benchmark, print its table, return every number."""
     started = time.monotonic()
-    cases = plan(quick)
+    cases = plan(quick, sizes)
     memcpy = memcpy_bandwidth()
     gloo_reason = torch_available()
     result: dict[str, Any] = {
         "bench": "collectives", "mode": "quick" if quick else "full",
         "memcpy_bytes_per_s": memcpy, "gloo_skipped": gloo_reason,
-        "rows": [], "crossover": {}, "segments": {}, "transport": [], "cpus": os.cpu_count(),
+        "rows": [], "crossover": {}, "direct_crossover": {}, "segments": {}, "transport": [],
+        "cpus": os.cpu_count(),
         "load_avg_before": os.getloadavg(),
     }
     if gloo_reason:
@@ -361,16 +461,34 @@ def run(quick: bool = False, *, transports: tuple[str, ...] | None = None,
         finally:
             seed_q.cancel_join_thread()
             seed_q.close()
-        med = _combine(answers)
+        per_rep = _per_rep(answers)
+        med = {key: statistics.median(v) for key, v in per_rep["span"].items()}
+        meds = {m: {key: statistics.median(v) for key, v in per_rep[m].items()} for m in METRICS}
         result["crossover"][world] = _crossover(med, world, cases["small"])
+        result["direct_crossover"][world] = _direct_crossover(med, world, cases["small"])
         result["transport"] = sorted(set(result["transport"]) | set(answers[0]["transport"]))
         bus_factor = 2 * (world - 1) / world
         for nbytes in cases["small"] + cases["large"]:
             t_mesh, t_gloo = med[f"{nbytes}:auto"], med.get(f"{nbytes}:gloo")
             bus = bus_factor * nbytes
+            paired = None
+            if t_gloo:  # mesh and Gloo of the same repetition ran one after the other
+                paired = statistics.median(
+                    m / g for m, g in zip(per_rep["span"][f"{nbytes}:auto"],
+                                          per_rep["span"][f"{nbytes}:gloo"], strict=True))
+            by_metric = {}
+            for m in METRICS:
+                a_, g_ = meds[m].get(f"{nbytes}:auto"), meds[m].get(f"{nbytes}:gloo")
+                by_metric[m] = {"mesh_s": a_, "gloo_s": g_,
+                                "ratio": (a_ / g_) if a_ is not None and g_ else None}
             result["rows"].append({
+                "ratio_paired_median": paired,
+                "metrics": by_metric,
+                "times": {k.split(":", 1)[1]: v for k, v in per_rep["span"].items()
+                          if k.split(":", 1)[0] == str(nbytes)},
                 "world": world, "bytes": nbytes, "mesh_s": t_mesh,
                 "ring_s": med.get(f"{nbytes}:ring"), "tree_s": med.get(f"{nbytes}:tree"),
+                "direct_s": med.get(f"{nbytes}:direct"),
                 "gloo_s": t_gloo, "ratio_mesh_over_gloo": (t_mesh / t_gloo) if t_gloo else None,
                 "mesh_busbw": bus / t_mesh, "gloo_busbw": (bus / t_gloo) if t_gloo else None,
                 "mesh_busbw_over_memcpy": bus / t_mesh / memcpy,
@@ -524,20 +642,28 @@ def shm_summary(result: dict) -> str:
 
 
 def summary(result: dict) -> str:
-    from mesh.collectives.schedule import DEFAULT_CROSSOVER_BYTES, DEFAULT_SEGMENT_BYTES
+    from mesh.collectives.schedule import (
+        DEFAULT_SEGMENT_BYTES,
+        crossover_bytes_for,
+        direct_bytes_for,
+    )
 
     memcpy = result["memcpy_bytes_per_s"]
     lines = [
         "",
-        "=== allreduce float32: mesh vs torch.distributed Gloo, interleaved (median of the "
-        "slowest rank; ratio = mesh time / gloo time, < 1 is faster) ===",
+        "=== allreduce float32: mesh vs torch.distributed Gloo, interleaved; times: median "
+        "over repetitions of the span (last rank in -> last rank out); ratio = mesh auto / "
+        "gloo, < 1 is faster; paired = median of per-repetition span ratios; own = ratio of "
+        "the slowest rank's own times (barrier exit skew included); b2b = ratio per allreduce "
+        f"of {B2B} back to back ===",
         f"busbw = 2(n-1)/n*bytes/time; numpy memcpy {memcpy / 1e9:.2f} GB/s; mesh transport "
         f"{','.join(result['transport']) or '?'}, gloo tcp loopback; {result['cpus']} cpus, "
         f"load avg {result['load_avg_before'][0]:.1f} before",
     ]
-    head = (f"{'world':>5} {'size':>7}  {'mesh auto':>10} {'ring':>9} {'tree':>9} {'gloo':>9} "
-            f"{'mesh/gloo':>9}  {'mesh busbw':>10} {'gloo busbw':>10} {'mesh/memcpy':>11} "
-            f"{'gloo/memcpy':>11}")
+    head = (f"{'world':>5} {'size':>7}  {'mesh auto':>10} {'direct':>9} {'tree':>9} {'ring':>9} "
+            f"{'gloo':>9} "
+            f"{'ratio':>6} {'paired':>6} {'own':>6} {'b2b':>6}  {'mesh busbw':>10} "
+            f"{'gloo busbw':>10} {'mesh/memcpy':>11} {'gloo/memcpy':>11}")
     lines += [head, "-" * len(head)]
 
     def ms(v: float | None) -> str:
@@ -546,22 +672,35 @@ def summary(result: dict) -> str:
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{v:.1%}"
 
+    def x(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}x"
+
     for row in result["rows"]:
-        ratio = row["ratio_mesh_over_gloo"]
+        ratio, paired = row["ratio_mesh_over_gloo"], row.get("ratio_paired_median")
+        own = row.get("metrics", {}).get("own", {}).get("ratio")
+        b2b = row.get("metrics", {}).get("b2b", {}).get("ratio")
         gbw = row["gloo_busbw"]
         lines.append(
             f"{row['world']:>5} {_fmt_bytes(row['bytes']):>7}  {ms(row['mesh_s']):>10} "
-            f"{ms(row['ring_s']):>9} {ms(row['tree_s']):>9} {ms(row['gloo_s']):>9} "
-            f"{(f'{ratio:.2f}x' if ratio else '-'):>9}  "
+            f"{ms(row.get('direct_s')):>9} {ms(row['tree_s']):>9} {ms(row['ring_s']):>9} "
+            f"{ms(row['gloo_s']):>9} "
+            f"{x(ratio):>6} {x(paired):>6} {x(own):>6} {x(b2b):>6}  "
             f"{row['mesh_busbw'] / 1e9:>6.3f}GB/s {(f'{gbw / 1e9:6.3f}GB/s' if gbw else '-'):>10} "
             f"{pct(row['mesh_busbw_over_memcpy']):>11} {pct(row['gloo_busbw_over_memcpy']):>11}"
         )
+    for world, cross in result.get("direct_crossover", {}).items():
+        sug = cross.get("suggested")
+        lines.append(f"direct crossover, {world} ranks: {cross['note']}; suggested "
+                     f"{_fmt_bytes(sug) if sug else '-'} (auto now takes direct below "
+                     f"schedule.direct_bytes_for({world}) = "
+                     f"{_fmt_bytes(direct_bytes_for(int(world)))})")
     for world, cross in result["crossover"].items():
         sug = cross.get("suggested")
         lines.append(f"tree/ring crossover, {world} ranks: {cross['note']}; suggested "
-                     f"crossover {_fmt_bytes(sug) if sug else '-'} (auto now uses "
-                     f"schedule.DEFAULT_CROSSOVER_BYTES = {_fmt_bytes(DEFAULT_CROSSOVER_BYTES)}"
-                     f"{', and always the ring for 2 ranks' if world <= 2 else ''})")
+                     f"{_fmt_bytes(sug) if sug else '-'} (auto now takes the ring from "
+                     f"schedule.crossover_bytes_for({world}) = "
+                     f"{_fmt_bytes(crossover_bytes_for(int(world)))}, the tree below it "
+                     "above the direct range)")
     bests = []
     for world, sweep in result["segments"].items():
         for nbytes, by_seg in sweep.items():
@@ -599,6 +738,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--segment-bytes", type=int, default=None,
                         help="the mesh group's pipelining segment (default: the group's)")
     parser.add_argument("--worlds", default="2,4", help="comma-separated world sizes")
+    parser.add_argument("--sizes", default="",
+                        help="only these sizes, e.g. 16K,64K,256K,1M (every algorithm up to "
+                        "16 MiB, auto only above; no segment sweep)")
     parser.add_argument("--shm", action="store_true",
                         help="only the 4-process allreduce with node shm on vs off")
     parser.add_argument("--json", default="", help="also write the results to this file")
@@ -615,7 +757,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     result = run(args.quick, transports=tuple(t for t in args.transports.split(",") if t) or None,
                  segment_bytes=args.segment_bytes, profile_dir=profile_dir,
-                 worlds=tuple(int(w) for w in args.worlds.split(",")))
+                 worlds=tuple(int(w) for w in args.worlds.split(",")),
+                 sizes=parse_sizes(args.sizes) or None)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1, default=str)

@@ -4,6 +4,12 @@ A channel is a named mailbox on every node that opened it. ``send`` goes
 straight to one peer (no subject routing, no interest); ``recv`` waits for the
 message with a given (peer, tag). Messages that arrive before the local side
 opened the channel are kept (bounded) and handed over when it does.
+
+A peer that *left* (closed its node) may still have messages on the way: the
+node delivers them for ``LEFT_GRACE`` seconds after the goodbye, which can
+overtake them (it may come as membership gossip). So a receive from such a
+peer keeps waiting that long before it raises PeerLostError; a peer declared
+dead fails receives at once.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ class Channel:
         self._cond = threading.Condition()
         self._box: dict[tuple[str, Hashable], collections.deque] = {}
         self._lost: dict[str, str] = {}  # peer id -> why
+        self._grace: dict[str, float] = {}  # left peers: deliver until this monotonic time
         self._closed = False
 
     # -- called by the node's I/O thread --------------------------------------
@@ -54,9 +61,18 @@ class Channel:
             self._cond.notify_all()
 
     def _peer_lost(self, peer_id: str, why: str) -> None:
+        from mesh.node import LEFT_GRACE  # not at import time: mesh.node imports us
+
+        peer = self.node._peers.get(peer_id)
         with self._cond:
             self._lost[peer_id] = why
+            if peer is not None and peer.state == "left":
+                self._grace[peer_id] = peer.gone_at + LEFT_GRACE
             self._cond.notify_all()
+
+    def _failed(self, peer_id: str, now: float) -> bool:
+        """The peer is gone and nothing more can come from it (lock held)."""
+        return peer_id in self._lost and now >= self._grace.get(peer_id, 0.0)
 
     # -- API for collectives ----------------------------------------------------
 
@@ -68,10 +84,12 @@ class Channel:
         meta: Any = None,
         timeout: float | None = None,
     ) -> Any:
-        """Send bytes or a numpy array to ``peer_id`` without copying it.
+        """Send bytes or a numpy array to ``peer_id``.
 
-        Returns a zmq MessageTracker: the buffer may be modified only once it is
-        done (``tracker.wait()``). Raises PeerLostError if the peer is gone.
+        Returns a tracker: the buffer may be modified only once it is ``done``
+        (``tracker.wait()``). Payloads below ``mesh.node.P2P_COPY_BYTES`` are
+        copied (done at once), larger ones go zero-copy or through shared
+        memory. Raises PeerLostError if the peer is gone.
         """
         if self._closed:
             raise ClosedError(f"channel {self.name!r} is closed")
@@ -92,19 +110,24 @@ class Channel:
                     return msg
                 if self._closed:
                     raise ClosedError(f"channel {self.name!r} is closed")
-                if peer_id in self._lost:
+                now = time.monotonic()
+                if self._failed(peer_id, now):
                     raise PeerLostError(self._lost[peer_id], peer=peer_id)
-                remaining = deadline - time.monotonic()
+                remaining = deadline - now
                 if remaining <= 0:
                     raise TimeoutError(
                         f"no message {tag!r} from peer {self.node._peer_name(peer_id)} on "
                         f"channel {self.name!r} within {timeout} s"
                     )
+                if peer_id in self._lost:  # left: its last messages may still come
+                    remaining = min(remaining, self._grace[peer_id] - now)
                 self._cond.wait(remaining)
 
     def lost(self) -> dict[str, str]:
+        """Peers gone for good (left ones only once their grace is over): id -> why."""
         with self._cond:
-            return dict(self._lost)
+            now = time.monotonic()
+            return {p: why for p, why in self._lost.items() if self._failed(p, now)}
 
     def discard(self, predicate: Any) -> int:
         """Drop buffered messages whose tag satisfies ``predicate`` (stale incarnations)."""

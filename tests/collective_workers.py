@@ -33,12 +33,15 @@ NUMPY_OPS = {"sum": np.sum, "mean": np.mean, "min": np.min, "max": np.max, "prod
 def make_input(seed: int, rank: int, dtype: str, shape: tuple, op: str = "sum",
                layout: str = "c") -> np.ndarray:
     """Rank ``rank``'s input of a case: deterministic, small values (no overflow
-    surprises for prod), optionally non-contiguous (``layout="transposed"``)."""
+    surprises for prod), optionally non-contiguous (``layout="transposed"``) or
+    mostly signed zeros (``layout="zeros"``)."""
     rng = np.random.default_rng([seed, rank])
     dt = np.dtype(dtype)
     shape = tuple(shape)
     if layout == "transposed":
         shape = shape[::-1]
+    if layout == "zeros":  # signed zeros and a few ordinary values (floats only)
+        return rng.choice(np.array([0.0, -0.0, 1.5, -1.5], dtype=dt), size=shape)
     if dt.kind == "b":
         arr = rng.integers(0, 2, size=shape).astype(bool)
     elif dt.kind in "iu":

@@ -5,7 +5,8 @@ Plans are executed by an in-memory simulator: every rank walks its own plan
 receiver) pair, and ranks are stepped in a random interleaving. Sends carry
 a *view* of the sender's buffer, as a zero-copy send does, so a schedule that
 overwrote a slice still in flight is caught. Contribution matrices (one
-column per rank, one-hot) make every double count or miss visible.
+column per rank, one-hot) make every double count or miss visible, and
+symbolic inputs (expression trees) show the exact reduction order.
 """
 
 from __future__ import annotations
@@ -43,8 +44,14 @@ def simulate(
     op: str = "sum",
     seed: int = 0,
     check_send: SendCheck | None = None,
+    src: list[np.ndarray] | None = None,
 ) -> None:
-    """Run every rank's plan to completion; fail on deadlock, mismatch or hazard."""
+    """Run every rank's plan to completion; fail on deadlock, mismatch or hazard.
+
+    ``src``: the ranks' inputs, kept apart from ``bufs`` as the executor does
+    for plans with local receives (direct): sends that carry the rank's own
+    input (``send_after is None``) and local receives read it.
+    """
     size = len(plans)
     rnd = random.Random(seed)
     chans: dict[tuple[int, int], deque] = defaultdict(deque)
@@ -57,12 +64,21 @@ def simulate(
             t = plans[r][pc[r]]
             if t.send is not None and not sent[r]:
                 assert t.send_to is not None and t.send_to != r
-                view = bufs[r][t.send[0] : t.send[1]]
+                own = src is not None and t.send_after is None
+                view = (src[r] if own else bufs[r])[t.send[0] : t.send[1]]  # type: ignore[index]
                 if check_send is not None:
                     check_send(r, t, view)
                 chans[(r, t.send_to)].append((t.tag, t.send, view, view.copy()))
                 sent[r] = moved = True
-            if t.recv is not None:
+            if t.recv is not None and t.recv_from == r:  # local: the rank's own input
+                assert src is not None, "a local receive needs the inputs apart (src)"
+                view = src[r][t.recv[0] : t.recv[1]]
+                dst = bufs[r][t.recv[0] : t.recv[1]]
+                if t.reduce:
+                    red.reduce_into(op, dst, view)
+                else:
+                    dst[...] = view
+            elif t.recv is not None:
                 q = chans[(t.recv_from, r)]
                 if not q:
                     return moved
@@ -156,6 +172,11 @@ def test_segment_bounds(start: int, length: int, seg: int) -> None:
         lambda: sch.barrier_schedule(3, 2),
         lambda: sch.allgather_plan([1, -2], 0, 1),
         lambda: sch.choose_algorithm(-1, 4),
+        lambda: sch.choose_algorithm(10, 4, direct_bytes=-1),
+        lambda: sch.direct_allreduce_plan(10, 2, 2),
+        lambda: sch.direct_allreduce_plan(-1, 0, 2),
+        lambda: sch.direct_bytes_for(0),
+        lambda: sch.crossover_bytes_for(0),
         lambda: sch.gossip_targets(0, 4, 0, 0, None),
         lambda: sch.push_sum_rounds(4, eps=0.0),
     ],
@@ -276,6 +297,10 @@ def check_result(got: np.ndarray, want: np.ndarray) -> None:
         assert np.array_equal(got, want)
 
 
+def has_local(plan: list[Transfer], rank: int) -> bool:
+    return any(t.recv is not None and t.recv_from == rank for t in plan)
+
+
 def run_allreduce(
     plan_for: Callable[[int], list[Transfer]],
     inputs: list[np.ndarray],
@@ -283,9 +308,23 @@ def run_allreduce(
     seed: int,
 ) -> list[np.ndarray]:
     size = len(inputs)
-    bufs = [red.accumulator(op, x) for x in inputs]
-    simulate([plan_for(r) for r in range(size)], bufs, op, seed)
+    plans = [plan_for(r) for r in range(size)]
+    accs = [red.accumulator(op, x) for x in inputs]
+    if any(has_local(p, r) for r, p in enumerate(plans)):
+        # direct: the buffer starts as garbage, the input stays apart
+        bufs = [garbage_like(a) for a in accs]
+        simulate(plans, bufs, op, seed, src=accs)
+    else:
+        bufs = accs
+        simulate(plans, bufs, op, seed)
     return [red.finalize(op, b, size, inputs[0].dtype) for b in bufs]
+
+
+def garbage_like(a: np.ndarray) -> np.ndarray:
+    """What an uninitialised result buffer might hold: a plan must overwrite it all."""
+    out = np.empty_like(a)
+    out[...] = 3 if a.dtype.kind != "b" else True
+    return out
 
 
 @settings(max_examples=40, deadline=None)
@@ -296,7 +335,7 @@ def run_allreduce(
     case=st.sampled_from(OP_DTYPES),
     seed=st.integers(0, 2**16),
 )
-def test_ring_and_tree_allreduce_values(
+def test_ring_tree_direct_allreduce_values(
     size: int, n: int, seg: int, case: tuple[str, type], seed: int
 ) -> None:
     op, dtype = case
@@ -308,11 +347,112 @@ def test_ring_and_tree_allreduce_values(
         lambda r: sch.ring_allreduce_plan(n, r, size, seg),
         lambda r: sch.tree_allreduce_plan(n, r, size, root, seg),
         lambda r: sch.tree_allreduce_plan(n, r, size, root),
+        lambda r: sch.direct_allreduce_plan(n, r, size),
     ):
         outs = run_allreduce(plan_for, inputs, op, seed)
         for o in outs:
             check_result(o, want)
             assert o.tobytes() == outs[0].tobytes()  # bit-identical on every rank
+
+
+# --------------------------------------------------------------------------
+# direct (one-shot)
+
+
+@FAST
+@given(size=sizes, n=counts, seed=st.integers(0, 2**16))
+def test_direct_allreduce_counts_every_contribution_once(size: int, n: int, seed: int) -> None:
+    plans = [sch.direct_allreduce_plan(n, r, size) for r in range(size)]
+    inputs = one_hot(n, size)
+    bufs = [garbage_like(b) for b in inputs]
+
+    def check(r: int, t: Transfer, data: np.ndarray) -> None:
+        assert np.array_equal(data, inputs[r][t.send[0] : t.send[1]])  # only its own input
+
+    simulate(plans, bufs, "sum", seed, check, src=inputs)
+    for b in bufs:  # every rank holds every element, each input counted once
+        assert np.array_equal(b, np.ones((n, size), dtype=np.int64))
+
+
+@given(size=st.integers(1, 40), n=st.integers(0, 50))
+def test_direct_plan_structure(size: int, n: int) -> None:
+    for r in range(size):
+        plan = sch.direct_allreduce_plan(n, r, size)
+        if n == 0:
+            assert plan == []
+            continue
+        assert [t.index for t in plan] == list(range(len(plan)))
+        sends = [t for t in plan if t.send is not None]
+        recvs = [t for t in plan if t.recv is not None]
+        assert plan == sends + recvs  # one step: every send posted before any wait
+        # the whole input to each peer once, starting with the next rank
+        assert [t.send_to for t in sends] == [(r + k) % size for k in range(1, size)]
+        assert all(t.send == (0, n) and t.send_after is None for t in sends)
+        # rank order, this rank's own input local; the first copies, the rest reduce
+        assert [t.recv_from for t in recvs] == list(range(size))
+        assert all(t.recv == (0, n) for t in recvs)
+        assert [t.reduce for t in recvs] == [False] + [True] * (size - 1)
+        assert {t.tag for t in plan} == {("direct", 0, 0)}
+        # the receive from q carries what q sends to r
+        for t in recvs:
+            if t.recv_from != r:
+                theirs = sch.direct_allreduce_plan(n, t.recv_from, size)
+                assert [u.tag for u in theirs if u.send_to == r] == [t.tag]
+
+
+class Expr:
+    """A symbolic value: ``a + b`` builds the expression tree, in operand order."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __add__(self, other: Expr) -> Expr:
+        return Expr(f"({self.text}+{other.text})")
+
+    def leaves(self) -> list[str]:
+        return sorted(self.text.replace("(", " ").replace(")", " ").replace("+", " ").split())
+
+
+def symbolic_inputs(n: int, size: int) -> list[np.ndarray]:
+    out = []
+    for r in range(size):
+        a = np.empty(n, dtype=object)
+        a[:] = [Expr(f"x{r}_{i}") for i in range(n)]
+        out.append(a)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(size=st.integers(1, 9), n=st.integers(0, 30), seg=st.integers(1, 8),
+       seed=st.integers(0, 2**16))
+def test_reduction_order_is_identical_on_every_rank(size: int, n: int, seg: int, seed: int) -> None:
+    """Floating-point sums are bit-identical only if every rank evaluates the same
+    expression: same operands, same order, same grouping (+ need not be associative)."""
+    root = seed % size
+    for name, plan_for in (
+        ("ring", lambda r: sch.ring_allreduce_plan(n, r, size, seg)),
+        ("tree", lambda r: sch.tree_allreduce_plan(n, r, size, root, seg)),
+        ("direct", lambda r: sch.direct_allreduce_plan(n, r, size)),
+    ):
+        plans = [plan_for(r) for r in range(size)]
+        inputs = symbolic_inputs(n, size)
+        if name == "direct":
+            bufs = [np.full(n, None, dtype=object) for _ in range(size)]
+            simulate(plans, bufs, "sum", seed, src=inputs)
+        else:
+            bufs = inputs
+            simulate(plans, bufs, "sum", seed)
+        for i in range(n):
+            texts = {b[i].text for b in bufs}
+            assert len(texts) == 1, (name, i, texts)  # the same expression everywhere
+            assert bufs[0][i].leaves() == sorted(f"x{r}_{i}" for r in range(size)), name
+            if name == "direct":  # a left fold in rank order: ((x0+x1)+x2)...
+                want = f"x0_{i}"
+                for r in range(1, size):
+                    want = f"({want}+x{r}_{i})"
+                assert bufs[0][i].text == want
 
 
 # --------------------------------------------------------------------------
@@ -433,6 +573,10 @@ def test_primes_and_small_sizes_all_collectives(size: int) -> None:
             bufs = one_hot(n, size)
             simulate(plans, bufs)
             assert all(np.array_equal(b, np.ones((n, size), dtype=np.int64)) for b in bufs)
+        plans = [sch.direct_allreduce_plan(n, r, size) for r in range(size)]
+        bufs = [garbage_like(b) for b in one_hot(n, size)]
+        simulate(plans, bufs, src=one_hot(n, size))
+        assert all(np.array_equal(b, np.ones((n, size), dtype=np.int64)) for b in bufs)
 
 
 # --------------------------------------------------------------------------
@@ -562,14 +706,42 @@ def test_gossip_targets(size: int, fanout: int, seed: int) -> None:
 
 def test_choose_algorithm() -> None:
     c = sch.DEFAULT_CROSSOVER_BYTES
-    assert sch.choose_algorithm(100, 8, c) == "tree"
-    assert sch.choose_algorithm(c, 8, c) == "ring"
+    # without the direct plan (direct_bytes=0): tree below the crossover, ring above
+    assert sch.choose_algorithm(100, 8, c, 0) == "tree"
+    assert sch.choose_algorithm(c, 8, c, 0) == "ring"
     assert sch.choose_algorithm(10 * c, 8) == "ring"
-    assert sch.choose_algorithm(0, 8) == "tree"
-    assert sch.choose_algorithm(100, 2, c) == "tree"
+    assert sch.choose_algorithm(0, 8, c, 0) == "tree"
+    assert sch.choose_algorithm(100, 2, c, 0) == "tree"
     assert sch.choose_algorithm(100, 1, c) == "ring"
-    assert sch.choose_algorithm(100, 64, 50) == "ring"
+    assert sch.choose_algorithm(100, 64, 50, 0) == "ring"
+    # direct below direct_bytes, whatever the other crossover says
+    assert sch.choose_algorithm(0, 8) == "direct"
+    assert sch.choose_algorithm(100, 2, c) == "direct"
+    assert sch.choose_algorithm(999, 4, c, 1000) == "direct"
+    assert sch.choose_algorithm(1000, 4, c, 1000) == "tree"
+    assert sch.choose_algorithm(1000, 4, 500, 1000) == "ring"
     assert sch.segment_elems_for(8, 1024) == 128 and sch.segment_elems_for(16, 1) == 1
+
+
+def test_crossover_bytes_for() -> None:
+    for size, want in sch.DEFAULT_CROSSOVER_BY_SIZE.items():
+        assert sch.crossover_bytes_for(size) == want
+        assert sch.choose_algorithm(want, size, direct_bytes=0) == "ring"
+        assert sch.choose_algorithm(want - 1, size, direct_bytes=0) == "tree"
+    assert sch.crossover_bytes_for(64) == sch.DEFAULT_CROSSOVER_BYTES
+
+
+@given(size=st.integers(1, 300))
+def test_direct_bytes_for(size: int) -> None:
+    d = sch.direct_bytes_for(size)
+    assert d >= 0
+    if size in sch.DEFAULT_DIRECT_BYTES:
+        assert d == sch.DEFAULT_DIRECT_BYTES[size]
+    # each rank receives (size - 1) whole arrays: the limit never grows with the group
+    assert sch.direct_bytes_for(size + 1) <= sch.direct_bytes_for(max(size, 2))
+    for nbytes in (0, d - 1, d, d + 1):
+        if size > 1 and nbytes >= 0:
+            assert (sch.choose_algorithm(nbytes, size) == "direct") == (nbytes < d)
 
 
 # --------------------------------------------------------------------------

@@ -9,7 +9,7 @@ Using it (API.md, "Collectives")::
 
     group = node.group("trainers", size=4, timeout=30.0)
     group.rank, group.size, group.members          # members: list[Member], rank order
-    out = group.allreduce(grad, op="sum", algorithm="auto")   # "ring" | "tree" | "auto"
+    out = group.allreduce(grad, op="sum", algorithm="auto")   # "direct" | "tree" | "ring" | "auto"
     params = group.broadcast(params, root=0)       # in place on non-roots, returned
     parts = group.allgather(x)                     # list of arrays, one per rank
     mine = group.reduce_scatter(x, op="sum")       # this rank's chunk, 1-D
@@ -103,6 +103,8 @@ POLL_INTERVAL = 0.1
 ANNOUNCE_MAX_INTERVAL = 0.25
 # Hellos, joins and aborts are tiny; aborts/suspects older than this many ops are pruned.
 _KEEP_NOTICES = 64
+# close() waits at most this long (or the group timeout) for the others to close too.
+CLOSE_WAIT = 5.0
 
 
 class Member(NamedTuple):
@@ -125,6 +127,8 @@ class _Compiled(NamedTuple):
 def _compiled(kind: str, n: int, rank: int, size: int, seg: int, extra: Any = None) -> _Compiled:
     if kind == "ring":
         plan = sch.ring_allreduce_plan(n, rank, size, seg)
+    elif kind == "direct":
+        plan = sch.direct_allreduce_plan(n, rank, size)
     elif kind == "tree":
         plan = sch.tree_allreduce_plan(n, rank, size, 0, seg)
     elif kind == "reduce_scatter":
@@ -170,12 +174,15 @@ class Group:
     """A named set of nodes that run collectives together. See the module docstring.
 
     Created by ``node.group(name, size, timeout)``; blocks until the group has
-    formed (``mesh.TimeoutError`` otherwise). Options: ``crossover_bytes``
-    (below it ``algorithm="auto"`` takes the tree; default
-    :data:`.schedule.DEFAULT_CROSSOVER_BYTES`, measured by
-    ``bench/collectives.py``) and ``segment_bytes`` (pipelining segment,
-    default :data:`.schedule.DEFAULT_SEGMENT_BYTES`). Every member should
-    pass the same options.
+    formed (``mesh.TimeoutError`` otherwise). Options: ``direct_bytes``
+    (below it ``algorithm="auto"`` takes the direct plan; default
+    :func:`.schedule.direct_bytes_for` of the group size), ``crossover_bytes``
+    (below it, and from ``direct_bytes`` on, ``auto`` takes the tree, from it
+    on the ring; default :func:`.schedule.crossover_bytes_for` of the group
+    size), both measured by ``bench/collectives.py``, and ``segment_bytes``
+    (pipelining segment, default :data:`.schedule.DEFAULT_SEGMENT_BYTES`).
+    Every member must pass the same options (``auto`` must pick the same plan
+    everywhere).
     """
 
     def __init__(
@@ -187,6 +194,7 @@ class Group:
         *,
         crossover_bytes: int | None = None,
         segment_bytes: int | None = None,
+        direct_bytes: int | None = None,
     ) -> None:
         self.node = node
         self.name = _check_name(name)
@@ -195,15 +203,25 @@ class Group:
         if not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ConfigError(f"group timeout must be a positive number of seconds, got {timeout!r}")
         self.timeout = float(timeout)
-        self.crossover_bytes = (
-            sch.DEFAULT_CROSSOVER_BYTES if crossover_bytes is None else int(crossover_bytes)
-        )
+        self.crossover_bytes = None if crossover_bytes is None else int(crossover_bytes)
         self.segment_bytes = (
             sch.DEFAULT_SEGMENT_BYTES if segment_bytes is None else int(segment_bytes)
         )
-        if self.segment_bytes < 1 or self.crossover_bytes < 0:
-            raise ConfigError("segment_bytes must be >= 1 and crossover_bytes >= 0")
+        self.direct_bytes = None if direct_bytes is None else int(direct_bytes)
+        if self.segment_bytes < 1 or min(self.crossover_bytes or 0, self.direct_bytes or 0) < 0:
+            raise ConfigError(
+                "segment_bytes must be >= 1, crossover_bytes and direct_bytes >= 0"
+            )
         self._subject = SUBJECT_PREFIX + self.name
+        # Slices below the node's shm (and RDMA, if it has it) thresholds travel as
+        # raw bytes (header and data: two frames) instead of a tensor (header,
+        # descriptor, data): each frame is a zmq send that drops and retakes the
+        # GIL, 10-40 us when the node's I/O thread is busy with the peer's message
+        # meanwhile. The receiver knows dtype and length from the plan (_array_of).
+        opts = getattr(node, "options", {})
+        self._raw_below = opts.get("shm_threshold", 1 << 20)
+        if getattr(node, "_rdma", None) is not None:
+            self._raw_below = min(self._raw_below, opts.get("rdma_threshold", 1 << 20))
 
         self._cond = threading.Condition()  # guards the notice tables below
         self._hellos: dict[str, dict] = {}  # node id -> latest hello
@@ -278,11 +296,22 @@ class Group:
         self.close()
 
     def close(self) -> None:
-        """Leave the group on this node (no goodbye to the collectives: peers that
-        still run one with us raise PeerLostError only if our node goes). Idempotent."""
+        """Leave the group on this node. Idempotent.
+
+        Waits (at most ``CLOSE_WAIT`` seconds, or the group timeout) until every
+        other live member has closed the group too: a collective returns while
+        ZeroMQ may still be sending its last messages (small ones are copied,
+        not awaited), which a process that exits right after would drop. Peers
+        that still run a collective with us raise PeerLostError only if our
+        node goes.
+        """
         if self._closed:
             return
         self._closed = True
+        try:
+            self._close_handshake()
+        except MeshError:
+            pass
         try:
             if self._token:
                 self._publish({"k": "bye", "id": self.node.id, "tok": self._token})
@@ -297,6 +326,26 @@ class Group:
         ch = getattr(self, "_ch", None)
         if ch is not None:
             ch.close()
+
+    def _close_handshake(self) -> None:
+        with self._cond:
+            broken = self._broken
+        ch = getattr(self, "_ch", None)
+        if ch is None or not self._inc or self.size <= 1 or broken is not None:
+            return
+        tag = ("close", self._inc)
+        others = [pid for pid in self._ids if pid != self.node.id]
+        for pid in others:
+            try:
+                ch.send(pid, tag, b"", None, timeout=1.0)
+            except MeshError:
+                pass  # gone: nothing to wait for
+        deadline = time.monotonic() + min(self.timeout, CLOSE_WAIT)
+        for pid in others:
+            try:
+                ch.recv(pid, tag, max(0.0, deadline - time.monotonic()))
+            except MeshError:  # gone, or still busy at the deadline: close anyway
+                continue
 
     # -- collectives -------------------------------------------------------------
 
@@ -316,7 +365,10 @@ class Group:
         means are float64), identical on every rank. ``algorithm``: ``"ring"``
         (reduce-scatter + allgather, pipelined segments; bandwidth-optimal),
         ``"tree"`` (binary tree reduce + broadcast; fewer latency terms),
-        ``"auto"`` (:func:`.schedule.choose_algorithm` with ``crossover_bytes``).
+        ``"direct"`` (every rank sends its array to every other and reduces
+        all of them in rank order: one step, for small arrays), ``"auto"``
+        (:func:`.schedule.choose_algorithm` by size, with the group's
+        ``direct_bytes`` and ``crossover_bytes``).
 
         Without ``out`` the result is a new array and the input is never
         modified (a C-contiguous input in the accumulator dtype is not even
@@ -331,10 +383,12 @@ class Group:
         def run(seq: int) -> np.ndarray:
             # Checked inside the collective: a bad call on one rank aborts it everywhere.
             red.check_op_dtype(op, arr.dtype)
-            if algorithm not in ("auto", "ring", "tree"):
-                raise ConfigError(f"algorithm={algorithm!r}: use 'ring', 'tree' or 'auto'")
-            direct = out is not None and self._check_out(op, arr, out)
-            if direct:
+            if algorithm != "auto" and algorithm not in sch.ALGORITHMS:
+                raise ConfigError(
+                    f"algorithm={algorithm!r}: use 'direct', 'tree', 'ring' or 'auto'"
+                )
+            into_out = out is not None and self._check_out(op, arr, out)
+            if into_out:
                 buf = out.reshape(-1)  # type: ignore[union-attr]
                 if np.may_share_memory(out, arr):
                     same = (arr.flags.c_contiguous and arr.dtype == buf.dtype
@@ -355,8 +409,14 @@ class Group:
             n = buf.size
             algo = algorithm
             if algo == "auto":
-                algo = sch.choose_algorithm(buf.nbytes, self.size, self.crossover_bytes)
-            if src is not None:
+                algo = sch.choose_algorithm(
+                    buf.nbytes, self.size, self.crossover_bytes, self.direct_bytes
+                )
+            if src is not None and algo == "direct":
+                plan = _compiled(algo, n, self._rank, self.size, 0)
+                meta = ["allreduce", n, buf.dtype.str, op, algo]
+                self._execute_direct(plan, src, buf, seq, red.ufunc_for(op), meta, timeout)
+            elif src is not None:
                 seg = sch.segment_elems_for(buf.itemsize, self.segment_bytes)
                 plan = _compiled(algo, n, self._rank, self.size, seg)
                 meta = ["allreduce", n, buf.dtype.str, op, algo]
@@ -365,7 +425,7 @@ class Group:
             res = red.finalize(op, buf, self.size, arr.dtype)
             if out is None:
                 return res.reshape(arr.shape)
-            if not direct:
+            if not into_out:
                 np.copyto(out, res.reshape(arr.shape))
             return out
 
@@ -556,7 +616,7 @@ class Group:
                                 f"rank {q} gossips {meta!r}, this rank {meta_kind}: every rank "
                                 "must pass arrays of the same size"
                             )
-                        ps.absorb(msg.array, float(meta[3]))
+                        ps.absorb(self._array_of(msg, ps.x.dtype), float(meta[3]))
                         del msg
             self._wait_trackers(trackers, seq, "gossip_average")
             est = ps.estimate()
@@ -890,6 +950,9 @@ class Group:
 
     def _send(self, rank: int, tag: Hashable, data: Any, meta: Any, seq: int, opname: str) -> Any:
         pid = self._ids[rank]
+        nbytes = data.nbytes if isinstance(data, (np.ndarray, memoryview)) else len(data)
+        if nbytes < self._raw_below and isinstance(data, np.ndarray) and data.flags.c_contiguous:
+            data = data.data  # raw bytes: one frame fewer (see _raw_below)
         try:
             tracker = self._ch.send(pid, tag, data, meta, timeout=self.timeout)
         except PeerLostError:
@@ -898,7 +961,7 @@ class Group:
             raise self._lost(rank, f"did not accept data for {self.timeout} s", opname, seq) from None
         st = self._peer_stats[pid]
         st.msgs_out += 1
-        st.bytes_out += data.nbytes if isinstance(data, np.ndarray) else len(data)
+        st.bytes_out += nbytes
         return tracker
 
     def _recv(self, rank: int, tag: Hashable, seq: int, opname: str, timeout: float | None) -> Any:
@@ -1029,23 +1092,12 @@ class Group:
             if t.recv is None:
                 continue
             msg = self._recv(t.recv_from, base + t.tag, seq, opname, timeout)  # type: ignore[arg-type]
-            if msg.meta != meta:
-                raise ConfigError(
-                    f"rank {t.recv_from} called {msg.meta!r}, this rank (rank {self._rank}) "
-                    f"{meta!r}: every rank must call the same collective with the same shape, "
-                    "dtype and options"
-                )
             a, b = t.recv
+            incoming = self._incoming(msg, t, meta, b - a, buf.dtype)
             dst = buf[a:b]
             pending = inflight.pop(t.recv, None)
             if pending:  # our own send of this slice may still be reading it
                 self._wait_trackers(pending, seq, opname)
-            incoming = msg.array
-            if incoming is None or incoming.shape != dst.shape:
-                raise ConfigError(
-                    f"rank {t.recv_from} sent {None if incoming is None else incoming.shape} "
-                    f"elements for slice {t.recv}: every rank must pass the same shape"
-                )
             if not t.reduce:
                 np.copyto(dst, incoming)
             elif written is None or t.recv in written:
@@ -1064,6 +1116,90 @@ class Group:
                     np.copyto(buf[at:min(a, need[1])], src[at:min(a, need[1])])  # type: ignore[index]
                 at = max(at, b)
         self._wait_trackers(trackers, seq, opname)
+
+    def _execute_direct(
+        self,
+        compiled: _Compiled,
+        src: np.ndarray,
+        buf: np.ndarray,
+        seq: int,
+        ufunc: np.ufunc,
+        meta: list,
+        timeout: float | None,
+    ) -> None:
+        """Run a direct plan: send ``src`` (this rank's input, flat) to every peer
+        at once, then combine all inputs into ``buf`` in the plan's (rank) order.
+
+        ``src`` may be ``buf`` itself (in place, or the accumulator copy): a
+        rank past the second then keeps a copy of its input for its turn, and
+        sends still reading ``buf`` (zero-copy, large arrays only: the node
+        copies smaller payloads) are awaited before ``buf`` is written.
+        """
+        base = (self._inc, seq)
+        rank = self._rank
+        own = src.copy() if src is buf and rank >= 2 else src
+        pending = []
+        for t in compiled.initial:
+            a, b = t.send  # type: ignore[misc]
+            tr = self._send(t.send_to, base + t.tag, own[a:b], meta, seq, "allreduce")  # type: ignore[arg-type]
+            if own is src and not tr.done:  # (a private copy may stay in flight)
+                pending.append(tr)
+        guard = pending if own is buf else []
+        # The first operand of each slice waits for the second: one ufunc call
+        # writes both into buf, instead of a copy and then a reduction.
+        first: dict[tuple[int, int], np.ndarray] = {}
+        for t in compiled.plan:
+            if t.recv is None:
+                continue
+            a, b = t.recv
+            if t.recv_from == rank:
+                incoming = own[a:b]
+            else:
+                msg = self._recv(t.recv_from, base + t.tag, seq, "allreduce", timeout)  # type: ignore[arg-type]
+                incoming = self._incoming(msg, t, meta, b - a, buf.dtype)
+                del msg
+            if not t.reduce:
+                first[t.recv] = incoming
+                continue
+            if guard:  # our zero-copy sends still read buf
+                self._wait_trackers(guard, seq, "allreduce")
+                guard = []
+            if t.recv in first:
+                ufunc(first.pop(t.recv), incoming, out=buf[a:b])
+            else:
+                ufunc(buf[a:b], incoming, out=buf[a:b])
+        for (a, b), rest in first.items():  # a lone rank: its input is the result
+            np.copyto(buf[a:b], rest)
+        if pending:  # the caller may reuse its array once we return
+            self._wait_trackers(pending, seq, "allreduce")
+
+    @staticmethod
+    def _array_of(msg: Any, dtype: np.dtype) -> np.ndarray | None:
+        """The message's array: a tensor, or raw bytes of ``dtype`` (see ``_raw_below``)."""
+        if msg.array is not None:
+            return msg.array
+        try:
+            return np.frombuffer(msg.data, dtype=dtype)
+        except (TypeError, ValueError):
+            return None  # not a whole number of elements: the caller reports it
+
+    def _incoming(
+        self, msg: Any, t: sch.Transfer, meta: list, n: int, dtype: np.dtype
+    ) -> np.ndarray:
+        """The array a message of transfer ``t`` carries, checked against this rank's call."""
+        if msg.meta != meta:
+            raise ConfigError(
+                f"rank {t.recv_from} called {msg.meta!r}, this rank (rank {self._rank}) "
+                f"{meta!r}: every rank must call the same collective with the same shape, "
+                "dtype and options"
+            )
+        incoming = self._array_of(msg, dtype)
+        if incoming is None or incoming.shape != (n,):
+            raise ConfigError(
+                f"rank {t.recv_from} sent {None if incoming is None else incoming.shape} "
+                f"elements for slice {t.recv}: every rank must pass the same shape"
+            )
+        return incoming
 
     @staticmethod
     def _buffers(op: str, arr: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:

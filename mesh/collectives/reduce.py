@@ -74,11 +74,20 @@ def ufunc_for(op: str) -> np.ufunc:
 
 def check_op_dtype(op: str, dtype: DTypeLike) -> np.dtype:
     """Validate ``op`` for arrays of ``dtype``; return the dtype as ``np.dtype``."""
+    if isinstance(dtype, np.dtype) and type(op) is str:
+        return _checked(op, dtype)  # every collective call asks: answer from a cache
     op = _check_op(op)
     try:
         dt = np.dtype(dtype)
     except TypeError as exc:
         raise ConfigError(f"not a numpy dtype: {dtype!r} ({exc})") from None
+    return _checked(op, dt)
+
+
+@lru_cache(maxsize=512)
+def _checked(op: str, dt: np.dtype) -> np.dtype:
+    # Refusals raise, and lru_cache keeps only answers: a bad pair is checked each time.
+    _check_op(op)
     kind = dt.kind
     if kind == "b":
         if op in ("sum", "mean", "prod"):
@@ -115,7 +124,11 @@ def result_dtype(op: str, dtype: DTypeLike) -> np.dtype:
 
 def accumulator_dtype(op: str, dtype: DTypeLike) -> np.dtype:
     """The dtype partial results are kept and sent in (see the module table)."""
-    dt = check_op_dtype(op, dtype)
+    return _accumulator_dtype(op, check_op_dtype(op, dtype))
+
+
+@lru_cache(maxsize=256)
+def _accumulator_dtype(op: str, dt: np.dtype) -> np.dtype:
     if op != "mean":
         return _result_dtype(op, dt)
     if dt.kind in "iu":

@@ -20,6 +20,14 @@ may be posted earlier than its position, as soon as the receive named by
 go at once); the tests check that plans stay deadlock-free when executed in
 the plain order above, so eager posting is an optimisation only.
 
+Local receives (direct plans only): a transfer whose ``recv_from`` is the
+executing rank itself takes the rank's own input slice instead of a message
+(nothing is sent or awaited). A plan with local receives starts from an
+empty buffer, reads its sends and local receives from the rank's input (which
+must stay unmodified until the plan ends), and writes every slice first with
+a copy (``reduce=False``), so its reduction order is the plan's order, the
+same on every rank.
+
 Pipelining: a chunk is cut into segments of ``segment_elems``, and transfers
 go step-major, segment-minor. Segment ``k`` of step ``s + 1`` forwards exactly
 the data received in segment ``k`` of step ``s`` (``send_after`` points at it),
@@ -39,6 +47,13 @@ the binary tree.
   ``2 (P - 1) alpha + 2 (P - 1) / P * S beta + (P - 1) / P * S gamma``; with
   segments of ``s`` bytes each step costs ``ceil(S / (P s))`` messages and the
   reduction hides behind the wire. Best for large arrays.
+* Direct allreduce (one-shot): every rank sends its whole array to every
+  other rank in one step and combines the ``P`` inputs itself, in rank order
+  (``((x0 op x1) op x2) ...``, bit-identical everywhere). Communication
+  steps: ``1``. Bytes on the wire per rank: ``(P - 1) S`` out and in, and
+  ``(P - 1) S`` reduced. Time about ``alpha + (P - 1) S (beta + gamma)``:
+  the latency floor, best for small arrays (in Python each step is a thread
+  hand-off of 0.1-0.2 ms, which dominates below a few hundred KiB).
 * Tree allreduce (binary tree, reduce to the root then broadcast): steps
   ``2 D`` levels (an inner node serves two children one after the other).
   Bytes on the wire per inner rank: ``3 S`` (``S`` up, ``2 S`` down). Time
@@ -69,17 +84,28 @@ from numpy.typing import ArrayLike
 
 from mesh.errors import ConfigError
 
-# Below this many bytes "auto" picks the tree, at or above it the ring. The
-# benchmark measures the real crossover on the actual links and passes it in;
-# this default only covers a group that never ran it.
-DEFAULT_CROSSOVER_BYTES = 2 * 1024 * 1024
+_KiB, _MiB = 1024, 1024 * 1024
+
+# What "auto" picks, by group size (choose_algorithm): direct below
+# DEFAULT_DIRECT_BYTES[size], the tree below DEFAULT_CROSSOVER_BY_SIZE[size],
+# the ring from there on. Measured by bench/collectives.py (2-4 processes on the
+# project's 2-core machine, 2026-11-22): with 2 ranks direct was the fastest at
+# every size up to 64 MiB (the largest measured); with 3 and 4 it ties with the
+# tree up to ~128 KiB and loses above; the tree beat the ring up to 8 MiB.
+# Groups larger than measured: direct below the 4-rank value scaled by
+# 3 / (size - 1) (each rank receives and reduces size - 1 whole arrays), the
+# ring from DEFAULT_CROSSOVER_BYTES. A group can pass its own (Group options).
+DEFAULT_DIRECT_BYTES: dict[int, int] = {2: 128 * _MiB, 3: 128 * _KiB, 4: 128 * _KiB}
+DEFAULT_CROSSOVER_BY_SIZE: dict[int, int] = {2: 4 * _MiB, 3: 8 * _MiB, 4: 8 * _MiB}
+DEFAULT_CROSSOVER_BYTES = 2 * _MiB
 
 # Pipelining segment: big enough that the per-message cost is small against
 # the bytes, small enough that a chunk has several segments in flight.
-DEFAULT_SEGMENT_BYTES = 4 * 1024 * 1024
+DEFAULT_SEGMENT_BYTES = 4 * _MiB
 
-Phase = Literal["reduce_scatter", "allgather", "reduce", "broadcast"]
-Algorithm = Literal["ring", "tree"]
+Phase = Literal["reduce_scatter", "allgather", "reduce", "broadcast", "direct"]
+Algorithm = Literal["ring", "tree", "direct"]
+ALGORITHMS: tuple[Algorithm, ...] = ("ring", "tree", "direct")
 Slice = tuple[int, int]
 
 
@@ -451,6 +477,34 @@ def tree_allreduce_plan(
 
 
 # --------------------------------------------------------------------------
+# direct (one-shot) allreduce
+
+
+def direct_allreduce_plan(n_elems: int, rank: int, size: int) -> list[Transfer]:
+    """Direct allreduce: one step, the latency-optimal plan for small arrays.
+
+    First the sends: the whole input to every other rank, to ``rank + 1``,
+    ``rank + 2``, ... (mod ``size``) so that the ranks do not all start with
+    the same peer. Then one receive per rank in rank order ``0 .. size - 1``,
+    the one from ``rank`` itself *local* (its own input, no message): the
+    first copies, the others reduce, so every rank computes
+    ``((x0 op x1) op x2) ...``, the same expression bit for bit (see "Local
+    receives" above). Empty for ``n_elems == 0``; a lone rank copies its input.
+    """
+    rank, size = _rank(rank, size)
+    n = _count(n_elems, "element count")
+    if n == 0:
+        return []
+    whole = (0, n)
+    builder = _PlanBuilder()
+    for k in range(1, size):
+        builder.add("direct", 0, 0, (rank + k) % size, whole, None, None, False)
+    for q in range(size):
+        builder.add("direct", 0, 0, None, None, q, whole, q != 0)
+    return builder.transfers
+
+
+# --------------------------------------------------------------------------
 # barrier
 
 
@@ -591,18 +645,48 @@ def push_sum_rounds(size: int, eps: float = 1e-6, fanout: int = 1) -> int:
 # algorithm choice
 
 
-def choose_algorithm(
-    nbytes: int, size: int, crossover_bytes: int = DEFAULT_CROSSOVER_BYTES
-) -> Algorithm:
-    """``"tree"`` below ``crossover_bytes``, ``"ring"`` at or above it.
+def direct_bytes_for(size: int) -> int:
+    """Array size below which ``"auto"`` takes the direct plan in a group of ``size``."""
+    size = _count(size, "group size", 1)
+    if size in DEFAULT_DIRECT_BYTES:
+        return DEFAULT_DIRECT_BYTES[size]
+    last = max(DEFAULT_DIRECT_BYTES)
+    if size < last:  # size 1: nothing to exchange, any value will do
+        return DEFAULT_DIRECT_BYTES[min(DEFAULT_DIRECT_BYTES)]
+    return DEFAULT_DIRECT_BYTES[last] * (last - 1) // (size - 1)
 
-    Measured by bench/collectives.py on 2 and 4 local processes: the tree wins
-    up to about 2 MiB even with two ranks (fewer messages, each a Python-level
-    hop), the ring from 2-4 MiB on.
+
+def crossover_bytes_for(size: int) -> int:
+    """Array size from which ``"auto"`` takes the ring (below: the tree) in a group of ``size``."""
+    size = _count(size, "group size", 1)
+    return DEFAULT_CROSSOVER_BY_SIZE.get(size, DEFAULT_CROSSOVER_BYTES)
+
+
+def choose_algorithm(
+    nbytes: int,
+    size: int,
+    crossover_bytes: int | None = None,
+    direct_bytes: int | None = None,
+) -> Algorithm:
+    """``"direct"`` below ``direct_bytes``, else ``"tree"`` below ``crossover_bytes``,
+    ``"ring"`` at or above it.
+
+    ``None`` takes the measured defaults for this group size:
+    :func:`direct_bytes_for` and :func:`crossover_bytes_for`. On the local
+    processes bench/collectives.py runs, one step of the direct plan beats the
+    tree's ``2 log2 P`` and the ring's ``2 (P - 1)`` Python-level hops, as long
+    as its ``(P - 1) S`` bytes per rank do not cost more (always with 2 ranks,
+    up to ~128 KiB with 3-4 on 2 cores); the tree wins up to about 8 MiB.
     """
     nbytes = _count(nbytes, "nbytes")
     size = _count(size, "group size", 1)
-    crossover_bytes = _count(crossover_bytes, "crossover_bytes")
-    if size <= 1 or nbytes >= crossover_bytes:
+    cross = crossover_bytes_for(size) if crossover_bytes is None else _count(
+        crossover_bytes, "crossover_bytes")
+    direct = direct_bytes_for(size) if direct_bytes is None else _count(direct_bytes, "direct_bytes")
+    if size <= 1:
+        return "ring"
+    if nbytes < direct:
+        return "direct"
+    if nbytes >= cross:
         return "ring"
     return "tree"
