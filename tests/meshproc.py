@@ -185,6 +185,14 @@ def _run(node: Any, subs: dict, op: str, args: dict) -> Any:
                 return {"error": type(exc).__name__, "text": str(exc), "sent": i - 1,
                         "elapsed": time.monotonic() - t0}
         return {"sent": args["n"], "elapsed": time.monotonic() - t0}
+    if op == "publish_arrays":
+        # n float32 arrays of `floats` elements, element 0 = the message number.
+        arr = np.zeros(args["floats"], dtype=np.float32)
+        t0 = time.monotonic()
+        for i in range(1, args["n"] + 1):
+            arr[0] = i
+            node.publish(args["subject"], arr, timeout=args.get("timeout", 5.0))
+        return {"sent": args["n"], "elapsed": time.monotonic() - t0}
     if op == "publish_loop_async":
         # The same in a background thread (so the test can act while it blocks).
         result: dict = {}

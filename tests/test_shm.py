@@ -803,3 +803,15 @@ def test_header_layout_is_stable() -> None:
     """The header is read by other processes (maybe another version): pin it."""
     assert shm._HEADER.size == 128 and shm._GEN_OFFSET == 56
     assert struct.calcsize("<8sIIQQQQQ") == shm._GEN_OFFSET
+
+
+def test_has_room_says_whether_acquire_could_grant():
+    pool = SlotPool(4 << 20, 2, 1 << 20)
+    assert pool.has_room(1 << 20) and not pool.has_room(8 << 20)  # too large: never
+    first = pool.acquire(1 << 20)
+    second = pool.acquire(1 << 20)
+    assert isinstance(first, Grant) and isinstance(second, Grant)
+    assert not pool.has_room(1 << 20)  # both slots busy, no room for a third
+    pool.release(first.slot, first.generation)
+    assert pool.has_room(1 << 20)
+    assert isinstance(pool.acquire(1 << 20), Grant)

@@ -36,6 +36,27 @@ def test_large_arrays_use_shared_memory_and_slots_come_back(procs):
     assert wait_until(lambda: peer_row(p.call("status"), "s")["shm"]["in_use"] == 0, 10)
 
 
+@pytest.mark.parametrize("secret", [None, "0123456789abcdef-cluster-secret"], ids=["plain", "curve"])
+def test_a_full_pool_waits_for_slots_instead_of_taking_the_socket(procs, secret):
+    # 1 MiB arrays far faster than 16 slots come back: publish(timeout=) waits for a
+    # slot the subscriber releases rather than sending the bytes through the kernel
+    # (which under CurveZMQ would also encrypt them).
+    kwargs = {"secret": secret} if secret else {}
+    s = procs.start("s", **kwargs)
+    p = procs.start("p", seeds=[s.tcp], **kwargs)
+    p.call("wait_for_peers", n=1, timeout=15)
+    assert wait_until(lambda: peer_row(p.call("status"), "s")["bulk"] == "shm", 10)
+    sid = s.call("subscribe", pattern="grad.>")
+    p.call("wait_for_subscribers", subject="grad.x", count=1, timeout=10)
+    count = 120
+    p.call("publish_arrays", subject="grad.x", floats=1 << 18, n=count, timeout=10.0)
+    got = s.call("collected", sid=sid, n=count, timeout=30)
+    assert [int(as_array(r)[0]) for r in got] == list(range(1, count + 1))
+    shm = peer_row(p.call("status"), "s")["shm"]
+    assert shm["writes"] == count, shm
+    assert shm["slots"] <= 16 and not shm["refused"].get("full"), shm
+
+
 def test_allreduce_between_local_processes_goes_through_shared_memory(procs):
     a = procs.start("a")
     b = procs.start("b", seeds=[a.tcp])

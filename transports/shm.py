@@ -245,6 +245,15 @@ class SlotPool:
         return {i: (s.capacity, s.generation, s.busy) for i, s in self._slots.items()}
 
     # -- events -------------------------------------------------------------------
+    def has_room(self, nbytes: int) -> bool:
+        """Might :meth:`acquire` grant ``nbytes`` now: a free slot, or room for a new one.
+        (A hint for waiting: acquire decides, and may still refuse.)"""
+        if not self.fits(nbytes):
+            return False
+        if any(not s.busy for s in self._slots.values()):
+            return True
+        return len(self._slots) < self.max_slots and self.total_bytes + self.slot_size(nbytes) <= self.max_bytes
+
     def acquire(self, nbytes: int) -> Grant | Refusal:
         if nbytes < 0 or not self.fits(nbytes):
             return Refusal(TOO_LARGE)
@@ -680,6 +689,19 @@ class ShmSender:
     def fits(self, nbytes: int) -> bool:
         """Could an array of ``nbytes`` ever go through this pool? (If not, use zmq.)"""
         return self._pool.fits(nbytes)
+
+    def wait_for_room(self, nbytes: int, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until the pool may have a slot for ``nbytes``
+        (the peer releases slots as it consumes). Lets a caller wait before taking
+        its own locks; :meth:`write` still decides."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        with self._cond:
+            while not self._closed and not self._pool.has_room(nbytes):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return not self._closed
 
     def reserve(
         self, nbytes: int, timeout: float = 0.0
