@@ -78,6 +78,20 @@ _GUEST_NET = [
 ]
 
 
+def vm_skip_reason(test_file: str) -> str | None:
+    """Why the two-device RDMA tests of ``test_file`` cannot run here; None inside
+    the RDMA VM with rxe0 and rxe1 (call after ensure_pyverbs_importable)."""
+    if os.environ.get("RDMA_VM") != "1":
+        return ("not in the RDMA VM (RDMA_VM unset): run ../shared/rdma-vm/run -- "
+                f".venv/bin/python -m pytest tests/{os.path.basename(test_file)}")
+    from transports.rdma import list_devices
+
+    devices = list_devices()
+    if not {"rxe0", "rxe1"} <= set(devices):
+        return f"no verbs devices rxe0/rxe1 here (found {devices or 'none'})"
+    return None
+
+
 def prepare_guest_network() -> bool:
     """Route rxe0 <-> rxe1 traffic over the veth pair (inside the RDMA VM only)."""
     if os.environ.get("RDMA_VM") != "1" or os.geteuid() != 0:

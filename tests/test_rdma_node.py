@@ -30,27 +30,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 IN_VM = os.environ.get("RDMA_VM") == "1"
 
-if IN_VM:  # before anything imports pyverbs
-    sys.path.insert(0, HERE)
-    import rdma_peer
+sys.path.insert(0, HERE)
+import rdma_peer  # noqa: E402
 
+if IN_VM:  # before anything imports pyverbs
     rdma_peer.ensure_pyverbs_importable()
     rdma_peer.prepare_guest_network()
 
 from transports.rdma import list_devices  # noqa: E402
 
-
-def _vm_skip_reason() -> str | None:
-    if not IN_VM:
-        return ("not in the RDMA VM (RDMA_VM unset): run "
-                "../shared/rdma-vm/run -- .venv/bin/python -m pytest tests/test_rdma_node.py")
-    devices = list_devices()
-    if not {"rxe0", "rxe1"} <= set(devices):
-        return f"no verbs devices rxe0/rxe1 here (found {devices or 'none'})"
-    return None
-
-
-needs_vm = pytest.mark.skipif(_vm_skip_reason() is not None, reason=_vm_skip_reason() or "")
+_VM_SKIP = rdma_peer.vm_skip_reason(__file__)
+needs_vm = pytest.mark.skipif(_VM_SKIP is not None, reason=_VM_SKIP or "")
 
 
 def _run_pair(scenario: str, timeout: float) -> dict[str, dict]:
