@@ -25,6 +25,7 @@ secured ROUTER's socket monitor so refused handshakes are counted per reason.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import hmac
 import logging
@@ -72,7 +73,7 @@ class ClusterKeys:
     public: bytes
     secret: bytes
 
-    @property
+    @functools.cached_property  # read for every hello: hash the key once
     def fingerprint(self) -> str:
         """A short, non-secret name for the key, for logs and status."""
         return hashlib.sha256(z85.decode(self.public)).hexdigest()[:16]

@@ -373,25 +373,28 @@ def _keys_for(args: argparse.Namespace, targets: list[Target], err: list[str]) -
 
     secret = _secret(args)
     derived: dict[str, Any] = {}
+
+    def keys_of(cluster: str) -> Any:  # derived once per cluster, not per target
+        if cluster not in derived:
+            derived[cluster] = cluster_keys(secret, cluster)
+        return derived[cluster]
+
     keys: dict[str, Any] = {}
     kept = []
     for t in targets:
         if args.connect:  # no announcement: secured when we hold a credential
             if secret is not None:
-                cluster = args.cluster or "default"
-                derived.setdefault(cluster, cluster_keys(secret, cluster))
-                keys.update(dict.fromkeys(t.endpoints, derived[cluster]))
+                keys.update(dict.fromkeys(t.endpoints, keys_of(args.cluster or "default")))
         elif t.public_key:
             if secret is None:
                 err.append(f"{PROG}: {t.label} is secured (CurveZMQ): pass --secret-file PATH "
                            "or set ZMESH_SECRET to ask it")
                 continue
-            cluster = t.cluster or "default"
-            derived.setdefault(cluster, cluster_keys(secret, cluster))
-            if derived[cluster].public.decode() != t.public_key:
+            cluster_key = keys_of(t.cluster or "default")
+            if cluster_key.public.decode() != t.public_key:
                 err.append(f"{PROG}: {t.label} is secured with another credential than ours; not asked")
                 continue
-            keys.update(dict.fromkeys(t.endpoints, derived[cluster]))
+            keys.update(dict.fromkeys(t.endpoints, cluster_key))
         kept.append(t)
     return kept, keys
 
