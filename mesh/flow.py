@@ -23,7 +23,8 @@ One message larger than ``credit_bytes`` may be in flight alone (when nothing
 else is), so an oversized message slows the link down but never wedges it.
 
 :class:`Batcher` packs small messages to one peer into batches by size and age;
-:func:`encode_batch` / :func:`decode_batch` put a batch in one frame.
+:func:`encode_batch` / :func:`decode_batch` put a batch in one frame, as runs of
+messages that share one header.
 """
 
 from __future__ import annotations
@@ -187,6 +188,37 @@ class CreditGrant:
         if not ok:
             self.violations += 1
         return ok
+
+    def on_received_run(self, sizes: Sequence[int]) -> int:
+        """Count a run of messages that arrived together (``sizes``: their payload
+        lengths). Returns how many of them, from the first, are within credit; the
+        rest were sent beyond it and are dropped here already (counted in
+        :attr:`violations` and :attr:`dropped`): after a violation the rest of a run
+        is refused too. Same totals as :meth:`on_received` per message and
+        :meth:`on_dropped` for each refused one, in O(1) without a byte limit."""
+        count = len(sizes)
+        if self.credit_bytes is None:
+            accepted = min(count, max(0, self.credits - self.outstanding))
+            self.outstanding += accepted
+            self.outstanding_bytes += sum(sizes[:accepted]) if accepted < count else sum(sizes)
+        else:
+            accepted = 0
+            for nbytes in sizes:
+                outstanding = self.outstanding + 1
+                in_bytes = self.outstanding_bytes + nbytes
+                if outstanding > self.credits or (
+                    in_bytes > self.credit_bytes and outstanding != 1
+                ):
+                    break
+                self.outstanding = outstanding
+                self.outstanding_bytes = in_bytes
+                accepted += 1
+        refused = count - accepted
+        self.received += count
+        self.buffered += accepted
+        self.violations += refused
+        self.dropped += refused
+        return accepted
 
     def on_consumed(self, nbytes: int, now: float, count: int = 1) -> None:
         """The application took ``count`` received messages (``nbytes`` in all):
@@ -599,36 +631,45 @@ class Batcher(Generic[T]):
         return self._deadline if self._items else None
 
 
-# Batch frame: u8 version | u32 count | count x (u32 nframes | nframes x (u32 len | bytes))
-# all little-endian. Pure and bounded: decode never trusts a declared length
-# beyond the bytes actually present.
-BATCH_VERSION = 1
+# Batch frame (version 2), all little-endian:
+#   u8 version | u32 run count | per run:
+#     u32 header length | header | u32 message count n | n x u32 payload length | payloads
+# A run is messages that share one header: the same subject, subscriptions and
+# flags, consecutive sequence numbers from the header's. Sharing it is what makes
+# a batch cheap: one header to build and parse per run, not per message.
+# Pure and bounded: decode never trusts a declared length beyond the bytes present.
+BATCH_VERSION = 2
 _U32 = struct.Struct("<I")
 _HEAD = struct.Struct("<BI")
 _U32_MAX = 0xFFFFFFFF
 
+BatchRun = tuple[bytes | bytearray | memoryview, Sequence[bytes | bytearray | memoryview]]
 
-def encode_batch(messages: Sequence[Sequence[bytes | bytearray | memoryview]]) -> bytes:
-    """One frame holding several messages, each a list of frames (e.g. header, payload)."""
-    if len(messages) > _U32_MAX:
-        raise MessageTooLarge(f"a batch holds at most {_U32_MAX} messages; send smaller batches")
+
+def encode_batch(runs: Sequence[BatchRun]) -> bytes:
+    """One frame holding runs of messages: ``(header, payloads)``, one header per run."""
+    if len(runs) > _U32_MAX:
+        raise MessageTooLarge(f"a batch holds at most {_U32_MAX} runs; send smaller batches")
     pack = _U32.pack
-    parts: list[bytes | memoryview] = [_HEAD.pack(BATCH_VERSION, len(messages))]
-    for frames in messages:
-        parts.append(pack(len(frames)))
-        for frame in frames:
-            view = memoryview(frame)
-            if view.nbytes > _U32_MAX:
-                raise MessageTooLarge(
-                    f"a {view.nbytes}-byte frame cannot be batched; send it on its own"
-                )
-            parts.append(pack(view.nbytes))
-            parts.append(view)
+    parts: list[bytes | bytearray | memoryview] = [_HEAD.pack(BATCH_VERSION, len(runs))]
+    for header, payloads in runs:
+        count = len(payloads)
+        # len() is the byte count of bytes (the usual case); others may hold wider items.
+        sizes = [len(p) if type(p) is bytes else memoryview(p).nbytes for p in payloads]
+        hsize = len(header) if type(header) is bytes else memoryview(header).nbytes
+        if hsize > _U32_MAX or count > _U32_MAX or max(sizes, default=0) > _U32_MAX:
+            raise MessageTooLarge("a frame over 4 GiB cannot be batched; send it on its own")
+        parts.append(pack(hsize))
+        parts.append(header)
+        parts.append(pack(count))
+        parts.append(struct.pack(f"<{count}I", *sizes))
+        parts.extend(payloads)
     return b"".join(parts)
 
 
-def decode_batch(data: bytes | bytearray | memoryview) -> list[list[bytes]]:
-    """The messages of a batch frame. Malformed input raises ProtocolError only."""
+def decode_batch(data: bytes | bytearray | memoryview) -> list[tuple[bytes, list[bytes]]]:
+    """The runs of a batch frame: ``(header, payloads)``. Malformed input raises
+    ProtocolError only."""
     try:
         view = memoryview(data).cast("B")
     except (TypeError, ValueError):
@@ -636,38 +677,50 @@ def decode_batch(data: bytes | bytearray | memoryview) -> list[list[bytes]]:
     size = view.nbytes
     if size < _HEAD.size:
         raise ProtocolError(f"batch frame of {size} bytes is shorter than its header", "malformed")
-    version, count = _HEAD.unpack_from(view, 0)
+    version, nruns = _HEAD.unpack_from(view, 0)
     if version != BATCH_VERSION:
         raise ProtocolError(
             f"batch format version {version}, this node reads {BATCH_VERSION}", "version"
         )
     off = _HEAD.size
-    # Every message needs at least its 4-byte frame count: refuse absurd counts
-    # before looping, so a tiny frame cannot make us spin.
-    if count > (size - off) // 4:
-        raise ProtocolError(f"batch declares {count} messages in {size} bytes", "malformed")
+    # Every run needs at least its two 4-byte counts: refuse absurd counts before
+    # looping, so a tiny frame cannot make us spin or allocate.
+    if nruns > (size - off) // 8:
+        raise ProtocolError(f"batch declares {nruns} runs in {size} bytes", "malformed")
     unpack = _U32.unpack_from
-    messages: list[list[bytes]] = []
-    for _ in range(count):
+    runs: list[tuple[bytes, list[bytes]]] = []
+    for _ in range(nruns):
         if size - off < 4:
-            raise ProtocolError("batch frame truncated in a message header", "malformed")
-        (nframes,) = unpack(view, off)
+            raise ProtocolError("batch frame truncated in a run header", "malformed")
+        (hsize,) = unpack(view, off)
         off += 4
-        if nframes > (size - off) // 4:
-            raise ProtocolError(f"batch message declares {nframes} frames", "malformed")
-        frames: list[bytes] = []
-        for _ in range(nframes):
-            if size - off < 4:
-                raise ProtocolError("batch frame truncated in a frame length", "malformed")
-            (length,) = unpack(view, off)
-            off += 4
-            if length > size - off:
-                raise ProtocolError(
-                    f"batch frame declares {length} bytes, {size - off} remain", "malformed"
-                )
-            frames.append(view[off : off + length].tobytes())
-            off += length
-        messages.append(frames)
+        if hsize > size - off:
+            raise ProtocolError(f"batch run header of {hsize} bytes, {size - off} remain", "malformed")
+        header = view[off : off + hsize].tobytes()
+        off += hsize
+        if size - off < 4:
+            raise ProtocolError("batch frame truncated in a message count", "malformed")
+        (count,) = unpack(view, off)
+        off += 4
+        if count > (size - off) // 4:
+            raise ProtocolError(f"batch run declares {count} messages", "malformed")
+        sizes = struct.unpack_from(f"<{count}I", view, off)
+        off += 4 * count
+        total = sum(sizes)
+        if total > size - off:
+            raise ProtocolError(
+                f"batch run declares {total} payload bytes, {size - off} remain", "malformed"
+            )
+        blob = view[off : off + total].tobytes()
+        off += total
+        payloads: list[bytes] = []
+        append = payloads.append
+        pos = 0
+        for n in sizes:
+            end = pos + n
+            append(blob[pos:end])
+            pos = end
+        runs.append((header, payloads))
     if off != size:
         raise ProtocolError(f"{size - off} trailing bytes after the batch", "malformed")
-    return messages
+    return runs

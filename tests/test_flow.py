@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import struct
 import sys
+import tracemalloc
+from array import array
 from collections import deque
 
 import pytest
@@ -328,6 +330,160 @@ def test_updates_are_bounded_by_threshold_and_delay(
     assert g.pending == (0, 0) and w.in_flight == 0
     assert g.returned == g.consumed
     assert g.updates <= g.consumed / g.threshold + now / delay + 1
+
+
+def test_received_run_by_example() -> None:
+    g = CreditGrant(4)
+    assert g.on_received_run([10] * 6) == 4  # two beyond a window of 4
+    assert (g.received, g.buffered, g.outstanding, g.violations, g.dropped) == (6, 4, 4, 2, 2)
+    assert g.outstanding_bytes == 40
+    assert g.on_received_run([]) == 0 and g.received == 6
+    g.on_consumed(40, 0.0, count=4)
+    assert g.take_update(0.0) == (4, 40)
+    assert g.on_received_run([1, 2]) == 2 and g.violations == 2
+
+
+def test_received_run_refuses_the_rest_after_a_violation() -> None:
+    g = CreditGrant(10, credit_bytes=10)
+    # 6 does not fit next to 5; 1 would fit on its own, but comes after a violation.
+    assert g.on_received_run([5, 6, 1]) == 1
+    assert (g.received, g.buffered, g.outstanding, g.outstanding_bytes) == (3, 1, 1, 5)
+    assert (g.violations, g.dropped) == (2, 2)
+    # An oversized message may travel alone, never with company.
+    g = CreditGrant(10, credit_bytes=10)
+    assert g.on_received_run([50, 1]) == 1
+    assert (g.outstanding, g.outstanding_bytes, g.violations) == (1, 50, 1)
+
+
+# One step of the history before the run: ("recv", nbytes, keep a violating one),
+# ("consume", how many), ("update", force, seconds later).
+_grant_op_st = st.one_of(
+    st.tuples(st.just("recv"), st.integers(0, 60), st.booleans()),
+    st.tuples(st.just("consume"), st.integers(1, 3)),
+    st.tuples(st.just("update"), st.booleans(), st.sampled_from([0.0, 0.001, 0.01])),
+)
+
+
+def _grant_with_history(window: int, credit_bytes: int | None, ops: list[tuple]) -> CreditGrant:
+    """A grant in the state a random stream of the per-message API leaves it."""
+    g = CreditGrant(window, credit_bytes)
+    buffered: deque[int] = deque()  # sizes received within credit (or kept), not consumed
+    now = 0.0
+    for op in ops:
+        if op[0] == "recv":
+            _, nbytes, keep = op
+            if g.on_received(nbytes) or keep:  # the caller may accept a violating message
+                buffered.append(nbytes)
+            else:
+                g.on_dropped(nbytes)
+        elif op[0] == "consume":
+            count = min(op[1], len(buffered))
+            if count:
+                g.on_consumed(sum(buffered.popleft() for _ in range(count)), now, count=count)
+        else:
+            _, force, dt = op
+            now += dt
+            g.take_update(now, force=force)
+    return g
+
+
+def _grant_state(g: CreditGrant) -> tuple:
+    return g.stats(), g.outstanding_bytes, g.pending
+
+
+def _reference_run(g: CreditGrant, sizes: list[int]) -> int:
+    """on_received_run through the per-message API; returns how many were accepted.
+
+    Built as the docs state it: the same totals as on_received per message and
+    on_dropped per refused one, and once one is refused the rest of the run is
+    refused too. A later message can pass on_received on its own (with a byte limit,
+    a small one after a big refused one), and on_received counts no violation for
+    it; the run still refuses it as sent beyond credit, so it counts as a violation
+    here too: on_received + on_dropped alone would undercount violations.
+    """
+    accepted = 0
+    refusing = False
+    for nbytes in sizes:
+        ok = g.on_received(nbytes)
+        if ok and not refusing:
+            accepted += 1
+            continue
+        if ok:
+            event("a later message of the run would have fitted on its own")
+            g.violations += 1
+        refusing = True
+        g.on_dropped(nbytes)
+    return accepted
+
+
+@pytest.mark.parametrize("byte_limit", [False, True], ids=["messages", "bytes"])
+@settings(max_examples=300, deadline=None)
+@given(
+    window=st.integers(1, 8),
+    credit_bytes=st.integers(1, 120),
+    ops=st.lists(_grant_op_st, max_size=30),
+    sizes=st.lists(st.integers(0, 60), max_size=12),
+)
+def test_received_run_matches_per_message_accounting(
+    byte_limit: bool, window: int, credit_bytes: int, ops: list[tuple], sizes: list[int]
+) -> None:
+    limit = credit_bytes if byte_limit else None
+    g = _grant_with_history(window, limit, ops)
+    ref = _grant_with_history(window, limit, ops)
+    assert _grant_state(g) == _grant_state(ref)
+    before_msgs, before_bytes = g.outstanding, g.outstanding_bytes
+
+    accepted = g.on_received_run(sizes)
+    expected = _reference_run(ref, sizes)
+
+    assert type(accepted) is int and accepted == expected
+    assert _grant_state(g) == _grant_state(ref)
+    event(f"accepted {'all' if accepted == len(sizes) else 'some' if accepted else 'none'}")
+    if accepted:
+        # What was let in stays within the window (an oversized message only alone).
+        assert g.outstanding <= g.credits
+        assert limit is None or g.outstanding_bytes <= limit or g.outstanding == 1
+    # Only the accepted prefix occupies the window; the refused rest is already dropped.
+    assert g.outstanding == before_msgs + accepted
+    assert g.outstanding_bytes == before_bytes + sum(sizes[:accepted])
+    fits = len(sizes) <= g.credits - before_msgs and (
+        limit is None
+        or before_bytes + sum(sizes) <= limit
+        or (before_msgs == 0 and len(sizes) == 1)
+    )
+    if fits:
+        assert accepted == len(sizes)
+
+
+@pytest.mark.parametrize("byte_limit", [False, True], ids=["messages", "bytes"])
+@settings(max_examples=200, deadline=None)
+@given(
+    window=st.integers(1, 8),
+    credit_bytes=st.integers(1, 120),
+    ops=st.lists(_grant_op_st, max_size=30),
+    data=st.data(),
+)
+def test_honest_run_is_accepted_whole(
+    byte_limit: bool, window: int, credit_bytes: int, ops: list[tuple], data: st.DataObject
+) -> None:
+    """A run the publisher had credit for (messages and bytes) is never refused."""
+    limit = credit_bytes if byte_limit else None
+    g = _grant_with_history(window, limit, ops)
+    room = g.credits - g.outstanding
+    room_bytes = None if limit is None else limit - g.outstanding_bytes
+    assume(room > 0 and (room_bytes is None or room_bytes >= 0))
+    if g.outstanding == 0 and limit is not None and data.draw(st.booleans()):
+        sizes = [limit + data.draw(st.integers(0, 100))]  # oversized, but alone
+    else:
+        sizes = data.draw(st.lists(st.integers(0, 60), max_size=room))
+        while room_bytes is not None and sum(sizes) > room_bytes:
+            sizes[sizes.index(max(sizes))] //= 2  # shrink until it fits, keep the count
+    before = _grant_state(g)
+    assert g.on_received_run(sizes) == len(sizes)
+    assert g.violations == before[0]["violations"] and g.dropped == before[0]["dropped"]
+    assert g.buffered == before[0]["buffered"] + len(sizes)
+    assert g.outstanding <= g.credits
+    assert limit is None or g.outstanding_bytes <= limit or g.outstanding == 1
 
 
 # --------------------------------------------------------------------------
@@ -683,27 +839,78 @@ def test_batcher_keeps_order_size_and_delay(
 # Batch frames
 # --------------------------------------------------------------------------
 
-frames_st = st.lists(st.lists(st.binary(max_size=40), max_size=4), max_size=20)
+# Runs as plain bytes: (header, payloads), empty headers, runs and batches included.
+runs_st = st.lists(
+    st.tuples(st.binary(max_size=24), st.lists(st.binary(max_size=40), max_size=5)), max_size=12
+)
+
+
+def _bytes_like(data: st.DataObject, b: bytes) -> bytes | bytearray | memoryview:
+    kind = data.draw(st.sampled_from(["bytes", "bytearray", "memoryview", "slice"]))
+    if kind == "bytearray":
+        return bytearray(b)
+    if kind == "memoryview":
+        return memoryview(b)
+    if kind == "slice":
+        return memoryview(b"<<" + b + b">>")[2 : 2 + len(b)]  # a view into a bigger buffer
+    return b
+
+
+def _u32(*values: int) -> bytes:
+    return struct.pack(f"<{len(values)}I", *values)
 
 
 @settings(max_examples=200, deadline=None)
-@given(frames_st)
-def test_batch_roundtrip(msgs: list[list[bytes]]) -> None:
-    blob = encode_batch(msgs)
-    assert decode_batch(blob) == msgs
-    assert decode_batch(bytearray(blob)) == msgs
-    assert decode_batch(memoryview(blob)) == msgs
+@given(runs_st, st.data())
+def test_batch_roundtrip(runs: list[tuple[bytes, list[bytes]]], data: st.DataObject) -> None:
+    mixed = [(_bytes_like(data, h), [_bytes_like(data, p) for p in ps]) for h, ps in runs]
+    blob = encode_batch(mixed)
+    assert type(blob) is bytes
+    assert blob == encode_batch(runs)  # the bytes, not the buffer type, make the frame
+    for frame in (blob, bytearray(blob), memoryview(blob), memoryview(b"x" + blob)[1:]):
+        out = decode_batch(frame)
+        assert out == runs
+        for header, payloads in out:
+            assert type(header) is bytes and type(payloads) is list
+            assert all(type(p) is bytes for p in payloads)
+    assert len(blob) == 5 + sum(8 + len(h) + sum(4 + len(p) for p in ps) for h, ps in runs)
+
+
+def test_batch_layout_is_as_documented() -> None:
+    blob = (
+        b"\x02" + _u32(3)
+        + _u32(1) + b"H" + _u32(2) + _u32(1, 0) + b"a"  # two payloads, one empty
+        + _u32(0) + _u32(0)  # no header, no messages
+        + _u32(2) + b"hh" + _u32(1) + _u32(3) + b"xyz"
+    )  # fmt: skip
+    runs = [(b"H", [b"a", b""]), (b"", []), (b"hh", [b"xyz"])]
+    assert decode_batch(blob) == runs
+    assert encode_batch(runs) == blob
+    assert encode_batch([]) == b"\x02\x00\x00\x00\x00" and decode_batch(encode_batch([])) == []
 
 
 def test_batch_accepts_any_bytes_like_frames() -> None:
-    blob = encode_batch([[bytearray(b"h"), memoryview(b"payload")], []])
-    assert decode_batch(blob) == [[b"h", b"payload"], []]
+    words = array("H", [1, 2, 3])
+    blob = encode_batch(
+        [
+            (bytearray(b"h"), [memoryview(b"payload"), bytearray(), words]),
+            (memoryview(b"hdr"), (b"p",)),  # any sequence of payloads
+            (b"", []),
+        ]
+    )
+    assert decode_batch(blob) == [
+        (b"h", [b"payload", b"", words.tobytes()]),  # counted in bytes, not items
+        (b"hdr", [b"p"]),
+        (b"", []),
+    ]
 
 
 def _check_garbage(blob: bytes) -> None:
     try:
         out = decode_batch(blob)
-    except ProtocolError:
+    except ProtocolError as exc:
+        # The version is judged once the fixed header is there, before anything else.
+        assert exc.reason == ("version" if len(blob) >= 5 and blob[0] != 2 else "malformed")
         return
     # If it decoded, it is a real batch: it encodes back to the same bytes.
     assert encode_batch(out) == blob
@@ -713,17 +920,18 @@ def _check_garbage(blob: bytes) -> None:
 @given(st.binary(max_size=64))
 def test_garbage_raises_protocol_error_only(blob: bytes) -> None:
     _check_garbage(blob)
-    _check_garbage(b"\x01" + blob)  # right version byte, to get past it
+    _check_garbage(b"\x02" + blob)  # right version byte, to get past it
+    _check_garbage(b"\x02\x01\x00\x00\x00" + blob)  # and one run, to get into it
 
 
 @settings(max_examples=300, deadline=None)
-@given(frames_st, st.data())
+@given(runs_st, st.data())
 def test_damaged_batches_raise_protocol_error_only(
-    msgs: list[list[bytes]], data: st.DataObject
+    runs: list[tuple[bytes, list[bytes]]], data: st.DataObject
 ) -> None:
-    blob = bytearray(encode_batch(msgs))
-    assume(len(blob) > 0)
+    blob = bytearray(encode_batch(runs))
     kind = data.draw(st.sampled_from(["truncate", "flip", "extend", "big_length"]))
+    event(kind)
     if kind == "truncate":
         blob = blob[: data.draw(st.integers(0, len(blob) - 1))]
     elif kind == "flip":
@@ -732,30 +940,78 @@ def test_damaged_batches_raise_protocol_error_only(
     elif kind == "extend":
         blob += data.draw(st.binary(min_size=1, max_size=8))
     else:
-        pos = data.draw(st.integers(0, max(0, len(blob) - 4)))
-        blob[pos : pos + 4] = struct.pack("<I", data.draw(st.sampled_from([2**31, 2**32 - 1])))
+        pos = data.draw(st.integers(0, len(blob) - 4))
+        big = data.draw(st.sampled_from([2**31, 2**32 - 1, 2**32 - 2]))
+        blob[pos : pos + 4] = struct.pack("<I", big)
     _check_garbage(bytes(blob))
 
 
 @pytest.mark.parametrize(
     "blob, reason",
     [
-        (b"", "malformed"),
-        (b"\x02\x00\x00\x00\x00", "version"),
-        (b"\x01\xff\xff\xff\xff", "malformed"),  # four billion messages in 0 bytes
-        (b"\x01\x01\x00\x00\x00\xff\xff\xff\xff", "malformed"),  # frames
-        (b"\x01\x01\x00\x00\x00\x01\x00\x00\x00\xff\xff\xff\x7f" + b"x" * 8, "malformed"),
-        (encode_batch([[b"a"]]) + b"\x00", "malformed"),
+        pytest.param(b"", "malformed", id="empty"),
+        pytest.param(b"\x02\x00\x00\x00", "malformed", id="short-header"),
+        pytest.param(b"\x01\x00\x00\x00\x00", "version", id="v1-empty"),
+        pytest.param(b"\x01\x01\x00\x00\x00\x01\x00\x00\x00\x01\x00\x00\x00a", "version", id="v1"),
+        pytest.param(b"\x00" + _u32(0), "version", id="v0"),
+        pytest.param(b"\x03" + _u32(0), "version", id="v3"),
+        pytest.param(b"\xff" + _u32(2**32 - 1), "version", id="v255"),
+        pytest.param(b"\x02" + _u32(2**32 - 1), "malformed", id="4G-runs-in-0-bytes"),
+        pytest.param(b"\x02" + _u32(2**32 - 1) + b"\x00" * 64, "malformed", id="4G-runs"),
+        pytest.param(b"\x02" + _u32(2) + _u32(0, 0), "malformed", id="2-runs-in-1"),
+        pytest.param(b"\x02" + _u32(1) + _u32(2**32 - 1, 0), "malformed", id="4G-header"),
+        pytest.param(b"\x02" + _u32(1) + _u32(5, 0), "malformed", id="header-past-end"),
+        pytest.param(b"\x02" + _u32(1) + _u32(4) + b"hhhh", "malformed", id="no-count"),
+        pytest.param(b"\x02" + _u32(1) + _u32(0, 2**32 - 1), "malformed", id="4G-messages"),
+        pytest.param(
+            b"\x02" + _u32(1) + _u32(0, 2**30) + b"\x00" * 64, "malformed", id="1G-messages"
+        ),
+        pytest.param(b"\x02" + _u32(1) + _u32(0, 3, 0), "malformed", id="sizes-past-end"),
+        pytest.param(
+            b"\x02" + _u32(1) + _u32(0, 2, 2**31, 2**31) + b"x" * 8, "malformed", id="4G-bytes"
+        ),
+        pytest.param(
+            # Sums to 0 modulo 2**32: a wrapping 32-bit sum would decode three empty payloads.
+            b"\x02" + _u32(1) + _u32(0, 3, 2**32 - 1, 2**32 - 1, 2),
+            "malformed",
+            id="wrapping-sum",
+        ),
+        pytest.param(
+            b"\x02" + _u32(1) + _u32(0, 2, 3, 4) + b"x" * 6, "malformed", id="payload-past-end"
+        ),
+        pytest.param(
+            b"\x02" + _u32(2) + _u32(0, 1, 1) + b"x" + _u32(2**32 - 1, 0),
+            "malformed",
+            id="second-run-4G-header",
+        ),
+        pytest.param(encode_batch([(b"h", [b"a"])]) + b"\x00", "malformed", id="trailing"),
+        pytest.param(encode_batch([]) + b"\x00", "malformed", id="trailing-after-none"),
     ],
 )
 def test_hostile_lengths_are_refused_without_allocating(blob: bytes, reason: str) -> None:
-    with pytest.raises(ProtocolError) as exc:
-        decode_batch(blob)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError) as exc:
+            decode_batch(blob)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
     assert exc.value.reason == reason
+    assert peak < 256 * 1024, f"decoding {len(blob)} bytes peaked at {peak} bytes"
 
 
-def test_non_buffer_input_is_a_protocol_error() -> None:
-    with pytest.raises(ProtocolError):
-        decode_batch("not bytes")  # type: ignore[arg-type]
-    with pytest.raises(ProtocolError):
-        decode_batch(None)  # type: ignore[arg-type]
+@pytest.mark.parametrize(
+    "thing",
+    [
+        "not bytes",
+        None,
+        5,
+        [1, 2, 3],
+        memoryview(b"\x02\x00\x00\x00\x00\x00")[::2],  # not contiguous
+    ],
+    ids=["str", "None", "int", "list", "strided"],
+)
+def test_non_buffer_input_is_a_protocol_error(thing: object) -> None:
+    with pytest.raises(ProtocolError) as exc:
+        decode_batch(thing)  # type: ignore[arg-type]
+    assert exc.value.reason == "malformed"
