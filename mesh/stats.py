@@ -22,14 +22,15 @@ class LatencyHistogram:
         self.total = 0
         self.sum = 0.0
 
-    def record(self, seconds: float) -> None:
+    def record(self, seconds: float, count: int = 1) -> None:
+        """``count`` observations of ``seconds`` (messages of one batch run share one)."""
         if seconds <= _BASE:
             index = 0
         else:
             index = min(NBUCKETS - 1, int(math.log(seconds / _BASE) / _LOG_STEP) + 1)
-        self.counts[index] += 1
-        self.total += 1
-        self.sum += seconds
+        self.counts[index] += count
+        self.total += count
+        self.sum += seconds * count
 
     @staticmethod
     def upper_bound(index: int) -> float:

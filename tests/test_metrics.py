@@ -82,3 +82,12 @@ def test_histogram_quantiles() -> None:
     assert 100e-6 <= h.quantile(0.5) <= 120e-6
     assert h.quantile(1.0) >= 0.5
     assert LatencyHistogram.upper_bound(4) == 2e-6
+
+
+def test_histogram_counts_a_run_of_messages_as_that_many_observations() -> None:
+    one_by_one, at_once = LatencyHistogram(), LatencyHistogram()
+    for _ in range(64):
+        one_by_one.record(300e-6)
+    at_once.record(300e-6, 64)
+    assert (at_once.counts, at_once.total) == (one_by_one.counts, one_by_one.total)
+    assert at_once.sum == pytest.approx(one_by_one.sum)
