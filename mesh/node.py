@@ -319,6 +319,13 @@ _CREDIT_HOLD = 0.002
 _SHM_WAIT = 0.5
 
 
+def _credit_threshold(window: int) -> int:
+    """Consumed messages that make a subscriber send credit back at once: a quarter
+    of the window. Batches are half a window (Link.batch_cap), so credit for the
+    first half of a batch is on its way while the publisher sends the next one."""
+    return max(1, window // 4)
+
+
 class Node:
     """A mesh node. See API.md; use as a context manager or call start()/close()."""
 
@@ -970,26 +977,44 @@ class Node:
             payload, shm_desc = self._to_shm(link, payload)
             if shm_desc is not None:
                 flags |= wire.SHM
-        header = wire.pack_msg(subject, seq, ts, flags, headers, req_id, sids)
         if self._batch_max:
             now = time.monotonic()
+            batch = link.batch
             if nbytes <= _BATCH_SMALL and not flags and (
-                link.batch or now - link.last_send < _BURST_GAP
+                batch or now - link.last_send < _BURST_GAP
             ):
                 # A burst: this message waits (at most batch_delay) to share a frame.
-                if not link.batch:
-                    link.batch_since = now
-                    self._command(("batch", link))  # the I/O thread flushes it in time
-                link.batch.append([header, payload[0]])
-                link.batch_bytes += len(header) + nbytes
+                data = payload[0]
+                if type(data) is not bytes:
+                    data = bytes(data)  # the caller may reuse its buffer once we return
+                run = batch[-1] if batch else None
+                if (run is not None and run[2] == seq - 1 and run[1] == subject
+                        and headers is None and req_id is None and run[3] == sids):
+                    # The run's header stands for this one too (next seq, same subject
+                    # and subscriptions): no header of its own to build or parse.
+                    run[2] = seq
+                    run[4].append(data)
+                    link.batch_bytes += nbytes + 4
+                else:
+                    if not batch:
+                        link.batch_since = now
+                        if link not in self._batching:  # else the I/O thread will look anyway
+                            self._batching[link] = now + self._batch_delay
+                            self._command(("batch", link))  # wake it: it flushes in time
+                    header = wire.pack_msg(subject, seq, ts, flags, headers, req_id, sids)
+                    # Only plain messages extend a run: headers and request ids differ.
+                    shared = subject if headers is None and req_id is None else None
+                    batch.append([header, shared, seq, sids, [data]])
+                    link.batch_bytes += len(header) + nbytes + 12
+                link.batch_count += 1
                 self._count_out(link, nbytes)
-                if link.batch_bytes >= self._batch_max or len(link.batch) >= link.batch_cap:
+                if link.batch_bytes >= self._batch_max or link.batch_count >= link.batch_cap:
                     self._flush_batch(link)
                 return True
-            if link.batch:
+            if batch:
                 self._flush_batch(link)  # keep order: what waited goes first
             link.last_send = now
-        frames = [header, *payload]
+        frames = [wire.pack_msg(subject, seq, ts, flags, headers, req_id, sids), *payload]
         if (flags and shm_desc is None and link.rdma is not None and nbytes >= self._rdma_threshold
                 and self._to_rdma(link, peer_id, frames, None)):
             self._count_out(link, nbytes)
@@ -1120,12 +1145,15 @@ class Node:
     def _flush_batch(self, link: Link) -> None:
         """Send a link's waiting small messages as one frame (caller holds the lock)."""
         batch = link.batch
+        count = link.batch_count
         link.batch = []
         link.batch_bytes = 0
+        link.batch_count = 0
         link.last_send = time.monotonic()
         if link.closed or not batch:
             return
-        frames, sync = [wire.pack(wire.BATCH, len(batch)), encode_batch(batch)], None
+        runs = [(run[0], run[4]) for run in batch]
+        frames, sync = [wire.pack(wire.BATCH, count), encode_batch(runs)], None
         if link.rdma_order is not None:  # arrays went by RDMA: keep the order with them
             frames, sync = self._rdma_sync(link, frames)
         try:
@@ -1135,8 +1163,8 @@ class Node:
                 link.rdma_order.synced(sync)
         except zmq.ZMQError:
             self._count_drop("peer_queue_full", link)
-            self.counters.drops["peer_queue_full"] += len(batch) - 1
-            link.counters.drops["peer_queue_full"] += len(batch) - 1
+            self.counters.drops["peer_queue_full"] += count - 1
+            link.counters.drops["peer_queue_full"] += count - 1
 
     def _open_window(self, peer_id: str, link: Link, sid: int) -> CreditWindow | None:
         params = self._routing.params(peer_id, sid)
@@ -1152,7 +1180,7 @@ class Node:
             self.counters.drops["bad_flow_params"] += 1
             return None
         link.windows[sid] = window
-        link.batch_cap = min(link.batch_cap, max(8, granted // 4))
+        link.batch_cap = min(link.batch_cap, max(8, granted // 2))
         return window
 
     def _count_drop(self, reason: str, link: Link | None) -> None:
@@ -1272,12 +1300,18 @@ class Node:
             credit = getattr(msg, "_credit", None)  # on_peer callbacks get a PeerInfo
             if type(credit) is tuple:
                 msg._credit = None
-                tally = consumed.get((sub, credit[0]))
+                key = (sub, credit[0])
+                tally = consumed.get(key)
                 if tally is None:
-                    consumed[(sub, credit[0])] = [credit[1], 1, credit[2]]
+                    consumed[key] = [credit[1], 1, credit[2]]
                 else:
                     tally[1] += 1
                     tally[2] += credit[2]
+                    if tally[1] >= credit[0].threshold:
+                        # Enough for the publisher to act on: send it now, not after
+                        # the rest of the batch (the window keeps moving).
+                        del consumed[key]
+                        self._return_credit(sub, credit[0], tally[0], tally[1], tally[2])
             elif credit is not None:
                 self._consumed(sub, msg)
         self._return_credits(consumed)
@@ -1750,7 +1784,7 @@ class Node:
             self._on_p2p(ident, header[2], frames)
             return
         if kind == wire.BATCH:
-            self._on_batch(ident, frames)
+            self._on_batch(ident, header, frames)
             return
         body = header[2]
         if kind == wire.HELLO:
@@ -1836,77 +1870,113 @@ class Node:
         data, array, nbytes = self._payload_of(fields[3], frames, "message", peer)
         self._accept_msg(peer, fields, data, array, nbytes, time.time())
 
-    def _on_batch(self, ident: bytes, frames: list) -> None:
+    def _on_batch(self, ident: bytes, header: list, frames: list) -> None:
         if len(frames) != 3:
             raise ProtocolError("batch needs exactly one data frame", "malformed")
         # Resolved once per batch, not per message: the peer and the clock.
         peer = self._known_peer(ident)
         now = time.time()
-        unpack, check_msg, accept = wire.unpack, wire.check_msg, self._accept_msg
-        for parts in decode_batch(frames[2].buffer):
-            if len(parts) != 2:
-                raise ProtocolError("batched message is not [header, payload]", "malformed")
-            header = unpack(parts[0])
-            if header[1] != wire.MSG:
+        unpack, check_msg = wire.unpack, wire.check_msg
+        runs = []
+        count = 0
+        # Every run is checked before any is delivered: a bad batch is dropped whole.
+        for run_header, payloads in decode_batch(frames[2].buffer):
+            fields = unpack(run_header)
+            if fields[1] != wire.MSG:
                 raise ProtocolError("only data messages may be batched", "malformed")
-            fields = check_msg(header)
+            fields = check_msg(fields)
             if fields[3]:
                 raise ProtocolError("arrays are never batched", "malformed")
-            data = parts[1]
-            accept(peer, fields, data, None, len(data), now)
+            if len(payloads) > 1 and (fields[4] is not None or fields[5] is not None):
+                raise ProtocolError("a run of several messages cannot share headers or a "
+                                    "request id", "malformed")
+            count += len(payloads)
+            runs.append((fields, payloads))
+        if header[2] != count or type(header[2]) is not int:
+            raise ProtocolError(f"batch says {header[2]!r} messages, holds {count}", "malformed")
+        accept = self._accept_run
+        for fields, payloads in runs:
+            accept(peer, fields, payloads, now)
 
     def _accept_msg(
         self, peer: Peer, fields: tuple, data: Any, array: Any, nbytes: int, now: float
     ) -> None:
         """Deliver one checked data message from ``peer`` to the subscriptions it names."""
+        self._accept_run(peer, fields, (data,), now, array, nbytes)
+
+    def _accept_run(
+        self, peer: Peer, fields: tuple, payloads: Any, now: float,
+        array: Any = None, nbytes: int | None = None,
+    ) -> None:
+        """Deliver checked data messages from ``peer`` that share one header (a run of
+        a batch: consecutive seqs from the header's) to the subscriptions it names.
+        ``nbytes``: the payload size of a one-message run whose data is not bytes."""
         subject, seq, ts, _flags, headers, req_id, sids = fields
+        count = len(payloads)
         if self._policy is not None and not self._policy.may_publish(peer.name, subject):
-            self._denied(peer, "publish", subject)
+            for _ in range(count):
+                self._denied(peer, "publish", subject)
             return
         route = self._route(subject, internal=True)
+        sizes = [nbytes] if nbytes is not None else [len(data) for data in payloads]
+        total = sum(sizes)
         counters = peer.counters
-        counters.msgs_in += 1
-        counters.bytes_in += nbytes
-        self.counters.msgs_in += 1
-        self.counters.bytes_in += nbytes
+        counters.msgs_in += count
+        counters.bytes_in += total
+        self.counters.msgs_in += count
+        self.counters.bytes_in += total
         if ts:
+            # The run's messages share its first one's send time: the others left
+            # after it (within batch_delay), so theirs reads a little high.
             latency = now - ts
             if 0.0 <= latency < 3600.0:  # also rejects nan/inf; clocks may disagree a little
-                self.latency.record(latency)
-        reply_to = peer.id if req_id is not None else None
+                self.latency.record(latency, count)
+        peer_id = peer.id
+        reply_to = peer_id if req_id is not None else None
+        drops = self.counters.drops
         counted_gap = False
         for sid in sids:
             sub = self._subs_by_sid.get(sid)
             if sub is None or sub.closed:
-                self.counters.drops["no_subscriber"] += 1  # unsubscribed meanwhile
+                drops["no_subscriber"] += count  # unsubscribed meanwhile
                 continue
             if sub not in route.local and sub not in route.local_groups.get(sub.queue, ()):
-                self.counters.drops["not_subscribed"] += 1  # a publisher that lies
+                drops["not_subscribed"] += count  # a publisher that lies
                 continue
             if not sub.queue and not counted_gap:
                 # Plain subscribers see every message of a subject: gaps are losses.
                 counted_gap = True
-                key = (peer.id, subject)
+                key = (peer_id, subject)
                 last = self._last_seq.get(key)
                 if last is not None and seq > last + 1:
                     self.gaps += seq - last - 1
-                self._last_seq[key] = seq
-            msg = Message(subject, data, headers, peer.id, seq, array=array,
-                          request_id=req_id, node=self, reply_to=reply_to)
-            grant = sub._grants.get(peer.id)
+                self._last_seq[key] = seq + count - 1
+            grant = sub._grants.get(peer_id)
             if grant is None:
-                grant = sub._grants[peer.id] = CreditGrant(sub.credits, sub.credit_bytes)
+                grant = sub._grants[peer_id] = CreditGrant(
+                    sub.credits, sub.credit_bytes, threshold=_credit_threshold(sub.credits))
             with sub._flow:
-                within = grant.on_received(nbytes)
-                if not within:
-                    grant.on_dropped(nbytes)
-            if not within:
-                self.counters.drops["credit_violation"] += 1  # sent beyond its credit
+                accepted = grant.on_received_run(sizes)
+            if accepted < count:
+                drops["credit_violation"] += count - accepted  # sent beyond its credit
+            msgs = []
+            for i in range(accepted):
+                msg = Message(subject, payloads[i], headers, peer_id, seq + i, array=array,
+                              request_id=req_id, node=self, reply_to=reply_to)
+                msg._credit = (grant, peer_id, sizes[i])
+                msgs.append(msg)
+            if sub.closed:
                 continue
-            msg._credit = (grant, peer.id, nbytes)
-            self._io_deliver(sub, msg)
+            if sub.handler is None:
+                put = sub._inbox.put
+                for msg in msgs:
+                    put(msg)
+            else:
+                # Handler calls are collected and passed to the dispatch thread once
+                # per drain.
+                self._io_batch.extend([(sub, msg) for msg in msgs])
         if not sids:
-            self.counters.drops["no_interest"] += 1
+            drops["no_interest"] += count
 
     def _consumed(self, sub: Subscription, msg: Message) -> None:
         """The application is done with ``msg``: give its credit back (any thread)."""
@@ -2649,7 +2719,7 @@ class Node:
             pass  # woke us: the loop computes the credit deadline
         elif cmd[0] == "batch":
             link = cmd[1]
-            self._batching[link] = link.batch_since + self._batch_delay
+            self._batching.setdefault(link, link.batch_since + self._batch_delay)
         elif cmd[0] == "interest":
             _, version, adds, removes = cmd
             body = [version, [list(k) for k in adds], [list(k) for k in removes]]

@@ -32,7 +32,7 @@ class Link:
 
     __slots__ = (
         "sock", "ctl", "lock", "cond", "windows", "transport", "endpoint", "closed", "counters",
-        "batch", "batch_bytes", "batch_cap", "batch_since", "last_send", "shm_out", "rdma", "rdma_off",
+        "batch", "batch_bytes", "batch_count", "batch_cap", "batch_since", "last_send", "shm_out", "rdma", "rdma_off",
         "rdma_trackers", "rdma_order",
     )
 
@@ -46,11 +46,14 @@ class Link:
         # Publishers blocked on credit wait here; the I/O thread notifies on credit.
         self.cond = threading.Condition(self.lock)
         self.windows: dict[int, Any] = {}  # subscription id at the peer -> CreditWindow
-        # Micro-batching of small messages (see Node._send_locked).
+        # Micro-batching of small messages (see Node._send_locked): runs of messages
+        # that share a header, [header, subject or None, last seq, sids, payloads].
         self.batch: list[list] = []
         self.batch_bytes = 0
-        # Messages per batch: a quarter of the tightest credit window towards this
-        # peer, so several batches are in flight before the publisher runs dry.
+        self.batch_count = 0  # messages in all runs
+        # Messages per batch: half the tightest credit window towards this peer, so
+        # a second batch is in flight while the credit for the first comes back
+        # (subscribers return credit every quarter window, see node._credit_threshold).
         self.batch_cap = 1 << 30
         self.batch_since = 0.0
         self.last_send = 0.0

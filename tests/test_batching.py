@@ -71,3 +71,32 @@ def test_close_flushes_a_waiting_batch(make_node):
 def test_bad_batch_option_is_a_config_error():
     with pytest.raises(mesh.ConfigError):
         mesh.Node(discovery="none", batch_bytes=-1)
+
+
+def test_runs_keep_each_message_its_own_subject_seq_headers_and_bytes(make_node):
+    """A batch shares one header among a run of plain messages to the same subject
+    and subscriptions; anything else starts a new run. None of it shows."""
+    a, b = two_nodes(make_node, batch_delay=0.05)
+    two = a.subscribe("mix.y", credits=10_000)
+    one = a.subscribe("mix.>", credits=10_000)
+    b.wait_for_subscribers("mix.x", 1, timeout=10)  # interest arrives in order: both known
+    buf = bytearray(b"original")
+    sent = []
+    for i in range(40):
+        subject = "mix.y" if i % 7 in (3, 4) else "mix.x"
+        headers = {"i": i} if i % 10 == 5 else None
+        b.publish(subject, b"%d" % i, headers=headers)
+        sent.append((subject, b"%d" % i, headers or {}))
+        if i == 20:
+            b.publish("mix.x", buf)  # a buffer the caller reuses at once
+            buf[:] = b"reused!!"
+            sent.append(("mix.x", b"original", {}))
+    got = [one.next(timeout=5) for _ in range(len(sent))]
+    assert [(m.subject, bytes(m.data), m.headers) for m in got] == sent
+    for subject in ("mix.x", "mix.y"):
+        seqs = [m.seq for m in got if m.subject == subject]
+        assert seqs == list(range(1, len(seqs) + 1))
+    on_y = [(m.subject, bytes(m.data)) for m in (two.next(timeout=5) for _ in range(12))]
+    assert on_y == [(s, d) for s, d, _ in sent if s == "mix.y"]
+    assert 0 < b.batches_out < 20, "the burst was not batched"
+    assert a.status()["counters"]["gaps"] == 0

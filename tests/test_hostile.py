@@ -35,7 +35,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mesh import tensor, wire
+from mesh import flow, tensor, wire
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -621,6 +621,44 @@ def test_sequence_gaps_from_a_peer_are_counted(procs, cluster):
         got = h.call("collected", sid=sid, n=6)
         assert [r["seq"] for r in got] == [1, 2, 5, 6, 10, 7]
         assert h.call("status")["counters"]["gaps"] == 5
+        fake.close()
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_batches_from_a_peer_are_checked_whole_and_within_credit(procs, cluster):
+    """A batch frame holds runs of messages under one header (mesh/flow.py). A run's
+    messages take consecutive seqs; a bad run drops its whole batch; messages beyond
+    the credit the subscription granted are dropped as violations, not delivered."""
+    h = procs.start("h")
+    sid = h.call("subscribe", pattern="b.>", credits=4)
+    (mesh_sid,) = [s["sid"] for s in h.call("status")["subscriptions"] if s["pattern"] == "b.>"]
+    ctx = zmq.Context()
+
+    def batch(runs, count=None):
+        count = sum(len(p) for _, p in runs) if count is None else count
+        return [wire.pack(wire.BATCH, count), flow.encode_batch(runs)]
+
+    def run(seq, payloads, headers=None):
+        return (wire.pack_msg("b.x", seq, 1.0, 0, headers, None, [mesh_sid]), payloads)
+
+    try:
+        fake = connect_fake(ctx, h, cluster)
+        before = fake.status()["counters"]["drops"]
+        fake.send(batch([run(1, [b"1", b"2"])], count=3))  # the count lies
+        fake.send(batch([run(1, [b"1"]), run(2, [b"2", b"3"], headers={"k": "v"})]))
+        fake.send(batch([run(1, [b"1"]), (wire.pack(wire.PING, [1.0]), [b"x"])]))
+        after = fake.status()["counters"]["drops"]
+        assert after.get("malformed", 0) - before.get("malformed", 0) == 3
+        assert h.call("collected", sid=sid, n=0) == [], "a bad batch was partly delivered"
+        # Six messages in two runs against four credits: four arrive, two are refused.
+        fake.send(batch([run(10, [b"10", b"11", b"12"]), run(20, [b"20", b"21", b"22"])]))
+        status = fake.status()
+        assert status["counters"]["drops"].get("credit_violation", 0) == 2
+        got = h.call("collected", sid=sid, n=4)
+        assert [(r["seq"], r["data"]) for r in got] == [
+            (10, b"10"), (11, b"11"), (12, b"12"), (20, b"20")]
+        assert status["counters"]["gaps"] == 7  # 13..19
         fake.close()
     finally:
         ctx.destroy(linger=0)
