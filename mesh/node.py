@@ -2200,12 +2200,7 @@ class Node:
     def _hello_body(self, ack: bool, via: str | None = None) -> dict:
         version, entries = self._interest_snapshot()
         body = {
-            "id": self.id,
-            "name": self.name,
-            "cluster": self.cluster,
-            "eps": self._advertised,
-            "host": self._locality.host,
-            "proc": self._locality.process,
+            **self._self_summary(),
             "iv": version,
             "int": entries,
             "peers": [p.summary() for p in self._peers.values() if p.state == "alive"],

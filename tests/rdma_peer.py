@@ -10,7 +10,8 @@ allreduce-like exchange of gradient chunks. Each prints one JSON line of
 results (``RESULT {...}``); the exit code is 0 only if every check passed.
 
 Also the helpers the VM test needs before anything imports pyverbs:
-:func:`ensure_pyverbs_importable` and :func:`prepare_guest_network`.
+:func:`prepare_test_process` (:func:`ensure_pyverbs_importable`,
+:func:`prepare_guest_network`).
 """
 
 from __future__ import annotations
@@ -90,6 +91,14 @@ def vm_skip_reason(test_file: str) -> str | None:
     if not {"rxe0", "rxe1"} <= set(devices):
         return f"no verbs devices rxe0/rxe1 here (found {devices or 'none'})"
     return None
+
+
+def prepare_test_process() -> None:
+    """What an RDMA test module does at import, before anything imports pyverbs:
+    inside the RDMA VM, make Debian's pyverbs importable and route rxe0 <-> rxe1."""
+    if os.environ.get("RDMA_VM") == "1":
+        ensure_pyverbs_importable()
+        prepare_guest_network()
 
 
 def prepare_guest_network() -> bool:

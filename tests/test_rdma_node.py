@@ -28,14 +28,11 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-IN_VM = os.environ.get("RDMA_VM") == "1"
 
 sys.path.insert(0, HERE)
 import rdma_peer  # noqa: E402
 
-if IN_VM:  # before anything imports pyverbs
-    rdma_peer.ensure_pyverbs_importable()
-    rdma_peer.prepare_guest_network()
+rdma_peer.prepare_test_process()  # before anything imports pyverbs
 
 from transports.rdma import list_devices  # noqa: E402
 
