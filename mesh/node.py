@@ -956,6 +956,9 @@ class Node:
                         link.cond, window, nbytes, timeout, item[0], lambda: link.closed
                     ):
                         continue  # it unsubscribed meanwhile
+                    # Still a burst (the subscriber is behind): this message starts
+                    # the next batch rather than leaving alone after the wait.
+                    link.last_send = time.monotonic()
                     action = window.offer(item, nbytes).action
                 if action is Action.SEND:
                     allowed.append(sid)
@@ -2005,9 +2008,29 @@ class Node:
                 wake = not self._dirty_grants
                 self._dirty_grants[(sub, publisher)] = grant
         if update is not None:
-            self._command(("credit", publisher, [[sub.sid, update[0], update[1]]]))
+            entries = [[sub.sid, update[0], update[1]]]
+            if not self._send_credit_direct(publisher, entries):
+                self._command(("credit", publisher, entries))
         elif wake:
             self._command(("flush_credit",))  # the I/O thread schedules the delayed flush
+
+    def _send_credit_direct(self, publisher: str, entries: list) -> bool:
+        """Send credit on the link's data socket from this (dispatch) thread: no wake-up
+        of the I/O thread, no hop. False when the link is busy, its queue is full, or
+        arrays go by RDMA (data-pipe messages then keep an order with them): the I/O
+        thread sends it on the control socket instead."""
+        link = self._links.get(publisher)
+        if link is None or not link.lock.acquire(False):
+            return False
+        try:
+            if link.closed or link.rdma_order is not None:
+                return False
+            link.sock.send(wire.pack(wire.CREDIT, entries), zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError:
+            return False
+        finally:
+            link.lock.release()
 
     def _flush_batches(self, now: float) -> float | None:
         """Send batches that waited batch_delay (I/O thread); the next deadline."""
