@@ -311,6 +311,8 @@ def _send_frames(sock: Any, frames: list) -> None:
 
 
 _NOBLOCK_MORE = zmq.NOBLOCK | zmq.SNDMORE
+# What owed credit may ride in front of (Node._owed_credit).
+_CREDIT_CARRIERS = (wire.MSG, wire.BATCH, wire.REPLY)
 # The dispatch thread returns the credit of a batch of messages at its end, or as
 # soon as handling it has taken this long (seconds).
 _CREDIT_HOLD = 0.002
@@ -440,6 +442,10 @@ class Node:
         self.counters = Counters()
         self.gaps = 0
         self.batches_out = 0  # frames that carried several small messages
+        # Credit updates sent, by how: "data" (the dispatch thread, on the data pipe),
+        # "control" (the I/O thread, on the control pipe), "riding" (in front of a
+        # message or batch going to that publisher anyway).
+        self.credit_updates = {"data": 0, "control": 0, "riding": 0}
         self.latency = LatencyHistogram()
         self._last_seq: dict[tuple[str, str], int] = {}
         self._logged_once: set[tuple[str, str]] = set()
@@ -1034,6 +1040,9 @@ class Node:
         A full peer queue drops it (counted), or with ``timeout`` waits that long."""
         sock = link.sock
         sync = None
+        owed = self._owed_credit(peer_id) if self._dirty_grants else None
+        if owed is not None:  # credit we owe this peer rides in front of the message
+            frames = [wire.pack(wire.CREDIT, owed), *frames]
         if link.rdma_order is not None:  # arrays went by RDMA: keep the order with them
             frames, sync = self._rdma_sync(link, frames)
         try:
@@ -1041,8 +1050,10 @@ class Node:
         except zmq.Again:
             if timeout is None or timeout <= 0:
                 self._count_drop("peer_queue_full", link)
+                self._owed_credit_failed(peer_id, owed)
                 return False
             if not sock.poll(int(timeout * 1000), zmq.POLLOUT):
+                self._owed_credit_failed(peer_id, owed)
                 raise BackpressureError(
                     f"peer {self._peer_name(peer_id)} did not accept the message within "
                     f"{timeout} s (its queue is full); slow down or raise timeout="
@@ -1050,8 +1061,11 @@ class Node:
             _send_frames(sock, frames)
         except zmq.ZMQError as exc:
             self._count_drop("send_error", link)
+            self._owed_credit_failed(peer_id, owed)
             log.debug("send to %s failed: %s", peer_id, exc)
             return False
+        if owed is not None:
+            self.credit_updates["riding"] += 1
         if sync is not None:
             link.rdma_order.synced(sync)
         self._count_out(link, nbytes)
@@ -1157,14 +1171,20 @@ class Node:
             return
         runs = [(run[0], run[4]) for run in batch]
         frames, sync = [wire.pack(wire.BATCH, count), encode_batch(runs)], None
+        owed = self._owed_credit(link.peer_id) if self._dirty_grants else None
+        if owed is not None:  # credit we owe this peer rides in front of the batch
+            frames.insert(0, wire.pack(wire.CREDIT, owed))
         if link.rdma_order is not None:  # arrays went by RDMA: keep the order with them
             frames, sync = self._rdma_sync(link, frames)
         try:
             link.sock.send_multipart(frames, zmq.NOBLOCK)
             self.batches_out += 1
+            if owed is not None:
+                self.credit_updates["riding"] += 1
             if sync is not None:
                 link.rdma_order.synced(sync)
         except zmq.ZMQError:
+            self._owed_credit_failed(link.peer_id, owed)
             self._count_drop("peer_queue_full", link)
             self.counters.drops["peer_queue_full"] += count - 1
             link.counters.drops["peer_queue_full"] += count - 1
@@ -1497,7 +1517,10 @@ class Node:
             ],
             "peers": peers,
             "subscriptions": subs,
-            "counters": {**self.counters.as_dict(), "gaps": self.gaps, "batches_out": self.batches_out},
+            "counters": {
+                **self.counters.as_dict(), "gaps": self.gaps, "batches_out": self.batches_out,
+                "credit_updates": dict(self.credit_updates),
+            },
             "latency": self.latency.summary(),
         }
 
@@ -1827,7 +1850,15 @@ class Node:
                 raise ProtocolError("malformed interest snapshot", "malformed")
             self._set_interest(peer, body[0], wire.check_interest_entries(body[1]))
         elif kind == wire.CREDIT:
+            if len(frames) == 2:
+                self._on_credit(peer, body)
+                return
+            # It rode in front of a message or batch.
+            rest = [frames[0], *frames[2:]]
+            if _header_kind(rest[1]) not in _CREDIT_CARRIERS:
+                raise ProtocolError("credit in front of something that carries none", "malformed")
             self._on_credit(peer, body)
+            self._handle(rest, now)
         elif kind == wire.SHM_OK:
             link = peer.link
             if self._beacon is not None and link is not None and link.shm_out is None:
@@ -2025,12 +2056,41 @@ class Node:
         try:
             if link.closed or link.rdma_order is not None:
                 return False
-            link.sock.send(wire.pack(wire.CREDIT, entries), zmq.NOBLOCK)
+            owed = self._owed_credit(publisher) if self._dirty_grants else None
+            if owed is not None:  # other subscriptions' credit for it goes along
+                entries = entries + owed
+            try:
+                link.sock.send(wire.pack(wire.CREDIT, entries), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                self._owed_credit_failed(publisher, owed)
+                return False
+            self.credit_updates["data"] += 1
             return True
-        except zmq.ZMQError:
-            return False
         finally:
             link.lock.release()
+
+    def _owed_credit(self, peer_id: str) -> list | None:
+        """Credit this node owes ``peer_id`` and holds back (below the threshold, its
+        timer not yet due), taken now to ride on a frame going there anyway: no
+        message of its own. Called by whoever sends to the peer, link lock held."""
+        entries = None
+        now = time.monotonic()
+        for (sub, publisher), grant in list(self._dirty_grants.items()):
+            if publisher != peer_id:
+                continue
+            with sub._flow:
+                update = grant.take_update(now, force=True)
+            if update is not None:
+                if entries is None:
+                    entries = []
+                entries.append([sub.sid, update[0], update[1]])
+        return entries
+
+    def _owed_credit_failed(self, peer_id: str, entries: list | None) -> None:
+        """The frame that carried credit was not sent: it must still arrive (the
+        publisher would wait for it forever), so the I/O thread sends it alone."""
+        if entries is not None:
+            self._command(("credit", peer_id, entries))
 
     def _flush_batches(self, now: float) -> float | None:
         """Send batches that waited batch_delay (I/O thread); the next deadline."""
@@ -2067,6 +2127,7 @@ class Node:
                 next_deadline = deadline
         for publisher, entries in due.items():
             self._send_control(publisher, wire.CREDIT, entries)
+            self.credit_updates["control"] += 1
         return next_deadline
 
     def _on_credit(self, peer: Peer, body: Any) -> None:
@@ -2560,7 +2621,7 @@ class Node:
             locality=locality,
             last_seen=now,
         )
-        peer.link = Link(sock, ctl, transport, endpoint, peer.counters)
+        peer.link = Link(sock, ctl, transport, endpoint, peer.counters, peer.id)
         self._peers[peer.id] = peer
         self._links[peer.id] = peer.link
         return peer
@@ -2733,6 +2794,7 @@ class Node:
     def _run_command(self, cmd: tuple) -> None:
         if cmd[0] == "credit":
             self._send_control(cmd[1], wire.CREDIT, cmd[2])
+            self.credit_updates["control"] += 1
         elif cmd[0] == "flush_credit":
             pass  # woke us: the loop computes the credit deadline
         elif cmd[0] == "batch":

@@ -31,14 +31,16 @@ class Link:
     of data and a busy peer is not mistaken for a dead one."""
 
     __slots__ = (
-        "sock", "ctl", "lock", "cond", "windows", "transport", "endpoint", "closed", "counters",
+        "peer_id", "sock", "ctl", "lock", "cond", "windows", "transport", "endpoint", "closed", "counters",
         "batch", "batch_bytes", "batch_count", "batch_cap", "batch_since", "last_send", "shm_out", "rdma", "rdma_off",
         "rdma_trackers", "rdma_order",
     )
 
     def __init__(
-        self, sock: Any, ctl: Any, transport: str, endpoint: str, counters: Counters
+        self, sock: Any, ctl: Any, transport: str, endpoint: str, counters: Counters,
+        peer_id: str = "",
     ) -> None:
+        self.peer_id = peer_id
         self.sock = sock
         self.ctl = ctl
         self.counters = counters  # the peer's, so publishers count without a lookup

@@ -664,6 +664,29 @@ def test_batches_from_a_peer_are_checked_whole_and_within_credit(procs, cluster)
         ctx.destroy(linger=0)
 
 
+def test_credit_riding_in_front_of_a_frame_is_checked(procs, cluster):
+    """Credit may ride in front of a message, reply or batch (one ZeroMQ message);
+    in front of anything else, or of more credit, the whole thing is dropped."""
+    h = procs.start("h")
+    sid = h.call("subscribe", pattern="r.>")
+    (mesh_sid,) = [s["sid"] for s in h.call("status")["subscriptions"] if s["pattern"] == "r.>"]
+    ctx = zmq.Context()
+    credit = wire.pack(wire.CREDIT, [[12345, 1, 64]])  # for no window of h's: ignored
+    try:
+        fake = connect_fake(ctx, h, cluster)
+        before = fake.status()["counters"]["drops"]
+        fake.send([credit, wire.pack(wire.PING, [1.0])])
+        fake.send([credit, credit, wire.pack_msg("r.x", 1, 1.0, 0, None, None, [mesh_sid]), b"no"])
+        fake.send([credit, wire.pack_msg("r.x", 1, 1.0, 0, None, None, [mesh_sid]), b"rode"])
+        after = fake.status()["counters"]["drops"]
+        assert after.get("malformed", 0) - before.get("malformed", 0) == 2
+        got = h.call("collected", sid=sid, n=1)
+        assert [(r["seq"], r["data"]) for r in got] == [(1, b"rode")]
+        fake.close()
+    finally:
+        ctx.destroy(linger=0)
+
+
 # ---------------------------------------------------------------------------- handshake races
 # A scripted peer "s" (raw sockets driven by the test) joins through a real node a,
 # which gossips it to a real node b. b then sees s as "joining" until s answers b's
