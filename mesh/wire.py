@@ -41,7 +41,8 @@ STATUS_REQ = 11  # body: token (any); sent by mesh-status from an unknown identi
 STATUS = 12  # body: [token, status dict]
 P2P = 13  # body: [channel, tag, flags, meta]  + payload frames as MSG (mesh/channels.py)
 SWIM = 14  # body: a membership message (mesh/membership.py)
-CREDIT = 15  # body: [[sid, msgs, bytes], ...] credit returned for consumed messages
+CREDIT = 15  # body: [[sid, msgs, bytes], ...] credit returned for consumed messages;
+#   alone, or + the frames of a MSG, BATCH or REPLY it rides in front of
 BATCH = 16  # body: message count; one frame of small messages (mesh/flow.py encode_batch)
 SHM_OK = 17  # body: None; "I can map your shared memory: send me arrays through it"
 SHM_RELEASE = 18  # body: released (slot, generation) pairs (transports/shm.py)
