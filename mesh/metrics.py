@@ -83,6 +83,14 @@ class NodeCollector:
             drops.add_metric([*values, reason], count)
         yield drops
 
+        credit = family(
+            CounterMetricFamily, "mesh_credit_updates",
+            "Credit updates sent back to publishers, by way (riding, data, control)", ("way",),
+        )
+        for way, count in sorted(status["counters"]["credit_updates"].items()):
+            credit.add_metric([*values, way], count)
+        yield credit
+
         gaps = family(
             CounterMetricFamily, "mesh_gaps", "Sequence numbers missed per (publisher, subject)"
         )

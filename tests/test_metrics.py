@@ -42,6 +42,9 @@ def test_metrics_endpoint_serves_documented_families() -> None:
         deadline = time.monotonic() + 5
         while sub.pending < 3 and time.monotonic() < deadline:
             time.sleep(0.01)
+        # The credit of the five consumed goes back on a's 5 ms timer (control pipe).
+        while a.status()["counters"]["credit_updates"]["control"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
         families = scrape(a.metrics_port)
 
     assert {
@@ -50,6 +53,7 @@ def test_metrics_endpoint_serves_documented_families() -> None:
         "mesh_bytes_in",
         "mesh_bytes_out",
         "mesh_drops",
+        "mesh_credit_updates",
         "mesh_gaps",
         "mesh_publish_latency_seconds",
         "mesh_queue_depth",
@@ -62,6 +66,7 @@ def test_metrics_endpoint_serves_documented_families() -> None:
     assert sample(families, "mesh_bytes_in", peer="m-b") == 503
     assert sample(families, "mesh_queue_depth", subscription="grad.>") == 3
     assert sample(families, "mesh_peers", state="alive") == 1
+    assert sample(families, "mesh_credit_updates", way="control") >= 1
     assert sample(families, "mesh_membership_events", event="joined") == 1
     latency = {s.labels.get("le"): s.value for s in families["mesh_publish_latency_seconds"].samples if s.name.endswith("_bucket")}
     assert latency["+Inf"] == 8
