@@ -1724,6 +1724,14 @@ class Node:
         """Release what waited too long for a message that was lost; forget the order
         of peers that are gone (what they sent is handled as it stands)."""
         for ident, order in list(self._rdma_order.items()):
+            overflowed = order.take_overflowed()
+            if overflowed:
+                # Counted here (each tick), not per message: it is rare and wants a log line.
+                self.counters.drops["rdma_order_full"] += overflowed
+                log.warning("%s: %d waits for messages from %s sent by rdma were given up: "
+                            "over %d messages waited behind them (lost?); delivered anyway",
+                            self.name, overflowed, self._peer_name(_peer_id_of(ident)),
+                            order.max_held)
             peer = self._peers.get(_peer_id_of(ident))
             if peer is None or peer.state == "dead" or (
                     peer.state == "left" and now - peer.gone_at > LEFT_GRACE):

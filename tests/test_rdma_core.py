@@ -593,6 +593,55 @@ def test_a_lost_resend_is_given_up_after_max_hold_and_the_rest_flows():
     assert recv.rdma(RdmaTag(1, 1, 1), "r1", 12.0) == [] and recv.duplicates == 1
 
 
+class _CheckedOrder(ReceiveOrder):
+    """A ReceiveOrder that checks its bound after every message."""
+
+    def socket(self, item, now):
+        out = super().socket(item, now)
+        assert self.held <= self.max_held
+        return out
+
+    def rdma(self, tag, item, now):
+        out = super().rdma(tag, item, now)
+        assert self.held <= self.max_held
+        return out
+
+    def sync(self, sync, now):
+        out = super().sync(sync, now)
+        assert self.held <= self.max_held
+        return out
+
+
+@settings(max_examples=500, deadline=None)
+@given(ops=OPS, schedule=SCHEDULE, drops=st.sets(st.integers(0, 39), max_size=6),
+       max_held=st.integers(1, 6))
+def test_held_messages_stay_within_max_held(ops, schedule, drops, max_held):
+    """However far one path runs ahead, the receiver never holds more than max_held
+    messages; every message is still delivered exactly once, and in send order
+    unless a wait was given up."""
+    sock, rdma, sent = _send(ops, drop_sock=drops)
+    out, recv = _receive(sock, rdma, schedule, _CheckedOrder(max_held=max_held))
+    out += recv.flush()
+    assert sorted(out) == sorted(sent) and len(out) == len(sent)
+    assert recv.duplicates == 0
+    if recv.overflowed == 0:
+        assert out == sent
+    assert recv.forced >= recv.overflowed
+
+
+def test_a_lost_rdma_message_cannot_pile_up_what_follows():
+    recv: ReceiveOrder[str] = ReceiveOrder(max_held=2)
+    recv.sync(Sync(1, 1, 1), 0.0)  # what follows waits for RDMA message 1
+    assert recv.socket("a", 0.0) == [] and recv.socket("b", 0.0) == []
+    assert recv.socket("c", 0.0) == ["a", "b", "c"]  # a third: the wait is given up
+    assert recv.overflowed == 1 and recv.forced == 1 and recv.held == 0
+    assert recv.take_overflowed() == 1 and recv.take_overflowed() == 0
+    assert not recv.blocked  # what follows is delivered at once again
+    assert recv.rdma(RdmaTag(1, 1, 1), "late", 1.0) == ["late"]  # late, not lost
+    with pytest.raises(ValueError, match="max_held"):
+        ReceiveOrder(max_held=0)
+
+
 # ---------------------------------------------------------------------------- bulk path selection
 
 

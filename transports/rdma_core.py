@@ -598,18 +598,29 @@ class ReceiveOrder(Generic[T]):
     socket may arrive before an earlier one is read from the ring, so it waits
     for it; one that arrived both ways is dropped (:attr:`duplicates`). Nothing
     waits forever: :meth:`expire` releases what waits for a message that was
-    lost (:attr:`forced`), :meth:`flush` everything (the peer is gone). Not
-    thread-safe.
+    lost (:attr:`forced`), :meth:`flush` everything (the peer is gone). Nothing
+    piles up either: beyond ``max_held`` messages held, the oldest wait is given
+    up at once (:attr:`overflowed`; a late message still comes, out of order).
+    Not thread-safe.
     """
 
     RETIRED = 8  # epochs of earlier links remembered, to recognise their stragglers
     MAX_SKIPPED = 4096  # indices given up on, remembered so a late one still counts
+    # Held messages at most: a peer sending at full speed while one RDMA message is
+    # lost would otherwise fill memory for the whole max_hold (the ZeroMQ receive
+    # queue's default high-water mark is of the same order).
+    MAX_HELD = 100_000
 
-    def __init__(self, epoch: int | None = None) -> None:
+    def __init__(self, epoch: int | None = None, max_held: int = MAX_HELD) -> None:
+        if max_held < 1:
+            raise ValueError(f"max_held must be >= 1, got {max_held}")
         self.epoch = epoch
+        self.max_held = max_held
         self._retired: deque[int] = deque(maxlen=self.RETIRED)
         self.duplicates = 0
         self.forced = 0
+        self.overflowed = 0  # waits given up because too much was held (also in forced)
+        self._overflowed_taken = 0
         self.progress_at = 0.0  # when the RDMA path last made progress
         self._marker: object = None
         self._reset()
@@ -634,7 +645,10 @@ class ReceiveOrder(Generic[T]):
     def socket(self, item: T, now: float) -> list[T]:
         """A data message from the socket."""
         self._sock.append((now, None, item))
-        return self._drain([])
+        out = self._drain([])
+        if len(self._sock) + len(self._rdma) > self.max_held:
+            self._overflow(out)
+        return out
 
     def sync(self, sync: Sync, now: float) -> list[T]:
         """A sync from the socket (alone, or in front of a message: pass that to
@@ -643,6 +657,8 @@ class ReceiveOrder(Generic[T]):
         if current:
             self._sock.append((now, sync, None))
             self._drain(out)
+            if len(self._sock) + len(self._rdma) > self.max_held:
+                self._overflow(out)
         return out
 
     def rdma(self, tag: RdmaTag, item: T, now: float) -> list[T]:
@@ -666,7 +682,33 @@ class ReceiveOrder(Generic[T]):
             return out
         q.insert(at, (index, now, tag.k, item))
         self.progress_at = now
-        return self._drain(out)
+        self._drain(out)
+        if len(self._sock) + len(self._rdma) > self.max_held:
+            self._overflow(out)
+        return out
+
+    def take_overflowed(self) -> int:
+        """Waits given up for lack of room since the last call (for counting)."""
+        new = self.overflowed - self._overflowed_taken
+        self._overflowed_taken = self.overflowed
+        return new
+
+    def _overflow(self, out: list[T]) -> None:
+        """Too much held: give up the oldest waits (as expire() would after max_hold)
+        until at most max_held entries (messages and syncs) are left."""
+        while len(self._sock) + len(self._rdma) > self.max_held:
+            sock, rdma = self._sock, self._rdma
+            if rdma and rdma[0][0] > self.rdma_seen + 1:
+                self._skip_to(rdma[0][0] - 1)
+            elif rdma and rdma[0][2] > self.syncs:
+                self.syncs = rdma[0][2]
+            elif sock and sock[0][1] is None and self.rdma_seen < self.wait_for:
+                self._skip_to(self.wait_for)
+            else:  # cannot happen (what is held waits for one of the above): never spin
+                break
+            self.forced += 1
+            self.overflowed += 1
+            self._drain(out)
 
     def progress(self, marker: object, now: float) -> None:
         """The RDMA path reports how far it got (e.g. bytes received): a new marker
