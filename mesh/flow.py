@@ -22,9 +22,8 @@ sent); byte credit only works if they agree.
 One message larger than ``credit_bytes`` may be in flight alone (when nothing
 else is), so an oversized message slows the link down but never wedges it.
 
-:class:`Batcher` packs small messages to one peer into batches by size and age;
-:func:`encode_batch` / :func:`decode_batch` put a batch in one frame, as runs of
-messages that share one header.
+:func:`encode_batch` / :func:`decode_batch` put a batch of small messages to one
+peer in one frame, as runs of messages that share one header.
 """
 
 from __future__ import annotations
@@ -44,7 +43,6 @@ __all__ = [
     "DEFAULT_FLUSH_DELAY",
     "OVERFLOW_POLICIES",
     "Action",
-    "Batcher",
     "CreditGrant",
     "CreditWindow",
     "Decision",
@@ -57,7 +55,6 @@ T = TypeVar("T")
 DEFAULT_CREDITS = 256
 DEFAULT_FLUSH_DELAY = 0.005  # seconds a consumed credit may wait for company
 DEFAULT_MAX_PENDING = 1024
-DEFAULT_BATCH_DELAY = 0.0005
 OVERFLOW_POLICIES = ("block", "drop_oldest", "drop_new")
 
 
@@ -557,78 +554,8 @@ class CreditWindow(Generic[T]):
 
 
 # --------------------------------------------------------------------------
-# Micro-batching
+# Micro-batching: the batch frame (the node batches inline, in runs; see Node._send_locked)
 # --------------------------------------------------------------------------
-
-
-class Batcher(Generic[T]):
-    """Packs small messages to one peer into batches, keeping their order.
-
-    A batch goes out when it reaches ``batch_bytes``, or ``batch_delay``
-    seconds after its first message arrived (call :meth:`due` at
-    :meth:`next_deadline`). A batch of several messages never exceeds
-    ``batch_bytes``: a message that would overflow it flushes the batch first.
-    A message of ``batch_bytes`` or more goes out alone. ``batch_bytes=0``
-    disables batching: every message is its own batch at once.
-    """
-
-    __slots__ = ("batch_bytes", "batch_delay", "_items", "_bytes", "_deadline", "batches")
-
-    def __init__(self, batch_bytes: int, batch_delay: float = DEFAULT_BATCH_DELAY) -> None:
-        self.batch_bytes = _check_int("batch_bytes", batch_bytes, 0, "use 0 to disable batching")
-        self.batch_delay = _check_delay(
-            "batch_delay", batch_delay, "it bounds the latency batching may add"
-        )
-        self._items: list[T] = []
-        self._bytes = 0
-        self._deadline: float | None = None
-        self.batches = 0
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    @property
-    def pending_bytes(self) -> int:
-        return self._bytes
-
-    def _take(self) -> list[T]:
-        items = self._items
-        self._items = []
-        self._bytes = 0
-        self._deadline = None
-        self.batches += 1
-        return items
-
-    def add(self, item: T, nbytes: int, now: float) -> list[list[T]]:
-        """Queue one message; returns the batches ready to send (usually none)."""
-        _check_nbytes(nbytes)
-        if self.batch_bytes == 0:
-            self.batches += 1
-            return [[item]]
-        out: list[list[T]] = []
-        if self._items and self._bytes + nbytes > self.batch_bytes:
-            out.append(self._take())  # would overflow: send what waits first, in order
-        if not self._items:
-            self._deadline = now + self.batch_delay
-        self._items.append(item)
-        self._bytes += nbytes
-        deadline = self._deadline
-        if self._bytes >= self.batch_bytes or (deadline is not None and now >= deadline):
-            out.append(self._take())
-        return out
-
-    def due(self, now: float) -> list[list[T]]:
-        """The batch that has waited ``batch_delay``, if any."""
-        if self._items and self._deadline is not None and now >= self._deadline:
-            return [self._take()]
-        return []
-
-    def flush(self) -> list[list[T]]:
-        """Everything waiting, now (the peer link is closing, or a sync point)."""
-        return [self._take()] if self._items else []
-
-    def next_deadline(self) -> float | None:
-        return self._deadline if self._items else None
 
 
 # Batch frame (version 2), all little-endian:

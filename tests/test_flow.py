@@ -29,7 +29,6 @@ from mesh.errors import ClosedError, ConfigError, MeshError, ProtocolError
 from mesh.flow import (
     OVERFLOW_POLICIES,
     Action,
-    Batcher,
     CreditGrant,
     CreditWindow,
     decode_batch,
@@ -73,13 +72,6 @@ def test_window_rejects_bad_config(kwargs: dict, needle: str) -> None:
 def test_grant_rejects_bad_config(kwargs: dict, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         CreditGrant(**kwargs)
-
-
-def test_batcher_rejects_bad_config() -> None:
-    with pytest.raises(ConfigError, match="batch_bytes"):
-        Batcher(-1)
-    with pytest.raises(ConfigError, match="batch_delay"):
-        Batcher(100, math.inf)
 
 
 def test_defaults_match_the_api() -> None:
@@ -220,8 +212,6 @@ def test_excess_credit_cannot_inflate_the_window() -> None:
 def test_negative_size_is_refused() -> None:
     with pytest.raises(ConfigError, match="nbytes"):
         CreditWindow(2).offer("a", -1)
-    with pytest.raises(ConfigError, match="nbytes"):
-        Batcher(10).add("a", -1, 0.0)
 
 
 def test_window_stats_are_plain_ints() -> None:
@@ -759,80 +749,6 @@ LinkSim.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestLinkSim = LinkSim.TestCase
-
-
-# --------------------------------------------------------------------------
-# Batcher
-# --------------------------------------------------------------------------
-
-
-def test_batcher_disabled_sends_every_message_alone() -> None:
-    b: Batcher[str] = Batcher(0)
-    assert b.add("a", 5, 0.0) == [["a"]]
-    assert b.add("b", 0, 0.0) == [["b"]]
-    assert b.next_deadline() is None and b.flush() == [] and len(b) == 0
-
-
-def test_batcher_by_example() -> None:
-    b: Batcher[str] = Batcher(10, 0.001)
-    assert b.add("a", 4, 0.0) == []
-    assert b.next_deadline() == 0.001
-    assert b.add("b", 4, 0.0005) == []
-    assert b.add("c", 4, 0.0006) == [["a", "b"]]  # c would overflow: flush first
-    assert b.next_deadline() == pytest.approx(0.0016)
-    assert b.add("big", 50, 0.0007) == [["c"], ["big"]]  # alone, after what waited
-    assert b.add("d", 6, 0.001) == []
-    assert b.add("e", 4, 0.001) == [["d", "e"]]  # exactly batch_bytes
-    assert b.add("f", 1, 0.002) == []
-    assert b.due(0.0029) == [] and b.due(0.003) == [["f"]]
-    assert b.add("g", 1, 0.004) == [] and b.flush() == [["g"]]
-
-
-@settings(max_examples=200, deadline=None)
-@given(
-    batch_bytes=st.integers(1, 64),
-    delay=st.sampled_from([0.0, 0.001, 0.004]),
-    msgs=st.lists(
-        st.tuples(st.integers(0, 80), st.sampled_from([0.0, 0.0002, 0.0007, 0.003])),
-        max_size=80,
-    ),
-)
-def test_batcher_keeps_order_size_and_delay(
-    batch_bytes: int, delay: float, msgs: list[tuple[int, float]]
-) -> None:
-    b: Batcher[int] = Batcher(batch_bytes, delay)
-    size = {i: n for i, (n, _) in enumerate(msgs)}
-    arrival: dict[int, float] = {}
-    out: list[tuple[list[int], float, str]] = []  # batch, flush time, why
-    now = 0.0
-    for i, (n, gap) in enumerate(msgs):
-        now += gap
-        # The event loop wakes at each deadline that passes before this message.
-        while (dl := b.next_deadline()) is not None and dl <= now:
-            out += [(batch, dl, "due") for batch in b.due(dl)]
-        arrival[i] = now
-        out += [(batch, now, "add") for batch in b.add(i, n, now)]
-    out += [(batch, math.inf, "flush") for batch in b.flush()]
-
-    flat = [i for batch, _, _ in out for i in batch]
-    assert flat == list(range(len(msgs)))  # order kept, nothing lost or repeated
-    for k, (batch, t, why) in enumerate(out):
-        assert batch
-        total = sum(size[i] for i in batch)
-        if len(batch) > 1:
-            assert total <= batch_bytes
-        if why == "flush":
-            continue
-        assert t - arrival[batch[0]] <= delay + 1e-12  # nobody waits past batch_delay
-        if why == "due":
-            assert t >= arrival[batch[0]] + delay - 1e-12  # and never flushed early
-        else:
-            # Flushed by add: full, aged, or the next message would not fit.
-            nxt = out[k + 1][0][0] if k + 1 < len(out) else None
-            full = total >= batch_bytes
-            aged = t >= arrival[batch[0]] + delay
-            no_room = nxt is not None and total + size[nxt] > batch_bytes
-            assert full or aged or no_room
 
 
 # --------------------------------------------------------------------------
