@@ -172,7 +172,10 @@ def test_credit_takes_the_io_thread_when_the_link_is_busy(make_node):
     """While another thread holds the link (a publisher sending on it), the dispatch
     thread does not wait for it: the I/O thread sends the credit on the control
     socket, and the publisher still gets every credit back."""
-    a, b = two_nodes(make_node)
+    # shm=False: the shared-memory handshake also takes the link lock on the I/O
+    # thread; arriving while the test holds it, it would stall that thread until
+    # the peer declared it dead.
+    a, b = two_nodes(make_node, shm=False)
     commands = _counting(a, "_command")
     got = _slow_sink(a, "busy", window=16)
     b.wait_for_subscribers("busy", 1, timeout=10)
