@@ -18,7 +18,7 @@ from mesh.errors import ConfigError
 __all__ = ["expand_tcp_endpoint", "is_wildcard_host", "local_ipv4_addresses", "parse_tcp_endpoint"]
 
 _WILDCARD_HOSTS = frozenset({"*", "0.0.0.0"})
-_TCP_RE = re.compile(r"^tcp://(?P<host>\[[^\]]*\]|[^:/\[\]]+):(?P<port>[^:/]+)$")
+_TCP_RE = re.compile(r"^tcp://(?P<host>\[[^\]]*\]|[^:/\[\]]+):(?P<port>[^:/]+)\Z")
 
 
 def _is_loopback(addr: str) -> bool:

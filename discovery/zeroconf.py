@@ -82,11 +82,11 @@ INSTANCE_MAX = 56  # DNS labels are <= 63 bytes; zeroconf may append "-N" on ren
 _REGISTER_TIMEOUT = 10.0  # s; zeroconf's own startup wait is 9 s
 _RESOLVE_ATTEMPTS = 4  # a ServiceInfo request that times out is retried with backoff
 _SAFE_LABEL = re.compile(r"[^A-Za-z0-9_-]+")
-_SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
-_TOKEN = re.compile(r"^[A-Za-z0-9_.+-]{1,32}$")
-_ENDPOINT = re.compile(r"^[a-z][a-z0-9+.-]{0,15}://\S{1,1000}$")
-_VERSION = re.compile(rb"^[0-9]{1,9}$")
-_CURVE_KEY = re.compile(r"^[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")  # Z85, 32 bytes
+_SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}\Z")
+_TOKEN = re.compile(r"^[A-Za-z0-9_.+-]{1,32}\Z")
+_ENDPOINT = re.compile(r"^[a-z][a-z0-9+.-]{0,15}://\S{1,1000}\Z")
+_VERSION = re.compile(rb"^[0-9]{1,9}\Z")
+_CURVE_KEY = re.compile(r"^[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}\Z")  # Z85, 32 bytes
 # Linux: without IP_MULTICAST_ALL=0 a socket bound to 0.0.0.0 receives the
 # group's traffic from every interface any process joined, not just ours.
 _IP_MULTICAST_ALL = getattr(

@@ -33,6 +33,7 @@ from discovery import addresses as addr_mod  # noqa: E402
 from discovery.addresses import (  # noqa: E402
     expand_tcp_endpoint,
     local_ipv4_addresses,
+    parse_tcp_endpoint,
 )
 from discovery.base import Announcement, Discovery, same_cluster_peer  # noqa: E402
 from discovery.zeroconf import (  # noqa: E402
@@ -333,6 +334,17 @@ def test_instance_name_is_a_safe_label(name: str, node_id: str) -> None:
     from zeroconf import service_type_name
 
     service_type_name(f"{label}-99.{SERVICE_TYPE}")  # still valid after a rename
+
+
+def test_a_trailing_newline_is_not_valid_anywhere() -> None:
+    """``$`` also matches before a final newline: each check must refuse it."""
+    assert "\n" not in instance_name("0", "0\n")  # the id is digested, not used as is
+    assert announcement_from_properties({**GOOD, b"ver": b"1\n"}, ["10.0.0.1"]) is None
+    b = announcement_from_properties({**GOOD, b"ep0": b"ipc:///x\n", b"ep1": b"ipc:///ok"}, ["10.0.0.1"])
+    assert b is not None and b.endpoints == ("ipc:///ok",)
+    with pytest.raises(ConfigError, match="transport"):
+        encode_properties(ann(transports=("tcp\n",)))
+    assert parse_tcp_endpoint("tcp://10.0.0.1:5555\n") is None
 
 
 def test_instance_name_unique_per_node_id() -> None:
