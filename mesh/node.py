@@ -313,6 +313,9 @@ def _send_frames(sock: Any, frames: list) -> None:
 _NOBLOCK_MORE = zmq.NOBLOCK | zmq.SNDMORE
 # What owed credit may ride in front of (Node._owed_credit).
 _CREDIT_CARRIERS = (wire.MSG, wire.BATCH, wire.REPLY)
+# The I/O thread looks again this much later at a batch it could not send (the
+# peer's queue was full) or whose link a publisher held (seconds).
+_QUEUE_FULL_RETRY = 0.005
 # The dispatch thread returns the credit of a batch of messages at its end, or as
 # soon as handling it has taken this long (seconds).
 _CREDIT_HOLD = 0.002
@@ -957,7 +960,7 @@ class Node:
                     if link.batch:
                         # Out of credit: the batch cannot grow while we wait, and its
                         # messages are what the subscriber needs to return credit.
-                        self._flush_batch(link)
+                        self._flush_batch(link, timeout)
                     if not self._wait_for_credit(
                         link.cond, window, nbytes, timeout, item[0], lambda: link.closed
                     ):
@@ -1018,10 +1021,10 @@ class Node:
                 link.batch_count += 1
                 self._count_out(link, nbytes)
                 if link.batch_bytes >= self._batch_max or link.batch_count >= link.batch_cap:
-                    self._flush_batch(link)
+                    self._flush_batch(link, timeout)
                 return True
             if batch:
-                self._flush_batch(link)  # keep order: what waited goes first
+                self._flush_batch(link, timeout)  # keep order: what waited goes first
             link.last_send = now
         frames = [wire.pack_msg(subject, seq, ts, flags, headers, req_id, sids), *payload]
         if (flags and shm_desc is None and link.rdma is not None and nbytes >= self._rdma_threshold
@@ -1159,10 +1162,16 @@ class Node:
             tracker.event.set()  # resent by copy (or lost): the caller's buffer is free
         link.rdma_trackers.clear()
 
-    def _flush_batch(self, link: Link) -> None:
-        """Send a link's waiting small messages as one frame (caller holds the lock)."""
+    def _flush_batch(self, link: Link, wait: float | None = None, keep: bool = False) -> None:
+        """Send a link's waiting small messages as one frame (caller holds the lock).
+        When the peer's queue is full: a publishing thread given a timeout waits up
+        to ``wait`` seconds for room (then drops them, counted, and raises
+        BackpressureError); ``keep`` (the I/O thread, which never waits) keeps them
+        for a later try; otherwise they are dropped and counted, as publish() without
+        a timeout does."""
         batch = link.batch
         count = link.batch_count
+        batch_bytes = link.batch_bytes
         link.batch = []
         link.batch_bytes = 0
         link.batch_count = 0
@@ -1177,7 +1186,18 @@ class Node:
         if link.rdma_order is not None:  # arrays went by RDMA: keep the order with them
             frames, sync = self._rdma_sync(link, frames)
         try:
-            link.sock.send_multipart(frames, zmq.NOBLOCK)
+            try:
+                link.sock.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                if keep:
+                    self._owed_credit_failed(link.peer_id, owed)
+                    # Back in place, first in line; looked at again in a moment.
+                    link.batch, link.batch_bytes, link.batch_count = batch, batch_bytes, count
+                    link.batch_since = time.monotonic() + _QUEUE_FULL_RETRY
+                    return
+                if not wait or wait <= 0 or not link.sock.poll(int(wait * 1000), zmq.POLLOUT):
+                    raise
+                link.sock.send_multipart(frames, zmq.NOBLOCK)
             self.batches_out += 1
             if owed is not None:
                 self.credit_updates["riding"] += 1
@@ -1188,6 +1208,12 @@ class Node:
             self._count_drop("peer_queue_full", link)
             self.counters.drops["peer_queue_full"] += count - 1
             link.counters.drops["peer_queue_full"] += count - 1
+            if wait and wait > 0:
+                raise BackpressureError(
+                    f"peer {self._peer_name(link.peer_id)} did not accept {count} batched "
+                    f"messages within {wait} s (its queue is full); they were dropped "
+                    "(counted as peer_queue_full); slow down or raise timeout="
+                ) from None
 
     def _open_window(self, peer_id: str, link: Link, sid: int) -> CreditWindow | None:
         params = self._routing.params(peer_id, sid)
@@ -2107,15 +2133,24 @@ class Node:
             if due > now:
                 next_deadline = due if next_deadline is None else min(next_deadline, due)
                 continue
-            with link.lock:
+            if not link.lock.acquire(False):
+                # A publisher holds the link (it may be waiting for room in the peer's
+                # queue): never wait for it here, the node's heartbeats go on; later.
+                due = now + _QUEUE_FULL_RETRY
+                self._batching[link] = due
+                next_deadline = due if next_deadline is None else min(next_deadline, due)
+                continue
+            try:
                 if link.batch and now - link.batch_since >= self._batch_delay:
-                    self._flush_batch(link)
-                if link.batch:  # a new batch began since: wait for its turn
+                    self._flush_batch(link, keep=True)
+                if link.batch:  # a new batch began since (or it waits for room): later
                     due = link.batch_since + self._batch_delay
                     self._batching[link] = due
                     next_deadline = due if next_deadline is None else min(next_deadline, due)
                 else:
                     del self._batching[link]
+            finally:
+                link.lock.release()
         return next_deadline
 
     def _flush_credits(self, now: float) -> float | None:
@@ -2329,7 +2364,9 @@ class Node:
             raise ProtocolError("hello without interest version", "malformed")
         entries = wire.check_interest_entries(entries)
         peer = self._peers.get(info["id"])
-        is_new = peer is None or peer.state not in ("alive", "joining")
+        # A suspect peer is a live one (SWIM may still refute): its hello must not
+        # rebuild the link, which would drop what is queued on it.
+        is_new = peer is None or peer.state not in (*_LIVE, "joining")
         if not is_new and peer is not None and peer.locality != Locality(info["host"], info["proc"]):
             # Discovery guessed the locality; the peer's own hello may allow a better link.
             is_new = True
@@ -2344,9 +2381,12 @@ class Node:
         if type(via) is str and via in self._seed_socks and body.get("ack"):
             self._seed_peer[via] = peer.id
         was_joining = peer.state == "joining"
+        was_suspect = peer.state == "suspect"
         # Interest first: whoever sees the peer alive must also see what it wants.
         self._set_interest(peer, iv, entries)
         peer.state = "alive"
+        if was_suspect and not is_new:
+            self._peer_event("alive", peer)  # it spoke: as good as a refutation
         if was_joining or is_new:
             peer.joined_at = now
             self._rejoin.pop(peer.id, None)
@@ -2915,8 +2955,8 @@ class Node:
     def _hello_seeds(self) -> None:
         for endpoint, sock in self._seed_socks.items():
             joined = self._peers.get(self._seed_peer.get(endpoint, ""))
-            if joined is not None and joined.state == "alive":
-                continue
+            if joined is not None and joined.state in _LIVE:
+                continue  # a suspect seed is SWIM's business, not a new join
             try:
                 sock.send(wire.pack(wire.HELLO, self._hello_body(False, via=endpoint)), zmq.NOBLOCK)
             except zmq.ZMQError:

@@ -815,3 +815,30 @@ def test_static_seeds_combine_with_zeroconf(make_node):
     # hidden learns of "other" through zc's gossip, not mDNS
     assert {p.name for p in hidden.wait_for_peers(2, timeout=15)} == {"zc", "other"}
     assert {p.name for p in other.wait_for_peers(2, timeout=15)} == {"zc", "hidden"}
+
+
+def test_a_hello_from_a_suspect_peer_keeps_its_link(make_node):
+    """A peer SWIM suspects (it missed probes: frozen, or a loaded machine) that says
+    hello is alive: the hello must not rebuild its link, which would drop what is
+    queued on it (seen as a test's 1,258 messages dropped for "no_link" after a
+    subscriber's 0.6 s SIGSTOP). It is marked alive again, with an "alive" event."""
+    import zmq
+
+    from mesh import wire
+
+    a = make_node("a", transports=("ipc",))
+    b = make_node("b", transports=("ipc",), seeds=[a.endpoints[0]])
+    b.wait_for_peers(1, timeout=10)
+    a.wait_for_peers(1, timeout=10)
+    link = b._links[a.id]
+    b._peers[a.id].state = "suspect"  # as b's membership would after a missed probe
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    try:
+        raw.setsockopt(zmq.LINGER, 0)
+        raw.connect(b.endpoints[0])
+        raw.send(wire.pack(wire.HELLO, a._hello_body(True)))  # a's hello, as a sends it
+        assert wait_until(lambda: b._peers[a.id].state == "alive", timeout=5.0)
+    finally:
+        raw.close(linger=0)
+    assert b._links[a.id] is link and not link.closed
+    assert b.membership_events["alive"] >= 1
