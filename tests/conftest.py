@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing as mp
 import os
@@ -196,6 +197,16 @@ class Proc:
         self.process.join(timeout=5.0)
         assert not self.process.is_alive(), f"{self.name} survived SIGKILL"
         self.harness.ipc_files.forget(self.endpoints)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """SIGSTOP for the duration of the block (a node frozen in place: nothing it
+        receives is read), SIGCONT after, also when the block fails."""
+        os.kill(self.process.pid, signal.SIGSTOP)
+        try:
+            yield self
+        finally:
+            os.kill(self.process.pid, signal.SIGCONT)
 
     def __repr__(self) -> str:
         return f"<Proc {self.name} pid={self.process.pid}>"

@@ -130,3 +130,64 @@ def test_memory_stays_flat_with_a_fast_publisher_and_a_slow_subscriber(procs):
     assert window["in_flight"] + window["available"] == 256
     (sub,) = [x for x in s.call("status")["subscriptions"] if x["pattern"] == "f.>"]
     assert 0 < sub["outstanding"]["p"] <= 256
+
+
+def test_a_full_peer_queue_holds_batched_messages_back_instead_of_dropping(procs):
+    """With a credit window far larger than the peer's queue, the queue is the limit.
+    The subscriber's process is frozen (SIGSTOP): its queue fills, and publish(timeout=)
+    waits for room, small batched messages too (they used to be dropped when their
+    batch found the queue full), while the publishing node keeps answering requests.
+    Once the subscriber thaws, every message arrives, in order, none dropped."""
+    n = 4000
+    # A frozen node is not a dead one here: lenient failure detection, so that a
+    # loaded machine stretching the freeze cannot make this a membership test.
+    lenient = {"peer_timeout": 10.0, "membership": {"suspicion_min": 5.0, "suspicion_max": 8.0}}
+    s = procs.start("s", sndhwm=2, rcvhwm=2, **lenient)
+    r = procs.start("r", seeds=[s.tcp], **lenient)
+    p = procs.start("p", seeds=[s.tcp], sndhwm=2, rcvhwm=2, **lenient)
+    p.call("wait_for_peers", n=2, timeout=15)
+    sid = s.call("subscribe", pattern="f.>", credits=1_000_000)
+    p.call("subscribe", pattern="svc", mode="echo")
+    p.call("wait_for_subscribers", subject="f.x", count=1, timeout=10)
+    r.call("wait_for_subscribers", subject="svc", count=1, timeout=10)
+    with s.paused():
+        # ~500 B each: small enough to be batched, large enough to fill the queue
+        # (ZeroMQ's two messages each way and the kernel's socket buffers) fast.
+        p.call("publish_loop_async", key="fill", subject="f.x", n=n, pad=500, timeout=20)
+        # Unblocked, 4,000 publish() calls take well under this; blocked, it runs on.
+        assert p.call("loop_result", key="fill", timeout=0.5) == {"running": True}
+        # The publishing node is not stuck behind the full link: it answers.
+        reply = r.call("request", subject="svc", data=b"alive?", timeout=2)
+        assert reply["reply"]["data"] == b"alive?", reply
+    out = p.call("loop_result", key="fill", timeout=30.0)
+    assert out == {"sent": n, "elapsed": out["elapsed"]}, out
+    got = s.call("collected", sid=sid, n=n, timeout=15)
+    counters = p.call("status")["counters"]
+    # On failure, say where the rest went (drops by reason, what left, peer states).
+    peers = [(q["name"], q["state"]) for q in p.call("status")["peers"]]
+    assert numbers(got) == list(range(1, n + 1)), (counters["drops"], counters["msgs_out"], peers)
+    assert not counters["drops"], counters["drops"]
+    assert counters["batches_out"] > 0  # the case at hand: batched messages
+
+
+def test_default_publish_into_a_full_queue_counts_every_drop_and_keeps_the_last_batch(procs):
+    """publish() without a timeout drops what a full peer queue refuses, counted one
+    by one before it returns; a batch still waiting when the burst ends is flushed by
+    the I/O thread, which keeps it until there is room (it used to drop it, after
+    publish() had returned). After the thaw the subscriber has exactly what was not
+    counted as dropped, in order, and no drop was added meanwhile."""
+    n = 4000
+    lenient = {"peer_timeout": 10.0, "membership": {"suspicion_min": 5.0, "suspicion_max": 8.0}}
+    s = procs.start("s", sndhwm=2, rcvhwm=2, **lenient)
+    p = procs.start("p", seeds=[s.tcp], sndhwm=2, rcvhwm=2, **lenient)
+    p.call("wait_for_peers", n=1, timeout=15)
+    sid = s.call("subscribe", pattern="f.>", credits=1_000_000)
+    p.call("wait_for_subscribers", subject="f.x", count=1, timeout=10)
+    with s.paused():
+        assert p.call("publish_loop", subject="f.x", n=n, pad=500)["sent"] == n
+        dropped = p.call("status")["counters"]["drops"].get("peer_queue_full", 0)
+        assert 0 < dropped < n - 100, dropped  # the queue filled; some got through
+    got = numbers(s.call("collected", sid=sid, n=n - dropped, timeout=15))
+    assert len(got) == n - dropped and got == sorted(got)
+    assert len(s.call("collected", sid=sid, n=n - dropped + 1, timeout=0.5)) == n - dropped
+    assert p.call("status")["counters"]["drops"] == {"peer_queue_full": dropped}
