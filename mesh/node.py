@@ -316,6 +316,9 @@ _CREDIT_CARRIERS = (wire.MSG, wire.BATCH, wire.REPLY)
 # The I/O thread looks again this much later at a batch it could not send (the
 # peer's queue was full) or whose link a publisher held (seconds).
 _QUEUE_FULL_RETRY = 0.005
+# Credit that found its link held (I/O thread): looked at again this much later,
+# unless the holder applied it first (seconds).
+_CREDIT_RETRY = 0.001
 # The dispatch thread returns the credit of a batch of messages at its end, or as
 # soon as handling it has taken this long (seconds).
 _CREDIT_HOLD = 0.002
@@ -422,6 +425,7 @@ class Node:
         self._shm_threshold = self.options["shm_threshold"]
         self._batch_delay = self.options["batch_delay"]
         self._batching: dict[Link, float] = {}  # links with waiting messages -> flush time
+        self._credit_later: set[Link] = set()  # credit left for a busy link (I/O thread)
         self._subs_by_sid: dict[int, Subscription] = {}
         self._dirty_grants: dict[tuple[Subscription, str], CreditGrant] = {}
         self._members: Membership | None = None
@@ -904,13 +908,19 @@ class Node:
                 self._pressure_notice(action.value, sub.sid)
 
     def _wait_for_credit(
-        self, cond: Any, window: Any, nbytes: int, timeout: float | None, what: str, lost: Any
+        self, cond: Any, window: Any, nbytes: int, timeout: float | None, what: str, lost: Any,
+        link: Link | None = None,
     ) -> bool:
         """Wait (holding ``cond``) until ``window`` can take ``nbytes``. False when the
         subscription went away meanwhile (nothing to send); PeerLostError when its
-        node died; BackpressureError after ``timeout``."""
+        node died; BackpressureError after ``timeout``. With ``link``, credit that
+        arrived while the lock was taken is applied before each check."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not window.can_send(nbytes):
+        while True:
+            if link is not None and link.credit_in:
+                self._apply_credit(link)
+            if window.can_send(nbytes):
+                break
             if lost():
                 raise PeerLostError(
                     f"the node subscribed to {what!r} died while publish() waited for its "
@@ -945,6 +955,8 @@ class Node:
             if link.closed:
                 self.counters.drops["no_link"] += 1
                 return
+            if link.credit_in:  # it came while another thread held the link
+                self._apply_credit(link)
             allowed = []
             dropped = None
             for sid in sids:
@@ -962,7 +974,7 @@ class Node:
                         # messages are what the subscriber needs to return credit.
                         self._flush_batch(link, timeout)
                     if not self._wait_for_credit(
-                        link.cond, window, nbytes, timeout, item[0], lambda: link.closed
+                        link.cond, window, nbytes, timeout, item[0], lambda: link.closed, link
                     ):
                         continue  # it unsubscribed meanwhile
                     # Still a burst (the subscriber is behind): this message starts
@@ -1609,6 +1621,11 @@ class Node:
                     credit_deadline = self._flush_credits(now)
                     if credit_deadline is not None:
                         wake_at = min(wake_at, credit_deadline)
+                if self._credit_later:
+                    for link in list(self._credit_later):
+                        self._take_credit(link)
+                    if self._credit_later:
+                        wake_at = min(wake_at, now + _CREDIT_RETRY)
                 wait_ms = max(0, int((wake_at - now) * 1000) + 1)
                 if self._rdma_links or self._rdma_order:
                     self._rdma_wait(wait_ms)
@@ -2179,16 +2196,39 @@ class Node:
         link = peer.link
         if link is None:
             return
-        with link.cond:
-            if link.closed:
-                return
-            for sid, msgs, nbytes in entries:
+        link.credit_in.append(entries)
+        self._take_credit(link)
+
+    def _take_credit(self, link: Link) -> None:
+        """Apply a link's pending credit if its lock is free (I/O thread). If a
+        publishing thread holds it, this thread does not wait (that publisher may be
+        waiting for room in a full peer queue): the publisher applies it when it next
+        publishes or waits for credit, and this thread looks again shortly."""
+        if not link.lock.acquire(False):
+            self._credit_later.add(link)
+            return
+        try:
+            self._credit_later.discard(link)
+            if link.credit_in:
+                self._apply_credit(link)
+        finally:
+            link.lock.release()
+
+    def _apply_credit(self, link: Link) -> None:
+        """Apply pending credit updates (link lock held): send what the windows held
+        back, wake publishers blocked on credit."""
+        credit_in = link.credit_in
+        if link.closed:
+            credit_in.clear()
+            return
+        while credit_in:  # the I/O thread appends meanwhile: popleft, never swap
+            for sid, msgs, nbytes in credit_in.popleft():
                 window = link.windows.get(sid)
                 if window is None:
                     continue
                 for item in window.on_credit(msgs, nbytes):
-                    self._send_locked(link, peer.id, item, [sid], None)
-            link.cond.notify_all()
+                    self._send_locked(link, link.peer_id, item, [sid], None)
+        link.cond.notify_all()
 
     def _on_reply(self, ident: bytes, header: list, frames: list) -> None:
         req_id, flags, headers = wire.check_reply(header)

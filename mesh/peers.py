@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -33,7 +34,7 @@ class Link:
     __slots__ = (
         "peer_id", "sock", "ctl", "lock", "cond", "windows", "transport", "endpoint", "closed", "counters",
         "batch", "batch_bytes", "batch_count", "batch_cap", "batch_since", "last_send", "shm_out", "rdma", "rdma_off",
-        "rdma_trackers", "rdma_order",
+        "rdma_trackers", "rdma_order", "credit_in",
     )
 
     def __init__(
@@ -47,6 +48,10 @@ class Link:
         self.lock = threading.Lock()
         # Publishers blocked on credit wait here; the I/O thread notifies on credit.
         self.cond = threading.Condition(self.lock)
+        # Credit updates from the peer not applied yet: the I/O thread never waits for
+        # the lock (a publisher may hold it for long, waiting for room in the peer's
+        # queue); whoever holds the lock next applies them (Node._apply_credit).
+        self.credit_in: deque[list] = deque()
         self.windows: dict[int, Any] = {}  # subscription id at the peer -> CreditWindow
         # Micro-batching of small messages (see Node._send_locked): runs of messages
         # that share a header, [header, subject or None, last seq, sids, payloads].

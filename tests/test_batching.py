@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
+import msgpack
 import pytest
+import zmq
 
 import mesh
+from mesh import wire
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -213,3 +217,44 @@ def test_credit_rides_on_replies_to_the_publisher(make_node):
     assert updates["riding"] >= 150, updates
     assert updates["data"] + updates["control"] <= 10, updates
     assert not any(b.status()["counters"]["drops"].values())
+
+
+def test_credit_for_a_held_link_does_not_stall_the_io_thread(make_node):
+    """Credit arriving while a publishing thread holds the link (as one waiting for
+    room in a full peer queue does) is left for later: the I/O thread does not wait
+    for the lock (it used to, and the node stopped answering anything meanwhile).
+    Once the lock is free the credit is applied and the window opens again."""
+    # Messages leave at once (no batch waiting for the timer behind the held lock).
+    a, b = two_nodes(make_node, shm=False, batch_bytes=0)
+    gate = threading.Event()
+    got: list = []
+
+    def handle(msg):
+        gate.wait(10)
+        got.append(int(msg.data))
+
+    a.subscribe("held", handle, credits=8)
+    b.wait_for_subscribers("held", 1, timeout=10)
+    for i in range(8):
+        b.publish("held", b"%d" % i, timeout=5)  # exactly the window
+    link = b._links[a.id]
+    window = next(iter(link.windows.values()))
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(b.endpoints[0])
+    try:
+        with link.lock:
+            assert window.in_flight == 8
+            gate.set()
+            _wait_for(got, 8)
+            assert len(got) == 8
+            assert _wait_until(lambda: bool(link.credit_in))  # it arrived, and waits
+            raw.send(wire.pack(wire.STATUS_REQ, 7))  # the I/O thread still answers
+            assert raw.poll(5000), "the I/O thread is stuck on the link lock"
+            header = msgpack.unpackb(raw.recv_multipart()[0], raw=False, strict_map_key=False)
+            assert header[1] == wire.STATUS and header[2][0] == 7
+            assert window.in_flight == 8  # not applied behind the holder's back
+        assert _wait_until(lambda: window.in_flight == 0)  # applied once the lock is free
+    finally:
+        raw.close(linger=0)
+    assert got == list(range(8))
