@@ -1181,6 +1181,7 @@ class Node:
         BackpressureError); ``keep`` (the I/O thread, which never waits) keeps them
         for a later try; otherwise they are dropped and counted, as publish() without
         a timeout does."""
+        wait = wait if wait is not None and wait > 0 else None  # a timeout of 0 never waits
         batch = link.batch
         count = link.batch_count
         batch_bytes = link.batch_bytes
@@ -1207,7 +1208,7 @@ class Node:
                     link.batch, link.batch_bytes, link.batch_count = batch, batch_bytes, count
                     link.batch_since = time.monotonic() + _QUEUE_FULL_RETRY
                     return
-                if not wait or wait <= 0 or not link.sock.poll(int(wait * 1000), zmq.POLLOUT):
+                if not wait or not link.sock.poll(int(wait * 1000), zmq.POLLOUT):
                     raise
                 link.sock.send_multipart(frames, zmq.NOBLOCK)
             self.batches_out += 1
@@ -1220,7 +1221,7 @@ class Node:
             self._count_drop("peer_queue_full", link)
             self.counters.drops["peer_queue_full"] += count - 1
             link.counters.drops["peer_queue_full"] += count - 1
-            if wait and wait > 0:
+            if wait:
                 raise BackpressureError(
                     f"peer {self._peer_name(link.peer_id)} did not accept {count} batched "
                     f"messages within {wait} s (its queue is full); they were dropped "

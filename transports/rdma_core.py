@@ -33,6 +33,7 @@ the protocol gives :class:`~mesh.errors.ProtocolError`.
 from __future__ import annotations
 
 import bisect
+import math
 import struct
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
@@ -646,8 +647,7 @@ class ReceiveOrder(Generic[T]):
         """A data message from the socket."""
         self._sock.append((now, None, item))
         out = self._drain([])
-        if len(self._sock) + len(self._rdma) > self.max_held:
-            self._overflow(out)
+        self._overflow(out)
         return out
 
     def sync(self, sync: Sync, now: float) -> list[T]:
@@ -657,8 +657,7 @@ class ReceiveOrder(Generic[T]):
         if current:
             self._sock.append((now, sync, None))
             self._drain(out)
-            if len(self._sock) + len(self._rdma) > self.max_held:
-                self._overflow(out)
+            self._overflow(out)
         return out
 
     def rdma(self, tag: RdmaTag, item: T, now: float) -> list[T]:
@@ -683,8 +682,7 @@ class ReceiveOrder(Generic[T]):
         q.insert(at, (index, now, tag.k, item))
         self.progress_at = now
         self._drain(out)
-        if len(self._sock) + len(self._rdma) > self.max_held:
-            self._overflow(out)
+        self._overflow(out)
         return out
 
     def take_overflowed(self) -> int:
@@ -696,17 +694,7 @@ class ReceiveOrder(Generic[T]):
     def _overflow(self, out: list[T]) -> None:
         """Too much held: give up the oldest waits (as expire() would after max_hold)
         until at most max_held entries (messages and syncs) are left."""
-        while len(self._sock) + len(self._rdma) > self.max_held:
-            sock, rdma = self._sock, self._rdma
-            if rdma and rdma[0][0] > self.rdma_seen + 1:
-                self._skip_to(rdma[0][0] - 1)
-            elif rdma and rdma[0][2] > self.syncs:
-                self.syncs = rdma[0][2]
-            elif sock and sock[0][1] is None and self.rdma_seen < self.wait_for:
-                self._skip_to(self.wait_for)
-            else:  # cannot happen (what is held waits for one of the above): never spin
-                break
-            self.forced += 1
+        while len(self._sock) + len(self._rdma) > self.max_held and self._give_up_head(math.inf, 0.0):
             self.overflowed += 1
             self._drain(out)
 
@@ -722,20 +710,26 @@ class ReceiveOrder(Generic[T]):
         RDMA message, once the RDMA path made no progress for ``max_hold`` seconds;
         an RDMA message waiting for a sync, ``max_hold`` seconds after it arrived."""
         out: list[T] = []
-        while True:
-            sock, rdma = self._sock, self._rdma
-            quiet = now - self.progress_at >= max_hold
-            if rdma and rdma[0][0] > self.rdma_seen + 1 and quiet and now - rdma[0][1] >= max_hold:
-                self._skip_to(rdma[0][0] - 1)
-            elif rdma and rdma[0][2] > self.syncs and now - rdma[0][1] >= max_hold:
-                self.syncs = rdma[0][2]
-            elif (sock and sock[0][1] is None and self.rdma_seen < self.wait_for and quiet
-                    and now - sock[0][0] >= max_hold):
-                self._skip_to(self.wait_for)
-            else:
-                return out
-            self.forced += 1
+        while self._give_up_head(now, max_hold):
             self._drain(out)
+        return out
+
+    def _give_up_head(self, now: float, max_hold: float) -> bool:
+        """Give up what the first held message waits for, if that wait is overdue
+        (see expire(); ``now=math.inf``: every wait is). False when none is."""
+        sock, rdma = self._sock, self._rdma
+        quiet = now - self.progress_at >= max_hold
+        if rdma and rdma[0][0] > self.rdma_seen + 1 and quiet and now - rdma[0][1] >= max_hold:
+            self._skip_to(rdma[0][0] - 1)
+        elif rdma and rdma[0][2] > self.syncs and now - rdma[0][1] >= max_hold:
+            self.syncs = rdma[0][2]
+        elif (sock and sock[0][1] is None and self.rdma_seen < self.wait_for and quiet
+                and now - sock[0][0] >= max_hold):
+            self._skip_to(self.wait_for)
+        else:
+            return False
+        self.forced += 1
+        return True
 
     def flush(self) -> list[T]:
         """Everything held, in the best order known (the peer is gone or started over)."""
