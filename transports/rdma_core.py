@@ -694,7 +694,7 @@ class ReceiveOrder(Generic[T]):
     def _overflow(self, out: list[T]) -> None:
         """Too much held: give up the oldest waits (as expire() would after max_hold)
         until at most max_held entries (messages and syncs) are left."""
-        while len(self._sock) + len(self._rdma) > self.max_held and self._give_up_head(math.inf, 0.0):
+        while self.held > self.max_held and self._give_up_head(math.inf, 0.0):
             self.overflowed += 1
             self._drain(out)
 
