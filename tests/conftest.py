@@ -34,6 +34,12 @@ sys.path.insert(0, os.path.dirname(__file__))  # spawn children import meshproc 
 
 import meshproc  # noqa: E402
 
+# A suite started in the background by a script (`make test &`) inherits SIGINT
+# ignored, and so would every process it starts: a test that presses Ctrl-C on a
+# child would wait for nothing. Children of this process get the default back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 import mesh  # noqa: E402
 
 _SPAWN = mp.get_context("spawn")
