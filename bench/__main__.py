@@ -78,7 +78,8 @@ def summary(rows: list[dict], cfg: pubsub.Config) -> str:
         f"{cfg.small_count:,} msgs; 1 MiB {cfg.array_reps} x {cfg.array_count:,} arrays; "
         "flow control cost = 1 - controlled/uncontrolled",
         "64 B variants: batching off = batch_bytes=0 on both nodes; flow control on = "
-        "subscribe(credits=256, overflow='block'), off = credits=10**9, overflow='drop_new'; "
+        "subscribe(credits=256, overflow='block'), off = credits=10**9, overflow='drop_new', "
+        "wider window = credits=1024; "
         "all with publish(timeout=5) but 'default publish()'. Latency goal: batch_bytes=0 "
         "on both nodes.",
     ]

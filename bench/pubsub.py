@@ -16,9 +16,11 @@ reports the ratio mesh/raw:
    ``overflow="block"``) with ``publish(timeout=5)`` (waits instead of dropping:
    the fair comparison; goal >= 50 % of raw); batching off (``batch_bytes=0``
    on both nodes); flow control out of the way (``credits=10**9``,
-   ``overflow="drop_new"``: credits never bind); the default drop-mode
+   ``overflow="drop_new"``: credits never bind); flow control with a window four
+   times the default (``credits=1024``, information); the default drop-mode
    ``publish()`` with its drop count. Derived: batching on/off (goal >= 2x) and
-   the cost of flow control, 1 - controlled/uncontrolled (goal < 10 %).
+   the cost of flow control, 1 - controlled/uncontrolled (goal < 10 %, at the
+   default window; the wider window's cost is information).
 3. 1 MiB float32 arrays: mesh vs PUSH/PULL ``copy=False``; both receivers
    build a numpy view on the received frame (no copy) and read it. Goal >= 80 %.
    tcp: ``transports=("tcp",)``, so the node's shared memory is off (it is used
@@ -520,6 +522,9 @@ NO_BATCH: dict[str, Any] = {"batch_bytes": 0}
 # The closest thing to no flow control: credits that never run out, and an
 # overflow policy that never waits (were they to run out, messages would drop).
 NO_FLOW: dict[str, Any] = {"credits": 10**9, "overflow": "drop_new"}
+# Flow control with a window four times the API's default (credits=256): what the
+# cost of flow control is at a window that covers the credit loop (information).
+WIDE_WINDOW: dict[str, Any] = {"credits": 1024}
 
 # Latency: impl -> node options (both nodes). "mesh" is the goal case.
 LATENCY_VARIANTS: dict[str, dict[str, Any]] = {"mesh": NO_BATCH, "mesh-batch": {}}
@@ -532,6 +537,7 @@ BYTES_VARIANTS: dict[str, dict[str, Any]] = {
     "mesh": {"pub_timeout": 5.0},
     "mesh-nobatch": {"pub_timeout": 5.0, "node_options": NO_BATCH},
     "mesh-noflow": {"pub_timeout": 5.0, "sub_options": NO_FLOW},
+    "mesh-credits1k": {"pub_timeout": 5.0, "sub_options": WIDE_WINDOW},
     "mesh-drop": {"pub_timeout": None},
     "mesh-curve": {"pub_timeout": 5.0, "node_options": CURVE},
 }
@@ -612,6 +618,7 @@ _DESCRIPTIONS = {
     "mesh": "batching on, flow control on (the default)",
     "mesh-nobatch": "batching off, flow control on",
     "mesh-noflow": "batching on, flow control off",
+    "mesh-credits1k": "batching on, flow control with credits=1024",
     "mesh-drop": "default publish() (drops when full)",
     "mesh-curve": "CurveZMQ (secret=), batching and flow control on",
 }
@@ -714,6 +721,8 @@ def _throughput(
     if kind == "bytes":
         rows.append(_compare(reps, meshes, transport, count, "batching", "mesh", "mesh-nobatch"))
         rows.append(_compare(reps, meshes, transport, count, "flow control", "mesh", "mesh-noflow"))
+        rows.append(_compare(reps, meshes, transport, count, "flow control", "mesh-credits1k",
+                             "mesh-noflow"))
     rows.append(_compare(reps, meshes, transport, count, "curve", "mesh-curve", "mesh", case))
     return rows
 
@@ -742,10 +751,14 @@ def _compare(reps: list[dict[str, dict]], meshes: dict[str, dict], transport: st
                    metric="msg/s with batching / msg/s without (flow control on in both)")
     else:
         # Cost: the rate given up by honouring credits, as a fraction of the rate without.
+        # The goal is the default window's; the wider one is information for the team.
         cost = 1.0 - ratio
-        row.update(case="64 B msgs, cost of flow control (on vs off)", cost=cost,
-                   costs=[1.0 - x for x in ratios], cpu_cost=cpu_ratio - 1.0,
-                   met=cost < GOAL_FLOW_COST, goal=f"cost < {GOAL_FLOW_COST:.0%}",
+        default = impl == "mesh"
+        row.update(case="64 B msgs, cost of flow control (on vs off)" if default else
+                   "64 B msgs, cost of flow control, credits=1024",
+                   cost=cost, costs=[1.0 - x for x in ratios], cpu_cost=cpu_ratio - 1.0,
+                   met=cost < GOAL_FLOW_COST if default else None,
+                   goal=f"cost < {GOAL_FLOW_COST:.0%}" if default else "information only",
                    metric="1 - msg/s flow-controlled / msg/s uncontrolled (batching on in both)")
     return row
 
