@@ -310,12 +310,19 @@ def _send_frames(sock: Any, frames: list) -> None:
         sock.send(frame, zmq.SNDMORE if index < last else 0, copy=_nbytes(frame) < ZERO_COPY_BYTES)
 
 
+def _send_multipart(sock: Any, frames: list) -> None:
+    sock.send_multipart(frames, zmq.NOBLOCK)
+
+
 _NOBLOCK_MORE = zmq.NOBLOCK | zmq.SNDMORE
 # What owed credit may ride in front of (Node._owed_credit).
 _CREDIT_CARRIERS = (wire.MSG, wire.BATCH, wire.REPLY)
 # The I/O thread looks again this much later at a batch it could not send (the
 # peer's queue was full) or whose link a publisher held (seconds).
 _QUEUE_FULL_RETRY = 0.005
+# A publisher waiting for room in a full peer queue tries again after this long,
+# doubling up to the second (seconds); it lets go of the link lock in between.
+_ROOM_RETRY = (0.0005, 0.008)
 # Credit that found its link held (I/O thread): looked at again this much later,
 # unless the holder applied it first (seconds).
 _CREDIT_RETRY = 0.001
@@ -1067,13 +1074,17 @@ class Node:
                 self._count_drop("peer_queue_full", link)
                 self._owed_credit_failed(peer_id, owed)
                 return False
-            if not sock.poll(int(timeout * 1000), zmq.POLLOUT):
+            room = self._wait_for_room(link, frames, timeout, _send_frames)
+            if room is not True:
                 self._owed_credit_failed(peer_id, owed)
+                if room == "closed":  # the peer went away meanwhile
+                    self.counters.drops["no_link"] += 1
+                    return False
+                self._count_drop("peer_queue_full", link)
                 raise BackpressureError(
                     f"peer {self._peer_name(peer_id)} did not accept the message within "
                     f"{timeout} s (its queue is full); slow down or raise timeout="
                 ) from None
-            _send_frames(sock, frames)
         except zmq.ZMQError as exc:
             self._count_drop("send_error", link)
             self._owed_credit_failed(peer_id, owed)
@@ -1208,9 +1219,13 @@ class Node:
                     link.batch, link.batch_bytes, link.batch_count = batch, batch_bytes, count
                     link.batch_since = time.monotonic() + _QUEUE_FULL_RETRY
                     return
-                if not wait or not link.sock.poll(int(wait * 1000), zmq.POLLOUT):
+                room = self._wait_for_room(link, frames, wait, _send_multipart) if wait else "full"
+                if room == "closed":  # the peer went away meanwhile
+                    self._owed_credit_failed(link.peer_id, owed)
+                    self.counters.drops["no_link"] += count
+                    return
+                if room is not True:
                     raise
-                link.sock.send_multipart(frames, zmq.NOBLOCK)
             self.batches_out += 1
             if owed is not None:
                 self.credit_updates["riding"] += 1
@@ -1227,6 +1242,35 @@ class Node:
                     f"messages within {wait} s (its queue is full); they were dropped "
                     "(counted as peer_queue_full); slow down or raise timeout="
                 ) from None
+
+    def _wait_for_room(self, link: Link, frames: list, wait: float, send: Any) -> bool | str:
+        """Try ``send(link.sock, frames)`` again until the full peer queue takes it,
+        for up to ``wait`` seconds (caller holds the link lock, and the first try
+        failed). The lock is let go between tries, so that other threads publishing
+        to this peer meanwhile keep their own timeouts (publish() without one drops
+        at once) instead of queueing behind this wait; the socket itself is only
+        used under the lock. True once sent, "full" after ``wait``, "closed" when
+        the link closed meanwhile. A link that sends arrays by RDMA keeps the lock
+        and polls (its frames carry a sync that no other message may overtake)."""
+        deadline = time.monotonic() + wait
+        pause, longest = _ROOM_RETRY
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return "full"
+            if link.rdma_order is not None:
+                if not link.sock.poll(int(remaining * 1000) + 1, zmq.POLLOUT):
+                    return "full"
+            else:
+                link.cond.wait(min(pause, remaining))  # lets go of the lock meanwhile
+                pause = min(pause * 2, longest)
+                if link.closed:
+                    return "closed"
+            try:
+                send(link.sock, frames)
+                return True
+            except zmq.Again:
+                continue
 
     def _open_window(self, peer_id: str, link: Link, sid: int) -> CreditWindow | None:
         params = self._routing.params(peer_id, sid)
@@ -2349,15 +2393,23 @@ class Node:
                 if tracker is None:
                     tracker = sock.send_multipart(frames, zmq.NOBLOCK, copy=copy, track=not copy)
             except zmq.Again:
-                # Bounded even without a timeout: the link lock is held meanwhile.
-                if timeout is None:
+                if timeout is None:  # bounded even without a timeout
                     timeout = self.options["peer_timeout"]
-                if not sock.poll(int(timeout * 1000), zmq.POLLOUT):
+                trackers: list = []
+
+                def send(sock: Any, frames: list) -> None:
+                    trackers.append(
+                        sock.send_multipart(frames, zmq.NOBLOCK, copy=copy, track=not copy))
+
+                room = self._wait_for_room(link, frames, timeout, send)
+                if room == "closed":
+                    raise PeerLostError(f"peer {peer.name} is gone", peer=peer_id) from None
+                if room is not True:
                     raise TimeoutError(
                         f"peer {peer.name} did not accept data on channel {channel!r} "
                         f"within {timeout} s"
                     ) from None
-                tracker = sock.send_multipart(frames, zmq.NOBLOCK, copy=copy, track=not copy)
+                tracker = trackers[0]
             if sync is not None:
                 link.rdma_order.synced(sync)
         self._count_out(link, nbytes)

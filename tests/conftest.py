@@ -207,12 +207,14 @@ class Proc:
     @contextlib.contextmanager
     def paused(self):
         """SIGSTOP for the duration of the block (a node frozen in place: nothing it
-        receives is read), SIGCONT after, also when the block fails."""
+        receives is read), SIGCONT after, also when the block fails (unless the block
+        killed it)."""
         os.kill(self.process.pid, signal.SIGSTOP)
         try:
             yield self
         finally:
-            os.kill(self.process.pid, signal.SIGCONT)
+            if not self.killed:
+                os.kill(self.process.pid, signal.SIGCONT)
 
     def __repr__(self) -> str:
         return f"<Proc {self.name} pid={self.process.pid}>"

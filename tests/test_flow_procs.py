@@ -191,3 +191,55 @@ def test_default_publish_into_a_full_queue_counts_every_drop_and_keeps_the_last_
     assert len(got) == n - dropped and got == sorted(got)
     assert len(s.call("collected", sid=sid, n=n - dropped + 1, timeout=0.5)) == n - dropped
     assert p.call("status")["counters"]["drops"] == {"peer_queue_full": dropped}
+
+
+def test_a_publisher_waiting_for_room_does_not_hold_up_other_threads(procs):
+    """A thread that waits for room in a full peer queue (publish(timeout=20)) must not
+    make another thread publishing to the same peer wait past its own timeout, nor
+    make publish() without a timeout wait at all: each gets its own behaviour (it used
+    to wait for the link's lock until the first one's wait ended)."""
+    n = 4000
+    lenient = {"peer_timeout": 10.0, "membership": {"suspicion_min": 5.0, "suspicion_max": 8.0}}
+    s = procs.start("s", sndhwm=2, rcvhwm=2, **lenient)
+    p = procs.start("p", seeds=[s.tcp], sndhwm=2, rcvhwm=2, **lenient)
+    p.call("wait_for_peers", n=1, timeout=15)
+    sid = s.call("subscribe", pattern="f.>", credits=1_000_000)
+    p.call("wait_for_subscribers", subject="f.x", count=1, timeout=10)
+    with s.paused():
+        p.call("publish_loop_async", key="fill", subject="f.x", n=n, pad=500, timeout=20)
+        assert p.call("loop_result", key="fill", timeout=0.5) == {"running": True}
+        # 5 KiB: never batched, so it meets the full queue itself.
+        waited = p.call("publish_loop", subject="f.y", n=1, pad=5000, timeout=0.3,
+                        call_timeout=30)
+        assert waited["error"] == "BackpressureError" and waited["elapsed"] < 3, waited
+        dropped = p.call("publish_loop", subject="f.y", n=1, pad=5000, call_timeout=30)
+        assert dropped["sent"] == 1 and dropped["elapsed"] < 3, dropped
+        assert p.call("loop_result", key="fill", timeout=0.1) == {"running": True}
+    out = p.call("loop_result", key="fill", timeout=30.0)
+    assert out == {"sent": n, "elapsed": out["elapsed"]}, out
+    got = [r for r in s.call("collected", sid=sid, n=n, timeout=15) if r["subject"] == "f.x"]
+    assert numbers(got) == list(range(1, n + 1))
+    # The two f.y messages were refused (queue full), counted; nothing else was.
+    assert p.call("status")["counters"]["drops"] == {"peer_queue_full": 2}
+
+
+def test_a_publisher_waiting_for_room_is_released_when_the_subscriber_dies(procs):
+    """The subscriber's queue is full (frozen) and a publisher waits for room with a long
+    timeout; then the subscriber is killed. Once it is declared dead the publisher goes
+    on: its message counts as no_link (the node it was for is gone), and the node's I/O
+    thread, which closes the link, does not wait for that publisher's timeout."""
+    s = procs.start("s", sndhwm=2, rcvhwm=2)
+    p = procs.start("p", seeds=[s.tcp], sndhwm=2, rcvhwm=2)
+    p.call("wait_for_peers", n=1, timeout=15)
+    s.call("subscribe", pattern="f.>", credits=1_000_000)
+    p.call("wait_for_subscribers", subject="f.x", count=1, timeout=10)
+    with s.paused():
+        # 5 KiB: never batched; the queue fills after a few.
+        p.call("publish_loop_async", key="fill", subject="f.x", n=400, pad=5000, timeout=60)
+        assert p.call("loop_result", key="fill", timeout=0.5) == {"running": True}
+        t0 = time.monotonic()
+        s.kill()
+    out = p.call("loop_result", key="fill", timeout=20.0)
+    assert out.get("sent") == 400 and time.monotonic() - t0 < 15.0, out
+    assert p.call("wait_peer_state", name="s", states=["dead"], timeout=1)["ok"]
+    assert p.call("status")["counters"]["drops"].get("no_link", 0) >= 1
