@@ -15,6 +15,15 @@ from meshproc import wait_until
 pytestmark = pytest.mark.timeout(90)
 
 
+# ZeroMQ queues of two messages each way: a frozen subscriber (Proc.paused()) fills
+# them, and the kernel's socket buffers, after a few messages.
+TINY_QUEUES = {"sndhwm": 2, "rcvhwm": 2}
+# A frozen node is not a dead one in the tests that freeze it: lenient failure
+# detection, so that a loaded machine stretching the freeze cannot make them
+# membership tests.
+LENIENT = {"peer_timeout": 10.0, "membership": {"suspicion_min": 5.0, "suspicion_max": 8.0}}
+
+
 def pair(procs, sub_args: dict, **node_kwargs):
     s = procs.start("s", **node_kwargs)
     p = procs.start("p", seeds=[s.tcp], **node_kwargs)
@@ -139,12 +148,9 @@ def test_a_full_peer_queue_holds_batched_messages_back_instead_of_dropping(procs
     batch found the queue full), while the publishing node keeps answering requests.
     Once the subscriber thaws, every message arrives, in order, none dropped."""
     n = 4000
-    # A frozen node is not a dead one here: lenient failure detection, so that a
-    # loaded machine stretching the freeze cannot make this a membership test.
-    lenient = {"peer_timeout": 10.0, "membership": {"suspicion_min": 5.0, "suspicion_max": 8.0}}
-    s = procs.start("s", sndhwm=2, rcvhwm=2, **lenient)
-    r = procs.start("r", seeds=[s.tcp], **lenient)
-    p = procs.start("p", seeds=[s.tcp], sndhwm=2, rcvhwm=2, **lenient)
+    s = procs.start("s", **TINY_QUEUES, **LENIENT)
+    r = procs.start("r", seeds=[s.tcp], **LENIENT)
+    p = procs.start("p", seeds=[s.tcp], **TINY_QUEUES, **LENIENT)
     p.call("wait_for_peers", n=2, timeout=15)
     sid = s.call("subscribe", pattern="f.>", credits=1_000_000)
     p.call("subscribe", pattern="svc", mode="echo")
@@ -177,12 +183,7 @@ def test_default_publish_into_a_full_queue_counts_every_drop_and_keeps_the_last_
     publish() had returned). After the thaw the subscriber has exactly what was not
     counted as dropped, in order, and no drop was added meanwhile."""
     n = 4000
-    lenient = {"peer_timeout": 10.0, "membership": {"suspicion_min": 5.0, "suspicion_max": 8.0}}
-    s = procs.start("s", sndhwm=2, rcvhwm=2, **lenient)
-    p = procs.start("p", seeds=[s.tcp], sndhwm=2, rcvhwm=2, **lenient)
-    p.call("wait_for_peers", n=1, timeout=15)
-    sid = s.call("subscribe", pattern="f.>", credits=1_000_000)
-    p.call("wait_for_subscribers", subject="f.x", count=1, timeout=10)
+    p, s, sid = pair(procs, {"credits": 1_000_000}, **TINY_QUEUES, **LENIENT)
     with s.paused():
         assert p.call("publish_loop", subject="f.x", n=n, pad=500)["sent"] == n
         dropped = p.call("status")["counters"]["drops"].get("peer_queue_full", 0)
@@ -199,12 +200,7 @@ def test_a_publisher_waiting_for_room_does_not_hold_up_other_threads(procs):
     make publish() without a timeout wait at all: each gets its own behaviour (it used
     to wait for the link's lock until the first one's wait ended)."""
     n = 4000
-    lenient = {"peer_timeout": 10.0, "membership": {"suspicion_min": 5.0, "suspicion_max": 8.0}}
-    s = procs.start("s", sndhwm=2, rcvhwm=2, **lenient)
-    p = procs.start("p", seeds=[s.tcp], sndhwm=2, rcvhwm=2, **lenient)
-    p.call("wait_for_peers", n=1, timeout=15)
-    sid = s.call("subscribe", pattern="f.>", credits=1_000_000)
-    p.call("wait_for_subscribers", subject="f.x", count=1, timeout=10)
+    p, s, sid = pair(procs, {"credits": 1_000_000}, **TINY_QUEUES, **LENIENT)
     with s.paused():
         p.call("publish_loop_async", key="fill", subject="f.x", n=n, pad=500, timeout=20)
         assert p.call("loop_result", key="fill", timeout=0.5) == {"running": True}
@@ -228,11 +224,7 @@ def test_a_publisher_waiting_for_room_is_released_when_the_subscriber_dies(procs
     timeout; then the subscriber is killed. Once it is declared dead the publisher goes
     on: its message counts as no_link (the node it was for is gone), and the node's I/O
     thread, which closes the link, does not wait for that publisher's timeout."""
-    s = procs.start("s", sndhwm=2, rcvhwm=2)
-    p = procs.start("p", seeds=[s.tcp], sndhwm=2, rcvhwm=2)
-    p.call("wait_for_peers", n=1, timeout=15)
-    s.call("subscribe", pattern="f.>", credits=1_000_000)
-    p.call("wait_for_subscribers", subject="f.x", count=1, timeout=10)
+    p, s, _sid = pair(procs, {"credits": 1_000_000}, **TINY_QUEUES)
     with s.paused():
         # 5 KiB: never batched; the queue fills after a few.
         p.call("publish_loop_async", key="fill", subject="f.x", n=400, pad=5000, timeout=60)
