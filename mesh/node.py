@@ -1003,11 +1003,6 @@ class Node:
     ) -> bool:
         """Put one message on a link's data socket; the caller holds the link lock."""
         subject, seq, ts, flags, headers, req_id, payload, nbytes = item
-        shm_desc = None
-        if flags and link.shm_out is not None and nbytes >= self._shm_threshold:
-            payload, shm_desc = self._to_shm(link, payload)
-            if shm_desc is not None:
-                flags |= wire.SHM
         if self._batch_max:
             now = time.monotonic()
             batch = link.batch
@@ -1045,14 +1040,26 @@ class Node:
             if batch:
                 self._flush_batch(link, timeout)  # keep order: what waited goes first
             link.last_send = now
+        shm_desc = None
+        if flags and link.shm_out is not None and nbytes >= self._shm_threshold:
+            payload, shm_desc = self._to_shm(link, payload)
+            if shm_desc is not None:
+                flags |= wire.SHM
         frames = [wire.pack_msg(subject, seq, ts, flags, headers, req_id, sids), *payload]
-        if (flags and shm_desc is None and link.rdma is not None and nbytes >= self._rdma_threshold
-                and self._to_rdma(link, peer_id, frames, None)):
-            self._count_out(link, nbytes)
-            return True
-        sent = self._put_frames(link, peer_id, frames, nbytes, timeout)
-        if not sent and shm_desc is not None:
-            link.shm_out.abort(shm_desc)  # the slot was never announced: free it
+        if shm_desc is None:
+            if (flags and link.rdma is not None and nbytes >= self._rdma_threshold
+                    and self._to_rdma(link, peer_id, frames, None)):
+                self._count_out(link, nbytes)
+                return True
+            return self._put_frames(link, peer_id, frames, nbytes, timeout)
+        shm_out = link.shm_out
+        try:
+            sent = self._put_frames(link, peer_id, frames, nbytes, timeout)
+        except BaseException:
+            shm_out.abort(shm_desc)  # never announced to the peer: free the slot
+            raise
+        if not sent:
+            shm_out.abort(shm_desc)
         return sent
 
     def _put_frames(
@@ -2379,7 +2386,6 @@ class Node:
                 if shm_desc is not None:
                     flags |= wire.SHM
             header = wire.pack(wire.P2P, [channel, tag, flags, meta])
-            sock = link.sock
             tracker = None
             if flags and shm_desc is None and link.rdma is not None and nbytes >= self._rdma_threshold:
                 tracker = _RdmaTracker()
@@ -2388,32 +2394,45 @@ class Node:
             frames, sync = [header, *payload], None
             if tracker is None and link.rdma_order is not None:  # keep the order with RDMA
                 frames, sync = self._rdma_sync(link, frames)
-            copy = nbytes < P2P_COPY_BYTES
-            try:
-                if tracker is None:
-                    tracker = sock.send_multipart(frames, zmq.NOBLOCK, copy=copy, track=not copy)
-            except zmq.Again:
-                if timeout is None:  # bounded even without a timeout
-                    timeout = self.options["peer_timeout"]
-                trackers: list = []
-
-                def send(sock: Any, frames: list) -> None:
-                    trackers.append(
-                        sock.send_multipart(frames, zmq.NOBLOCK, copy=copy, track=not copy))
-
-                room = self._wait_for_room(link, frames, timeout, send)
-                if room == "closed":
-                    raise PeerLostError(f"peer {peer.name} is gone", peer=peer_id) from None
-                if room is not True:
-                    raise TimeoutError(
-                        f"peer {peer.name} did not accept data on channel {channel!r} "
-                        f"within {timeout} s"
-                    ) from None
-                tracker = trackers[0]
+            if tracker is None:
+                try:
+                    tracker = self._channel_put(link, peer, channel, frames, nbytes, timeout)
+                except BaseException:
+                    if shm_desc is not None:  # never announced to the peer: free the slot
+                        link.shm_out.abort(shm_desc)
+                    raise
             if sync is not None:
                 link.rdma_order.synced(sync)
         self._count_out(link, nbytes)
         return _DoneTracker() if shm_desc is not None or tracker is None else tracker
+
+    def _channel_put(
+        self, link: Link, peer: Peer, channel: str, frames: list, nbytes: int,
+        timeout: float | None,
+    ) -> Any:
+        """Put a channel message on the link's socket (link lock held); its tracker.
+        A full peer queue is waited out, ``timeout`` or else ``peer_timeout`` long."""
+        copy = nbytes < P2P_COPY_BYTES
+        sent: list = []
+
+        def send(sock: Any, frames: list) -> None:
+            sent.append(sock.send_multipart(frames, zmq.NOBLOCK, copy=copy, track=not copy))
+
+        try:
+            send(link.sock, frames)
+            return sent[0]
+        except zmq.Again:
+            pass
+        if timeout is None:  # bounded even without a timeout
+            timeout = self.options["peer_timeout"]
+        room = self._wait_for_room(link, frames, timeout, send)
+        if room == "closed":
+            raise PeerLostError(f"peer {peer.name} is gone", peer=peer.id)
+        if room is not True:
+            raise TimeoutError(
+                f"peer {peer.name} did not accept data on channel {channel!r} within {timeout} s"
+            )
+        return sent[0]
 
     # -- handshake and gossip ---------------------------------------------------
 

@@ -193,6 +193,19 @@ def _run(node: Any, subs: dict, op: str, args: dict) -> Any:
             arr[0] = i
             node.publish(args["subject"], arr, timeout=args.get("timeout", 5.0))
         return {"sent": args["n"], "elapsed": time.monotonic() - t0}
+    if op == "channel_send":
+        # A collective's point-to-point send (Channel.send) of a float32 array.
+        peer_id = next(p.id for p in node.peers() if p.name == args["peer"])
+        channels = _STATE.setdefault("channels", {})
+        if args["channel"] not in channels:
+            channels[args["channel"]] = node._open_channel(args["channel"])
+        try:
+            channels[args["channel"]].send(peer_id, args.get("tag", 0),
+                                           np.zeros(args["floats"], np.float32),
+                                           timeout=args.get("timeout"))
+        except mesh.MeshError as exc:
+            return {"error": type(exc).__name__, "text": str(exc)}
+        return {"sent": True}
     if op == "publish_loop_async":
         # The same in a background thread (so the test can act while it blocks).
         result: dict = {}

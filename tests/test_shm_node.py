@@ -6,6 +6,7 @@ import glob
 
 import numpy as np
 import pytest
+from conftest import RemoteError
 from meshproc import as_array, wait_until
 
 pytestmark = pytest.mark.timeout(90)
@@ -84,3 +85,35 @@ def test_no_segments_left_after_nodes_close(procs):
     for w in (p, s):
         w.call("close")
     assert wait_until(lambda: not any(glob.glob(f"/dev/shm/zmesh-{i}*") for i in ids), 5)
+
+
+def test_an_array_refused_by_a_full_queue_gives_its_slot_back(procs):
+    """An array copied into a shared-memory slot whose message then finds the peer's
+    queue full past its timeout (publish: BackpressureError; a collective's channel
+    send: TimeoutError) frees the slot at once: it was never announced to the peer,
+    which would never release it (every such timeout shrank the pool for good)."""
+    # Not even suspected while frozen: a channel refuses a peer that is not alive.
+    lenient = {"peer_timeout": 10.0, "membership": {
+        "probe_interval": 5.0, "probe_timeout": 2.5, "suspicion_min": 5.0, "suspicion_max": 8.0}}
+    s = procs.start("s", sndhwm=2, rcvhwm=2, **lenient)
+    p = procs.start("p", seeds=[s.tcp], sndhwm=2, rcvhwm=2, **lenient)
+    p.call("wait_for_peers", n=1, timeout=15)
+    assert wait_until(lambda: peer_row(p.call("status"), "s")["bulk"] == "shm", 10)
+    s.call("subscribe", pattern="f.>", credits=1_000_000)
+    p.call("wait_for_subscribers", subject="f.x", count=1, timeout=10)
+
+    def fill() -> None:
+        # 5 KiB messages (never batched: no batch waits in front of the array) until
+        # one waits 0.2 s in vain: the queue and the kernel's buffers are full then.
+        out = p.call("publish_loop", subject="f.x", n=10_000, pad=5000, timeout=0.2)
+        assert out.get("error") == "BackpressureError", out
+
+    with s.paused():
+        fill()
+        with pytest.raises(RemoteError, match="BackpressureError"):
+            p.call("publish_arrays", subject="f.x", floats=1 << 18, n=1, timeout=0.3)
+        fill()
+        out = p.call("channel_send", peer="s", channel="c", floats=1 << 18, timeout=0.3)
+        assert out.get("error") == "TimeoutError", out
+        shm = peer_row(p.call("status"), "s")["shm"]
+        assert shm["writes"] == 2 and shm["in_use"] == 0, shm
