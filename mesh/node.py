@@ -2371,7 +2371,7 @@ class Node:
         payload, _array, flags, nbytes = self._encode_payload(data)
         link = self._links.get(peer_id)
         peer = self._peers.get(peer_id)
-        if link is None or peer is None or peer.state != "alive":
+        if link is None or peer is None or peer.state not in _LIVE:
             state = peer.state if peer else "unknown"
             raise PeerLostError(
                 f"peer {self._peer_name(peer_id)} is {state}; it left the mesh or never joined",

@@ -205,6 +205,8 @@ def _run(node: Any, groups: dict, op: str, args: dict) -> Any:
         return {"id": node.id, "name": node.name, "endpoints": list(node.endpoints)}
     if op == "wait_for_peers":
         return len(node.wait_for_peers(args["n"], timeout=args.get("timeout", 20.0)))
+    if op == "peer_states":
+        return {p["name"]: p["state"] for p in node.status()["peers"]}
     if op == "group":
         g = node.group(args["name"], args["size"], timeout=args.get("group_timeout", 20.0),
                        **args.get("options", {}))

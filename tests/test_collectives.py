@@ -458,6 +458,38 @@ def test_sigkill_mid_allreduce_then_reform():
         cluster.shutdown()
 
 
+def test_a_rank_that_stalls_is_waited_for_not_declared_lost():
+    """A rank frozen for a while (a long GC pause, a loaded machine: SIGSTOP here) is
+    suspected by the failure detector, not dead. A collective that sends to it
+    meanwhile waits for it, as Gloo would, instead of failing the group with
+    PeerLostError ("left the mesh or died"): channels used to refuse every peer that
+    was not "alive", suspect ones included."""
+    # Suspected soon (default probing), declared dead only after 5 s of suspicion.
+    lenient = {"peer_timeout": 10.0, "membership": {"suspicion_min": 5.0, "suspicion_max": 8.0}}
+    cluster = Cluster(2, prefix="z", **lenient)
+    try:
+        cluster.start()
+        cluster.form("stall", timeout=10.0)
+        a, b = cluster.by_rank
+        os.kill(b.process.pid, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 10.0
+            while a.call("peer_states").get(b.name) != "suspect":
+                assert time.monotonic() < deadline, a.call("peer_states")
+                time.sleep(0.05)
+            # b runs its part once thawed; a starts now and sends to the suspect b.
+            ids = {w: w.send("allreduce_loop", group="stall", elems=1000, iterations=20)
+                   for w in (a, b)}
+            time.sleep(0.5)
+        finally:
+            os.kill(b.process.pid, signal.SIGCONT)
+        for w in (a, b):
+            res = w.result(ids[w], timeout=30.0, what="allreduce_loop")
+            assert res["error"] is None and res["iterations"] == 20, res
+    finally:
+        cluster.shutdown()
+
+
 def test_straggler_is_named_excluded_and_reported():
     cluster = Cluster(3, prefix="s")
     timeout = 2.0
