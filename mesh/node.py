@@ -1039,6 +1039,9 @@ class Node:
                 return True
             if batch:
                 self._flush_batch(link, timeout)  # keep order: what waited goes first
+                if link.closed:  # the peer went away while that batch waited for room
+                    self.counters.drops["no_link"] += 1
+                    return False
             link.last_send = now
         shm_desc = None
         if flags and link.shm_out is not None and nbytes >= self._shm_threshold:

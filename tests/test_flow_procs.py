@@ -235,3 +235,28 @@ def test_a_publisher_waiting_for_room_is_released_when_the_subscriber_dies(procs
     assert out.get("sent") == 400 and time.monotonic() - t0 < 15.0, out
     assert p.call("wait_peer_state", name="s", states=["dead"], timeout=1)["ok"]
     assert p.call("status")["counters"]["drops"].get("no_link", 0) >= 1
+
+
+def test_a_message_behind_a_waiting_batch_is_not_sent_to_a_closed_link(procs):
+    """A large message waits for the batch in front of it to leave (order), and that
+    batch for room in a frozen subscriber's full queue; the subscriber is killed.
+    The batch and the message count as no_link, and nothing is put on the closed
+    socket (that used to count a send_error)."""
+    p, s, _sid = pair(procs, {"credits": 1_000_000}, **TINY_QUEUES)
+    with s.paused():
+        # Full for certain: a 5 KiB message (never batched) waited 0.2 s in vain.
+        out = p.call("publish_loop", subject="f.x", n=10_000, pad=5000, timeout=0.2)
+        assert out.get("error") == "BackpressureError", out
+        # Three small ones in a burst: the first meets the full queue (dropped), the
+        # next wait in a batch (the I/O thread keeps it while the queue is full) if
+        # they come within 50 µs of the one before, as they do unless the machine
+        # stalls (then the big one meets the full queue itself: the test above).
+        assert p.call("publish_loop", subject="f.x", n=3, pad=500)["sent"] == 3
+        # Not batched: it waits for that batch to leave first.
+        p.call("publish_loop_async", key="big", subject="f.x", n=1, pad=5000, timeout=60)
+        assert p.call("loop_result", key="big", timeout=0.5) == {"running": True}
+        s.kill()
+    out = p.call("loop_result", key="big", timeout=20.0)
+    assert out.get("sent") == 1, out
+    drops = p.call("status")["counters"]["drops"]
+    assert "send_error" not in drops and drops.get("no_link", 0) >= 1, drops
