@@ -17,6 +17,7 @@ import itertools
 import logging
 import math
 import os
+import queue
 import random
 import socket
 import threading
@@ -478,8 +479,6 @@ class Node:
         self._check_open()
         if self._started:
             return self
-        import queue
-
         self._dispatch = queue.SimpleQueue()
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
@@ -903,8 +902,13 @@ class Node:
                 if action is Action.BLOCK:
                     if sub.closed:
                         continue
+                    # A handler publishing to a handler of this node: only this very
+                    # thread can return that credit, by running the queued handlers.
+                    own = sub.handler is not None and (
+                        threading.current_thread() is self._dispatch_thread)
                     if not self._wait_for_credit(
-                        sub._flow, sub._window, nbytes, timeout, sub.pattern, lambda: False
+                        sub._flow, sub._window, nbytes, timeout, sub.pattern, lambda: False,
+                        run_handlers=own,
                     ):
                         continue
                     action = sub._window.offer(msg, nbytes).action
@@ -916,12 +920,14 @@ class Node:
 
     def _wait_for_credit(
         self, cond: Any, window: Any, nbytes: int, timeout: float | None, what: str, lost: Any,
-        link: Link | None = None,
+        link: Link | None = None, run_handlers: bool = False,
     ) -> bool:
         """Wait (holding ``cond``) until ``window`` can take ``nbytes``. False when the
         subscription went away meanwhile (nothing to send); PeerLostError when its
         node died; BackpressureError after ``timeout``. With ``link``, credit that
-        arrived while the lock was taken is applied before each check."""
+        arrived while the lock was taken is applied before each check. With
+        ``run_handlers`` (the dispatch thread, waiting for credit that only its own
+        handlers return), queued handler calls run meanwhile, as in _wait_reply."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if link is not None and link.credit_in:
@@ -942,8 +948,31 @@ class Node:
                     "slower than you publish); slow down, raise timeout=, or subscribe with "
                     "overflow='drop_oldest'"
                 )
-            cond.wait(remaining if remaining is not None else 1.0)
+            if run_handlers:
+                self._run_queued_handlers(cond, remaining)
+            else:
+                cond.wait(remaining if remaining is not None else 1.0)
         return True
+
+    def _run_queued_handlers(self, cond: Any, remaining: float | None) -> None:
+        """Dispatch thread, holding ``cond`` once: run the next queued handler call
+        without holding it, or wait a moment on it when none is queued."""
+        try:
+            item = self._dispatch.get_nowait()
+        except queue.Empty:
+            cond.wait(min(remaining, 0.005) if remaining is not None else 0.005)
+            return
+        if item is _STOP:
+            self._dispatch.put(_STOP)  # for the dispatch loop; close() set _closed first
+            return
+        cond.release()
+        try:
+            self._run_item(item)
+        except Exception:  # as in the dispatch loop: a handler's error ends nothing
+            self.counters.drops["dispatch_error"] += 1
+            log.exception("%s: dispatch error", self.name)
+        finally:
+            cond.acquire()
 
     def _send_msg(self, peer_id: str, sids: Any, item: tuple, timeout: float | None) -> None:
         """Send one message to a peer for the subscriptions ``sids``, each within its credit."""
@@ -1502,8 +1531,6 @@ class Node:
             return pending.event.wait(timeout)
         # A handler is requesting: the responder may be a handler of this very node,
         # queued behind us on the dispatch thread. Run queued handlers meanwhile.
-        import queue
-
         deadline = time.monotonic() + timeout
         while not pending.event.is_set():
             remaining = deadline - time.monotonic()
@@ -2630,8 +2657,6 @@ class Node:
         makes one and connects it to ``body``, "connect" connects ``conn``. The result
         comes back as an ("rdma", ...) command; until then arrays go on the socket."""
         if self._rdma_jobs is None:
-            import queue
-
             self._rdma_jobs = queue.SimpleQueue()
             threading.Thread(target=self._rdma_setup_loop, name=f"mesh-rdma-{self.name}",
                              daemon=True).start()

@@ -719,6 +719,35 @@ def test_publish_from_inside_a_handler(make_node):
     assert [sink.next(timeout=2).data for _ in range(5)] == [b"fwd:%d" % i for i in range(5)]
 
 
+def test_a_handler_publishes_beyond_the_window_of_a_handler_of_its_own_node(make_node):
+    """A handler that publishes more than the window of another handler of the same
+    node (a fan-out stage, a pipeline within one process) with overflow="block" and
+    no timeout: that credit can only come back through the dispatch thread the
+    publisher runs on, so publish() runs the queued handler calls while it waits
+    (it used to wait forever; with timeout= it raised BackpressureError)."""
+    node = make_node()
+    got: list[bytes] = []
+    node.subscribe("stage2", lambda m: got.append(bytes(m.data)), credits=8)
+    finished = threading.Event()
+    errors: list[str] = []
+
+    def stage1(msg):
+        try:
+            for i in range(50):
+                node.publish("stage2", b"%d" % i)  # no timeout: blocks for credit
+        except MeshError as exc:
+            errors.append(repr(exc))
+        finished.set()
+
+    node.subscribe("stage1", stage1)
+    node.publish("stage1", b"go")
+    assert finished.wait(10.0), f"stage1 still blocked; stage2 got {len(got)}"
+    assert not errors
+    assert wait_until(lambda: len(got) == 50, 5.0)
+    assert got == [b"%d" % i for i in range(50)]  # in order, none lost
+    assert node.status()["counters"]["drops"] == {}, node.status()["counters"]["drops"]
+
+
 def test_wait_for_subscribers_counts_this_node(make_node):
     node = make_node()
     with pytest.raises(mesh.TimeoutError):
