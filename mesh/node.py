@@ -421,6 +421,9 @@ class Node:
         self._early: dict[str, collections.deque] = {}  # channel -> (time, msg) not yet opened
         self._dispatch: Any = None
         self._io_batch: list = []
+        # Dispatch items a handler waiting for its own node's credit took out of the
+        # queue and did not run (_run_queued_handlers): they run first, in order.
+        self._deferred: collections.deque = collections.deque()
 
         self._metrics_port_wanted = metrics_port
         self._metrics: Any = None
@@ -903,12 +906,12 @@ class Node:
                     if sub.closed:
                         continue
                     # A handler publishing to a handler of this node: only this very
-                    # thread can return that credit, by running the queued handlers.
+                    # thread can return that credit, by running that handler.
                     own = sub.handler is not None and (
                         threading.current_thread() is self._dispatch_thread)
                     if not self._wait_for_credit(
                         sub._flow, sub._window, nbytes, timeout, sub.pattern, lambda: False,
-                        run_handlers=own,
+                        run_for=sub if own else None,
                     ):
                         continue
                     action = sub._window.offer(msg, nbytes).action
@@ -920,14 +923,15 @@ class Node:
 
     def _wait_for_credit(
         self, cond: Any, window: Any, nbytes: int, timeout: float | None, what: str, lost: Any,
-        link: Link | None = None, run_handlers: bool = False,
+        link: Link | None = None, run_for: Subscription | None = None,
     ) -> bool:
         """Wait (holding ``cond``) until ``window`` can take ``nbytes``. False when the
         subscription went away meanwhile (nothing to send); PeerLostError when its
         node died; BackpressureError after ``timeout``. With ``link``, credit that
         arrived while the lock was taken is applied before each check. With
-        ``run_handlers`` (the dispatch thread, waiting for credit that only its own
-        handlers return), queued handler calls run meanwhile, as in _wait_reply."""
+        ``run_for`` (the dispatch thread, waiting for credit that only that
+        subscription's handler, on this thread, can return), its queued handler
+        calls run meanwhile."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if link is not None and link.credit_in:
@@ -948,23 +952,35 @@ class Node:
                     "slower than you publish); slow down, raise timeout=, or subscribe with "
                     "overflow='drop_oldest'"
                 )
-            if run_handlers:
-                self._run_queued_handlers(cond, remaining)
+            if run_for is not None:
+                self._run_queued_handlers(cond, remaining, run_for)
             else:
                 cond.wait(remaining if remaining is not None else 1.0)
         return True
 
-    def _run_queued_handlers(self, cond: Any, remaining: float | None) -> None:
-        """Dispatch thread, holding ``cond`` once: run the next queued handler call
-        without holding it, or wait a moment on it when none is queued."""
-        try:
-            item = self._dispatch.get_nowait()
-        except queue.Empty:
-            cond.wait(min(remaining, 0.005) if remaining is not None else 0.005)
-            return
-        if item is _STOP:
-            self._dispatch.put(_STOP)  # for the dispatch loop; close() set _closed first
-            return
+    def _run_queued_handlers(self, cond: Any, remaining: float | None, sub: Subscription) -> None:
+        """Dispatch thread, holding ``cond`` once: run the next queued call of
+        ``sub``'s handler (a message this node published to it) without holding
+        ``cond``. Other items it passes on the way are set aside, in order, for the
+        dispatch loop (running them here would nest handlers without bound); when
+        there is none, wait a moment on ``cond``."""
+        deferred = self._deferred
+        item = None
+        for index, queued in enumerate(deferred):  # set aside by an outer wait
+            if type(queued) is tuple and queued[0] is sub:
+                item = queued
+                del deferred[index]
+                break
+        while item is None:
+            try:
+                queued = self._dispatch.get_nowait()
+            except queue.Empty:
+                cond.wait(min(remaining, 0.005) if remaining is not None else 0.005)
+                return
+            if type(queued) is tuple and queued[0] is sub:
+                item = queued
+            else:
+                deferred.append(queued)  # _STOP too: the dispatch loop ends on it
         cond.release()
         try:
             self._run_item(item)
@@ -1413,8 +1429,9 @@ class Node:
 
     def _dispatch_loop(self) -> None:
         get = self._dispatch.get
+        deferred = self._deferred
         while True:
-            item = get()
+            item = deferred.popleft() if deferred else get()
             if item is _STOP:
                 return
             try:
@@ -1537,7 +1554,9 @@ class Node:
             if remaining <= 0:
                 return False
             try:
-                item = self._dispatch.get(timeout=min(remaining, 0.05))
+                deferred = self._deferred
+                item = deferred.popleft() if deferred else self._dispatch.get(
+                    timeout=min(remaining, 0.05))
             except queue.Empty:
                 continue
             if item is _STOP:

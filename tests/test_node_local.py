@@ -723,28 +723,36 @@ def test_a_handler_publishes_beyond_the_window_of_a_handler_of_its_own_node(make
     """A handler that publishes more than the window of another handler of the same
     node (a fan-out stage, a pipeline within one process) with overflow="block" and
     no timeout: that credit can only come back through the dispatch thread the
-    publisher runs on, so publish() runs the queued handler calls while it waits
-    (it used to wait forever; with timeout= it raised BackpressureError)."""
+    publisher runs on, so publish() runs that handler's queued calls while it waits
+    (it used to wait forever; with timeout= it raised BackpressureError). Calls of
+    other handlers queued meanwhile (here: more stage1 messages) are not nested:
+    they run after, in order."""
     node = make_node()
     got: list[bytes] = []
     node.subscribe("stage2", lambda m: got.append(bytes(m.data)), credits=8)
-    finished = threading.Event()
+    finished: list[bytes] = []
     errors: list[str] = []
+    depth = [0, 0]  # current, deepest stage1 nesting
 
     def stage1(msg):
+        depth[0] += 1
+        depth[1] = max(depth)
         try:
             for i in range(50):
-                node.publish("stage2", b"%d" % i)  # no timeout: blocks for credit
+                node.publish("stage2", bytes(msg.data) + b":%d" % i)  # no timeout
         except MeshError as exc:
             errors.append(repr(exc))
-        finished.set()
+        depth[0] -= 1
+        finished.append(bytes(msg.data))
 
     node.subscribe("stage1", stage1)
-    node.publish("stage1", b"go")
-    assert finished.wait(10.0), f"stage1 still blocked; stage2 got {len(got)}"
-    assert not errors
-    assert wait_until(lambda: len(got) == 50, 5.0)
-    assert got == [b"%d" % i for i in range(50)]  # in order, none lost
+    for k in range(5):
+        node.publish("stage1", b"%d" % k)
+    assert wait_until(lambda: len(finished) == 5, 10.0), f"stage2 got {len(got)}"
+    assert not errors and depth[1] == 1
+    assert finished == [b"%d" % k for k in range(5)]
+    assert wait_until(lambda: len(got) == 250, 5.0)
+    assert got == [b"%d:%d" % (k, i) for k in range(5) for i in range(50)]  # in order
     assert node.status()["counters"]["drops"] == {}, node.status()["counters"]["drops"]
 
 
