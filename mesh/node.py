@@ -2252,8 +2252,9 @@ class Node:
                 next_deadline = due if next_deadline is None else min(next_deadline, due)
                 continue
             if not link.lock.acquire(False):
-                # A publisher holds the link (it may be waiting for room in the peer's
-                # queue): never wait for it here, the node's heartbeats go on; later.
+                # A publisher holds the link (it may hold it for long: copying an array
+                # into shared memory, or waiting for room on a link that sends arrays
+                # by RDMA): never wait for it here, the node's heartbeats go on; later.
                 due = now + _QUEUE_FULL_RETRY
                 self._batching[link] = due
                 next_deadline = due if next_deadline is None else min(next_deadline, due)
@@ -2302,9 +2303,9 @@ class Node:
 
     def _take_credit(self, link: Link) -> None:
         """Apply a link's pending credit if its lock is free (I/O thread). If a
-        publishing thread holds it, this thread does not wait (that publisher may be
-        waiting for room in a full peer queue): the publisher applies it when it next
-        publishes or waits for credit, and this thread looks again shortly."""
+        publishing thread holds it, this thread does not wait (see _flush_batches):
+        the publisher applies it when it next publishes or waits for credit, and
+        this thread looks again shortly."""
         if not link.lock.acquire(False):
             self._credit_later.add(link)
             return

@@ -49,8 +49,8 @@ class Link:
         # Publishers blocked on credit wait here; the I/O thread notifies on credit.
         self.cond = threading.Condition(self.lock)
         # Credit updates from the peer not applied yet: the I/O thread never waits for
-        # the lock (a publisher may hold it for long, waiting for room in the peer's
-        # queue); whoever holds the lock next applies them (Node._apply_credit).
+        # the lock (a publisher may hold it for long: a shared-memory copy, or room
+        # awaited on an RDMA link); whoever holds it next applies them (Node._apply_credit).
         self.credit_in: deque[list] = deque()
         self.windows: dict[int, Any] = {}  # subscription id at the peer -> CreditWindow
         # Micro-batching of small messages (see Node._send_locked): runs of messages
