@@ -48,9 +48,12 @@ pyverbs-link: $(BIN)/python
 	  else rm -f "$(PYVERBS_PTH)"; echo "pyverbs: Debian's build does not import in $(BIN)/python"; fi; \
 	else echo "pyverbs: not installed (apt-get install python3-pyverbs): rdma transport off"; fi
 
-# The RDMA tests on two real soft-RoCE devices, in ../shared/rdma-vm (root, ~2 min).
-# pyverbs-link runs again first: the venv may predate python3-pyverbs.
-RDMA_VM_RUN ?= ../shared/rdma-vm/run
+# The RDMA tests on two real soft-RoCE devices, in the project's QEMU guest
+# tests/harness/rdma_vm/run (root; ~2-5 min, the first run ~1 min more).
+# `run --prepare` installs what the guest needs (python3-pyverbs among it) before
+# pyverbs-link links pyverbs into the venv: the venv may predate it.
+RDMA_VM_RUN := tests/harness/rdma_vm/run
 rdma-test: $(STAMP)
+	$(RDMA_VM_RUN) --prepare
 	@$(MAKE) -s pyverbs-link
 	$(RDMA_VM_RUN) --timeout 900 -- $(BIN)/python -m pytest -q tests/test_rdma_vm.py tests/test_rdma_core.py tests/test_rdma_node.py

@@ -1,12 +1,14 @@
 """One mesh node on one lab host, driven over JSON lines (tests/test_lan.py).
 
-Host side, run inside a network namespace of /work/shared/netns/lab.sh::
+Host side, run inside a host of the namespace lab tests/harness/netns_lab.sh::
 
-    bash lab.sh exec I .venv/bin/python -m tests.lanhost --name h1 --cluster C
+    tests/harness/netns_lab.sh exec I .venv/bin/python -m tests.lanhost --name h1 --cluster C
 
 starts ``mesh.Node(discovery="zeroconf", interfaces=["eth0"])`` (no seeds, no
 address; ``--secret-file``, ``--policy`` and ``--seeds`` add a cluster secret, a
-permission policy and seed endpoints, for tests/test_lan_security.py), prints
+permission policy and seed endpoints, for tests/test_lan_security.py;
+``--discovery static --seeds ...`` joins through seeds only, for
+tests/test_quiet_logs.py), prints
 ``{"ev": "ready", ...}``, then obeys one JSON command per stdin line
 ``{"id": N, "op": ..., ...}`` and answers ``{"id": N, "ok": bool,
 "value"|"error": ...}``. Unprompted lines report what happens: ``{"ev":
@@ -38,11 +40,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-# ../shared beside the clone (CI), else where this machine keeps it
-LAB_SH = next(
-    (p for p in (ROOT.parent / "shared/netns/lab.sh", Path("/work/shared/netns/lab.sh")) if p.exists()),
-    Path("/work/shared/netns/lab.sh"),
-)
+# The project's namespace lab (read its header); ZMESH_LAB names one lab instance.
+LAB_SH = ROOT / "tests" / "harness" / "netns_lab.sh"
 
 # =========================================================================== host side
 
@@ -103,7 +102,9 @@ def _run(node: Any, op: str, cmd: dict[str, Any]) -> Any:
     if op == "status":
         return node.status()
     if op == "wait_peers":
-        return sorted(p.name for p in node.wait_for_peers(cmd["n"], timeout=cmd.get("timeout", 10.0)))
+        # "wait": call()'s own timeout= is the test side's and never reaches here.
+        wait = cmd.get("wait", cmd.get("timeout", 10.0))
+        return sorted(p.name for p in node.wait_for_peers(cmd["n"], timeout=wait))
     raise ValueError(f"unknown op {op!r}")
 
 
@@ -134,6 +135,8 @@ def host_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--secret-file", help="the cluster secret (a key file, mode 600)")
     parser.add_argument("--policy", help="a permission policy file (.json or .toml)")
     parser.add_argument("--seeds", default="", help="comma-separated seed endpoints to dial")
+    parser.add_argument("--discovery", default="zeroconf", choices=("zeroconf", "static"),
+                        help="static: no mDNS, join through --seeds (--interfaces unused)")
     args = parser.parse_args(argv)
     import logging
 
@@ -144,8 +147,8 @@ def host_main(argv: Sequence[str] | None = None) -> int:
     threading.Timer(args.max_seconds, lambda: os._exit(4)).start()
     import mesh
 
-    node = mesh.Node(args.name, cluster=args.cluster, discovery="zeroconf",
-                     interfaces=args.interfaces.split(","),
+    where = {"interfaces": args.interfaces.split(",")} if args.discovery == "zeroconf" else {}
+    node = mesh.Node(args.name, cluster=args.cluster, discovery=args.discovery, **where,
                      secret=Path(args.secret_file) if args.secret_file else None,
                      policy=args.policy, seeds=[s for s in args.seeds.split(",") if s])
     node.on_peer(lambda event, info: _say(
@@ -177,11 +180,11 @@ def host_main(argv: Sequence[str] | None = None) -> int:
 
 
 def lab(prefix: str, *args: str, timeout: float = 60.0) -> str:
-    """Run ``lab.sh ARGS`` for the lab ``prefix``; its stdout. Raises on failure."""
-    r = subprocess.run(["bash", str(LAB_SH), *args], env={**os.environ, "LAB_PREFIX": prefix},
+    """Run ``netns_lab.sh ARGS`` for the lab ``prefix``; its stdout. Raises on failure."""
+    r = subprocess.run(["bash", str(LAB_SH), *args], env={**os.environ, "ZMESH_LAB": prefix},
                        capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
-        raise RuntimeError(f"lab.sh {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
+        raise RuntimeError(f"netns_lab.sh {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
     return r.stdout
 
 
@@ -195,10 +198,10 @@ class LanHost:
     def __init__(
         self, prefix: str | None, index: int, name: str, cluster: str, interfaces: str = "eth0",
         *, secret_file: str | os.PathLike | None = None, policy: str | os.PathLike | None = None,
-        seeds: Sequence[str] = (),
+        seeds: Sequence[str] = (), discovery: str = "zeroconf",
     ) -> None:
         """``prefix=None``: run in this namespace instead of a lab host (use interfaces="lo").
-        ``secret_file``, ``policy``, ``seeds``: see host_main's options."""
+        ``secret_file``, ``policy``, ``seeds``, ``discovery``: see host_main's options."""
         self.index = index
         self.name = name
         wrap = ["bash", str(LAB_SH), "exec", str(index)] if prefix is not None else []
@@ -210,15 +213,17 @@ class LanHost:
             cmd += ["--policy", os.fspath(policy)]
         if seeds:
             cmd += ["--seeds", ",".join(seeds)]
+        if discovery != "zeroconf":
+            cmd += ["--discovery", discovery]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if prefix is not None:
-            env["LAB_PREFIX"] = prefix
+            env["ZMESH_LAB"] = prefix
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, bufsize=1,
         )
-        self.pid = self.proc.pid  # lab.sh and `ip netns exec` exec: this is python itself
+        self.pid = self.proc.pid  # netns_lab.sh and `ip netns exec` exec: this is python itself
         self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
         self.events: list[dict[str, Any]] = []  # every unprompted line, in order
         self.stderr: list[str] = []

@@ -116,7 +116,7 @@ class Lan:
         base = {k: v for k, v in os.environ.items() if k != "ZMESH_SECRET"}
         return subprocess.run(
             ["bash", str(LAB_SH), "exec", str(index), MESH_STATUS, *args],
-            env={**base, **(env or {}), "LAB_PREFIX": self.prefix}, capture_output=True,
+            env={**base, **(env or {}), "ZMESH_LAB": self.prefix}, capture_output=True,
             text=True, timeout=timeout,
         )
 
@@ -126,7 +126,7 @@ class Lan:
                 try:
                     lab(self.prefix, action, str(i))
                 except Exception as exc:  # teardown of the module still removes everything
-                    print(f"lab.sh {action} {i} failed: {exc}", file=sys.stderr)
+                    print(f"netns_lab.sh {action} {i} failed: {exc}", file=sys.stderr)
         for h in self.hosts:
             h.quit()  # all at once: each close says goodbye for a moment
         for h in self.hosts:

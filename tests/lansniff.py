@@ -2,7 +2,7 @@
 
 Host side, run inside a lab host (needs root: a raw AF_PACKET socket)::
 
-    bash lab.sh exec I .venv/bin/python -m tests.lansniff --iface eth0 --out FILE
+    tests/harness/netns_lab.sh exec I .venv/bin/python -m tests.lansniff --iface eth0 --out FILE
 
 captures every frame on ``--iface`` (both directions), prints ``{"ev": "ready"}`` once
 the socket is bound, and stops at end of stdin (or after ``--max-seconds``). It then
@@ -161,7 +161,7 @@ class Sniffer:
         self.proc = subprocess.Popen(
             ["bash", str(LAB_SH), "exec", str(index), sys.executable, "-m", "tests.lansniff",
              "--iface", iface, "--out", str(self.out), "--max-seconds", str(max_seconds)],
-            cwd=ROOT, env={**os.environ, "LAB_PREFIX": prefix},
+            cwd=ROOT, env={**os.environ, "ZMESH_LAB": prefix},
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
 

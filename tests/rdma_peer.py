@@ -83,7 +83,7 @@ def vm_skip_reason(test_file: str) -> str | None:
     """Why the two-device RDMA tests of ``test_file`` cannot run here; None inside
     the RDMA VM with rxe0 and rxe1 (call after ensure_pyverbs_importable)."""
     if os.environ.get("RDMA_VM") != "1":
-        return ("not in the RDMA VM (RDMA_VM unset): run ../shared/rdma-vm/run -- "
+        return ("not in the RDMA VM (RDMA_VM unset): run tests/harness/rdma_vm/run -- "
                 f".venv/bin/python -m pytest tests/{os.path.basename(test_file)}")
     from transports.rdma import list_devices
 

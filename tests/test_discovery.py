@@ -1,7 +1,7 @@
 """Discovery: TXT encoding (pure, hypothesis), addresses, membership, and real mDNS.
 
 The real-network tests run ZeroconfDiscovery in separate processes, either in a
-LAN of network namespaces (/work/shared/netns/lab.sh, when root) or on the
+LAN of network namespaces (tests/harness/netns_lab.sh, when root) or on the
 loopback interface of this namespace; mDNS never uses any other interface.
 Force a mode with ZMESH_TEST_NET=lab|lo. This file doubles as the child
 program: ``python tests/test_discovery.py child ...``.
@@ -102,7 +102,7 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-LAB_SH = Path("/work/shared/netns/lab.sh")
+LAB_SH = ROOT / "tests" / "harness" / "netns_lab.sh"  # the project's namespace lab
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -587,7 +587,7 @@ class Lan:
         return f"10.77.0.{host}" if self.mode == "lab" else "127.0.0.1"
 
     def lab(self, *args: str) -> None:
-        env = {**os.environ, "LAB_PREFIX": self.prefix}
+        env = {**os.environ, "ZMESH_LAB": self.prefix}
         subprocess.run(
             ["bash", str(LAB_SH), *args], env=env, check=True, timeout=60, capture_output=True
         )

@@ -1,13 +1,13 @@
 """Zero-configuration LAN on a real network: hosts are network namespaces on one bridge.
 
-/work/shared/netns/lab.sh builds the LAN (read its header); every node runs in
+tests/harness/netns_lab.sh builds the LAN (read its header); every node runs in
 its own lab host as ``python -m tests.lanhost`` (tests/lanhost.py) with
 ``discovery="zeroconf", interfaces=["eth0"]``: no seeds, no address anywhere.
 mDNS stays inside the lab's namespaces, except for the last test, which keeps it
 on this namespace's loopback.
 
 Needs root and ``ip netns`` (the module is skipped with its reason printed
-otherwise), and ``nft`` for ``lab.sh loss`` (that test is skipped without it).
+otherwise), and ``nft`` for ``netns_lab.sh loss`` (that test is skipped without it).
 ZMESH_REQUIRE_LAB=1 (set by .ci/run) turns those skips into failures, so CI
 cannot skip them silently.
 Every wait is bounded; the hosts' processes and the namespaces are removed by
@@ -192,7 +192,7 @@ def test_stalled_but_live_node_is_not_declared_dead(lan: Lan) -> None:
 
 def test_20_percent_loss_keeps_membership(lan: Lan) -> None:
     if shutil.which("nft") is None:
-        cannot("no `nft` command for lab.sh loss (apt-get install nftables)", who="tests/test_lan.py")
+        cannot("no `nft` command for netns_lab.sh loss (apt-get install nftables)", who="tests/test_lan.py")
     hosts = lan.start(1, 2, 3)
     lan.full_mesh(hosts)
     t0 = time.monotonic()

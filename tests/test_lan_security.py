@@ -1,7 +1,7 @@
 """CurveZMQ and permissions across hosts (issue #7), in the network-namespace lab.
 
 The single-host tests are tests/test_security.py and tests/test_policy.py; here every
-node runs on its own lab host (a network namespace of /work/shared/netns/lab.sh on
+node runs on its own lab host (a network namespace of tests/harness/netns_lab.sh on
 one bridge) as ``python -m tests.lanhost`` with ``discovery="zeroconf",
 interfaces=["eth0"]``, secured with ``--secret-file`` and restricted with ``--policy``:
 

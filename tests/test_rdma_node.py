@@ -1,6 +1,6 @@
 """Nodes and RDMA: two nodes that pick it, fall back from it, and do without it.
 
-Inside ``../shared/rdma-vm/run`` (``RDMA_VM=1``, soft-RoCE ``rxe0``/``rxe1``) two
+Inside ``tests/harness/rdma_vm/run`` (``RDMA_VM=1``, soft-RoCE ``rxe0``/``rxe1``) two
 processes (tests/rdma_node_peer.py) run a Node each, one per device, with control
 on tcp and shared memory off:
 

@@ -1,6 +1,6 @@
 """The RDMA transport on real verbs devices, and its quiet absence elsewhere.
 
-Inside the RDMA VM (``../shared/rdma-vm/run -- .venv/bin/python -m pytest
+Inside the RDMA VM (``tests/harness/rdma_vm/run -- .venv/bin/python -m pytest
 tests/test_rdma_vm.py``: ``RDMA_VM=1``, soft-RoCE ``rxe0`` and ``rxe1``) two
 processes (tests/rdma_peer.py) bootstrap an RC queue pair over a zmq socket
 and move arrays, a 64 MiB array and allreduce gradient chunks through it;
