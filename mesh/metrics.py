@@ -83,6 +83,22 @@ class NodeCollector:
             drops.add_metric([*values, reason], count)
         yield drops
 
+        # Frames from nodes that have not said hello yet (normal while nodes join;
+        # also in mesh_drops{reason="unknown_peer"}): how many now, and warnings said.
+        unknown = status.get("unknown_peers") or {}
+        pending = family(
+            GaugeMetricFamily, "mesh_unknown_peers",
+            "Nodes that sent frames without having said hello, within the last peer_timeout",
+        )
+        pending.add_metric(values, unknown.get("pending", 0))
+        yield pending
+        persisted = family(
+            CounterMetricFamily, "mesh_unknown_peer_warnings",
+            "Nodes whose frames kept coming without a hello past peer_timeout (warned once each)",
+        )
+        persisted.add_metric(values, unknown.get("warnings", 0))
+        yield persisted
+
         credit = family(
             CounterMetricFamily, "mesh_credit_updates",
             "Credit updates sent back to publishers, by way (riding, data, control)", ("way",),

@@ -64,6 +64,7 @@ from mesh.routing import Route, RoutingTable
 from mesh.stats import Counters, LatencyHistogram
 from mesh.subjects import validate_pattern, validate_subject
 from mesh.tensor import array_from_frames, array_to_frames
+from mesh.unknown_peers import UnknownPeers
 from transports.base import Locality, choose_bulk
 from transports.rdma import RdmaError
 from transports.rdma_core import RdmaTag, ReceiveOrder, SendOrder, Sync
@@ -467,6 +468,8 @@ class Node:
         self.latency = LatencyHistogram()
         self._last_seq: dict[tuple[str, str], int] = {}
         self._logged_once: set[tuple[str, str]] = set()
+        # Frames from nodes that have not said hello: normal while they join (I/O thread).
+        self._unknown = UnknownPeers(self.name, self.options["peer_timeout"])
 
         self._started = False
         self._closed = False
@@ -1661,6 +1664,7 @@ class Node:
                 "credit_updates": dict(self.credit_updates),
             },
             "latency": self.latency.summary(),
+            "unknown_peers": self._unknown.stats(now),
         }
 
     def _security_status(self) -> dict | None:
@@ -1941,6 +1945,9 @@ class Node:
 
     def _drop(self, reason: str, ident: bytes, detail: str) -> None:
         self.counters.drops[reason] += 1
+        if reason == "unknown_peer":  # DEBUG, or one WARNING if it persists
+            self._unknown.frame(_peer_id_of(ident), time.monotonic(), detail)
+            return
         key = (ident.hex(), reason)
         if key not in self._logged_once and len(self._logged_once) < 1000:
             self._logged_once.add(key)
@@ -2547,6 +2554,7 @@ class Node:
         # Interest first: whoever sees the peer alive must also see what it wants.
         self._set_interest(peer, iv, entries)
         peer.state = "alive"
+        self._unknown.hello(peer.id)
         if was_suspect and not is_new:
             self._peer_event("alive", peer)  # it spoke: as good as a refutation
         if was_joining or is_new:

@@ -61,6 +61,8 @@ def test_metrics_endpoint_serves_documented_families() -> None:
         "mesh_membership_events",
         "mesh_peer_rtt_seconds",
         "mesh_uptime_seconds",
+        "mesh_unknown_peers",
+        "mesh_unknown_peer_warnings",
     } <= set(families)
     assert sample(families, "mesh_messages_in", peer="m-b") == 8
     assert sample(families, "mesh_bytes_in", peer="m-b") == 503
