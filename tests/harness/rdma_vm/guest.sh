@@ -44,8 +44,9 @@ done
 
 cd "$work" || exit 1
 echo "@@rdma-vm-begin@@"
-bash -c "$(cat "$job/cmd")" </dev/null 2>&1
-rc=$?
+# Through a pipe: the command's output is a log (no tty: no colours, no progress bars).
+bash -c "$(cat "$job/cmd")" </dev/null 2>&1 | cat
+rc=${PIPESTATUS[0]}
 echo "@@rdma-vm-end@@"
 echo "$rc" >"$job/rc"
 sync
