@@ -244,11 +244,19 @@ class _CallbackSub:
 
 
 class _Pending:
-    __slots__ = ("event", "reply")
+    __slots__ = ("event", "reply", "on_reply")
 
-    def __init__(self) -> None:
+    def __init__(self, on_reply: Any = None) -> None:
         self.event = threading.Event()
         self.reply: Message | None = None
+        # Called after the event is set, on the setting thread (mesh.aio completes an
+        # asyncio future from it: the reply reaches the event loop in one hand-off).
+        self.on_reply = on_reply
+
+    def set(self) -> None:
+        self.event.set()
+        if self.on_reply is not None:
+            self.on_reply()
 
 
 _STOP = object()
@@ -613,7 +621,7 @@ class Node:
         for sub in list(self._subs):
             sub.close()
         for pending in list(self._pending.values()):
-            pending.event.set()
+            pending.set()
         with self._waker_lock:
             self._waker.close(linger=0)
         if self._beacon is not None:
@@ -707,6 +715,7 @@ class Node:
         credits: int = DEFAULT_CREDITS,  # noqa: A002 - the API's name
         credit_bytes: int | None = None,
         overflow: str = "block",
+        _inbox: Any = None,
     ) -> Subscription:
         """Subscribe to a pattern. With ``handler``, it runs on the dispatch thread;
         without, pull with ``sub.next()``. ``queue`` joins a queue group: each
@@ -731,7 +740,8 @@ class Node:
             raise ConfigError(f"overflow={overflow!r}; choose one of {OVERFLOW_POLICIES}")
         if self._policy is not None:
             self._policy.check_subscribe(self.name, pattern)
-        return self._subscribe(pattern, handler, queue or "", credits, credit_bytes, overflow)
+        return self._subscribe(pattern, handler, queue or "", credits, credit_bytes, overflow,
+                               _inbox)
 
     def _subscribe(
         self,
@@ -741,12 +751,13 @@ class Node:
         credits: int,  # noqa: A002 - the API's name
         credit_bytes: int | None,
         overflow: str,
+        inbox: Any = None,
     ) -> Subscription:
         # The window checks credits/credit_bytes and says what to do when they are wrong.
         window = CreditWindow(
             credits, credit_bytes, overflow, _DROP_OLDEST_BACKLOG if overflow == "drop_oldest" else 0
         )
-        sub = Subscription(self, pattern, handler, queue)
+        sub = Subscription(self, pattern, handler, queue, inbox)
         sub.sid = next(self._sids)
         sub.credits, sub.credit_bytes, sub.overflow = credits, credit_bytes, overflow
         sub._window = window
@@ -1581,7 +1592,7 @@ class Node:
                     array=array,
                     request_id=req_id,
                 )
-                pending.event.set()
+                pending.set()
             return
         self._send(reply_to, [wire.pack_reply(req_id, flags, headers), *payload], nbytes, None)
 
@@ -2341,7 +2352,7 @@ class Node:
             self.counters.drops["late_reply"] += 1
             return
         pending.reply = Message("", data, headers, peer.id, 0, array=array, request_id=req_id)
-        pending.event.set()
+        pending.set()
 
     def _payload_of(self, flags: int, frames: list, what: str, peer: Peer) -> tuple[Any, Any, int]:
         """(data, array or None, nbytes) of a message's payload frames."""
