@@ -21,7 +21,7 @@ from typing import Any
 
 import zmq
 
-from bench import collectives, pubsub, shm
+from bench import aio, collectives, pubsub, shm
 from bench._runner import BenchError, log, workers
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -104,9 +104,14 @@ def summary(rows: list[dict], cfg: pubsub.Config) -> str:
     return "\n".join(lines)
 
 
-def recap(rows: list[dict], shm_result: dict | None, shm_allreduce: dict | None) -> str:
+def recap(rows: list[dict], shm_result: dict | None, shm_allreduce: dict | None,
+          aio_rows: list[dict] | None = None) -> str:
     """Every goal in one place, ratio first, with its reference."""
     lines = ["", "=== goals (ratio vs reference) ==="]
+    for row in aio_rows or []:
+        lines.append(f"{row['ratio']:>7.2f}x  {'met' if row['met'] else 'MISSED':<6} "
+                     f"{row['goal']:<22} {row['case']} [{row['transport']}] from asyncio "
+                     "(mesh.aio) vs the sync request()")
     for row in rows:
         if row["met"] is None:
             continue
@@ -134,10 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=os.path.join(RESULTS_DIR, "latest.json"),
                         help="where to write the results (default: bench/results/latest.json)")
     parser.add_argument("--transports", default="tcp,ipc", help="comma-separated (default tcp,ipc)")
-    parser.add_argument("--suites", default="pubsub,collectives,shm",
-                        help="which benchmark suites to run (default: pubsub,collectives,shm; "
+    parser.add_argument("--suites", default="pubsub,collectives,shm,aio",
+                        help="which benchmark suites to run (default: pubsub,collectives,shm,aio; "
                         "shm = bench.shm's 64 MiB shm vs ipc, then a 4-process allreduce with "
-                        "the node's shm on vs off)")
+                        "the node's shm on vs off; aio = request round trip from asyncio "
+                        "beside the sync one)")
     parser.add_argument("--only", default="",
                         help="comma-separated substrings of case names, e.g. latency,1MiB/ipc")
     args = parser.parse_args(argv)
@@ -157,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     collective_results: dict | None = None
     shm_results: dict | None = None
     shm_allreduce: dict | None = None
+    aio_rows: list[dict] = []
     load_before = os.getloadavg()
     try:
         if "pubsub" in suites:
@@ -184,12 +191,18 @@ def main(argv: list[str] | None = None) -> int:
                 shm_allreduce = collectives.shm_compare(quick=args.quick)
             except RuntimeError as exc:
                 errors.append(f"collectives shm on/off: {exc}")
+        if "aio" in suites:
+            # Request round trip p50 from asyncio beside the sync one, same node and link.
+            with workers() as pair:
+                aio_rows = aio.run(pair, options["transports"], args.quick, errors)
+            if aio_rows:
+                print(aio.summary(aio_rows), flush=True)
     except KeyboardInterrupt:
         log("interrupted; workers stopped")
         return 130
     elapsed = time.monotonic() - started
 
-    print(recap(rows, shm_results, shm_allreduce))
+    print(recap(rows, shm_results, shm_allreduce, aio_rows))
     for error in errors:
         print(f"ERROR: {error}")
     print(f"wall time {elapsed:.1f} s ({'quick' if args.quick else 'full'} run)")
@@ -214,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                 "collectives": collective_results,
                 "shm": shm_results,
                 "collectives_shm": shm_allreduce,
+                "aio": aio_rows,
                 "errors": errors,
             },
             fh,
@@ -223,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"results: {os.path.relpath(args.json)}")
     if errors:
         return 1
-    if args.strict and (any(r["met"] is False for r in rows)
+    if args.strict and (any(r["met"] is False for r in [*rows, *aio_rows])
                         or (shm_results is not None and not shm_results["met"])):
         return 1
     return 0

@@ -256,6 +256,7 @@ class Subscription:
         """Stop receiving; idempotent. A waiting ``next()`` raises ClosedError (an
         ``async for`` ends); a handler finishes the message it is on, then stops."""
         self._sub.close()
+        self._node._subs.discard(self)
 
     def unsubscribe(self) -> None:
         self.close()
@@ -379,12 +380,12 @@ class Node:
 
     async def close(self) -> None:
         """Say goodbye and release everything. Idempotent; never hangs."""
-        for sub in list(self._subs):
+        subs = list(self._subs)
+        for sub in subs:
             sub.close()
         if not self.sync._closed:
             await self._in_thread(self.sync.close)
-        tasks = [s._task for s in self._subs if s._task is not None and not s._task.done()]
-        self._subs.clear()
+        tasks = [s._task for s in subs if s._task is not None and not s._task.done()]
         for task in tasks:  # a handler still in an await after the node closed
             task.cancel()
         if tasks:

@@ -715,7 +715,7 @@ class Node:
         credits: int = DEFAULT_CREDITS,  # noqa: A002 - the API's name
         credit_bytes: int | None = None,
         overflow: str = "block",
-        _inbox: Any = None,
+        _inbox: Any = None,  # internal (mesh.aio): takes messages instead of next()'s queue
     ) -> Subscription:
         """Subscribe to a pattern. With ``handler``, it runs on the dispatch thread;
         without, pull with ``sub.next()``. ``queue`` joins a queue group: each

@@ -365,8 +365,45 @@ def test_collectives_between_two_aio_nodes(cluster, ipc_files):
                                        gb.gossip_average(np.full(4, 3.0)))
             for result in avg:
                 np.testing.assert_allclose(result, 2.0, rtol=1e-3)
+            # reform() rebuilds the group from the members alive: here, both.
+            ga, gb = await asyncio.gather(ga.reform(), gb.reform())
+            assert ga.size == gb.size == 2
+            ra, rb = await asyncio.gather(ga.allreduce(x, op="max"), gb.allreduce(x + 1, op="max"))
+            np.testing.assert_array_equal(ra, x + 1)
             await asyncio.gather(ga.close(), gb.close())
             with pytest.raises(mesh.MeshError, match="await it first"):
                 _ = a.group("later", 2).rank
+
+    run(main())
+
+
+def test_queue_group_peers_and_status(cluster, ipc_files):
+    """queue=: each message reaches exactly one member across two aio nodes."""
+    async def main() -> None:
+        async with aio_node("w0", cluster, ipc_files) as w0, \
+                aio_node("w1", cluster, ipc_files, seeds=[w0.endpoints[0]]) as w1, \
+                aio_node("boss", cluster, ipc_files, seeds=[w0.endpoints[0]]) as boss:
+            assert sorted(p.name for p in await boss.wait_for_peers(2, timeout=10)) == ["w0", "w1"]
+            got: dict[str, list[int]] = {"w0": [], "w1": []}
+
+            def member(name: str) -> Any:
+                async def handler(msg: mesh.Message) -> None:
+                    got[name].append(int(bytes(msg.data)))
+                return handler
+
+            s0 = w0.subscribe("jobs.>", member("w0"), queue="workers")
+            w1.subscribe("jobs.>", member("w1"), queue="workers")
+            assert s0.queue == "workers"
+            await boss.wait_for_subscribers("jobs.a", 2, timeout=10)
+            for i in range(100):
+                await boss.publish("jobs.a", str(i), timeout=5.0)
+            deadline = time.monotonic() + 10
+            while len(got["w0"]) + len(got["w1"]) < 100 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert sorted(got["w0"] + got["w1"]) == list(range(100))  # each exactly once
+            assert got["w0"] and got["w1"]
+            status = w0.status()
+            assert status["name"] == "w0" and len(w0.peers()) == 2
+            assert any(s["pattern"] == "jobs.>" for s in status["subscriptions"])
 
     run(main())
