@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -407,3 +411,18 @@ def test_queue_group_peers_and_status(cluster, ipc_files):
             assert any(s["pattern"] == "jobs.>" for s in status["subscriptions"])
 
     run(main())
+
+
+def test_example_aio_service_runs_and_exits_0():
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "examples", "aio_service.py")
+    proc = subprocess.Popen([sys.executable, script], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=10)
+        pytest.fail(f"examples/aio_service.py did not finish within 60 s:\n{out}")
+    assert proc.returncode == 0, out
+    assert out.rstrip().endswith("OK"), out
