@@ -249,7 +249,7 @@ def test_errors_are_the_sync_apis(cluster, ipc_files):
             t0 = time.monotonic()
             with pytest.raises(mesh.TimeoutError):
                 await a.request("svc.mute", b"", timeout=0.2, retries=1)
-            assert 0.35 < time.monotonic() - t0 < 2.0
+            assert 0.35 < time.monotonic() - t0 < 5.0
             for bad in ("a..b", "a b", "a.*", ""):
                 with pytest.raises(mesh.InvalidSubject):
                     await a.publish(bad, b"")
@@ -312,7 +312,7 @@ def test_blocked_publish_does_not_stall_the_loop(cluster, ipc_files, make_node):
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-            assert time.monotonic() - t0 < 0.1
+            assert time.monotonic() - t0 < 0.5  # not the 2 s the publish may wait
 
     run(main())
 
