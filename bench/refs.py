@@ -335,11 +335,17 @@ def _latency_impls(nats_url: str) -> dict[str, tuple[str, str, str, dict, dict]]
         "mesh-request": ("mesh request/reply", f"{PS}:mesh_echo_task", f"{PS}:mesh_ping_task",
                          {**tcp, "mode": "request"},
                          {**tcp, "mode": "request", "sizes": [LAT_SIZE]}),
+        # As Zenoh's queryable answers from its callback: information beside the goal row.
+        "mesh-request-inline": ("mesh request/reply, inline=True responder",
+                                f"{PS}:mesh_echo_task", f"{PS}:mesh_ping_task",
+                                {**tcp, **inline, "mode": "request"},
+                                {**tcp, "mode": "request", "sizes": [LAT_SIZE]}),
     }
 
 
 LATENCY_ORDER = ["raw", "zenoh", "zenoh-get", "nats", "nats-request", "mesh", "mesh-inline",
-                 "mesh-request"]
+                 "mesh-request", "mesh-request-inline"]
+NEEDS_INLINE = ("mesh-inline", "mesh-request-inline")
 # (mesh impl, reference impl, goal ratio, comparison, goal text) of issue #15.
 LATENCY_GOALS = [
     ("mesh-inline", "raw", GOAL_INLINE_RAW, "<=", f"p50 <= {GOAL_INLINE_RAW}x raw"),
@@ -357,7 +363,7 @@ def _pin_cpus() -> frozenset[int]:
 def _latency_reps(pair: Pair, nats_url: str, reps: int, count: int, warmup: int,
                   pinned: str) -> list[dict[str, dict]]:
     impls = _latency_impls(nats_url)
-    names = [n for n in LATENCY_ORDER if n != "mesh-inline" or inline_supported()]
+    names = [n for n in LATENCY_ORDER if n not in NEEDS_INLINE or inline_supported()]
     timeout = 60.0 + count * 0.01
     out: list[dict[str, dict]] = []
     for rep in range(reps):
@@ -378,8 +384,18 @@ def _latency_reps(pair: Pair, nats_url: str, reps: int, count: int, warmup: int,
     return out
 
 
+def _require_python_refs() -> None:
+    try:
+        import nats  # noqa: F401
+        import zenoh  # noqa: F401
+    except ImportError as exc:
+        raise BenchError(f"{exc}: the references need the bench extra (eclipse-zenoh, "
+                         "nats-py): run `make venv` or `bash bench/setup.sh`") from None
+
+
 def latency(pair: Pair, cfg: pubsub.Config) -> list[dict]:
     """The side-by-side latency table, pinned then unpinned, and the goal rows."""
+    _require_python_refs()
     rows: list[dict] = []
     cpus = _pin_cpus()
     for pinned in ("pinned", "unpinned"):
@@ -556,6 +572,7 @@ def _shape_run(group: Crew, impl: str, shape: str, size: int, count: int) -> dic
 
 def throughput(cfg: pubsub.Config) -> list[dict]:
     """64 B and 1 KiB, 1->1, 4->1, 1->4, raw / Zenoh / mesh, interleaved per rep."""
+    _require_python_refs()
     rows: list[dict] = []
     count = cfg.ref_tp_count
     with crew(5) as group:

@@ -4,6 +4,7 @@
 #   usage: bash bench/setup.sh [VENV_BIN]     (default: .venv/bin)
 set -euo pipefail
 
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 BIN="${1:-.venv/bin}"
 PY="$BIN/python"
 
@@ -36,7 +37,7 @@ fi
 # --- The Python references: the Zenoh binding and nats-py (pyproject's `bench`
 # extra; a venv made before they were added lacks them).
 if ! "$PY" -c 'import zenoh, nats' 2>/dev/null; then
-    "$BIN/pip" install -q -e ".[bench]"
+    "$BIN/pip" install -q -e "$ROOT[bench]"
 fi
 
 # --- torch for the Gloo collectives reference. Pinned: 2.13.0 is a local CPU

@@ -50,7 +50,7 @@ def test_latency_references_side_by_side_pinned_and_unpinned() -> None:
     assert {(r["impl"], r["pinned"]) for r in table} == {
         (impl, pin) for impl in refs.LATENCY_ORDER for pin in ("pinned", "unpinned")}
     for row in table:
-        if row["impl"] == "mesh-inline" and not refs.inline_supported():
+        if row["impl"] in refs.NEEDS_INLINE and not refs.inline_supported():
             assert row["supported"] is False
             continue
         assert row["supported"] is True
