@@ -27,6 +27,10 @@ reports the ratio mesh/raw:
    over ipc only). ipc: the node sends arrays >= ``shm_threshold`` (1 MiB)
    through shared memory, reported as "ipc+shm"; the reference stays plain ipc.
 
+4. References (bench/refs.py, cases ``latency-refs/tcp`` and
+   ``throughput-refs/tcp``): Zenoh's Python binding and NATS beside raw pyzmq
+   and the mesh, pinned to one core and not, and fan-in / fan-out shapes.
+
 Task functions (``*_task``) run inside the workers; ``run()`` runs in the parent.
 """
 
