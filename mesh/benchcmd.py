@@ -62,6 +62,8 @@ PROGRESS_EVERY = 0.2  # seconds between a worker's progress reports
 REDRAW_TTY = 0.2  # seconds between progress redraws on a terminal
 REDRAW_LINES = 1.0  # ... and between progress lines when stderr is not one
 STOP_GRACE = 3.0  # seconds a worker has to close its node after "stop"
+# A default run takes a few seconds: requests are one at a time, so far fewer of them.
+DEFAULT_MSGS = {"pubsub": 100_000, "request": 10_000}
 MB = 1_000_000  # MB/s as nats bench and network tools count: 10^6 bytes
 
 
@@ -288,7 +290,6 @@ def worker(args: argparse.Namespace) -> int:
     seed = None
     if args.wait_seed:
         # Python and the mesh are imported by now: only the node start remains.
-        w.emit("loaded", pid=os.getpid())
         if not w.wait(w.seeded):
             return 0
         seed = w.seed
@@ -310,7 +311,7 @@ class Options:
     """What ``mesh bench`` measures (see ``mesh bench --help``)."""
 
     mode: str = "all"
-    msgs: int = 100_000
+    msgs: int | None = None  # None: DEFAULT_MSGS of each mode
     size: int = 128
     pubs: int = 1
     subs: int = 1
@@ -324,7 +325,7 @@ class Options:
             raise ConfigError(f"--mode {self.mode!r}: choose pubsub, request or all")
         if self.transport not in TRANSPORTS:
             raise ConfigError(f"--transport {self.transport!r}: choose ipc or tcp")
-        if self.msgs < 1:
+        if self.msgs is not None and self.msgs < 1:
             raise ConfigError(f"--msgs must be at least 1, not {self.msgs}")
         if not 0 <= self.size <= MAX_SIZE:
             raise ConfigError(f"--size must be between 0 and {MAX_SIZE} bytes, not {self.size}")
@@ -333,9 +334,12 @@ class Options:
         if self.pubs + self.subs > MAX_PROCESSES:
             raise ConfigError(f"--pub + --sub must be at most {MAX_PROCESSES} processes, not "
                               f"{self.pubs + self.subs}")
-        if self.msgs < self.pubs:
+        if self.msgs is not None and self.msgs < self.pubs:
             raise ConfigError(f"--msgs {self.msgs} is fewer than --pub {self.pubs}: each publisher "
                               "needs at least one message")
+
+    def msgs_for(self, mode: str) -> int:
+        return self.msgs if self.msgs is not None else DEFAULT_MSGS[mode]
         if not self.timeout > 0:
             raise ConfigError(f"--timeout must be positive, not {self.timeout}")
 
@@ -348,7 +352,6 @@ class _Proc:
     role: str
     popen: subprocess.Popen
     ready: bool = False
-    loaded: bool = False
     endpoint: str | None = None
     count: int = 0
     done: dict | None = None
@@ -410,6 +413,7 @@ class _Round:
     def __init__(self, mode: str, opts: Options, progress: _Progress) -> None:
         self.mode = mode
         self.opts = opts
+        self.msgs = opts.msgs_for(mode)
         self.progress = progress
         self.events: queue.Queue = queue.Queue()
         self.procs: list[_Proc] = []
@@ -466,9 +470,7 @@ class _Round:
 
     def _handle(self, proc: _Proc, event: dict) -> None:
         kind = event.get("ev")
-        if kind == "loaded":
-            proc.loaded = True
-        elif kind == "ready":
+        if kind == "ready":
             proc.ready = True
             proc.endpoint = event.get("endpoint")
         elif kind == "progress":
@@ -552,14 +554,15 @@ class _Round:
 
     def run(self) -> dict:
         o = self.opts
-        per_source = [o.msgs // o.pubs + (1 if i < o.msgs % o.pubs else 0) for i in range(o.pubs)]
+        msgs = self.msgs
+        per_source = [msgs // o.pubs + (1 if i < msgs % o.pubs else 0) for i in range(o.pubs)]
         join_deadline = self.t_start + o.timeout
         n = o.pubs + o.subs
         self._phase(f"starting {n} processes")
         # The first target process is the seed: it starts its node at once; the
         # others load Python and the mesh meanwhile, then get its endpoint.
-        first = self._start(self.target_role, 0, o.msgs, first=True)
-        targets = [first] + [self._start(self.target_role, i, o.msgs, False) for i in range(1, o.subs)]
+        first = self._start(self.target_role, 0, msgs, first=True)
+        targets = [first] + [self._start(self.target_role, i, msgs, False) for i in range(1, o.subs)]
         sources = [self._start(self.source_role, i, per_source[i], False) for i in range(o.pubs)]
         if not self._pump(join_deadline, lambda: first.ready):
             raise TimeoutError(
@@ -591,7 +594,7 @@ class _Round:
         """Pump until every source sent everything and, for pub/sub, every subscriber
         received it; a round with no progress for --timeout seconds ends here."""
         o = self.opts
-        total = o.msgs
+        total = self.msgs
         last_total, last_change = -1, time.monotonic()
         what, unit = ("received", "msgs/s") if self.mode == "pubsub" else ("replies", "req/s")
 
@@ -641,7 +644,7 @@ class _Round:
         t1 = max(p.done["t1"] for p in sources)
         sent = sum(p.done["sent"] for p in sources)
         base = {
-            "mode": self.mode, "transport": o.transport, "size": o.size, "msgs": o.msgs,
+            "mode": self.mode, "transport": o.transport, "size": o.size, "msgs": self.msgs,
             "processes": [{"name": p.name, "pid": p.popen.pid} for p in self.procs],
         }
 
@@ -796,8 +799,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--mode", choices=(*MODES, "all"), default="all",
                    help="what to measure (default: all, one after the other)")
-    p.add_argument("--msgs", type=_positive_int, default=100_000, metavar="N",
-                   help="messages (requests) in all, shared among the publishers (default: 100000)")
+    p.add_argument("--msgs", type=_positive_int, default=None, metavar="N",
+                   help="messages (requests) in all, shared among the publishers (requesters); "
+                   f"default: {DEFAULT_MSGS['pubsub']} for pub/sub, {DEFAULT_MSGS['request']} "
+                   "requests"),
     p.add_argument("--size", type=_non_negative_int, default=128, metavar="BYTES",
                    help="payload size (default: 128)")
     p.add_argument("--pub", dest="pubs", type=_positive_int, default=1, metavar="N",
