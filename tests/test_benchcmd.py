@@ -150,12 +150,9 @@ def test_all_modes_print_numbers_and_a_progress_line_when_asked() -> None:
     ("args", "code", "message"),
     [
         (["--size", "-1"], 2, "--size: must be >= 0"),
-        (["--msgs", "0"], 2, "--msgs: must be >= 1"),
         (["--mode", "fast"], 2, "--mode: invalid choice: 'fast'"),
-        (["--transport", "udp"], 2, "--transport: invalid choice: 'udp'"),
         (["--msgs", "2", "--pub", "3"], 1, "--msgs 2 is fewer than --pub 3"),
         (["--pub", "20", "--sub", "20"], 1, "--pub + --sub must be at most 32 processes"),
-        (["--size", str(65 << 20)], 1, "--size must be between 0 and"),
     ],
 )
 def test_bad_arguments_are_refused_clearly(args: list[str], code: int, message: str) -> None:
