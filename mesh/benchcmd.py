@@ -149,14 +149,30 @@ def _endpoint(node: Any) -> str:
     return node.endpoints[0].replace("0.0.0.0", "127.0.0.1")
 
 
+def _payload(args: argparse.Namespace) -> Any:
+    if args.array:
+        import numpy as np
+
+        # float32, as gradients: sent without a copy, through shared memory from 1 MiB.
+        return np.random.default_rng(0).standard_normal(args.size // 4).astype(np.float32)
+    return os.urandom(args.size)
+
+
+def _shm_writes(node: Any) -> int:
+    """Messages this node sent through shared memory (large arrays, same host)."""
+    return sum((p.get("shm") or {}).get("writes", 0) for p in node.status()["peers"])
+
+
 def _worker_subscriber(w: _Worker, node: Any, args: argparse.Namespace) -> None:
     expected = args.count
     first = last = 0.0
     done = threading.Event()
     clock = time.monotonic  # one clock for every process of the host
 
-    def on_msg(_msg: Any) -> None:
+    def on_msg(msg: Any) -> None:
         nonlocal first, last
+        if args.array:
+            msg.array()  # the numpy view a trainer would use (no copy)
         last = clock()
         if not w.count:
             first = last
@@ -175,7 +191,8 @@ def _worker_subscriber(w: _Worker, node: Any, args: argparse.Namespace) -> None:
 
 def _worker_responder(w: _Worker, node: Any, args: argparse.Namespace) -> None:
     def on_request(msg: Any) -> None:
-        msg.respond(msg.data)  # an echo: the reply is as large as the request
+        # An echo: the reply is as large as the request (an array stays an array).
+        msg.respond(msg.array() if args.array else msg.data)
         w.count += 1
 
     # A queue group: with several responders each request is answered once.
@@ -205,7 +222,7 @@ def _worker_publisher(w: _Worker, node: Any, args: argparse.Namespace) -> None:
     w.emit("ready", endpoint=_endpoint(node), pid=os.getpid())
     if not w.wait(w.go):
         return
-    payload = os.urandom(args.size)
+    payload = _payload(args)
     publish, stopped, timeout = node.publish, w.stop.is_set, args.timeout
     t0 = time.monotonic()
     try:
@@ -220,7 +237,7 @@ def _worker_publisher(w: _Worker, node: Any, args: argparse.Namespace) -> None:
                f"after {w.count} messages)", kind="stall")
         return
     t1 = time.monotonic()
-    w.emit("done", sent=w.count, t0=t0, t1=t1)
+    w.emit("done", sent=w.count, t0=t0, t1=t1, shm_writes=_shm_writes(node))
     # Stay up until the subscribers have everything: closing would discard what is queued.
     w.wait(w.stop)
 
@@ -228,7 +245,7 @@ def _worker_publisher(w: _Worker, node: Any, args: argparse.Namespace) -> None:
 def _worker_requester(w: _Worker, node: Any, args: argparse.Namespace) -> None:
     if not _wait_for_targets(w, node, args):
         return
-    payload = os.urandom(args.size)
+    payload = _payload(args)
     request = node.request
     # The first reply needs the responder to know us too: retry it within the join timeout.
     deadline = time.monotonic() + args.timeout
@@ -269,6 +286,7 @@ def _worker_requester(w: _Worker, node: Any, args: argparse.Namespace) -> None:
     t1 = time.monotonic()
     # Microseconds with one decimal: exact enough, and a short line for the parent.
     w.emit("done", sent=w.count + failed, replies=w.count, t0=t0, t1=t1,
+           shm_writes=_shm_writes(node),
            lat_us=[round(s * 1e6, 1) for s in latencies])
     w.wait(w.stop)
 
@@ -313,6 +331,7 @@ class Options:
     mode: str = "all"
     msgs: int | None = None  # None: DEFAULT_MSGS of each mode
     size: int = 128
+    array: bool = False  # numpy float32 arrays instead of bytes
     pubs: int = 1
     subs: int = 1
     transport: str = "ipc"
@@ -329,6 +348,9 @@ class Options:
             raise ConfigError(f"--msgs must be at least 1, not {self.msgs}")
         if not 0 <= self.size <= MAX_SIZE:
             raise ConfigError(f"--size must be between 0 and {MAX_SIZE} bytes, not {self.size}")
+        if self.array and self.size % 4:
+            raise ConfigError(f"--size {self.size} with --array: give a multiple of 4 bytes "
+                              "(float32 elements)")
         if self.pubs < 1 or self.subs < 1:
             raise ConfigError("--pub and --sub must be at least 1")
         if self.pubs + self.subs > MAX_PROCESSES:
@@ -430,7 +452,7 @@ class _Round:
         cmd = [
             sys.executable, "-m", "mesh.benchcmd", "worker", "--role", role, "--index", str(index),
             "--cluster", self.cluster, "--transport", o.transport, "--size", str(o.size),
-            "--count", str(count), "--targets", str(o.subs), "--timeout", str(o.timeout),
+            "--count", str(count), *(["--array"] if o.array else []), "--targets", str(o.subs), "--timeout", str(o.timeout),
         ]
         if not first:
             cmd.append("--wait-seed")
@@ -644,7 +666,10 @@ class _Round:
         t1 = max(p.done["t1"] for p in sources)
         sent = sum(p.done["sent"] for p in sources)
         base = {
-            "mode": self.mode, "transport": o.transport, "size": o.size, "msgs": self.msgs,
+            "mode": self.mode, "transport": o.transport, "size": o.size,
+            "payload": "float32 array" if o.array else "bytes", "msgs": self.msgs,
+            # Sent through shared memory instead of the transport (arrays from 1 MiB).
+            "shm_messages": sum(p.done.get("shm_writes", 0) for p in sources),
             "processes": [{"name": p.name, "pid": p.popen.pid} for p in self.procs],
         }
 
@@ -710,15 +735,18 @@ def _spread(rates: list[dict], unit: str = "msgs/s") -> str:
 
 def format_result(r: dict) -> str:
     """The human-readable report of one round."""
-    size = f"{r['size']:,} B"
+    size = f"{r['size']:,} B" + (" float32 arrays" if r.get("payload") == "float32 array" else "")
+    via = f"over {r['transport']}"
+    if r.get("shm_messages"):
+        via += f" (shared memory: {r['shm_messages']:,} {'requests' if r['mode'] == 'request' else 'msgs'})"
     if r["mode"] == "pubsub":
         lines = [
             f"pub/sub: {r['msgs']:,} msgs of {size}, {_plural(r['publishers'], 'publisher')} -> "
-            f"{_plural(r['subscribers'], 'subscriber')}, separate processes over {r['transport']}",
+            f"{_plural(r['subscribers'], 'subscriber')}, separate processes {via}",
             f"  publish   {_num(r['publish']['msgs_per_s']):>12} msgs/s  "
-            f"{r['publish']['mb_per_s']:9.2f} MB/s  ({r['publish']['seconds']:.2f} s)",
+            f"{r['publish']['mb_per_s']:10,.2f} MB/s  ({r['publish']['seconds']:.2f} s)",
             f"  receive   {_num(r['receive']['msgs_per_s']):>12} msgs/s  "
-            f"{r['receive']['mb_per_s']:9.2f} MB/s  (first publish to last receive, "
+            f"{r['receive']['mb_per_s']:10,.2f} MB/s  (first publish to last receive, "
             f"all subscribers)",
         ]
         if r["publishers"] > 1:
@@ -737,11 +765,11 @@ def format_result(r: dict) -> str:
         return "\n".join(lines)
     lat = r["latency_us"]
     lines = [
-        f"request/reply: {r['msgs']:,} requests of {size} (echoed), "
+        f"request/reply: {r['msgs']:,} requests of {size}, echoed, "
         f"{_plural(r['requesters'], 'requester')} -> {_plural(r['responders'], 'responder')}, "
-        f"separate processes over {r['transport']}",
+        f"separate processes {via}",
         f"  throughput {_num(r['throughput']['msgs_per_s']):>11} req/s   "
-        f"{r['throughput']['mb_per_s']:9.2f} MB/s each way  ({r['throughput']['seconds']:.2f} s)",
+        f"{r['throughput']['mb_per_s']:10,.2f} MB/s each way  ({r['throughput']['seconds']:.2f} s)",
     ]
     if lat:
         lines.append(
@@ -805,6 +833,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "requests"),
     p.add_argument("--size", type=_non_negative_int, default=128, metavar="BYTES",
                    help="payload size (default: 128)")
+    p.add_argument("--array", action="store_true",
+                   help="send numpy float32 arrays of --size bytes instead of bytes (no copy; "
+                   "through shared memory from 1 MiB)")
     p.add_argument("--pub", dest="pubs", type=_positive_int, default=1, metavar="N",
                    help="publisher (requester) processes (default: 1)")
     p.add_argument("--sub", dest="subs", type=_positive_int, default=1, metavar="N",
@@ -822,7 +853,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def options_from(args: argparse.Namespace) -> Options:
     return Options(mode=args.mode, msgs=args.msgs, size=args.size, pubs=args.pubs, subs=args.subs,
-                   transport=args.transport, timeout=args.timeout, json=args.json,
+                   array=args.array, transport=args.transport, timeout=args.timeout, json=args.json,
                    progress=args.progress)
 
 
@@ -837,6 +868,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     w.add_argument("--cluster", required=True)
     w.add_argument("--transport", choices=TRANSPORTS, required=True)
     w.add_argument("--size", type=int, required=True)
+    w.add_argument("--array", action="store_true")
     w.add_argument("--count", type=int, required=True)
     w.add_argument("--targets", type=int, required=True)
     w.add_argument("--timeout", type=float, required=True)

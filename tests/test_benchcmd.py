@@ -123,16 +123,18 @@ def test_request_reply_over_tcp_with_two_requesters_and_responders() -> None:
 
 
 def test_all_modes_print_numbers_and_a_progress_line_when_asked() -> None:
-    result, _ = bench("--msgs", "2000", "--pub", "2", "--sub", "2", "--progress")
+    # numpy arrays (--array) here; the JSON tests above send bytes.
+    result, _ = bench("--msgs", "2000", "--pub", "2", "--sub", "2", "--array", "--size", "4096",
+                      "--progress")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "pub/sub: 2,000 msgs of 128 B, 2 publishers -> 2 subscribers" in out
+    assert "pub/sub: 2,000 msgs of 4,096 B float32 arrays, 2 publishers -> 2 subscribers" in out
     assert "received  2,000 of 2,000 published by each subscriber: 0 lost" in out
     assert "replies   2,000 of 2,000 requests: 0 lost" in out
     for label in ("publish", "receive", "throughput"):
-        match = re.search(rf"^  {label} +([\d,]+) (?:msgs|req)/s +([\d.]+) MB/s", out, re.M)
+        match = re.search(rf"^  {label} +([\d,]+) (?:msgs|req)/s +([\d,.]+) MB/s", out, re.M)
         assert match, f"no {label} line in:\n{out}"
-        assert int(match[1].replace(",", "")) > 0 and float(match[2]) > 0
+        assert int(match[1].replace(",", "")) > 0 and float(match[2].replace(",", "")) > 0
     lat = re.search(r"latency +p50 ([\d,.]+) µs +p90 ([\d,.]+) µs +p99 ([\d,.]+) µs", out)
     assert lat, out
     p50, p90, p99 = (float(x.replace(",", "")) for x in lat.groups())
@@ -152,6 +154,7 @@ def test_all_modes_print_numbers_and_a_progress_line_when_asked() -> None:
         (["--size", "-1"], 2, "--size: must be >= 0"),
         (["--mode", "fast"], 2, "--mode: invalid choice: 'fast'"),
         (["--msgs", "2", "--pub", "3"], 1, "--msgs 2 is fewer than --pub 3"),
+        (["--array", "--size", "6"], 1, "--size 6 with --array: give a multiple of 4 bytes"),
         (["--pub", "20", "--sub", "20"], 1, "--pub + --sub must be at most 32 processes"),
     ],
 )
