@@ -45,6 +45,7 @@ from typing import Any, TextIO
 
 from mesh.errors import (
     BackpressureError,
+    ClosedError,
     ConfigError,
     MeshError,
     NoRespondersError,
@@ -192,7 +193,11 @@ def _worker_subscriber(w: _Worker, node: Any, args: argparse.Namespace) -> None:
 def _worker_responder(w: _Worker, node: Any, args: argparse.Namespace) -> None:
     def on_request(msg: Any) -> None:
         # An echo: the reply is as large as the request (an array stays an array).
-        msg.respond(msg.array() if args.array else msg.data)
+        try:
+            msg.respond(msg.array() if args.array else msg.data)
+        except ClosedError:
+            return  # stopping: the requester is told to stop too
+
         w.count += 1
 
     # A queue group: with several responders each request is answered once.
@@ -543,18 +548,28 @@ class _Round:
             proc.send("stop")
 
     def cleanup(self) -> None:
-        """Every worker is gone (and reaped) when this returns: stop, terminate, kill."""
-        self._stop_all()
-        for action, grace in (("wait", STOP_GRACE), ("terminate", 1.0), ("kill", 2.0)):
-            alive = [p.popen for p in self.procs if p.popen.poll() is None]
+        """Every worker is gone (and reaped) when this returns: stop, terminate, kill.
+
+        Publishers and requesters stop first, while the subscribers and responders
+        still run: a request in flight gets its reply and a publisher waiting for
+        credit gets it, instead of both waiting out their timeout."""
+        sources = [p.popen for p in self.procs if p.role == self.source_role]
+        targets = [p.popen for p in self.procs if p.role != self.source_role]
+        steps = (("stop", sources, 1.0), ("stop", targets, STOP_GRACE),
+                 ("terminate", sources + targets, 1.0), ("kill", sources + targets, 2.0))
+        by_popen = {p.popen: p for p in self.procs}
+        for action, group, grace in steps:
+            alive = [popen for popen in group if popen.poll() is None]
             if not alive:
-                break
+                continue
             for popen in alive:
-                if action != "wait":
-                    try:
+                try:
+                    if action == "stop":
+                        by_popen[popen].send("stop")
+                    else:
                         getattr(popen, action)()
-                    except OSError:
-                        pass
+                except OSError:
+                    pass
             deadline = time.monotonic() + grace
             for popen in alive:
                 try:
@@ -801,6 +816,11 @@ def run(opts: Options, out: TextIO | None = None, err: TextIO | None = None) -> 
         rnd = _Round(mode, opts, progress)
         try:
             result = rnd.run()
+        except KeyboardInterrupt:
+            progress.clear()
+            print(f"\ninterrupted: stopping the {len(rnd.procs)} bench processes",
+                  file=progress.stream, flush=True)
+            raise
         finally:
             progress.clear()
             rnd.cleanup()
