@@ -166,17 +166,15 @@ def _shm_writes(node: Any) -> int:
 
 def _worker_subscriber(w: _Worker, node: Any, args: argparse.Namespace) -> None:
     expected = args.count
-    first = last = 0.0
+    last = 0.0
     done = threading.Event()
     clock = time.monotonic  # one clock for every process of the host
 
     def on_msg(msg: Any) -> None:
-        nonlocal first, last
+        nonlocal last
         if args.array:
             msg.array()  # the numpy view a trainer would use (no copy)
         last = clock()
-        if not w.count:
-            first = last
         w.count += 1
         if w.count >= expected:
             done.set()
@@ -186,7 +184,8 @@ def _worker_subscriber(w: _Worker, node: Any, args: argparse.Namespace) -> None:
     # Everything arrived, or the parent stopped the round (then it reports the loss).
     while not done.wait(0.1) and not w.stop.is_set():
         pass
-    w.emit("done", received=w.count, t_first=first, t_last=last, gaps=node.status()["counters"].get("gaps", 0))
+    # gaps: sequence numbers that never arrived (the node counts them).
+    w.emit("done", received=w.count, t_last=last, gaps=node.status()["counters"].get("gaps", 0))
     w.wait(w.stop)
 
 
@@ -197,7 +196,6 @@ def _worker_responder(w: _Worker, node: Any, args: argparse.Namespace) -> None:
             msg.respond(msg.array() if args.array else msg.data)
         except ClosedError:
             return  # stopping: the requester is told to stop too
-
         w.count += 1
 
     # A queue group: with several responders each request is answered once.
@@ -364,11 +362,11 @@ class Options:
         if self.msgs is not None and self.msgs < self.pubs:
             raise ConfigError(f"--msgs {self.msgs} is fewer than --pub {self.pubs}: each publisher "
                               "needs at least one message")
+        if not self.timeout > 0:
+            raise ConfigError(f"--timeout must be positive, not {self.timeout}")
 
     def msgs_for(self, mode: str) -> int:
         return self.msgs if self.msgs is not None else DEFAULT_MSGS[mode]
-        if not self.timeout > 0:
-            raise ConfigError(f"--timeout must be positive, not {self.timeout}")
 
 
 @dataclass
@@ -383,7 +381,6 @@ class _Proc:
     count: int = 0
     done: dict | None = None
     error: str | None = None
-    exited: bool = False
     stderr: collections.deque = field(default_factory=lambda: collections.deque(maxlen=20))
 
     def send(self, line: str) -> None:
@@ -457,7 +454,8 @@ class _Round:
         cmd = [
             sys.executable, "-m", "mesh.benchcmd", "worker", "--role", role, "--index", str(index),
             "--cluster", self.cluster, "--transport", o.transport, "--size", str(o.size),
-            "--count", str(count), *(["--array"] if o.array else []), "--targets", str(o.subs), "--timeout", str(o.timeout),
+            "--count", str(count), "--targets", str(o.subs), "--timeout", str(o.timeout),
+            *(["--array"] if o.array else []),
         ]
         if not first:
             cmd.append("--wait-seed")
@@ -504,7 +502,10 @@ class _Round:
             proc.count = int(event["n"])
         elif kind == "done":
             proc.done = event
-            proc.count = int(event.get("received", event.get("sent", proc.count)))
+            for key in ("received", "replies", "sent", "answered"):  # as its progress counted
+                if key in event:
+                    proc.count = int(event[key])
+                    break
         elif kind == "error":
             proc.error = str(event.get("text"))
             if event.get("kind") == "join":
@@ -515,7 +516,6 @@ class _Round:
                 )
             raise BenchFailed(f"{proc.name} failed: {proc.error}{proc.tail()}")
         elif kind == "exit":
-            proc.exited = True
             try:
                 code = proc.popen.wait(2.0)
             except subprocess.TimeoutExpired:
@@ -701,6 +701,7 @@ class _Round:
                 **base, "publishers": o.pubs, "subscribers": o.subs,
                 "published": sent, "received": sum(received), "expected": sent * o.subs,
                 "lost": lost, "duplicates": sum(max(0, r - sent) for r in received),
+                "gaps": sum(p.done.get("gaps", 0) for p in targets),
                 "publish": rate(sent, t1 - t0),
                 # End to end: from the first publish to the last receive, every subscriber.
                 "receive": rate(sum(received), t_last - t0),
