@@ -831,7 +831,7 @@ def run(opts: Options, out: TextIO | None = None, err: TextIO | None = None) -> 
     if opts.json:
         doc = {
             "host": platform.node(), "python": platform.python_version(),
-            "cpus": os.cpu_count(), "results": results,
+            "cpus": os.cpu_count(), "loadavg": _loadavg(), "results": results,
         }
         print(json.dumps(doc, indent=2), file=out, flush=True)
     lossy = [r for r in results if r["lost"] or r.get("duplicates")]
@@ -840,6 +840,14 @@ def run(opts: Options, out: TextIO | None = None, err: TextIO | None = None) -> 
         raise BenchFailed(f"messages were lost ({what}); every one should arrive "
                           "(publish waits for credit): please report it with the output above")
     return 0
+
+
+def _loadavg() -> list[float] | None:
+    """1, 5 and 15 minutes: the numbers depend on what else the machine runs."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
