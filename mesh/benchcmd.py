@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import math
 import os
@@ -577,6 +578,11 @@ class _Round:
                 except subprocess.TimeoutExpired:
                     pass
         for proc in self.procs:
+            endpoint = proc.endpoint or ""
+            if proc.popen.returncode and endpoint.startswith("ipc:///"):
+                # It died without closing its node: its socket file is left (stale).
+                with contextlib.suppress(OSError):
+                    os.unlink(endpoint[len("ipc://"):])
             for stream in (proc.popen.stdin, proc.popen.stdout, proc.popen.stderr):
                 try:
                     if stream is not None:

@@ -53,6 +53,24 @@ def _assert_no_workers_left(bench_pid: int, known: list[int] = ()) -> None:
     assert not left, f"worker processes left behind: {left}"
 
 
+def _ipc_files_of(pid: int) -> list[str]:
+    """The zmesh ipc socket files a process has open (its node listens on them)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    paths = []
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and fields[6] in inodes and "zmesh-" in fields[7]:
+            paths.append(fields[7])
+    return paths
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -244,12 +262,16 @@ def test_a_worker_that_dies_fails_the_run_and_the_others_are_stopped() -> None:
     workers = run.measuring()
     assert len(workers) == 3, workers
     victim = workers[0]
+    sockets = _ipc_files_of(victim)
+    assert sockets and all(os.path.exists(path) for path in sockets), sockets
     os.kill(victim, signal.SIGKILL)
     assert run.wait(workers) == 1
     err = "".join(run.err)
     assert f"(pid {victim}) exited with code -9 before the end" in err, err
     assert "Traceback" not in err
     _assert_no_workers_left(run.proc.pid, workers)
+    # The dead worker could not remove its ipc socket file: mesh bench did.
+    assert not any(os.path.exists(path) for path in sockets), sockets
 
 
 def test_workers_exit_by_themselves_when_mesh_bench_is_killed() -> None:
