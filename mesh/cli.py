@@ -8,7 +8,7 @@ command starts a node that joins the mesh like any other worker.
     mesh reply ps.pull 'pong {{data}}'
     mesh req ps.pull ping --seed tcp://127.0.0.1:PORT
     mesh demo
-    mesh bench --msgs 100000 --size 128
+    mesh bench                              # throughput and latency on this machine
 """
 
 from __future__ import annotations
@@ -74,12 +74,14 @@ examples:
   mesh bench                                   # pub/sub, then request/reply, over ipc
   mesh bench --mode pubsub --msgs 200000 --size 1024 --pub 2 --sub 2
   mesh bench --mode request --transport tcp --json
+  mesh bench --mode pubsub --array --size 4194304 --msgs 500   # 4 MiB numpy arrays
 
 Starts the publishers and subscribers (requesters and responders) as separate
 processes on this machine, shows a progress line while they run, then prints
 msgs/s, MB/s (10^6 bytes), request latency p50/p90/p99 and how many messages
 arrived of those published (publish waits for credit: none may be lost).
-Exit code 0 when every message arrived, 1 with the reason otherwise.""",
+Exit code 0 when every message arrived, non-zero with the reason otherwise;
+Ctrl-C stops every process it started.""",
     "secret": """\
 examples:
   mesh secret > cluster.key && chmod 600 cluster.key
