@@ -165,6 +165,16 @@ def test_all_modes_print_numbers_and_a_progress_line_when_asked() -> None:
     assert "request/reply over ipc: 2,000/2,000 replies (100%)" in result.stderr
 
 
+def test_latency_quantiles_are_nearest_rank() -> None:
+    from mesh.benchcmd import _quantiles
+
+    q = _quantiles([float(x) for x in range(1, 201)])  # 1..200 µs
+    assert (q["p50"], q["p90"], q["p99"], q["min"], q["max"], q["n"]) == (100, 180, 198, 1, 200, 200)
+    assert q["mean"] == 100.5
+    assert _quantiles([7.0])["p99"] == 7.0
+    assert _quantiles([]) == {}
+
+
 # --------------------------------------------------------------------------- errors
 
 
