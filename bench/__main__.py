@@ -21,7 +21,7 @@ from typing import Any
 
 import zmq
 
-from bench import collectives, pubsub, shm
+from bench import collectives, pubsub, shm, torch_ddp
 from bench._runner import BenchError, log, workers
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -134,10 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=os.path.join(RESULTS_DIR, "latest.json"),
                         help="where to write the results (default: bench/results/latest.json)")
     parser.add_argument("--transports", default="tcp,ipc", help="comma-separated (default tcp,ipc)")
-    parser.add_argument("--suites", default="pubsub,collectives,shm",
-                        help="which benchmark suites to run (default: pubsub,collectives,shm; "
+    parser.add_argument("--suites", default="pubsub,collectives,shm,torch",
+                        help="which benchmark suites to run (default: pubsub,collectives,shm,torch; "
                         "shm = bench.shm's 64 MiB shm vs ipc, then a 4-process allreduce with "
-                        "the node's shm on vs off)")
+                        "the node's shm on vs off; torch = DDP step time, mesh comm hook vs "
+                        "Gloo)")
     parser.add_argument("--only", default="",
                         help="comma-separated substrings of case names, e.g. latency,1MiB/ipc")
     args = parser.parse_args(argv)
@@ -157,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     collective_results: dict | None = None
     shm_results: dict | None = None
     shm_allreduce: dict | None = None
+    ddp_results: dict | None = None
     load_before = os.getloadavg()
     try:
         if "pubsub" in suites:
@@ -184,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
                 shm_allreduce = collectives.shm_compare(quick=args.quick)
             except RuntimeError as exc:
                 errors.append(f"collectives shm on/off: {exc}")
+        if "torch" in suites:
+            # DDP step time: mt.comm_hook(group) vs DDP's own Gloo allreduce, same processes.
+            try:
+                ddp_results = torch_ddp.run(quick=args.quick)
+            except RuntimeError as exc:
+                errors.append(f"torch_ddp: {exc}")
     except KeyboardInterrupt:
         log("interrupted; workers stopped")
         return 130
@@ -214,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                 "collectives": collective_results,
                 "shm": shm_results,
                 "collectives_shm": shm_allreduce,
+                "torch_ddp": ddp_results,
                 "errors": errors,
             },
             fh,
