@@ -1710,7 +1710,7 @@ class Node:
         hb = self.options["heartbeat_interval"]
         next_tick = time.monotonic()
         for seed in self.seeds:
-            if not seed.startswith("dns://"):  # those come as "seed" commands
+            if not seed.startswith("dns://"):  # their addresses come as "seeds" commands
                 self._open_seed(seed)
         # Seeds are retried quickly at first (the connection takes a moment), then
         # every seed_interval.
@@ -3058,6 +3058,8 @@ class Node:
         elif cmd[0] == "seeds":
             _, added, removed = cmd
             for endpoint in removed:
+                if endpoint in self.seeds:
+                    continue  # also a seed given at construction: it stays
                 self._seed_peer.pop(endpoint, None)
                 sock = self._seed_socks.pop(endpoint, None)
                 if sock is not None:
