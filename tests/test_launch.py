@@ -333,3 +333,37 @@ def test_plain_env_processes_with_zmesh_seeds():
     ])
     _check_job(results, [1, 0])
     assert results[0]["cluster"] == f"plain-{port}"
+
+
+TORCHRUN_BIN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+
+
+@pytest.mark.skipif(not os.path.exists(TORCHRUN_BIN),
+                    reason="torchrun not installed (pip install 'zmesh[torch]')")
+@pytest.mark.parametrize("mode", ["static", "c10d"])
+def test_real_torchrun_starts_ranks_that_form_the_group(mode):
+    """torchrun itself: with a fixed master port, and with the c10d rendezvous (which
+    picks MASTER_PORT itself and sets MASTER_ADDR to a host name)."""
+    import signal
+
+    port = _free_port_pair()
+    if mode == "static":
+        args = ["--nproc-per-node", "3", "--master-port", str(port)]
+    else:
+        args = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--nnodes",
+                "1", "--nproc-per-node", "3"]
+    proc = subprocess.Popen([TORCHRUN_BIN, *args, os.path.join(HERE, "launch_worker.py")],
+                            env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers
+            proc.communicate(timeout=10)
+    assert proc.returncode == 0, err[-3000:]
+    results = sorted((json.loads(line) for line in out.splitlines() if line.startswith("{")),
+                     key=lambda r: r["rank"])
+    _check_job(results, [0, 1, 2])
+    if mode == "static":
+        assert results[0]["cluster"] == f"torch-127.0.0.1-{port}"
