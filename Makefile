@@ -24,8 +24,9 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-# The references (nats-server from Debian, torch for Gloo from the local wheel)
-# are installed by bench/setup.sh, only for benchmarks.
+# The references (nats-server from Debian, the bench extra's Zenoh and nats-py,
+# torch for Gloo from the local wheel) are installed by bench/setup.sh, only for
+# benchmarks.
 bench: $(STAMP)
 	bash bench/setup.sh $(BIN)
 	$(BIN)/python -m bench

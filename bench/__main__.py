@@ -21,7 +21,7 @@ from typing import Any
 
 import zmq
 
-from bench import collectives, pubsub, shm, torch_ddp
+from bench import collectives, pubsub, refs, shm, torch_ddp
 from bench._runner import BenchError, log, workers
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -87,6 +87,8 @@ def summary(rows: list[dict], cfg: pubsub.Config) -> str:
               f"{'mesh':<36} {'reference':<50} notes")
     lines += [header, "-" * len(header)]
     for row in rows:
+        if row["bench"] == "references":
+            continue  # refs.table prints these side by side
         met = {True: "yes", False: "NO", None: "-"}[row["met"]]
         name = f"{row['bench']} {row['case']}"
         ref = f"{row['reference']}: {_fmt_value(row, 'raw')}"
@@ -94,7 +96,7 @@ def summary(rows: list[dict], cfg: pubsub.Config) -> str:
             f"{_fmt_ratio(row):>8}  {row['goal']:<22} {met:<4}  {name:<66} {row['transport']:<7} "
             f"{_fmt_value(row, 'mesh'):<36} {ref:<50} {_extra(row)}"
         )
-    goals = [r for r in rows if r["met"] is not None]
+    goals = [r for r in rows if r.get("met") is not None]
     missed = [r for r in goals if not r["met"]]
     text = f"goals met: {len(goals) - len(missed)} of {len(goals)}"
     if missed:
@@ -108,7 +110,7 @@ def recap(rows: list[dict], shm_result: dict | None, shm_allreduce: dict | None)
     """Every goal in one place, ratio first, with its reference."""
     lines = ["", "=== goals (ratio vs reference) ==="]
     for row in rows:
-        if row["met"] is None:
+        if row.get("met") is None:
             continue
         lines.append(f"{_fmt_ratio(row):>8}  {'met' if row['met'] else 'MISSED':<6} "
                      f"{row['goal']:<22} {row['bench']} {row['case']} [{row['transport']}] "
@@ -166,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows = pubsub.run(pair, cfg, errors)
             if rows:
                 print(summary(rows, cfg), flush=True)
+                print(refs.table(rows), flush=True)
         if "collectives" in suites:
             # Mesh allreduce vs torch.distributed/Gloo, in the same processes.
             try:
@@ -232,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"results: {os.path.relpath(args.json)}")
     if errors:
         return 1
-    if args.strict and (any(r["met"] is False for r in rows)
+    if args.strict and (any(r.get("met") is False for r in rows)
                         or (shm_results is not None and not shm_results["met"])):
         return 1
     return 0
