@@ -21,7 +21,7 @@ from typing import Any
 
 import zmq
 
-from bench import aio, collectives, pubsub, refs, shm
+from bench import aio, collectives, pubsub, refs, shm, torch_ddp
 from bench._runner import BenchError, log, workers
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -141,11 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=os.path.join(RESULTS_DIR, "latest.json"),
                         help="where to write the results (default: bench/results/latest.json)")
     parser.add_argument("--transports", default="tcp,ipc", help="comma-separated (default tcp,ipc)")
-    parser.add_argument("--suites", default="pubsub,collectives,shm,aio",
-                        help="which benchmark suites to run (default: pubsub,collectives,shm,aio; "
-                        "shm = bench.shm's 64 MiB shm vs ipc, then a 4-process allreduce with "
-                        "the node's shm on vs off; aio = request round trip from asyncio "
-                        "beside the sync one)")
+    parser.add_argument("--suites", default="pubsub,collectives,shm,aio,torch",
+                        help="which benchmark suites to run (default: pubsub,collectives,shm,aio,"
+                        "torch; shm = bench.shm's 64 MiB shm vs ipc, then a 4-process allreduce "
+                        "with the node's shm on vs off; aio = request round trip from asyncio "
+                        "beside the sync one; torch = DDP step time, mesh comm hook vs Gloo)")
     parser.add_argument("--only", default="",
                         help="comma-separated substrings of case names, e.g. latency,1MiB/ipc")
     args = parser.parse_args(argv)
@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     shm_results: dict | None = None
     shm_allreduce: dict | None = None
     aio_rows: list[dict] = []
+    ddp_results: dict | None = None
     load_before = os.getloadavg()
     try:
         if "pubsub" in suites:
@@ -200,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
                 aio_rows = aio.run(pair, options["transports"], args.quick, errors)
             if aio_rows:
                 print(aio.summary(aio_rows), flush=True)
+        if "torch" in suites:
+            # DDP step time: mt.comm_hook(group) vs DDP's own Gloo allreduce, same processes.
+            try:
+                ddp_results = torch_ddp.run(quick=args.quick)
+            except RuntimeError as exc:
+                errors.append(f"torch_ddp: {exc}")
     except KeyboardInterrupt:
         log("interrupted; workers stopped")
         return 130
@@ -231,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                 "shm": shm_results,
                 "collectives_shm": shm_allreduce,
                 "aio": aio_rows,
+                "torch_ddp": ddp_results,
                 "errors": errors,
             },
             fh,

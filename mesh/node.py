@@ -32,6 +32,7 @@ import numpy as np
 import zmq
 
 import transports as transport_plugins
+from discovery.dns import DnsSeeds
 from mesh import security, wire
 from mesh.channels import EARLY_MAX_AGE, EARLY_MAX_MESSAGES, Channel, ChannelMessage
 from mesh.errors import (
@@ -397,6 +398,8 @@ class Node:
         self.secured = self._keys is not None
         self.discovery_mode = discovery
         self.seeds = seeds
+        # dns:// seeds: resolved on their own thread, handed over as tcp seeds (_seeds_changed).
+        self._dns = DnsSeeds.for_node(seeds, self._seeds_changed, owner=self.name)
         self.options = {**_DEFAULT_OPTIONS, **options}
         _check_options(self.options)
         self._policy = Policy.from_any(self.options["policy"]) if self.options["policy"] is not None else None
@@ -564,6 +567,8 @@ class Node:
             self.metrics_port = self._metrics.port
         if self.discovery_mode == "zeroconf":
             self._start_zeroconf()
+        if self._dns is not None:
+            self._dns.start()
         return self
 
     def _start_shm(self) -> None:
@@ -607,6 +612,8 @@ class Node:
             return
         if self._metrics is not None:
             self._metrics.close()
+        if self._dns is not None:
+            self._dns.close()
         if self._discovery is not None:
             try:
                 self._discovery.close()
@@ -786,6 +793,20 @@ class Node:
 
         self._check_started()
         return Group(self, name, size, timeout, **options)
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Node:
+        """A node configured from the launcher's environment (torchrun, SLURM, or
+        ZMESH_SEEDS/ZMESH_CLUSTER/ZMESH_SECRET); not started. See mesh.launch."""
+        from mesh import launch
+
+        return launch.node_from_env(cls, **overrides)
+
+    def group_from_env(self, name: str = "world", timeout: float = 60.0, **options: Any) -> Any:
+        """The group of every rank the launcher started, with ``group.rank == RANK``."""
+        from mesh import launch
+
+        return launch.group_from_env(self, name, timeout, **options)
 
     def unsubscribe(self, sub: Subscription) -> None:
         sub.close()
@@ -1700,7 +1721,8 @@ class Node:
         hb = self.options["heartbeat_interval"]
         next_tick = time.monotonic()
         for seed in self.seeds:
-            self._open_seed(seed)
+            if not seed.startswith("dns://"):  # their addresses come as "seeds" commands
+                self._open_seed(seed)
         # Seeds are retried quickly at first (the connection takes a moment), then
         # every seed_interval.
         seed_delay = 0.02
@@ -3044,13 +3066,31 @@ class Node:
                 self._introduce(parse_summary(cmd[1]), time.monotonic())
             except ProtocolError:
                 self.counters.drops["malformed_announcement"] += 1
+        elif cmd[0] == "seeds":
+            _, added, removed = cmd
+            for endpoint in removed:
+                if endpoint in self.seeds:
+                    continue  # also a seed given at construction: it stays
+                self._seed_peer.pop(endpoint, None)
+                sock = self._seed_socks.pop(endpoint, None)
+                if sock is not None:
+                    sock.close(linger=0)
+            for endpoint in added:
+                if endpoint not in self._seed_socks:
+                    self._open_seed(endpoint)
 
     # -- seeds, heartbeats, death -------------------------------------------------
+
+    def _seeds_changed(self, added: list[str], removed: list[str]) -> None:
+        """Seeds found at run time (discovery/dns.py's thread): the I/O thread opens
+        (and closes) their seed sockets, as for the seeds given at construction."""
+        if self._started and not self._closed:
+            self._command(("seeds", added, removed))
 
     def _open_seed(self, endpoint: str) -> None:
         sock = self._ctx.socket(zmq.DEALER)
         # Another identity than our link's: a ROUTER refuses two pipes with one identity.
-        sock.setsockopt(zmq.IDENTITY, f"{self.id}/seed/{len(self._seed_socks)}".encode())
+        sock.setsockopt(zmq.IDENTITY, f"{self.id}/seed/{endpoint}".encode()[:255])
         sock.setsockopt(zmq.LINGER, 0)
         if self._keys is not None:
             self._keys.apply_client(sock)
