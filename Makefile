@@ -20,12 +20,20 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/mesh demo
 
-test: $(STAMP)
+# The tests also cover mesh.torch and the DDP example: torch==2.13.0 (the torch
+# extra, CPU) for the test venv only; the demo does not need it.
+TORCH_STAMP := $(VENV)/.torch-2.13.0
+$(TORCH_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[test,bench,torch]'
+	@touch $(TORCH_STAMP)
+
+test: $(STAMP) $(TORCH_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-# The references (nats-server from Debian, torch for Gloo from the local wheel)
-# are installed by bench/setup.sh, only for benchmarks.
+# The references (nats-server from Debian, the bench extra's Zenoh and nats-py,
+# torch for Gloo from the local wheel) are installed by bench/setup.sh, only for
+# benchmarks.
 bench: $(STAMP)
 	bash bench/setup.sh $(BIN)
 	$(BIN)/python -m bench

@@ -21,7 +21,7 @@ from typing import Any
 
 import zmq
 
-from bench import collectives, pubsub, shm
+from bench import aio, collectives, pubsub, refs, shm, torch_ddp
 from bench._runner import BenchError, log, workers
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -87,6 +87,8 @@ def summary(rows: list[dict], cfg: pubsub.Config) -> str:
               f"{'mesh':<36} {'reference':<50} notes")
     lines += [header, "-" * len(header)]
     for row in rows:
+        if row["bench"] == "references":
+            continue  # refs.table prints these side by side
         met = {True: "yes", False: "NO", None: "-"}[row["met"]]
         name = f"{row['bench']} {row['case']}"
         ref = f"{row['reference']}: {_fmt_value(row, 'raw')}"
@@ -94,7 +96,7 @@ def summary(rows: list[dict], cfg: pubsub.Config) -> str:
             f"{_fmt_ratio(row):>8}  {row['goal']:<22} {met:<4}  {name:<66} {row['transport']:<7} "
             f"{_fmt_value(row, 'mesh'):<36} {ref:<50} {_extra(row)}"
         )
-    goals = [r for r in rows if r["met"] is not None]
+    goals = [r for r in rows if r.get("met") is not None]
     missed = [r for r in goals if not r["met"]]
     text = f"goals met: {len(goals) - len(missed)} of {len(goals)}"
     if missed:
@@ -104,11 +106,16 @@ def summary(rows: list[dict], cfg: pubsub.Config) -> str:
     return "\n".join(lines)
 
 
-def recap(rows: list[dict], shm_result: dict | None, shm_allreduce: dict | None) -> str:
+def recap(rows: list[dict], shm_result: dict | None, shm_allreduce: dict | None,
+          aio_rows: list[dict] | None = None) -> str:
     """Every goal in one place, ratio first, with its reference."""
     lines = ["", "=== goals (ratio vs reference) ==="]
+    for row in aio_rows or []:
+        lines.append(f"{row['ratio']:>7.2f}x  {'met' if row['met'] else 'MISSED':<6} "
+                     f"{row['goal']:<22} {row['case']} [{row['transport']}] from asyncio "
+                     "(mesh.aio) vs the sync request()")
     for row in rows:
-        if row["met"] is None:
+        if row.get("met") is None:
             continue
         lines.append(f"{_fmt_ratio(row):>8}  {'met' if row['met'] else 'MISSED':<6} "
                      f"{row['goal']:<22} {row['bench']} {row['case']} [{row['transport']}] "
@@ -134,10 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=os.path.join(RESULTS_DIR, "latest.json"),
                         help="where to write the results (default: bench/results/latest.json)")
     parser.add_argument("--transports", default="tcp,ipc", help="comma-separated (default tcp,ipc)")
-    parser.add_argument("--suites", default="pubsub,collectives,shm",
-                        help="which benchmark suites to run (default: pubsub,collectives,shm; "
-                        "shm = bench.shm's 64 MiB shm vs ipc, then a 4-process allreduce with "
-                        "the node's shm on vs off)")
+    parser.add_argument("--suites", default="pubsub,collectives,shm,aio,torch",
+                        help="which benchmark suites to run (default: pubsub,collectives,shm,aio,"
+                        "torch; shm = bench.shm's 64 MiB shm vs ipc, then a 4-process allreduce "
+                        "with the node's shm on vs off; aio = request round trip from asyncio "
+                        "beside the sync one; torch = DDP step time, mesh comm hook vs Gloo)")
     parser.add_argument("--only", default="",
                         help="comma-separated substrings of case names, e.g. latency,1MiB/ipc")
     args = parser.parse_args(argv)
@@ -157,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     collective_results: dict | None = None
     shm_results: dict | None = None
     shm_allreduce: dict | None = None
+    aio_rows: list[dict] = []
+    ddp_results: dict | None = None
     load_before = os.getloadavg()
     try:
         if "pubsub" in suites:
@@ -164,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows = pubsub.run(pair, cfg, errors)
             if rows:
                 print(summary(rows, cfg), flush=True)
+                print(refs.table(rows), flush=True)
         if "collectives" in suites:
             # Mesh allreduce vs torch.distributed/Gloo, in the same processes.
             try:
@@ -184,12 +195,24 @@ def main(argv: list[str] | None = None) -> int:
                 shm_allreduce = collectives.shm_compare(quick=args.quick)
             except RuntimeError as exc:
                 errors.append(f"collectives shm on/off: {exc}")
+        if "aio" in suites:
+            # Request round trip p50 from asyncio beside the sync one, same node and link.
+            with workers() as pair:
+                aio_rows = aio.run(pair, options["transports"], args.quick, errors)
+            if aio_rows:
+                print(aio.summary(aio_rows), flush=True)
+        if "torch" in suites:
+            # DDP step time: mt.comm_hook(group) vs DDP's own Gloo allreduce, same processes.
+            try:
+                ddp_results = torch_ddp.run(quick=args.quick)
+            except RuntimeError as exc:
+                errors.append(f"torch_ddp: {exc}")
     except KeyboardInterrupt:
         log("interrupted; workers stopped")
         return 130
     elapsed = time.monotonic() - started
 
-    print(recap(rows, shm_results, shm_allreduce))
+    print(recap(rows, shm_results, shm_allreduce, aio_rows))
     for error in errors:
         print(f"ERROR: {error}")
     print(f"wall time {elapsed:.1f} s ({'quick' if args.quick else 'full'} run)")
@@ -214,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                 "collectives": collective_results,
                 "shm": shm_results,
                 "collectives_shm": shm_allreduce,
+                "aio": aio_rows,
+                "torch_ddp": ddp_results,
                 "errors": errors,
             },
             fh,
@@ -223,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"results: {os.path.relpath(args.json)}")
     if errors:
         return 1
-    if args.strict and (any(r["met"] is False for r in rows)
+    if args.strict and (any(r.get("met") is False for r in [*rows, *aio_rows])
                         or (shm_results is not None and not shm_results["met"])):
         return 1
     return 0

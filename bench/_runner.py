@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import multiprocessing as mp
+import os
 import signal
 import sys
 import time
@@ -52,6 +53,22 @@ class Control:
             self._stopped = self._conn.recv()[0] == "stop"
         return self._stopped
 
+    def wait_for(self, kind: str, timeout: float) -> None:
+        """Block until the parent says ``kind`` (e.g. "go": start the timed part
+        together with other workers); BenchError on "stop" or after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BenchError(f"no {kind!r} from the parent within {timeout:.0f} s")
+            if self._conn.poll(min(remaining, 1.0)):
+                got = self._conn.recv()[0]
+                if got == kind:
+                    return
+                if got == "stop":
+                    self._stopped = True
+                    raise BenchError(f"stopped while waiting for {kind!r}")
+
     def wait_stop(self, timeout: float) -> None:
         """Block until the parent says "stop"; BenchError after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
@@ -77,8 +94,12 @@ def _on_sigterm(_signum: int, _frame: Any) -> None:
     raise SystemExit(143)
 
 
-def _worker_main(conn: Connection, name: str) -> None:
+def _worker_main(conn: Connection, name: str, cpus: frozenset[int] | None = None) -> None:
     """Serve ("run", "module:function", kwargs) requests until ("exit",) or EOF."""
+    if cpus:
+        # First thing, before any thread exists: every thread started later (libzmq's,
+        # the mesh's, Zenoh's runtime) inherits the mask, as under `taskset`.
+        os.sched_setaffinity(0, cpus)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _on_sigterm)
     _die_with_parent()
@@ -90,7 +111,7 @@ def _worker_main(conn: Connection, name: str) -> None:
         if request[0] == "exit":
             return
         if request[0] != "run":
-            continue  # a late "stop" for a task that already ended
+            continue  # a late "stop" (or "go") for a task that already ended
         _, target, kwargs = request
         try:
             module, func = target.split(":")
@@ -112,11 +133,11 @@ def _worker_main(conn: Connection, name: str) -> None:
 class Worker:
     """A spawned worker process and the parent's end of its pipe."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, cpus: frozenset[int] | None = None) -> None:
         self.name = name
         self._conn, child = _SPAWN.Pipe()
         self.proc = _SPAWN.Process(
-            target=_worker_main, args=(child, name), name=f"bench-{name}", daemon=True
+            target=_worker_main, args=(child, name, cpus), name=f"bench-{name}", daemon=True
         )
         self.proc.start()
         child.close()
@@ -128,8 +149,12 @@ class Worker:
         self.busy = True
 
     def stop(self) -> None:
+        self.tell("stop")
+
+    def tell(self, kind: str) -> None:
+        """Send the running task a word ("stop", "go"); see Control.wait_for."""
         with contextlib.suppress(OSError):
-            self._conn.send(("stop", None))
+            self._conn.send((kind, None))
 
     def expect(self, kind: str, timeout: float) -> Any:
         """The payload of the next message, which must be ``kind``; BenchError otherwise."""
@@ -173,17 +198,19 @@ class Worker:
 
 
 class Pair:
-    """The two workers, replaced as a pair whenever a task goes wrong."""
+    """The two workers, replaced as a pair whenever a task goes wrong. With
+    ``cpus``, both are pinned to those CPUs for their whole life (as `taskset`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, cpus: frozenset[int] | None = None) -> None:
         self.left: Worker | None = None
         self.right: Worker | None = None
+        self.cpus = cpus
 
     def ensure(self) -> tuple[Worker, Worker]:
         if self.left is None or not self.left.proc.is_alive():
-            self.left = Worker("left")
+            self.left = Worker("left", self.cpus)
         if self.right is None or not self.right.proc.is_alive():
-            self.right = Worker("right")
+            self.right = Worker("right", self.cpus)
         return self.left, self.right
 
     def reset(self) -> None:
@@ -229,11 +256,46 @@ class Pair:
         return first_result, second_result
 
 
+class Crew:
+    """``n`` workers for shapes beyond a pair (fan-in, fan-out), replaced all
+    together whenever a task goes wrong."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.members: list[Worker] = []
+
+    def ensure(self) -> list[Worker]:
+        self.members = [w if w.proc.is_alive() else Worker(w.name) for w in self.members]
+        while len(self.members) < self.n:
+            self.members.append(Worker(f"crew{len(self.members)}"))
+        return self.members
+
+    def reset(self) -> None:
+        for worker in self.members:
+            worker.close(grace=2.0)
+        self.members = []
+
+    def close(self) -> None:
+        for worker in self.members:
+            worker.close()
+        self.members = []
+
+
 @contextlib.contextmanager
-def workers() -> Iterator[Pair]:
+def crew(n: int) -> Iterator[Crew]:
+    """``n`` workers, always cleaned up."""
+    group = Crew(n)
+    try:
+        yield group
+    finally:
+        group.close()
+
+
+@contextlib.contextmanager
+def workers(cpus: frozenset[int] | None = None) -> Iterator[Pair]:
     """The worker pair, always cleaned up, SIGTERM to the parent included."""
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    pair = Pair()
+    pair = Pair(cpus)
     try:
         yield pair
     finally:

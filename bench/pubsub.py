@@ -27,6 +27,10 @@ reports the ratio mesh/raw:
    over ipc only). ipc: the node sends arrays >= ``shm_threshold`` (1 MiB)
    through shared memory, reported as "ipc+shm"; the reference stays plain ipc.
 
+4. References (bench/refs.py, cases ``latency-refs/tcp`` and
+   ``throughput-refs/tcp``): Zenoh's Python binding and NATS beside raw pyzmq
+   and the mesh, pinned to one core and not, and fan-in / fan-out shapes.
+
 Task functions (``*_task``) run inside the workers; ``run()`` runs in the parent.
 """
 
@@ -168,6 +172,7 @@ def _one_way_stats(rtts_ns: list[int]) -> dict[str, float]:
     one_way_us = np.asarray(rtts_ns, dtype=np.float64) / 2e3
     return {
         "p50_us": float(np.percentile(one_way_us, 50)),
+        "p90_us": float(np.percentile(one_way_us, 90)),
         "p99_us": float(np.percentile(one_way_us, 99)),
         "mean_us": float(one_way_us.mean()),
         "n": len(rtts_ns),
@@ -196,11 +201,16 @@ def _round_trips(
 
 def mesh_echo_task(
     ctl: Control, transport: str, timeout: float, profile: str | None = None,
-    node_options: dict | None = None,
+    node_options: dict | None = None, sub_options: dict | None = None, mode: str = "pubsub",
 ) -> dict:
+    """The echo: publishes every ping back as a pong, or (mode "request")
+    answers every request with ``msg.respond``."""
     with profiled(profile), _mesh_node("echo", transport, options=node_options) as node:
         publish = node.publish
-        node.subscribe(PING, lambda msg: publish(PONG, msg.data))
+        if mode == "request":
+            node.subscribe(PING, lambda msg: msg.respond(msg.data), **(sub_options or {}))
+        else:
+            node.subscribe(PING, lambda msg: publish(PONG, msg.data), **(sub_options or {}))
         ctl.send("ready", _mesh_endpoint(node, transport))
         ctl.wait_stop(timeout)
         return _mesh_counters(node)
@@ -216,24 +226,36 @@ def mesh_ping_task(
     timeout: float,
     profile: str | None = None,
     node_options: dict | None = None,
+    sub_options: dict | None = None,
+    mode: str = "pubsub",
 ) -> dict:
+    """Ping-pong (a pong handler wakes this thread), or (mode "request")
+    ``node.request`` round trips against mesh_echo_task's responder."""
     replies: queue.SimpleQueue = queue.SimpleQueue()
     put = replies.put
     with profiled(profile), _mesh_node("ping", transport, (endpoint,), node_options) as node:
-        node.subscribe(PONG, lambda msg: put(None))
         node.wait_for_peers(1, timeout=JOIN_TIMEOUT)
         node.wait_for_subscribers(PING, 1, timeout=JOIN_TIMEOUT)
-        send = functools.partial(node.publish, PING)
-        recv = functools.partial(replies.get, True, 5.0)  # queue.Empty: a lost message
+        if mode == "request":
+            request = node.request
+
+            def send(payload: bytes) -> None:
+                put(request(PING, payload, timeout=5.0))
+
+            recv = replies.get_nowait
+        else:
+            node.subscribe(PONG, lambda msg: put(None), **(sub_options or {}))
+            send = functools.partial(node.publish, PING)
+            recv = functools.partial(replies.get, True, 5.0)  # queue.Empty: a lost message
         # The echo may learn of our interest in pong a moment after we see its
         # interest in ping: retry the first round trip, then drop stray pongs.
         deadline = time.monotonic() + JOIN_TIMEOUT
         while True:
-            send(b"hello")
             try:
+                send(b"hello")
                 replies.get(True, 0.2)
                 break
-            except queue.Empty:
+            except (queue.Empty, TimeoutError):  # mesh.TimeoutError is one
                 if time.monotonic() > deadline:
                     raise BenchError("no pong from the mesh echo") from None
         time.sleep(0.1)
@@ -347,14 +369,18 @@ def _warm_count(kind: str, count: int) -> int:
 
 def mesh_sink_task(
     ctl: Control, transport: str, kind: str, count: int, timeout: float, profile: str | None = None,
-    node_options: dict | None = None, sub_options: dict | None = None,
+    node_options: dict | None = None, sub_options: dict | None = None, ends: int = 1,
 ) -> dict:
+    """``ends``: end marks to wait for, one per publisher."""
     sink = _Sink()
     pc = time.perf_counter
+    ended = [0]
 
     def on_bytes(msg: Any) -> None:
         if not len(msg.data):
-            sink.done.set()
+            ended[0] += 1
+            if ended[0] >= ends:
+                sink.done.set()
             return
         sink.n += 1
         sink.t_last = pc()
@@ -383,8 +409,16 @@ def mesh_sink_task(
         return {**sink.result(), **_mesh_counters(node)}
 
 
-def _payload(kind: str) -> Any:
-    return np.ones(ARRAY_BYTES // 4, dtype=ARRAY_DTYPE) if kind == "array" else os.urandom(64)
+def _payload(kind: str, size: int = 64) -> Any:
+    return np.ones(ARRAY_BYTES // 4, dtype=ARRAY_DTYPE) if kind == "array" else os.urandom(size)
+
+
+def _start_together(ctl: Control, sync: bool) -> None:
+    """With ``sync`` (several publishers, or sinks started apart), say the warm-up
+    is done and wait for the parent's "go", so every timed part starts at once."""
+    if sync:
+        ctl.send("warm")
+        ctl.wait_for("go", 120.0)
 
 
 def mesh_source_task(
@@ -397,17 +431,23 @@ def mesh_source_task(
     timeout: float,
     profile: str | None = None,
     node_options: dict | None = None,
+    endpoints: list[str] | None = None,
+    size: int = 64,
+    sync: bool = False,
 ) -> dict:
-    payload = _payload(kind)
+    """``endpoints``: every subscriber's (fan-out), default ``[endpoint]``."""
+    payload = _payload(kind, size)
     warm = _warm_count(kind, count)
-    with profiled(profile), _mesh_node("source", transport, (endpoint,), node_options) as node:
-        node.wait_for_peers(1, timeout=JOIN_TIMEOUT)
-        node.wait_for_subscribers(DATA, 1, timeout=JOIN_TIMEOUT)
+    seeds = tuple(endpoints or [endpoint])
+    with profiled(profile), _mesh_node("source", transport, seeds, node_options) as node:
+        node.wait_for_peers(len(seeds), timeout=JOIN_TIMEOUT)
+        node.wait_for_subscribers(DATA, len(seeds), timeout=JOIN_TIMEOUT)
         publish = node.publish
         cpu0, threads0 = _cpu(), _thread_cpu()
         for _ in range(warm):
             publish(DATA, payload, timeout=5.0)
         time.sleep(0.3)  # let the warm-up drain so it does not count against the clock
+        _start_together(ctl, sync)
         t0 = time.perf_counter()
         for _ in range(count):
             publish(DATA, payload, timeout=pub_timeout)
@@ -420,8 +460,12 @@ def mesh_source_task(
                 **_mesh_counters(node)}
 
 
-def raw_sink_task(ctl: Control, transport: str, kind: str, count: int, timeout: float) -> dict:
+def raw_sink_task(
+    ctl: Control, transport: str, kind: str, count: int, timeout: float, ends: int = 1
+) -> dict:
+    """``ends``: end marks to wait for, one per PUSH socket (fan-in)."""
     sink = _Sink()
+    ended = 0
     ctx = _raw_context()
     sock = ctx.socket(zmq.PULL)
     sock.setsockopt(zmq.LINGER, 0)
@@ -443,7 +487,10 @@ def raw_sink_task(ctl: Control, transport: str, kind: str, count: int, timeout: 
                                      f"{timeout:.0f} s") from None
                 continue
             if not len(msg):
-                break
+                ended += 1
+                if ended >= ends:
+                    break
+                continue
             if not copy:
                 array = np.frombuffer(msg.buffer, dtype=ARRAY_DTYPE)
                 sink.acc += array[-1]
@@ -458,34 +505,50 @@ def raw_sink_task(ctl: Control, transport: str, kind: str, count: int, timeout: 
 
 
 def raw_source_task(
-    ctl: Control, endpoint: str, transport: str, kind: str, count: int, timeout: float
+    ctl: Control, endpoint: str, transport: str, kind: str, count: int, timeout: float,
+    endpoints: list[str] | None = None, size: int = 64, sync: bool = False,
 ) -> dict:
-    payload = _payload(kind)
+    """``endpoints``: fan-out by hand, one PUSH socket per subscriber and every
+    message sent on each (PUSH alone would deal them out, PUB would drop)."""
+    payload = _payload(kind, size)
     warm = _warm_count(kind, count)
     copy = kind != "array"
     ctx = _raw_context()
-    sock = ctx.socket(zmq.PUSH)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, SNDHWM)
-    sock.setsockopt(zmq.SNDTIMEO, 5000)  # as the mesh's publish(timeout=5)
+    socks = []
     try:
-        sock.connect(endpoint)
-        send = sock.send
+        for target in endpoints or [endpoint]:
+            sock = ctx.socket(zmq.PUSH)
+            socks.append(sock)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, SNDHWM)
+            sock.setsockopt(zmq.SNDTIMEO, 5000)  # as the mesh's publish(timeout=5)
+            sock.connect(target)
+        sends = [sock.send for sock in socks]
+        send = sends[0]
         cpu0, threads0 = _cpu(), _thread_cpu()
         for _ in range(warm):
-            send(payload, copy=copy)
+            for send in sends:
+                send(payload, copy=copy)
         time.sleep(0.3)
+        _start_together(ctl, sync)
         t0 = time.perf_counter()
-        for _ in range(count):
-            send(payload, copy=copy)
+        if len(sends) == 1:
+            for _ in range(count):
+                send(payload, copy=copy)
+        else:
+            for _ in range(count):
+                for send in sends:
+                    send(payload, copy=copy)
         seconds = time.perf_counter() - t0
-        send(b"")
+        for send in sends:
+            send(b"")
         ctl.wait_stop(timeout)
         return {"sent": count, "warm": warm, "t0": t0, "send_per_s": count / seconds,
                 "cpu_s": _cpu() - cpu0, "thread_cpu_s": _delta(_thread_cpu(), threads0),
                 "drops": 0}
     finally:
-        sock.close(0)
+        for sock in socks:
+            sock.close(0)
 
 
 # ====================================================================== parent side
@@ -504,11 +567,17 @@ class Config:
     array_reps: int = 5
     profile_dir: str | None = None
     only: tuple[str, ...] = ()  # run only the cases whose name contains one of these
+    # bench/refs.py (Zenoh, NATS): latency reps per pinning; throughput messages
+    # per publisher and reps per (size, shape).
+    ref_reps: int = 3
+    ref_tp_count: int = 100_000
+    ref_tp_reps: int = 2
 
     @classmethod
     def quick(cls, **kw: Any) -> Config:
         return cls(lat_count=500, lat_warmup=100, lat_reps=1, small_count=20_000, small_reps=1,
-                   array_count=200, array_reps=1, **kw)
+                   array_count=200, array_reps=1, ref_reps=1, ref_tp_count=5_000,
+                   ref_tp_reps=1, **kw)
 
 
 def _median(values: list[float]) -> float:
@@ -796,16 +865,24 @@ def _profile(pair: Pair, cfg: Config) -> None:
 
 def run(pair: Pair, cfg: Config, errors: list[str]) -> list[dict]:
     """Every pub/sub benchmark; a failed case is recorded in ``errors`` and skipped."""
+    from bench import refs  # it builds on this module's tasks
+
     rows: list[dict] = []
     cases: list[tuple[str, Callable[[], list[dict]]]] = []
     for transport in cfg.transports:
         cases.append((f"latency/{transport}", functools.partial(_latency, pair, cfg, transport)))
+    if "tcp" in cfg.transports:
+        # Zenoh and NATS beside raw pyzmq and the mesh, 64 B over tcp (issue #15).
+        cases.append(("latency-refs/tcp", functools.partial(refs.latency, pair, cfg)))
     for transport in cfg.transports:
         cases.append((f"throughput-64B/{transport}", functools.partial(
             _throughput, pair, cfg, transport, "bytes", cfg.small_count, cfg.small_reps)))
     for transport in cfg.transports:
         cases.append((f"throughput-1MiB/{transport}", functools.partial(
             _throughput, pair, cfg, transport, "array", cfg.array_count, cfg.array_reps)))
+    if "tcp" in cfg.transports:
+        # 64 B / 1 KiB, 1->1, fan-in, fan-out: raw, Zenoh, the mesh (issue #16).
+        cases.append(("throughput-refs/tcp", functools.partial(refs.throughput, cfg)))
     if cfg.profile_dir:
         cases.append(("profile", lambda: _profile(pair, cfg) or []))
     for name, case in cases:

@@ -4,6 +4,7 @@
 #   usage: bash bench/setup.sh [VENV_BIN]     (default: .venv/bin)
 set -euo pipefail
 
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 BIN="${1:-.venv/bin}"
 PY="$BIN/python"
 
@@ -19,14 +20,25 @@ fi
     exit 1
 }
 
-# --- Hook: NATS reference (later benchmarks). Debian's nats-server, from apt.
-# Uncomment when a benchmark starts one (on 127.0.0.1 only).
-# if ! command -v nats-server >/dev/null 2>&1; then
-#     if [ ! -f /var/lib/apt/lists/.bench-updated ]; then   # apt-get update once
-#         apt-get update -qq && touch /var/lib/apt/lists/.bench-updated
-#     fi
-#     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null
-# fi
+# --- NATS reference (bench/refs.py starts it on 127.0.0.1, a free port, and
+# always stops it): Debian's nats-server, from apt. apt-get update runs once per
+# machine (a stamp file), and only when the package is missing.
+if ! command -v nats-server >/dev/null 2>&1; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "bench/setup.sh: nats-server is missing; as root: apt-get install nats-server" >&2
+        exit 1
+    fi
+    if [ ! -f /var/lib/apt/lists/.bench-updated ]; then
+        apt-get update -qq && touch /var/lib/apt/lists/.bench-updated
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null
+fi
+
+# --- The Python references: the Zenoh binding and nats-py (pyproject's `bench`
+# extra; a venv made before they were added lacks them).
+if ! "$PY" -c 'import zenoh, nats' 2>/dev/null; then
+    "$BIN/pip" install -q -e "$ROOT[bench]"
+fi
 
 # --- torch for the Gloo collectives reference. Pinned: 2.13.0 is a local CPU
 # wheel here; any other version would download gigabytes of CUDA packages.

@@ -70,3 +70,8 @@ class ProtocolError(MeshError):
 
 class TransportError(MeshError):
     """A transport cannot be used (unknown name, not available on this host)."""
+
+
+class MissingDependency(ConfigError, ImportError):
+    """An optional part of the mesh needs a package that is not installed (the message
+    names the pip command). Also an ImportError, so ``except ImportError`` works."""

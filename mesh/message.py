@@ -104,7 +104,10 @@ class Subscription:
     """Interest in a subject pattern: with a handler, messages are pushed to it on
     the node's dispatch thread; without one, pull them with ``next()`` or iterate."""
 
-    def __init__(self, node: Node, pattern: str, handler: Handler | None, queue_group: str) -> None:
+    def __init__(
+        self, node: Node, pattern: str, handler: Handler | None, queue_group: str,
+        inbox: Any = None,
+    ) -> None:
         self.pattern = pattern
         self.handler = handler
         self.queue = queue_group
@@ -118,7 +121,9 @@ class Subscription:
         self._grants: dict[str, Any] = {}  # publisher id -> CreditGrant
         self._flow = threading.Condition()
         self._node = node
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        # Where the node puts messages for next() (any thread; put() and qsize() are all
+        # the node uses): mesh.aio passes its own, which hands them to the event loop.
+        self._inbox: Any = queue.SimpleQueue() if inbox is None else inbox
         self._closed = False
         self._lock = threading.Lock()
 

@@ -32,6 +32,7 @@ import numpy as np
 import zmq
 
 import transports as transport_plugins
+from discovery.dns import DnsSeeds
 from mesh import security, wire
 from mesh.channels import EARLY_MAX_AGE, EARLY_MAX_MESSAGES, Channel, ChannelMessage
 from mesh.errors import (
@@ -245,11 +246,19 @@ class _CallbackSub:
 
 
 class _Pending:
-    __slots__ = ("event", "reply")
+    __slots__ = ("event", "reply", "on_reply")
 
-    def __init__(self) -> None:
+    def __init__(self, on_reply: Any = None) -> None:
         self.event = threading.Event()
         self.reply: Message | None = None
+        # Called after the event is set, on the setting thread (mesh.aio completes an
+        # asyncio future from it: the reply reaches the event loop in one hand-off).
+        self.on_reply = on_reply
+
+    def set(self) -> None:
+        self.event.set()
+        if self.on_reply is not None:
+            self.on_reply()
 
 
 _STOP = object()
@@ -390,6 +399,8 @@ class Node:
         self.secured = self._keys is not None
         self.discovery_mode = discovery
         self.seeds = seeds
+        # dns:// seeds: resolved on their own thread, handed over as tcp seeds (_seeds_changed).
+        self._dns = DnsSeeds.for_node(seeds, self._seeds_changed, owner=self.name)
         self.options = {**_DEFAULT_OPTIONS, **options}
         _check_options(self.options)
         self._policy = Policy.from_any(self.options["policy"]) if self.options["policy"] is not None else None
@@ -559,6 +570,8 @@ class Node:
             self.metrics_port = self._metrics.port
         if self.discovery_mode == "zeroconf":
             self._start_zeroconf()
+        if self._dns is not None:
+            self._dns.start()
         return self
 
     def _start_shm(self) -> None:
@@ -602,6 +615,8 @@ class Node:
             return
         if self._metrics is not None:
             self._metrics.close()
+        if self._dns is not None:
+            self._dns.close()
         if self._discovery is not None:
             try:
                 self._discovery.close()
@@ -616,7 +631,7 @@ class Node:
         for sub in list(self._subs):
             sub.close()
         for pending in list(self._pending.values()):
-            pending.event.set()
+            pending.set()
         with self._waker_lock:
             self._waker.close(linger=0)
         if self._beacon is not None:
@@ -710,6 +725,7 @@ class Node:
         credits: int = DEFAULT_CREDITS,  # noqa: A002 - the API's name
         credit_bytes: int | None = None,
         overflow: str = "block",
+        _inbox: Any = None,  # internal (mesh.aio): takes messages instead of next()'s queue
     ) -> Subscription:
         """Subscribe to a pattern. With ``handler``, it runs on the dispatch thread;
         without, pull with ``sub.next()``. ``queue`` joins a queue group: each
@@ -734,7 +750,8 @@ class Node:
             raise ConfigError(f"overflow={overflow!r}; choose one of {OVERFLOW_POLICIES}")
         if self._policy is not None:
             self._policy.check_subscribe(self.name, pattern)
-        return self._subscribe(pattern, handler, queue or "", credits, credit_bytes, overflow)
+        return self._subscribe(pattern, handler, queue or "", credits, credit_bytes, overflow,
+                               _inbox)
 
     def _subscribe(
         self,
@@ -744,12 +761,13 @@ class Node:
         credits: int,  # noqa: A002 - the API's name
         credit_bytes: int | None,
         overflow: str,
+        inbox: Any = None,
     ) -> Subscription:
         # The window checks credits/credit_bytes and says what to do when they are wrong.
         window = CreditWindow(
             credits, credit_bytes, overflow, _DROP_OLDEST_BACKLOG if overflow == "drop_oldest" else 0
         )
-        sub = Subscription(self, pattern, handler, queue)
+        sub = Subscription(self, pattern, handler, queue, inbox)
         sub.sid = next(self._sids)
         sub.credits, sub.credit_bytes, sub.overflow = credits, credit_bytes, overflow
         sub._window = window
@@ -778,6 +796,20 @@ class Node:
 
         self._check_started()
         return Group(self, name, size, timeout, **options)
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Node:
+        """A node configured from the launcher's environment (torchrun, SLURM, or
+        ZMESH_SEEDS/ZMESH_CLUSTER/ZMESH_SECRET); not started. See mesh.launch."""
+        from mesh import launch
+
+        return launch.node_from_env(cls, **overrides)
+
+    def group_from_env(self, name: str = "world", timeout: float = 60.0, **options: Any) -> Any:
+        """The group of every rank the launcher started, with ``group.rank == RANK``."""
+        from mesh import launch
+
+        return launch.group_from_env(self, name, timeout, **options)
 
     def unsubscribe(self, sub: Subscription) -> None:
         sub.close()
@@ -1584,7 +1616,7 @@ class Node:
                     array=array,
                     request_id=req_id,
                 )
-                pending.event.set()
+                pending.set()
             return
         self._send(reply_to, [wire.pack_reply(req_id, flags, headers), *payload], nbytes, None)
 
@@ -1693,7 +1725,8 @@ class Node:
         hb = self.options["heartbeat_interval"]
         next_tick = time.monotonic()
         for seed in self.seeds:
-            self._open_seed(seed)
+            if not seed.startswith("dns://"):  # their addresses come as "seeds" commands
+                self._open_seed(seed)
         # Seeds are retried quickly at first (the connection takes a moment), then
         # every seed_interval.
         seed_delay = 0.02
@@ -2348,7 +2381,7 @@ class Node:
             self.counters.drops["late_reply"] += 1
             return
         pending.reply = Message("", data, headers, peer.id, 0, array=array, request_id=req_id)
-        pending.event.set()
+        pending.set()
 
     def _payload_of(self, flags: int, frames: list, what: str, peer: Peer) -> tuple[Any, Any, int]:
         """(data, array or None, nbytes) of a message's payload frames."""
@@ -3041,13 +3074,31 @@ class Node:
                 self._introduce(parse_summary(cmd[1]), time.monotonic())
             except ProtocolError:
                 self.counters.drops["malformed_announcement"] += 1
+        elif cmd[0] == "seeds":
+            _, added, removed = cmd
+            for endpoint in removed:
+                if endpoint in self.seeds:
+                    continue  # also a seed given at construction: it stays
+                self._seed_peer.pop(endpoint, None)
+                sock = self._seed_socks.pop(endpoint, None)
+                if sock is not None:
+                    sock.close(linger=0)
+            for endpoint in added:
+                if endpoint not in self._seed_socks:
+                    self._open_seed(endpoint)
 
     # -- seeds, heartbeats, death -------------------------------------------------
+
+    def _seeds_changed(self, added: list[str], removed: list[str]) -> None:
+        """Seeds found at run time (discovery/dns.py's thread): the I/O thread opens
+        (and closes) their seed sockets, as for the seeds given at construction."""
+        if self._started and not self._closed:
+            self._command(("seeds", added, removed))
 
     def _open_seed(self, endpoint: str) -> None:
         sock = self._ctx.socket(zmq.DEALER)
         # Another identity than our link's: a ROUTER refuses two pipes with one identity.
-        sock.setsockopt(zmq.IDENTITY, f"{self.id}/seed/{len(self._seed_socks)}".encode())
+        sock.setsockopt(zmq.IDENTITY, f"{self.id}/seed/{endpoint}".encode()[:255])
         sock.setsockopt(zmq.LINGER, 0)
         if self._keys is not None:
             self._keys.apply_client(sock)

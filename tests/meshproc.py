@@ -238,6 +238,11 @@ def _run(node: Any, subs: dict, op: str, args: dict) -> Any:
             return {"error": type(exc).__name__, "text": str(exc),
                     "elapsed": time.monotonic() - t0}
         return {"reply": record(reply), "elapsed": time.monotonic() - t0}
+    if op == "allreduce":
+        # Form group `name` of `size`, wait `delay` s (the others wait for us), allreduce.
+        with node.group(args["name"], args["size"], timeout=args.get("timeout", 20.0)) as g:
+            time.sleep(args.get("delay", 0.0))
+            return g.allreduce(np.asarray(args["array"]), args.get("reduce", "sum"))
     if op == "close":
         t0 = time.monotonic()
         node.close()

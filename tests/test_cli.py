@@ -236,8 +236,8 @@ def test_status_without_connect_asks_for_it() -> None:
 
 @pytest.mark.parametrize(
     "args",
-    [[MESH], *([MESH, cmd] for cmd in ("pub", "sub", "req", "reply", "demo")), [MESH_STATUS]],
-    ids=["mesh", "pub", "sub", "req", "reply", "demo", "mesh-status"],
+    [[MESH], *([MESH, cmd] for cmd in ("pub", "sub", "req", "reply", "demo", "bench")), [MESH_STATUS]],
+    ids=["mesh", "pub", "sub", "req", "reply", "demo", "bench", "mesh-status"],
 )
 def test_help(args: list[str]) -> None:
     result = run(*args, "--help")

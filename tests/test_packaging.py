@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -70,3 +72,19 @@ def test_stale_ipc_socket_files_are_removed_and_live_ones_kept(tmp_path) -> None
         assert all(os.path.exists(p) for p in (young, live, other))
     finally:
         live_sock.close()
+
+
+def test_import_without_torch_names_the_install_command() -> None:
+    # The `torch` extra is optional: without it, a MeshError that is also an ImportError.
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import mesh\n"
+            "try:\n"
+            "    import mesh.torch\n"
+            "except mesh.MeshError as exc:\n"
+            "    assert isinstance(exc, ImportError), type(exc)\n"
+            "    print(type(exc).__name__, exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("MissingDependency"), out.stdout
+    assert "pip install 'zmesh[torch]'" in out.stdout and "torch==2.13.0" in out.stdout
