@@ -338,6 +338,21 @@ def test_plain_env_processes_with_zmesh_seeds():
 TORCHRUN_BIN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 
 
+def _json_objects(text: str) -> list[dict]:
+    """Every JSON object in ``text``, wherever lines were split or joined."""
+    decoder = json.JSONDecoder()
+    found, at = [], text.find("{")
+    while at != -1:
+        try:
+            obj, end = decoder.raw_decode(text, at)
+        except json.JSONDecodeError:
+            at = text.find("{", at + 1)
+            continue
+        found.append(obj)
+        at = text.find("{", end)
+    return found
+
+
 @pytest.mark.skipif(not os.path.exists(TORCHRUN_BIN),
                     reason="torchrun not installed (pip install 'zmesh[torch]')")
 @pytest.mark.parametrize("mode", ["static", "c10d"])
@@ -362,8 +377,8 @@ def test_real_torchrun_starts_ranks_that_form_the_group(mode):
             os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers
             proc.communicate(timeout=10)
     assert proc.returncode == 0, err[-3000:]
-    results = sorted((json.loads(line) for line in out.splitlines() if line.startswith("{")),
-                     key=lambda r: r["rank"])
+    # Under torchrun the ranks share one stdout: two ranks' lines can meet on one line.
+    results = sorted(_json_objects(out), key=lambda r: r["rank"])
     _check_job(results, [0, 1, 2])
     if mode == "static":
         assert results[0]["cluster"] == f"torch-127.0.0.1-{port}"
