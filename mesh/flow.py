@@ -480,6 +480,20 @@ class CreditWindow(Generic[T]):
         self.drops["drop_oldest"] += 1
         return Decision(Action.DROP_OLDEST, victim)
 
+    def hold(self, item: T, nbytes: int, limit: int) -> bool:
+        """Hold a message that cannot wait for credit (a publisher on one of the node's
+        own threads, whose waiting could keep that credit from ever coming back):
+        it leaves, in order, when :meth:`on_credit` releases it. False (nothing
+        held) once ``limit`` messages are held: the caller drops it and counts."""
+        if self.closed_reason is not None:
+            return False
+        if len(self._pending) >= limit:
+            return False
+        _check_nbytes(nbytes)
+        self._pending.append((item, nbytes))
+        self.pending_bytes += nbytes
+        return True
+
     def on_credit(self, msgs: int, nbytes: int) -> list[T]:
         """The subscriber returned credit. Returns held messages now sendable, in order.
 

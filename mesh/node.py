@@ -71,7 +71,8 @@ from transports.rdma_core import RdmaTag, ReceiveOrder, SendOrder, Sync
 log = logging.getLogger("mesh")
 
 DEFAULT_LISTEN = ("tcp://0.0.0.0:0", "ipc://auto")
-DEFAULT_CREDITS = 256
+DEFAULT_CREDITS = 1024
+DEFAULT_CREDIT_BYTES = 64 << 20
 DISCOVERY_MODES = ("zeroconf", "static", "none")
 
 # Payloads at least this large are handed to the application as a view on the
@@ -110,6 +111,9 @@ _DEFAULT_OPTIONS: dict[str, Any] = {
     # Per-subject permissions (mesh/policy.py): a dict, or a JSON/TOML file. Checked
     # by this node before it publishes or subscribes, and on what peers send it.
     "policy": None,
+    # A handler subscribed with inline=True runs on the I/O thread that read its
+    # message; one that takes longer than this (seconds) moves to the dispatch thread.
+    "inline_budget": 0.01,
 }
 
 # (type, minimum) of each numeric option; minimum is exclusive for floats.
@@ -120,6 +124,7 @@ _OPTION_RULES: dict[str, tuple[type, float]] = {
     "tombstone": (float, 0.0),
     "rejoin_interval": (float, 0.0),
     "batch_delay": (float, 0.0),
+    "inline_budget": (float, 0.0),
     "max_message_size": (int, 1),
     "shm_threshold": (int, 1),
     "rdma_threshold": (int, 1),
@@ -263,6 +268,9 @@ _BURST_GAP = 50e-6
 _BATCH_SMALL = 1024
 # Messages a drop_oldest window holds back while waiting for credit.
 _DROP_OLDEST_BACKLOG = 1024
+# Messages a window holds for publishers on the node's own threads (handlers), which
+# never wait for credit (see Node._send_msg); beyond this they are dropped, counted.
+_ENGINE_HOLD = 65536
 # Subscriptions of the mesh itself (group rendezvous, notices): many credits, never block.
 _INTERNAL_FLOW = {"credits": 65536, "credit_bytes": None, "overflow": "drop_new"}
 # Data from a peer that left this recently is still delivered: its goodbye (on the
@@ -421,9 +429,11 @@ class Node:
         self._early: dict[str, collections.deque] = {}  # channel -> (time, msg) not yet opened
         self._dispatch: Any = None
         self._io_batch: list = []
-        # Dispatch items a handler waiting for its own node's credit took out of the
-        # queue and did not run (_run_queued_handlers): they run first, in order.
-        self._deferred: collections.deque = collections.deque()
+        # Thread idents of the I/O and dispatch threads (each adds its own): publishes
+        # made on them never wait for credit (see _send_msg).
+        self._engine_idents: set[int] = set()
+        self._io_ident = 0
+        self._inline_budget = self.options["inline_budget"]
 
         self._metrics_port_wanted = metrics_port
         self._metrics: Any = None
@@ -561,7 +571,7 @@ class Node:
     def _start_shm(self) -> None:
         """Offer shared memory to same-host peers when this node talks to any."""
         self._beacon = None
-        if not self.options["shm"] or not any(t.name in ("ipc", "inproc") for t in self._transports):
+        if not self.options["shm"]:
             return
         from transports import shm
 
@@ -705,8 +715,9 @@ class Node:
         *,
         queue: str | None = None,
         credits: int = DEFAULT_CREDITS,  # noqa: A002 - the API's name
-        credit_bytes: int | None = None,
+        credit_bytes: int | None = DEFAULT_CREDIT_BYTES,
         overflow: str = "block",
+        inline: bool = False,
     ) -> Subscription:
         """Subscribe to a pattern. With ``handler``, it runs on the dispatch thread;
         without, pull with ``sub.next()``. ``queue`` joins a queue group: each
@@ -718,6 +729,12 @@ class Node:
         left the publisher applies ``overflow``: "block" (publish waits; with
         ``timeout=`` it raises BackpressureError), "drop_new" or "drop_oldest".
         Patterns under ``_mesh.`` (e.g. ``_mesh.pressure.>``) may be subscribed to.
+
+        ``inline=True``: the handler runs on the I/O thread that read the message
+        (no thread hand-off: the lowest latency). It must be short and must not
+        block; one that takes longer than the node's ``inline_budget`` (10 ms) is
+        logged once and moved to the dispatch thread. Messages this node publishes
+        to itself reach it on the dispatch thread.
         """
         self._check_started()
         validate_pattern(pattern, allow_reserved=True)
@@ -727,11 +744,15 @@ class Node:
             raise ConfigError(f"queue group {queue!r} must be a non-empty name without spaces")
         if handler is not None and not callable(handler):
             raise ConfigError("handler must be callable as handler(msg)")
+        if inline and handler is None:
+            raise ConfigError("inline=True runs a handler where messages are read; give a handler")
         if overflow not in OVERFLOW_POLICIES:
             raise ConfigError(f"overflow={overflow!r}; choose one of {OVERFLOW_POLICIES}")
         if self._policy is not None:
             self._policy.check_subscribe(self.name, pattern)
-        return self._subscribe(pattern, handler, queue or "", credits, credit_bytes, overflow)
+        sub = self._subscribe(pattern, handler, queue or "", credits, credit_bytes, overflow)
+        sub.inline = bool(inline)
+        return sub
 
     def _subscribe(
         self,
@@ -905,16 +926,18 @@ class Node:
                 if action is Action.BLOCK:
                     if sub.closed:
                         continue
-                    # A handler publishing to a handler of this node: only this very
-                    # thread can return that credit, by running that handler.
-                    own = sub.handler is not None and (
-                        threading.current_thread() is self._dispatch_thread)
-                    if not self._wait_for_credit(
-                        sub._flow, sub._window, nbytes, timeout, sub.pattern, lambda: False,
-                        run_for=sub if own else None,
+                    if threading.get_ident() in self._engine_idents:
+                        # A handler publishing: it never waits (the credit may come
+                        # back only through this very thread); held, sent on credit.
+                        if sub._window.hold(msg, nbytes, _ENGINE_HOLD):
+                            continue
+                        action = Action.DROP_NEW
+                    elif not self._wait_for_credit(
+                        sub._flow, sub._window, nbytes, timeout, sub.pattern, lambda: False
                     ):
                         continue
-                    action = sub._window.offer(msg, nbytes).action
+                    else:
+                        action = sub._window.offer(msg, nbytes).action
             if action is Action.SEND:
                 self._deliver(sub, msg)
             elif action is not Action.QUEUE:
@@ -923,15 +946,13 @@ class Node:
 
     def _wait_for_credit(
         self, cond: Any, window: Any, nbytes: int, timeout: float | None, what: str, lost: Any,
-        link: Link | None = None, run_for: Subscription | None = None,
+        link: Link | None = None,
     ) -> bool:
         """Wait (holding ``cond``) until ``window`` can take ``nbytes``. False when the
         subscription went away meanwhile (nothing to send); PeerLostError when its
         node died; BackpressureError after ``timeout``. With ``link``, credit that
-        arrived while the lock was taken is applied before each check. With
-        ``run_for`` (the dispatch thread, waiting for credit that only that
-        subscription's handler, on this thread, can return), its queued handler
-        calls run meanwhile."""
+        arrived while the lock was taken is applied before each check. Application
+        threads only: the node's own threads never wait for credit."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if link is not None and link.credit_in:
@@ -952,43 +973,8 @@ class Node:
                     "slower than you publish); slow down, raise timeout=, or subscribe with "
                     "overflow='drop_oldest'"
                 )
-            if run_for is not None:
-                self._run_queued_handlers(cond, remaining, run_for)
-            else:
-                cond.wait(remaining if remaining is not None else 1.0)
+            cond.wait(remaining if remaining is not None else 1.0)
         return True
-
-    def _run_queued_handlers(self, cond: Any, remaining: float | None, sub: Subscription) -> None:
-        """Dispatch thread, holding ``cond`` once: run the next queued call of
-        ``sub``'s handler (a message this node published to it) without holding
-        ``cond``. Other items it passes on the way are set aside, in order, for the
-        dispatch loop (running them here would nest handlers without bound); when
-        there is none, wait a moment on ``cond``."""
-        deferred = self._deferred
-        item = None
-        for index, queued in enumerate(deferred):  # set aside by an outer wait
-            if type(queued) is tuple and queued[0] is sub:
-                item = queued
-                del deferred[index]
-                break
-        while item is None:
-            try:
-                queued = self._dispatch.get_nowait()
-            except queue.Empty:
-                cond.wait(min(remaining, 0.005) if remaining is not None else 0.005)
-                return
-            if type(queued) is tuple and queued[0] is sub:
-                item = queued
-            else:
-                deferred.append(queued)  # _STOP too: the dispatch loop ends on it
-        cond.release()
-        try:
-            self._run_item(item)
-        except Exception:  # as in the dispatch loop: a handler's error ends nothing
-            self.counters.drops["dispatch_error"] += 1
-            log.exception("%s: dispatch error", self.name)
-        finally:
-            cond.acquire()
 
     def _send_msg(self, peer_id: str, sids: Any, item: tuple, timeout: float | None) -> None:
         """Send one message to a peer for the subscriptions ``sids``, each within its credit."""
@@ -1020,6 +1006,15 @@ class Node:
                         continue
                 decision = window.offer(item, nbytes)
                 action = decision.action
+                if action is Action.BLOCK and threading.get_ident() in self._engine_idents:
+                    # The rule that keeps nodes free of deadlocks: a publish on the
+                    # node's own threads (a handler) never waits for credit, which
+                    # may come back only once such a thread moves on (two nodes
+                    # whose handlers publish to each other). Beyond the window the
+                    # message is held in order and leaves as credit returns.
+                    if window.hold(item, nbytes, _ENGINE_HOLD):
+                        continue
+                    action = Action.DROP_NEW
                 if action is Action.BLOCK:
                     if link.batch:
                         # Out of credit: the batch cannot grow while we wait, and its
@@ -1428,10 +1423,10 @@ class Node:
             self._io_batch.append((sub, msg))
 
     def _dispatch_loop(self) -> None:
+        self._engine_idents.add(threading.get_ident())
         get = self._dispatch.get
-        deferred = self._deferred
         while True:
-            item = deferred.popleft() if deferred else get()
+            item = get()
             if item is _STOP:
                 return
             try:
@@ -1516,6 +1511,11 @@ class Node:
         self._check_started()
         if timeout is None or timeout <= 0:
             raise ConfigError("request() needs a positive timeout in seconds")
+        if threading.get_ident() == self._io_ident:
+            raise MeshError(
+                f"request({subject!r}) inside an inline handler: the I/O thread running it "
+                "is the one that reads the reply; subscribe that handler without inline=True"
+            )
         if retries < 0:
             raise ConfigError("retries must be >= 0")
         route = self._route(subject)
@@ -1554,9 +1554,7 @@ class Node:
             if remaining <= 0:
                 return False
             try:
-                deferred = self._deferred
-                item = deferred.popleft() if deferred else self._dispatch.get(
-                    timeout=min(remaining, 0.05))
+                item = self._dispatch.get(timeout=min(remaining, 0.05))
             except queue.Empty:
                 continue
             if item is _STOP:
@@ -1629,6 +1627,7 @@ class Node:
                     "pending": s.pending,
                     "credits": s.credits,
                     "overflow": s.overflow,
+                    "inline": s.inline,
                     # Per publisher: messages received and not yet consumed.
                     "outstanding": {
                         self._peer_name(pub): g.outstanding for pub, g in list(s._grants.items())
@@ -1685,6 +1684,8 @@ class Node:
                 pass  # queue full (the I/O thread is awake anyway) or closing
 
     def _io_loop(self) -> None:
+        self._io_ident = threading.get_ident()
+        self._engine_idents.add(self._io_ident)
         router = self._router
         hb = self.options["heartbeat_interval"]
         next_tick = time.monotonic()
@@ -2157,12 +2158,35 @@ class Node:
                 put = sub._inbox.put
                 for msg in msgs:
                     put(msg)
+            elif sub.inline:
+                for index, msg in enumerate(msgs):
+                    if not sub.inline:  # it went over its budget: the rest go as usual
+                        self._io_batch.extend([(sub, m) for m in msgs[index:]])
+                        break
+                    self._run_inline(sub, msg)
             else:
                 # Handler calls are collected and passed to the dispatch thread once
                 # per drain.
                 self._io_batch.extend([(sub, msg) for msg in msgs])
         if not sids:
             drops["no_interest"] += count
+
+    def _run_inline(self, sub: Subscription, msg: Message) -> None:
+        """Run an inline handler here, on the I/O thread that read the message; one
+        over its budget is logged once and moved to the dispatch thread."""
+        if sub.closed:
+            return
+        started = time.perf_counter()
+        self._call_handler(sub, msg)
+        took = time.perf_counter() - started
+        if took > self._inline_budget:
+            sub.inline = False
+            log.warning(
+                "%s: inline handler of %r took %.1f ms on %r (inline_budget %.1f ms); it "
+                "runs on the dispatch thread from now on", self.name, sub.pattern,
+                took * 1e3, msg.subject, self._inline_budget * 1e3)
+        if msg._credit is not None:
+            self._consumed(sub, msg)
 
     def _consumed(self, sub: Subscription, msg: Message) -> None:
         """The application is done with ``msg``: give its credit back (any thread)."""
@@ -2194,7 +2218,7 @@ class Node:
             entries = [[sub.sid, update[0], update[1]]]
             if not self._send_credit_direct(publisher, entries):
                 self._command(("credit", publisher, entries))
-        elif wake:
+        elif wake and threading.get_ident() != self._io_ident:
             self._command(("flush_credit",))  # the I/O thread schedules the delayed flush
 
     def _send_credit_direct(self, publisher: str, entries: list) -> bool:
@@ -2593,7 +2617,7 @@ class Node:
             self._beacon is None
             or peer.shm_in is not None
             or peer.link is None
-            or peer.link.transport != "ipc"
+            or peer.link.transport == "inproc"
             or type(offer) is not list
             or len(offer) != 2
         ):
@@ -2615,7 +2639,8 @@ class Node:
             link is None
             or choose_bulk(
                 link.transport,
-                shm_both=self._beacon is not None and bool(hello.get("shm")),
+                shm_both=self._beacon is not None and bool(hello.get("shm"))
+                and self._locality.host == peer.locality.host,
                 rdma_both=self._rdma is not None and type(hello.get("rdma")) is dict,
                 rdma_failed=link.rdma_off,
             ) != "rdma"
