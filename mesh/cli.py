@@ -13,7 +13,6 @@ command starts a node that joins the mesh like any other worker.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 import pathlib
@@ -25,6 +24,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
+from mesh.endpoints import seedable_endpoints
 from mesh.errors import ConfigError, MeshError, NoRespondersError, TimeoutError
 from mesh.message import Message
 
@@ -88,23 +88,6 @@ class _Terminated(KeyboardInterrupt):
 
 def _on_sigterm(_signum: int, _frame: Any) -> None:
     raise _Terminated()
-
-
-def seedable_endpoints(status: dict) -> list[str]:
-    """Endpoints another process can ``--seed``: tcp on 127.0.0.1 first, then the
-    host's other addresses, then ipc (same host only). inproc is never reachable."""
-    eps = status.get("endpoints", {})
-    tcp = [ep for ep in eps.get("tcp", []) if "://0.0.0.0:" not in ep]
-    tcp.sort(key=lambda ep: not _is_loopback(ep))
-    return tcp + list(eps.get("ipc", []))
-
-
-def _is_loopback(endpoint: str) -> bool:
-    host = endpoint.split("://", 1)[-1].rpartition(":")[0].strip("[]")
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def format_data(msg: Message, limit: int = 200) -> str:

@@ -5,15 +5,12 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from mesh.errors import ClosedError, MeshError, TimeoutError
 from mesh.tensor import array_from_frames
-
-if TYPE_CHECKING:
-    from mesh.node import Node
 
 
 class Message:
@@ -49,7 +46,7 @@ class Message:
         desc: Any = None,
         array: np.ndarray | None = None,
         request_id: int | None = None,
-        node: Node | None = None,
+        node: Any = None,
         reply_to: str | None = None,
     ) -> None:
         self.subject = subject
@@ -104,7 +101,7 @@ class Subscription:
     """Interest in a subject pattern: with a handler, messages are pushed to it on
     the node's dispatch thread; without one, pull them with ``next()`` or iterate."""
 
-    def __init__(self, node: Node, pattern: str, handler: Handler | None, queue_group: str) -> None:
+    def __init__(self, node: Any, pattern: str, handler: Handler | None, queue_group: str) -> None:
         self.pattern = pattern
         self.handler = handler
         self.queue = queue_group
