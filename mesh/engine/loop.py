@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 import zmq
+from zmq.backend import zmq_poll
 
 from mesh import security, wire
 from mesh.channels import EARLY_MAX_AGE
@@ -41,10 +42,14 @@ from mesh.errors import (
     InvalidSubject,
     ProtocolError,
 )
+from mesh.flow import DEFAULT_FLUSH_DELAY
 from mesh.peers import Peer, parse_summary
 
 log = logging.getLogger("mesh")
 
+
+# Plain ints: zmq's enum flags make every ``&`` an enum operation.
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 # What owed credit may ride in front of (Node._owed_credit).
 _CREDIT_CARRIERS = (wire.MSG, wire.BATCH, wire.REPLY)
@@ -68,6 +73,10 @@ class IoLoop:
         # made on them never wait for credit (see LinkSender._send_msg).
         self._engine_idents: set[int] = set()
         self._io_ident = 0
+        # When the I/O thread will wake next at the latest (monotonic seconds): other
+        # threads wake it sooner only when they need it sooner.
+        self._io_wake_at = 0.0
+        self._credit_due = 0.0  # when _flush_credits has something to do next
         self._io_thread: threading.Thread | None = None
         self._discovery: Any = None
         self._zap: Any = None
@@ -130,6 +139,8 @@ class IoLoop:
         self._io_ident = threading.get_ident()
         self._engine_idents.add(self._io_ident)
         router = self._router
+        # zmq_poll on a list made once: Socket.poll builds a Poller on every call.
+        poll_router = [(router, zmq.POLLIN)]
         hb = self.options["heartbeat_interval"]
         next_tick = time.monotonic()
         for seed in self.seeds:
@@ -163,18 +174,26 @@ class IoLoop:
                     if batch_deadline is not None:
                         wake_at = min(wake_at, batch_deadline)
                 if self._dirty_grants:
-                    credit_deadline = self._flush_credits(now)
-                    if credit_deadline is not None:
-                        wake_at = min(wake_at, credit_deadline)
+                    # Only when some is due: credit owed since the last look is due a
+                    # flush delay after it was consumed, never sooner.
+                    if now >= self._credit_due:
+                        # Credit flowed: look again within a flush delay even when none
+                        # is owed now, so consumers need not wake this thread for more.
+                        self._credit_due = self._flush_credits(now) or now + DEFAULT_FLUSH_DELAY
+                    wake_at = min(wake_at, self._credit_due)
                 if self._credit_later:
                     for link in list(self._credit_later):
                         self._take_credit(link)
                     if self._credit_later:
                         wake_at = min(wake_at, now + _CREDIT_RETRY)
+                # Published before looking at _dirty_grants (see Dispatcher._return_credit).
+                self._io_wake_at = wake_at
+                if self._dirty_grants:
+                    wake_at = min(wake_at, now + DEFAULT_FLUSH_DELAY)
                 wait_ms = max(0, int((wake_at - now) * 1000) + 1)
                 if self._rdma_links or self._rdma_order:
                     self._rdma_wait(wait_ms)
-                elif router.poll(wait_ms):
+                elif zmq_poll(poll_router, wait_ms):
                     self._drain_router()
                 while self._commands:
                     cmd = self._commands.popleft()
@@ -188,10 +207,16 @@ class IoLoop:
             self._io_shutdown()
 
     def _drain_router(self) -> None:
-        recv = self._router.recv
+        router = self._router
+        recv = router.recv
+        events = router.getsockopt
         now = time.monotonic()
         try:
             for _ in range(2048):  # bounded: timers and commands get their turn
+                # Asking first is cheaper than the zmq.Again a nonblocking recv raises
+                # at the end of every drain (an exception object each time).
+                if not events(_EVENTS) & _POLLIN:
+                    return
                 try:
                     frame = recv(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
