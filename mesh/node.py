@@ -26,6 +26,7 @@ from typing import Any
 
 import transports as transport_plugins
 from mesh import security
+from mesh.engine.bulk import BulkSet
 from mesh.engine.bulk_rdma import RdmaGlue
 from mesh.engine.bulk_shm import ShmGlue
 from mesh.engine.common import _DROP_OLDEST_BACKLOG, _INTERNAL_FLOW, _LIVE, _STOP
@@ -87,7 +88,7 @@ def _close_live_nodes() -> None:
             pass
 
 
-class Node(IoLoop, LinkSender, Dispatcher, Handshake, StatusView, ShmGlue, RdmaGlue):
+class Node(IoLoop, LinkSender, Dispatcher, Handshake, StatusView, BulkSet, ShmGlue, RdmaGlue):
     """A mesh node. See API.md; use as a context manager or call start()/close()."""
 
     def __init__(
@@ -169,6 +170,7 @@ class Node(IoLoop, LinkSender, Dispatcher, Handshake, StatusView, ShmGlue, RdmaG
         self._init_handshake()
         self._init_shm()
         self._init_rdma()
+        self._init_bulk()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -178,8 +180,8 @@ class Node(IoLoop, LinkSender, Dispatcher, Handshake, StatusView, ShmGlue, RdmaG
         if self._started:
             return self
         self._start_io()
-        self._start_shm()
-        self._start_rdma()
+        for channel in self._bulk:
+            channel.start()
         self._start_time = time.monotonic()
         self._members = Membership(
             self.id,
@@ -238,8 +240,8 @@ class Node(IoLoop, LinkSender, Dispatcher, Handshake, StatusView, ShmGlue, RdmaG
             pending.event.set()
         with self._waker_lock:
             self._waker.close(linger=0)
-        if self._beacon is not None:
-            self._beacon.close()
+        for channel in self._bulk:
+            channel.close()
         if self._zap is not None:
             self._zap.close()
         with self._changed:

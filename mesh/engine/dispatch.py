@@ -403,7 +403,7 @@ class Dispatcher:
         if link is None or not link.lock.acquire(False):
             return False
         try:
-            if link.closed or link.rdma_order is not None:
+            if link.closed or self._keeps_order(link):
                 return False
             owed = self._owed_credit(publisher) if self._dirty_grants else None
             if owed is not None:  # other subscriptions' credit for it goes along
@@ -457,15 +457,10 @@ class Dispatcher:
         if flags & wire.TENSOR:
             if len(frames) != 4:
                 raise ProtocolError(f"tensor {what} needs descriptor and data frames", "malformed")
-            if flags & wire.SHM:
-                if peer.shm_in is None:
-                    raise ProtocolError("shared memory from a peer that was never offered it", "shm_unexpected")
-                from transports.shm import ShmDescriptor
-
-                # A view on the peer's segment; its slot is released when the
-                # application drops the last view of it.
-                view = peer.shm_in.open(ShmDescriptor.unpack(frames[3].bytes))
-                return view.data, array_from_frames(frames[2].buffer, view.data), view.descriptor.nbytes
+            if flags & self._bulk_flags:  # the array waits in a bulk channel
+                channel = next(c for c in self._bulk if flags & c.flag)
+                data, nbytes = channel.open_array(peer, frames[3].bytes)
+                return data, array_from_frames(frames[2].buffer, data), nbytes
             data = frames[3].buffer
             return data, array_from_frames(frames[2].buffer, data), len(frames[3])
         if len(frames) != 3:

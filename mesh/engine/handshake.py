@@ -63,10 +63,10 @@ class Handshake:
             body["sec"] = self._keys.fingerprint
         if via is not None:
             body["via"] = via
-        if self._beacon is not None:
-            body["shm"] = [self._beacon.name, self._beacon.token]
-        if self._rdma is not None:
-            body["rdma"] = self._rdma.brochure()
+        for channel in self._bulk:  # the bulk channels we can offer
+            offer = channel.offer()
+            if offer is not None:
+                body[channel.hello_key] = offer
         return body
 
     def _interest_snapshot(self) -> list:
@@ -137,8 +137,8 @@ class Handshake:
             # Our interest may have changed since the hello this peer saw (e.g. one
             # sent through a seed before we knew its id): send it whole once more.
             self._send_control(peer.id, wire.INTEREST_FULL, self._interest_snapshot())
-        self._agree_shm(peer, body.get("shm"))  # after our answer: the peer knows us then
-        self._agree_rdma(peer, body)
+        for channel in self._bulk:  # after our answer: the peer knows us then
+            channel.accept(peer, body)
         if was_joining or is_new:
             # Tell everyone else about the newcomer so the mesh becomes full.
             summary = [peer.summary()]
@@ -332,9 +332,8 @@ class Handshake:
         was = peer.state
         peer.state = state
         peer.gone_at = time.monotonic()
-        if peer.shm_in is not None:
-            peer.shm_in.close()  # views the application still holds stay valid
-            peer.shm_in = None
+        for channel in self._bulk:
+            channel.peer_gone(peer)
         self._tombstones[peer.id] = time.monotonic()
         self._close_link(peer)
         with self._lock:

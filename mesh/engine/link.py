@@ -111,9 +111,6 @@ _NOBLOCK_MORE = zmq.NOBLOCK | zmq.SNDMORE
 # doubling up to the second (seconds); it lets go of the link lock in between.
 _ROOM_RETRY = (0.0005, 0.008)
 
-# publish(timeout=...) of a large array waits at most this long (seconds) for a
-# free shared-memory slot before it takes the socket path.
-_SHM_WAIT = 0.5
 
 
 class Link:
@@ -352,12 +349,9 @@ class LinkSender:
             self.counters.drops["no_link"] += 1
             return
         nbytes = item[7]
-        shm_out = link.shm_out
-        if shm_out is not None and timeout and item[3] and nbytes >= self._shm_threshold:
-            # A full pool frees up as the peer consumes: a caller that accepts waiting
-            # waits for a slot (not holding the link lock) rather than sending through
-            # the kernel, which is several times slower (and under CURVE, encrypted).
-            shm_out.wait_for_room(nbytes, min(timeout, _SHM_WAIT))
+        if timeout and item[3]:  # an array, and the caller accepts waiting
+            for channel in self._bulk:
+                channel.before_send(link, nbytes, timeout)
         with link.lock:  # link.cond's lock; entering the lock itself skips a Python call
             if link.closed:
                 self.counters.drops["no_link"] += 1
@@ -452,27 +446,29 @@ class LinkSender:
                     self.counters.drops["no_link"] += 1
                     return False
             link.last_send = now
-        shm_desc = None
-        if flags and link.shm_out is not None and nbytes >= self._shm_threshold:
-            payload, shm_desc = self._to_shm(link, payload)
-            if shm_desc is not None:
-                flags |= wire.SHM
+        if flags:  # an array: a bulk channel may take it
+            def frames_for(extra: int, payload: list) -> list:
+                return [wire.pack_msg(subject, seq, ts, flags | extra, headers, req_id, sids),
+                        *payload]
+
+            for channel in self._bulk:
+                went = channel.send_array(link, peer_id, frames_for, payload, nbytes, False)
+                if went is None:
+                    continue
+                if went[0] == "sent":
+                    self._count_out(link, nbytes)
+                    return True
+                _carried, frames, undo = went
+                try:
+                    sent = self._put_frames(link, peer_id, frames, nbytes, timeout)
+                except BaseException:
+                    undo()
+                    raise
+                if not sent:
+                    undo()
+                return sent
         frames = [wire.pack_msg(subject, seq, ts, flags, headers, req_id, sids), *payload]
-        if shm_desc is None:
-            if (flags and link.rdma is not None and nbytes >= self._rdma_threshold
-                    and self._to_rdma(link, peer_id, frames, None)):
-                self._count_out(link, nbytes)
-                return True
-            return self._put_frames(link, peer_id, frames, nbytes, timeout)
-        shm_out = link.shm_out
-        try:
-            sent = self._put_frames(link, peer_id, frames, nbytes, timeout)
-        except BaseException:
-            shm_out.abort(shm_desc)  # never announced to the peer: free the slot
-            raise
-        if not sent:
-            shm_out.abort(shm_desc)
-        return sent
+        return self._put_frames(link, peer_id, frames, nbytes, timeout)
 
     def _put_frames(
         self, link: Link, peer_id: str, frames: list, nbytes: int, timeout: float | None
@@ -480,12 +476,13 @@ class LinkSender:
         """Put one message on a link's data socket; the caller holds the link lock.
         A full peer queue drops it (counted), or with ``timeout`` waits that long."""
         sock = link.sock
-        sync = None
+        ordered = None
         owed = self._owed_credit(peer_id) if self._dirty_grants else None
         if owed is not None:  # credit we owe this peer rides in front of the message
             frames = [wire.pack(wire.CREDIT, owed), *frames]
-        if link.rdma_order is not None:  # arrays went by RDMA: keep the order with them
-            frames, sync = self._rdma_sync(link, frames)
+        for channel in self._bulk_ordering:  # arrays went another way: keep the order
+            if channel.keeps_order(link):
+                frames, ordered = channel.frames_for_socket(link, frames)
         try:
             _send_frames(sock, frames)
         except zmq.Again:
@@ -511,10 +508,14 @@ class LinkSender:
             return False
         if owed is not None:
             self.credit_updates["riding"] += 1
-        if sync is not None:
-            link.rdma_order.synced(sync)
+        if ordered is not None:
+            ordered()
         self._count_out(link, nbytes)
         return True
+
+    def _keeps_order(self, link: Link) -> bool:
+        """Does a bulk channel keep an order with this link's data socket (link lock held)?"""
+        return any(channel.keeps_order(link) for channel in self._bulk_ordering)
 
     def _count_out(self, link: Link, nbytes: int) -> None:
         self.counters.msgs_out += 1
@@ -540,12 +541,13 @@ class LinkSender:
         if link.closed or not batch:
             return
         runs = [(run[0], run[4]) for run in batch]
-        frames, sync = [wire.pack(wire.BATCH, count), encode_batch(runs)], None
+        frames, ordered = [wire.pack(wire.BATCH, count), encode_batch(runs)], None
         owed = self._owed_credit(link.peer_id) if self._dirty_grants else None
         if owed is not None:  # credit we owe this peer rides in front of the batch
             frames.insert(0, wire.pack(wire.CREDIT, owed))
-        if link.rdma_order is not None:  # arrays went by RDMA: keep the order with them
-            frames, sync = self._rdma_sync(link, frames)
+        for channel in self._bulk_ordering:  # arrays went another way: keep the order
+            if channel.keeps_order(link):
+                frames, ordered = channel.frames_for_socket(link, frames)
         try:
             try:
                 link.sock.send_multipart(frames, zmq.NOBLOCK)
@@ -566,8 +568,8 @@ class LinkSender:
             self.batches_out += 1
             if owed is not None:
                 self.credit_updates["riding"] += 1
-            if sync is not None:
-                link.rdma_order.synced(sync)
+            if ordered is not None:
+                ordered()
         except zmq.ZMQError:
             self._owed_credit_failed(link.peer_id, owed)
             self._count_drop("peer_queue_full", link)
@@ -587,15 +589,16 @@ class LinkSender:
         to this peer meanwhile keep their own timeouts (publish() without one drops
         at once) instead of queueing behind this wait; the socket itself is only
         used under the lock. True once sent, "full" after ``wait``, "closed" when
-        the link closed meanwhile. A link that sends arrays by RDMA keeps the lock
-        and polls (its frames carry a sync that no other message may overtake)."""
+        the link closed meanwhile. A link whose bulk channel keeps an order with the
+        socket keeps the lock and polls (its frames may carry a marker that no other
+        message may overtake)."""
         deadline = time.monotonic() + wait
         pause, longest = _ROOM_RETRY
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return "full"
-            if link.rdma_order is not None:
+            if self._keeps_order(link):
                 if not link.sock.poll(int(remaining * 1000) + 1, zmq.POLLOUT):
                     return "full"
             else:
@@ -722,31 +725,37 @@ class LinkSender:
         with link.lock:
             if link.closed:
                 raise PeerLostError(f"peer {peer.name} is gone", peer=peer_id)
-            shm_desc = None
-            if flags and link.shm_out is not None and nbytes >= self._shm_threshold:
-                payload, shm_desc = self._to_shm(link, payload)
-                if shm_desc is not None:
-                    flags |= wire.SHM
-            header = wire.pack(wire.P2P, [channel, tag, flags, meta])
-            tracker = None
-            if flags and shm_desc is None and link.rdma is not None and nbytes >= self._rdma_threshold:
-                tracker = self._rdma_tracker()
-                if not self._to_rdma(link, peer_id, [header, *payload], tracker):
-                    tracker = None
-            frames, sync = [header, *payload], None
-            if tracker is None and link.rdma_order is not None:  # keep the order with RDMA
-                frames, sync = self._rdma_sync(link, frames)
-            if tracker is None:
+
+            def frames_for(extra: int, payload: list) -> list:
+                return [wire.pack(wire.P2P, [channel, tag, flags | extra, meta]), *payload]
+
+            went = None
+            if flags:  # an array: a bulk channel may take it
+                for bulk in self._bulk:
+                    went = bulk.send_array(link, peer_id, frames_for, payload, nbytes, True)
+                    if went is not None:
+                        break
+            if went is not None and went[0] == "sent":
+                tracker = went[1]  # done once the channel delivered it
+            else:
+                frames, undo = (went[1], went[2]) if went is not None else (
+                    frames_for(0, payload), None)
+                ordered = None
+                for bulk in self._bulk_ordering:  # arrays went another way: keep the order
+                    if bulk.keeps_order(link):
+                        frames, ordered = bulk.frames_for_socket(link, frames)
                 try:
                     tracker = self._channel_put(link, peer, channel, frames, nbytes, timeout)
                 except BaseException:
-                    if shm_desc is not None:  # never announced to the peer: free the slot
-                        link.shm_out.abort(shm_desc)
+                    if undo is not None:  # never announced to the peer: free what it holds
+                        undo()
                     raise
-            if sync is not None:
-                link.rdma_order.synced(sync)
+                if ordered is not None:
+                    ordered()
+                if undo is not None:
+                    tracker = None  # copied into the channel: the caller's buffer is free
         self._count_out(link, nbytes)
-        return _DoneTracker() if shm_desc is not None or tracker is None else tracker
+        return _DoneTracker() if tracker is None else tracker
 
     def _channel_put(
         self, link: Link, peer: Peer, channel: str, frames: list, nbytes: int,

@@ -167,8 +167,8 @@ class IoLoop:
                 wake_at = min(next_tick, next_seed) if self._seed_socks else next_tick
                 if deadline is not None:
                     wake_at = min(wake_at, deadline)
-                if self._shm_dirty:
-                    self._send_shm_releases()
+                for channel in self._bulk:
+                    channel.tick()
                 if self._batching:
                     batch_deadline = self._flush_batches(now)
                     if batch_deadline is not None:
@@ -191,8 +191,9 @@ class IoLoop:
                 if self._dirty_grants:
                     wake_at = min(wake_at, now + DEFAULT_FLUSH_DELAY)
                 wait_ms = max(0, int((wake_at - now) * 1000) + 1)
-                if self._rdma_links or self._rdma_order:
-                    self._rdma_wait(wait_ms)
+                waiter = next((c for c in self._bulk_ordering if c.wants_wait()), None)
+                if waiter is not None:
+                    waiter.wait(wait_ms)  # the ROUTER and the channel's completions
                 elif zmq_poll(poll_router, wait_ms):
                     self._drain_router()
                 while self._commands:
@@ -236,8 +237,8 @@ class IoLoop:
         if len(frames) == 2 and frames[0].bytes == _WAKE_ID:
             return  # a wake-up: commands run after the drain
         try:
-            if self._rdma_order and not ordered and self._rdma_hold(frames, now):
-                return  # it waits for an array its sender sent before it by RDMA
+            if not ordered and any(c.hold(frames, now) for c in self._bulk_ordering):
+                return  # it waits for an array its sender sent before it another way
             self._handle(frames, now)
         except ProtocolError as exc:
             self._drop(exc.reason, frames[0].bytes, str(exc))
@@ -319,27 +320,8 @@ class IoLoop:
                 raise ProtocolError("credit in front of something that carries none", "malformed")
             self._on_credit(peer, body)
             self._handle(rest, now)
-        elif kind == wire.SHM_OK:
-            link = peer.link
-            if self._beacon is not None and link is not None and link.shm_out is None:
-                from transports import shm
-
-                with link.lock:
-                    link.shm_out = shm.ShmSender(self.id)
-        elif kind == wire.SHM_RELEASE:
-            link = peer.link
-            if link is not None and link.shm_out is not None:
-                from transports import shm
-
-                link.shm_out.on_release(shm.unpack_releases(body))
-        elif kind == wire.RDMA_OFFER:
-            self._on_rdma_offer(peer, body)
-        elif kind == wire.RDMA_ACCEPT:
-            self._on_rdma_accept(peer, body)
-        elif kind == wire.RDMA_SYNC:
-            self._on_rdma_sync(ident, body, frames, now)
-        elif kind == wire.RDMA_RESENT:
-            self._on_rdma_resent(ident, body, frames, now)
+        elif kind in self._bulk_kinds:  # a bulk channel's own messages
+            self._bulk_kinds[kind].on_control(kind, peer, ident, body, frames, now)
         elif kind == wire.SYNC:
             self._send_control(peer.id, wire.INTEREST_FULL, self._interest_snapshot())
         elif kind == wire.PEERS:
@@ -467,8 +449,8 @@ class IoLoop:
                 else:
                     log.warning("%s: not joining %s (%s): it %s", self.name, name, node_id,
                                 "holds another cluster secret" if secured else "is not secured")
-        elif cmd[0] == "rdma":
-            self._rdma_setup_done(*cmd[1:])
+        elif cmd[0] in self._bulk_named:  # a bulk channel's own command
+            self._bulk_named[cmd[0]].on_command(cmd)
         elif cmd[0] == "found":
             try:
                 self._introduce(parse_summary(cmd[1]), time.monotonic())
@@ -566,7 +548,8 @@ class IoLoop:
             self._swim(self._members.leave(time.monotonic()))
         for peer_id in list(self._rejoin_socks):
             self._close_probe(peer_id)
-        self._rdma_shutdown()  # before the goodbyes: they go after what was sent by RDMA
+        for channel in self._bulk:
+            channel.before_goodbye()  # the goodbyes go after what went another way
         for peer in list(self._peers.values()):
             link = peer.link
             if peer.state in (*_LIVE, "joining") and link is not None:

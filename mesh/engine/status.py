@@ -47,14 +47,10 @@ class StatusView:
                     "name": p.name,
                     "state": p.state,
                     "transport": link.transport if link else None,
-                    # Large arrays: through shared memory, or on the transport itself.
-                    "bulk": (
-                        "shm" if link.shm_out is not None
-                        else "rdma" if link.rdma is not None and link.rdma.state == "ready"
-                        else link.transport
-                    ) if link else None,
-                    "shm": link.shm_out.stats() if link and link.shm_out is not None else None,
-                    "rdma": dict(link.rdma.stats) if link and link.rdma is not None else None,
+                    # Large arrays: through a bulk channel, or on the transport itself.
+                    "bulk": next((c.name for c in self._bulk if c.in_use(link)),
+                                 link.transport) if link else None,
+                    **{c.name: c.stats(link) if link else None for c in self._bulk},
                     "endpoint": link.endpoint if link else None,
                     "rtt": p.rtt,
                     "since": round(now - p.joined_at, 3) if p.joined_at else None,
