@@ -229,8 +229,8 @@ class Node(IoLoop, LinkSender, Dispatcher, Handshake, StatusView, BulkSet, ShmGl
             except Exception as exc:
                 log.warning("%s: discovery did not close cleanly: %s", self.name, exc)
         self._command(("close",))
-        if self._io_thread is not None:
-            self._io_thread.join(timeout=5.0)
+        if self._io_thread is not None and self._io_thread is not threading.current_thread():
+            self._io_thread.join(timeout=5.0)  # (an inline handler closing: it ends after)
         self._dispatch.put(_STOP)
         if self._dispatch_thread is not None and self._dispatch_thread is not threading.current_thread():
             self._dispatch_thread.join(timeout=5.0)

@@ -962,3 +962,20 @@ def test_inline_needs_a_handler_and_refuses_a_request_inside(make_node):
     a.publish("asks", b"")
     assert wait_until(lambda: errors, 5)
     assert "inline" in errors[0]
+
+
+def test_an_inline_handler_may_close_its_node(make_node):
+    a, b = inline_pair(make_node)
+    closed = threading.Event()
+
+    def stop(msg):
+        b.close()  # on b's own I/O thread: it must not wait for itself
+        closed.set()
+
+    b.subscribe("stop", stop, inline=True)
+    a.wait_for_subscribers("stop", 1, timeout=5)
+    a.publish("stop", b"")
+    assert closed.wait(5)
+    assert wait_until(lambda: not b._io_thread.is_alive(), 5)
+    assert b.status()["closed"] and b.status()["counters"]["drops"].get("handler_error") is None
+    assert wait_until(lambda: not a.peers(), 5)  # its goodbye went out

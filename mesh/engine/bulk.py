@@ -23,6 +23,7 @@ class BulkSet:
         # paths ask only them, and only cheaply).
         self._bulk_ordering = [c for c in self._bulk
                                if type(c).keeps_order is not BulkChannel.keeps_order]
+        self._bulk_tickers = [c for c in self._bulk if type(c).tick is not BulkChannel.tick]
         self._bulk_kinds = {kind: c for c in self._bulk for kind in c.kinds}
         self._bulk_named = {c.name: c for c in self._bulk}
         self._bulk_flags = 0

@@ -167,7 +167,7 @@ class IoLoop:
                 wake_at = min(next_tick, next_seed) if self._seed_socks else next_tick
                 if deadline is not None:
                     wake_at = min(wake_at, deadline)
-                for channel in self._bulk:
+                for channel in self._bulk_tickers:
                     channel.tick()
                 if self._batching:
                     batch_deadline = self._flush_batches(now)
@@ -191,7 +191,11 @@ class IoLoop:
                 if self._dirty_grants:
                     wake_at = min(wake_at, now + DEFAULT_FLUSH_DELAY)
                 wait_ms = max(0, int((wake_at - now) * 1000) + 1)
-                waiter = next((c for c in self._bulk_ordering if c.wants_wait()), None)
+                waiter = None
+                for channel in self._bulk_ordering:
+                    if channel.wants_wait():
+                        waiter = channel
+                        break
                 if waiter is not None:
                     waiter.wait(wait_ms)  # the ROUTER and the channel's completions
                 elif zmq_poll(poll_router, wait_ms):
