@@ -20,8 +20,11 @@ import time
 from collections.abc import Hashable
 from typing import Any
 
-from mesh.engine.common import LEFT_GRACE
 from mesh.errors import ClosedError, PeerLostError, TimeoutError
+
+# Data from a peer that left this recently is still delivered: its goodbye (on the
+# control pipe, or as gossip) may overtake the last messages it sent before closing.
+LEFT_GRACE = 2.0
 
 # Bounds on messages held for channels not yet opened on this node.
 EARLY_MAX_MESSAGES = 4096

@@ -22,7 +22,8 @@ import numpy as np
 import zmq
 
 from mesh import wire
-from mesh.engine.common import _STOP, LEFT_GRACE, _BatchedFrame, _header_kind, _peer_id_of
+from mesh.channels import LEFT_GRACE
+from mesh.engine.common import _STOP, _BatchedFrame, _header_kind, _peer_id_of
 from mesh.engine.link import Link
 from mesh.errors import (
     ProtocolError,

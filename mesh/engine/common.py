@@ -44,9 +44,6 @@ _DROP_OLDEST_BACKLOG = 1024
 # Subscriptions of the mesh itself (group rendezvous, notices): many credits, never block.
 _INTERNAL_FLOW = {"credits": 65536, "credit_bytes": None, "overflow": "drop_new"}
 
-# Data from a peer that left this recently is still delivered: its goodbye (on the
-# control pipe, or as gossip) may overtake the last messages it sent before closing.
-LEFT_GRACE = 2.0
 
 def _peer_id_of(ident: bytes) -> str:
     """Node id behind a ROUTER identity ("<id>", "<id>/c", "<id>/seed/N")."""

@@ -27,12 +27,11 @@ import zmq
 from zmq.backend import zmq_poll
 
 from mesh import security, wire
-from mesh.channels import EARLY_MAX_AGE
+from mesh.channels import EARLY_MAX_AGE, LEFT_GRACE
 from mesh.engine.common import (
     _LIVE,
     _QUEUE_FULL_RETRY,
     _WAKE_ID,
-    LEFT_GRACE,
     _header_kind,
     _peer_id_of,
 )
