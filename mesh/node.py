@@ -44,6 +44,8 @@ from mesh.errors import (
     TimeoutError,
 )
 from mesh.flow import (
+    DEFAULT_CREDIT_BYTES,
+    DEFAULT_CREDITS,
     OVERFLOW_POLICIES,
     CreditWindow,
 )
@@ -58,8 +60,6 @@ from transports.base import Locality
 log = logging.getLogger("mesh")
 
 DEFAULT_LISTEN = ("tcp://0.0.0.0:0", "ipc://auto")
-DEFAULT_CREDITS = 1024
-DEFAULT_CREDIT_BYTES = 64 << 20
 DISCOVERY_MODES = ("zeroconf", "static", "none")
 
 

@@ -47,9 +47,6 @@ from mesh.peers import Peer, parse_summary
 log = logging.getLogger("mesh")
 
 
-# Plain ints: zmq's enum flags make every ``&`` an enum operation.
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
-
 # What owed credit may ride in front of (Node._owed_credit).
 _CREDIT_CARRIERS = (wire.MSG, wire.BATCH, wire.REPLY)
 
@@ -139,7 +136,7 @@ class IoLoop:
         self._engine_idents.add(self._io_ident)
         router = self._router
         # zmq_poll on a list made once: Socket.poll builds a Poller on every call.
-        poll_router = [(router, zmq.POLLIN)]
+        poll_router = self._poll_router = [(router, zmq.POLLIN)]
         hb = self.options["heartbeat_interval"]
         next_tick = time.monotonic()
         for seed in self.seeds:
@@ -213,13 +210,14 @@ class IoLoop:
     def _drain_router(self) -> None:
         router = self._router
         recv = router.recv
-        events = router.getsockopt
+        more = self._poll_router
         now = time.monotonic()
         try:
-            for _ in range(2048):  # bounded: timers and commands get their turn
-                # Asking first is cheaper than the zmq.Again a nonblocking recv raises
-                # at the end of every drain (an exception object each time).
-                if not events(_EVENTS) & _POLLIN:
+            for turn in range(2048):  # bounded: timers and commands get their turn
+                # Asking first (a zmq_poll that does not wait) is cheaper than the
+                # zmq.Again a nonblocking recv raises at the end of every drain, and
+                # than getsockopt(EVENTS). The loop's own poll just said "readable".
+                if turn and not zmq_poll(more, 0):
                     return
                 try:
                     frame = recv(zmq.NOBLOCK, copy=False)
