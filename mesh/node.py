@@ -437,6 +437,11 @@ class Node(IoLoop, LinkSender, Dispatcher, Handshake, StatusView, BulkSet, ShmGl
         Arrays above 64 KiB are sent without a copy: do not modify them in place
         until publish() has returned and the message left (see README).
         ``timeout``: wait up to that long for a slow peer's queue instead of dropping.
+
+        Called from a handler (on the node's I/O or dispatch thread), it never waits
+        for credit: beyond a subscriber's window the message is held, in order, and
+        leaves as credit comes back (so handlers publishing to each other cannot
+        deadlock). Application threads wait as ``overflow`` says.
         """
         self._check_started()
         route = self._route(subject)
