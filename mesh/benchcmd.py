@@ -858,7 +858,9 @@ def _loadavg() -> list[float] | None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``mesh bench`` (mesh/cli.py builds the subcommand with them)."""
-    from mesh.cli import _non_negative_int, _positive_float, _positive_int
+    from mesh.argtypes import non_negative_int as _non_negative_int
+    from mesh.argtypes import positive_float as _positive_float
+    from mesh.argtypes import positive_int as _positive_int
 
     p.add_argument("--mode", choices=(*MODES, "all"), default="all",
                    help="what to measure (default: all, one after the other)")

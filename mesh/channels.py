@@ -18,12 +18,13 @@ import collections
 import threading
 import time
 from collections.abc import Hashable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mesh.errors import ClosedError, PeerLostError, TimeoutError
 
-if TYPE_CHECKING:
-    from mesh.node import Node
+# Data from a peer that left this recently is still delivered: its goodbye (on the
+# control pipe, or as gossip) may overtake the last messages it sent before closing.
+LEFT_GRACE = 2.0
 
 # Bounds on messages held for channels not yet opened on this node.
 EARLY_MAX_MESSAGES = 4096
@@ -44,7 +45,7 @@ class ChannelMessage:
 class Channel:
     """One node's end of a named point-to-point channel. Thread-safe."""
 
-    def __init__(self, node: Node, name: str) -> None:
+    def __init__(self, node: Any, name: str) -> None:
         self.node = node
         self.name = name
         self._cond = threading.Condition()
@@ -61,7 +62,6 @@ class Channel:
             self._cond.notify_all()
 
     def _peer_lost(self, peer_id: str, why: str) -> None:
-        from mesh.node import LEFT_GRACE  # not at import time: mesh.node imports us
 
         peer = self.node._peers.get(peer_id)
         with self._cond:
@@ -87,7 +87,7 @@ class Channel:
         """Send bytes or a numpy array to ``peer_id``.
 
         Returns a tracker: the buffer may be modified only once it is ``done``
-        (``tracker.wait()``). Payloads below ``mesh.node.P2P_COPY_BYTES`` are
+        (``tracker.wait()``). Payloads below ``mesh.engine.link.P2P_COPY_BYTES`` are
         copied (done at once), larger ones go zero-copy or through shared
         memory. Raises PeerLostError if the peer is gone.
         """

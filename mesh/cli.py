@@ -14,7 +14,6 @@ command starts a node that joins the mesh like any other worker.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 import pathlib
@@ -26,6 +25,10 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
+from mesh.argtypes import non_negative_int as _non_negative_int
+from mesh.argtypes import positive_float as _positive_float
+from mesh.argtypes import positive_int as _positive_int
+from mesh.endpoints import seedable_endpoints
 from mesh.errors import ConfigError, MeshError, NoRespondersError, TimeoutError
 from mesh.message import Message
 
@@ -102,23 +105,6 @@ class _Terminated(KeyboardInterrupt):
 
 def _on_sigterm(_signum: int, _frame: Any) -> None:
     raise _Terminated()
-
-
-def seedable_endpoints(status: dict) -> list[str]:
-    """Endpoints another process can ``--seed``: tcp on 127.0.0.1 first, then the
-    host's other addresses, then ipc (same host only). inproc is never reachable."""
-    eps = status.get("endpoints", {})
-    tcp = [ep for ep in eps.get("tcp", []) if "://0.0.0.0:" not in ep]
-    tcp.sort(key=lambda ep: not _is_loopback(ep))
-    return tcp + list(eps.get("ipc", []))
-
-
-def _is_loopback(endpoint: str) -> bool:
-    host = endpoint.split("://", 1)[-1].rpartition(":")[0].strip("[]")
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def format_data(msg: Message, limit: int = 200) -> str:
@@ -377,27 +363,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- parser
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
-    return value
 
 
 def _node_options() -> argparse.ArgumentParser:

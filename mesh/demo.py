@@ -317,7 +317,7 @@ def worker(
 ) -> int:
     """One worker process: join the mesh, play ``role`` until told to stop."""
     import mesh
-    from mesh.cli import seedable_endpoints
+    from mesh.endpoints import seedable_endpoints
 
     stop = _stop
     threading.Thread(target=_watch_stdin, args=(stop,), daemon=True).start()

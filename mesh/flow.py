@@ -40,6 +40,7 @@ from mesh.errors import ClosedError, ConfigError, MeshError, MessageTooLarge, Pr
 
 __all__ = [
     "DEFAULT_CREDITS",
+    "DEFAULT_CREDIT_BYTES",
     "DEFAULT_FLUSH_DELAY",
     "OVERFLOW_POLICIES",
     "Action",
@@ -52,7 +53,8 @@ __all__ = [
 
 T = TypeVar("T")
 
-DEFAULT_CREDITS = 256
+DEFAULT_CREDITS = 1024
+DEFAULT_CREDIT_BYTES = 64 << 20  # the API's default byte bound (with credits, as NATS pairs them)
 DEFAULT_FLUSH_DELAY = 0.005  # seconds a consumed credit may wait for company
 DEFAULT_MAX_PENDING = 1024
 OVERFLOW_POLICIES = ("block", "drop_oldest", "drop_new")
@@ -120,12 +122,12 @@ class CreditGrant:
     def __init__(
         self,
         credits: int = DEFAULT_CREDITS,  # noqa: A002 - the API's name (subscribe(credits=))
-        credit_bytes: int | None = None,
+        credit_bytes: int | None = DEFAULT_CREDIT_BYTES,
         *,
         flush_delay: float = DEFAULT_FLUSH_DELAY,
         threshold: int | None = None,
     ) -> None:
-        self.credits = _check_int("credits", credits, 1, "grant at least one message (default 256)")
+        self.credits = _check_int("credits", credits, 1, "grant at least one message (default 1024)")
         self.credit_bytes = (
             None
             if credit_bytes is None
@@ -376,11 +378,11 @@ class CreditWindow(Generic[T]):
     def __init__(
         self,
         credits: int = DEFAULT_CREDITS,  # noqa: A002 - the API's name (subscribe(credits=))
-        credit_bytes: int | None = None,
+        credit_bytes: int | None = DEFAULT_CREDIT_BYTES,
         overflow: str = "block",
         max_pending: int = DEFAULT_MAX_PENDING,
     ) -> None:
-        self.credits = _check_int("credits", credits, 1, "use the subscriber's grant (default 256)")
+        self.credits = _check_int("credits", credits, 1, "use the subscriber's grant (default 1024)")
         self.credit_bytes = (
             None
             if credit_bytes is None
@@ -479,6 +481,20 @@ class CreditWindow(Generic[T]):
         self.pending_bytes += nbytes
         self.drops["drop_oldest"] += 1
         return Decision(Action.DROP_OLDEST, victim)
+
+    def hold(self, item: T, nbytes: int, limit: int) -> bool:
+        """Hold a message that cannot wait for credit (a publisher on one of the node's
+        own threads, whose waiting could keep that credit from ever coming back):
+        it leaves, in order, when :meth:`on_credit` releases it. False (nothing
+        held) once ``limit`` messages are held: the caller drops it and counts."""
+        if self.closed_reason is not None:
+            return False
+        if len(self._pending) >= limit:
+            return False
+        _check_nbytes(nbytes)
+        self._pending.append((item, nbytes))
+        self.pending_bytes += nbytes
+        return True
 
     def on_credit(self, msgs: int, nbytes: int) -> list[T]:
         """The subscriber returned credit. Returns held messages now sendable, in order.

@@ -5,15 +5,12 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from mesh.errors import ClosedError, MeshError, TimeoutError
 from mesh.tensor import array_from_frames
-
-if TYPE_CHECKING:
-    from mesh.node import Node
 
 
 class Message:
@@ -49,7 +46,7 @@ class Message:
         desc: Any = None,
         array: np.ndarray | None = None,
         request_id: int | None = None,
-        node: Node | None = None,
+        node: Any = None,
         reply_to: str | None = None,
     ) -> None:
         self.subject = subject
@@ -105,7 +102,7 @@ class Subscription:
     the node's dispatch thread; without one, pull them with ``next()`` or iterate."""
 
     def __init__(
-        self, node: Node, pattern: str, handler: Handler | None, queue_group: str,
+        self, node: Any, pattern: str, handler: Handler | None, queue_group: str,
         inbox: Any = None,
     ) -> None:
         self.pattern = pattern
@@ -116,6 +113,10 @@ class Subscription:
         self.credits = 0
         self.credit_bytes: int | None = None
         self.overflow = "block"
+        # Run the handler on the I/O thread that read the message (subscribe(inline=True));
+        # cleared when it overran the node's inline_budget.
+        self.inline = False
+        self._overruns = 0  # consecutive inline calls over the budget
         self._entry: tuple = ()
         self._window: Any = None  # credit for this node's own publishers
         self._grants: dict[str, Any] = {}  # publisher id -> CreditGrant

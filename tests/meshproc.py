@@ -72,9 +72,10 @@ def as_array(rec: dict) -> np.ndarray:
 class _Collector:
     """Handler for one subscription: records every message, optionally answers."""
 
-    def __init__(self, mode: str, delay: float = 0.0) -> None:
+    def __init__(self, mode: str, delay: float = 0.0, burst: dict | None = None) -> None:
         self.mode = mode
         self.delay = delay  # seconds per message: a slow consumer
+        self.burst = burst or {}  # mode "burst": {"subject": ..., "n": ...}
         self.records: list[dict] = []
         self.cond = threading.Condition()
         self.seen_ids: dict[int, int] = {}
@@ -101,6 +102,11 @@ class _Collector:
                 msg.respond(b"second:" + (rec["data"] or b""))
         elif self.mode == "respond_name":
             msg.respond(_STATE["node"].name.encode())
+        elif self.mode == "burst" and rec["data"] == b"kick":
+            # From the handler (a thread of the node): n messages, no timeout, far
+            # beyond the receiver's window.
+            for i in range(1, self.burst["n"] + 1):
+                _STATE["node"].publish(self.burst["subject"], str(i).encode())
         # "collect" and "never": record only
 
     def wait(self, n: int, timeout: float) -> list[dict]:
@@ -147,8 +153,10 @@ def _run(node: Any, subs: dict, op: str, args: dict) -> Any:
         return {"ok": ok, "elapsed": time.monotonic() - t0,
                 "alive": sorted(p.name for p in node.peers())}
     if op == "subscribe":
-        collector = _Collector(args.get("mode", "collect"), args.get("delay", 0.0))
-        flow = {k: args[k] for k in ("credits", "credit_bytes", "overflow") if k in args}
+        collector = _Collector(args.get("mode", "collect"), args.get("delay", 0.0),
+                               args.get("burst"))
+        flow = {k: args[k] for k in ("credits", "credit_bytes", "overflow", "inline")
+                if k in args}
         sub = node.subscribe(args["pattern"], collector, queue=args.get("queue"), **flow)
         sid = args.get("sid") or f"s{len(subs)}"
         subs[sid] = (sub, collector)

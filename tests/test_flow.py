@@ -76,10 +76,10 @@ def test_grant_rejects_bad_config(kwargs: dict, needle: str) -> None:
 
 def test_defaults_match_the_api() -> None:
     w: CreditWindow[str] = CreditWindow()
-    assert (w.credits, w.credit_bytes, w.overflow) == (256, None, "block")
-    assert w.available == 256 and w.available_bytes is None
+    assert (w.credits, w.credit_bytes, w.overflow) == (1024, 64 << 20, "block")
+    assert w.available == 1024 and w.available_bytes == 64 << 20
     g = CreditGrant()
-    assert (g.credits, g.threshold, g.flush_delay) == (256, 128, 0.005)
+    assert (g.credits, g.credit_bytes, g.threshold, g.flush_delay) == (1024, 64 << 20, 512, 0.005)
 
 
 # --------------------------------------------------------------------------

@@ -260,3 +260,48 @@ def test_a_message_behind_a_waiting_batch_is_not_sent_to_a_closed_link(procs):
     assert out.get("sent") == 1, out
     drops = p.call("status")["counters"]["drops"]
     assert "send_error" not in drops and drops.get("no_link", 0) >= 1, drops
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["dispatch", "inline"])
+def test_handlers_of_two_nodes_publishing_to_each_other_beyond_their_windows_never_deadlock(
+    procs, inline
+):
+    """Each node's handler, on a kick, publishes 300 messages to a handler of the
+    other node whose window holds 2, with no timeout. They used to deadlock: each
+    handler waited for credit that only the other's (blocked) dispatch thread could
+    return. Now a publish on a node's own thread never waits: beyond the window the
+    messages are held in order and leave as credit comes back."""
+    a = procs.start("a")
+    b = procs.start("b", seeds=[a.tcp])
+    a.call("wait_for_peers", n=1, timeout=15)
+    n = 300
+    sids = {}
+    for w, other in ((a, "b"), (b, "a")):
+        sids[w.name] = w.call("subscribe", pattern=f"to.{w.name}", mode="burst", credits=2,
+                              burst={"subject": f"to.{other}", "n": n}, inline=inline)
+    for w, other in ((a, "b"), (b, "a")):
+        w.call("wait_for_subscribers", subject=f"to.{other}", count=1, timeout=10)
+    for w, other in ((a, "b"), (b, "a")):
+        w.call("publish", subject=f"to.{other}", data=b"kick")  # the other's handler bursts
+    for w in (a, b):
+        got = w.call("collected", sid=sids[w.name], n=n + 1, timeout=40)
+        data = [r["data"] for r in got]
+        assert len(data) == n + 1, f"{w.name} got {len(data)} of {n + 1}: deadlocked"
+        assert data.count(b"kick") == 1
+        assert [int(d) for d in data if d != b"kick"] == list(range(1, n + 1))  # in order
+        assert w.call("status")["counters"]["drops"] == {}
+
+
+def test_a_handler_publishing_beyond_the_window_of_its_own_node_keeps_working(procs):
+    """The same within one node process: a handler bursts to another handler of its
+    own node (window 2): held in order, delivered as that handler consumes."""
+    a = procs.start("a")
+    b = procs.start("b", seeds=[a.tcp])
+    a.call("wait_for_peers", n=1, timeout=15)
+    sink = a.call("subscribe", pattern="own.sink", credits=2)
+    a.call("subscribe", pattern="own.kick", mode="burst", burst={"subject": "own.sink", "n": 500})
+    b.call("wait_for_subscribers", subject="own.kick", count=1, timeout=10)
+    b.call("publish", subject="own.kick", data=b"kick")
+    got = a.call("collected", sid=sink, n=500, timeout=40)
+    assert [int(r["data"]) for r in got] == list(range(1, 501))
+    assert a.call("status")["counters"]["drops"] == {}

@@ -879,3 +879,103 @@ def test_a_hello_from_a_suspect_peer_keeps_its_link(make_node):
         raw.close(linger=0)
     assert b._links[a.id] is link and not link.closed
     assert b.membership_events["alive"] >= 1
+
+
+# ---------------------------------------------------------------------------- inline handlers
+
+
+def inline_pair(make_node, **options):
+    a = make_node("a", **options)
+    b = make_node("b", seeds=[a.endpoints[0]], **options)
+    b.wait_for_peers(1, timeout=10)
+    return a, b
+
+
+def test_an_inline_handler_runs_on_the_io_thread_and_may_publish_and_respond(make_node):
+    a, b = inline_pair(make_node)
+    threads: list[str] = []
+    echoed = Collect()
+
+    def ping(msg):
+        threads.append(threading.current_thread().name)
+        b.publish("pong", msg.data)  # publishing from the I/O thread sends directly
+        if msg.is_request:
+            msg.respond(b"r:" + bytes(msg.data))
+
+    b.subscribe("ping", ping, inline=True)
+    a.subscribe("pong", echoed)
+    a.wait_for_subscribers("ping", 1, timeout=5)
+    b.wait_for_subscribers("pong", 1, timeout=5)
+    for i in range(20):
+        a.publish("ping", b"%d" % i)
+    assert [bytes(m.data) for m in echoed.wait(20)] == [b"%d" % i for i in range(20)]
+    assert a.request("ping", b"q", timeout=5).data == b"r:q"
+    assert set(threads) == {f"mesh-io-{b.name}"}, threads
+
+    def row():
+        return next(s for s in b.status()["subscriptions"] if s["pattern"] == "ping")
+
+    assert wait_until(lambda: row()["delivered"] == 21, 5), row()  # counted once it returned
+    assert row()["inline"] is True
+
+
+def test_an_inline_handler_over_its_budget_is_logged_once_and_moved(make_node, caplog):
+    a, b = inline_pair(make_node, inline_budget=0.005)
+    threads: list[str] = []
+    done = Collect()
+
+    def slow(msg):
+        threads.append(threading.current_thread().name)
+        time.sleep(0.02)
+        done(msg)
+
+    b.subscribe("slow", slow, inline=True)
+    a.wait_for_subscribers("slow", 1, timeout=5)
+    with caplog.at_level("INFO", logger="mesh"):
+        for i in range(5):
+            a.publish("slow", b"%d" % i)
+        assert [bytes(m.data) for m in done.wait(5)] == [b"%d" % i for i in range(5)]
+    # Twice over the budget (once might be a preemption), then on the dispatch thread.
+    assert threads[:2] == [f"mesh-io-{b.name}"] * 2, threads
+    assert set(threads[2:]) == {f"mesh-dispatch-{b.name}"}, threads
+    lines = [r.getMessage() for r in caplog.records if "inline_budget" in r.getMessage()]
+    assert len(lines) == 1 and "'slow'" in lines[0], lines
+    (row,) = [s for s in b.status()["subscriptions"] if s["pattern"] == "slow"]
+    assert row["inline"] is False
+
+
+def test_inline_needs_a_handler_and_refuses_a_request_inside(make_node):
+    a, b = inline_pair(make_node)
+    with pytest.raises(ConfigError, match="handler"):
+        b.subscribe("x", inline=True)
+    b.subscribe("svc", lambda m: m.respond(b"ok"))
+    errors: list[str] = []
+
+    def asks(msg):
+        try:
+            b.request("svc", b"", timeout=1)
+        except MeshError as exc:
+            errors.append(str(exc))
+
+    b.subscribe("asks", asks, inline=True)
+    a.wait_for_subscribers("asks", 1, timeout=5)
+    a.publish("asks", b"")
+    assert wait_until(lambda: errors, 5)
+    assert "inline" in errors[0]
+
+
+def test_an_inline_handler_may_close_its_node(make_node):
+    a, b = inline_pair(make_node)
+    closed = threading.Event()
+
+    def stop(msg):
+        b.close()  # on b's own I/O thread: it must not wait for itself
+        closed.set()
+
+    b.subscribe("stop", stop, inline=True)
+    a.wait_for_subscribers("stop", 1, timeout=5)
+    a.publish("stop", b"")
+    assert closed.wait(5)
+    assert wait_until(lambda: not b._io_thread.is_alive(), 5)
+    assert b.status()["closed"] and b.status()["counters"]["drops"].get("handler_error") is None
+    assert wait_until(lambda: not a.peers(), 5)  # its goodbye went out

@@ -653,7 +653,7 @@ def test_a_lost_rdma_message_cannot_pile_up_what_follows():
         ("ipc", False, True, False, "rdma"),  # one host, shm off: rdma before ipc
         ("ipc", False, False, False, "ipc"),
         ("tcp", False, True, False, "rdma"),  # two hosts that both have a device
-        ("tcp", True, True, False, "rdma"),  # shm is meaningless across hosts
+        ("tcp", True, True, False, "shm"),  # one host over tcp: shared memory still
         ("tcp", False, False, False, "tcp"),  # a peer without rdma
         ("tcp", False, True, True, "tcp"),  # the queue pair failed once: stay on tcp
         ("ipc", False, True, True, "ipc"),

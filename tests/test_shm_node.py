@@ -117,3 +117,28 @@ def test_an_array_refused_by_a_full_queue_gives_its_slot_back(procs):
         assert out.get("error") == "TimeoutError", out
         shm = peer_row(p.call("status"), "s")["shm"]
         assert shm["writes"] == 2 and shm["in_use"] == 0, shm
+
+
+@pytest.mark.parametrize("shm", [True, False], ids=["shm", "no-shm"])
+def test_same_host_processes_use_shared_memory_over_a_tcp_only_link(procs, shm):
+    """Shared memory does not depend on the link's transport: two processes of one
+    host that listen on tcp alone still send large arrays through it (shm=False on
+    either side keeps them on the socket)."""
+    tcp_only = ("tcp://127.0.0.1:0",)
+    s = procs.start("s", listen=tcp_only, shm=shm)
+    p = procs.start("p", listen=tcp_only, seeds=[s.tcp])
+    p.call("wait_for_peers", n=1, timeout=15)
+    sid = s.call("subscribe", pattern="big.>")
+    p.call("wait_for_subscribers", subject="big.x", count=1, timeout=10)
+    want = "shm" if shm else "tcp"
+    assert wait_until(lambda: peer_row(p.call("status"), "s")["bulk"] == want, 10), \
+        peer_row(p.call("status"), "s")
+    arr = np.arange(1 << 20, dtype=np.float32)
+    p.call("publish", subject="big.x", data=arr, timeout=10)
+    np.testing.assert_array_equal(as_array(s.call("collected", sid=sid, n=1, timeout=20)[0]), arr)
+    row = peer_row(p.call("status"), "s")
+    assert row["transport"] == "tcp", row
+    if shm:
+        assert row["shm"]["writes"] == 1, row
+    else:
+        assert row["shm"] is None, row

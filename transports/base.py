@@ -53,13 +53,14 @@ def choose_bulk(
     """The path large arrays take to a peer, from what both sides offered.
 
     ``transport`` is the zmq transport chosen for the link (inproc, ipc, tcp);
-    ``shm_both``: both offered shared memory and share a host; ``rdma_both``:
+    ``shm_both``: both offered shared memory and share a host (whatever the
+    link's transport: two processes of one host may talk over tcp); ``rdma_both``:
     both advertised a usable verbs device; ``rdma_failed``: a queue pair with
     this peer failed before (the link stays on its socket from then on).
     Pure: the node's hello handling follows it, tests check every case.
     """
     candidates = {transport}
-    if transport == "ipc" and shm_both:
+    if transport in ("ipc", "tcp") and shm_both:
         candidates.add("shm")
     if rdma_both and not rdma_failed and transport != "inproc":
         candidates.add("rdma")

@@ -1,0 +1,521 @@
+"""Delivery: from the I/O thread that read a message to whoever consumes it.
+
+- Inline handlers (``subscribe(inline=True)``) run on the I/O thread itself (no
+  hand-off); one that overruns ``inline_budget`` is logged once and moved here.
+- Ordinary handlers run on the dispatch thread (``mesh-dispatch-<node>``), which
+  owns the dispatch queue: the I/O thread passes one item per drain (a list of
+  calls), other threads one call each.
+- Pull subscriptions (``next()``) and request replies go straight to the waiting
+  thread (its inbox or its ``_Pending`` event): one hand-off.
+- Credit goes back once the application consumed a message: on the data socket
+  from the consuming thread when the link is free (``_send_credit_direct``), in
+  front of the next frame to that publisher, or by the I/O thread on a timer.
+Channels (point-to-point, for collectives) are filled here too.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from typing import Any
+
+import zmq
+
+from mesh import wire
+from mesh.channels import EARLY_MAX_MESSAGES, Channel, ChannelMessage
+from mesh.engine.common import _STOP, ZERO_COPY_BYTES
+from mesh.errors import (
+    MeshError,
+    ProtocolError,
+)
+from mesh.flow import (
+    CreditGrant,
+    decode_batch,
+)
+from mesh.message import Message, Subscription
+from mesh.peers import Peer
+from mesh.tensor import array_from_frames
+
+log = logging.getLogger("mesh")
+
+class _CallbackSub:
+    """Lets the dispatch thread run an on_peer callback like a handler."""
+
+    __slots__ = ("closed", "handler", "pattern", "delivered")
+
+    def __init__(self, callback: Any, event: str) -> None:
+        self.closed = False
+        self.pattern = f"on_peer:{event}"
+        self.delivered = 0
+        self.handler = lambda info: callback(event, info)
+
+class _Pending:
+    __slots__ = ("event", "reply", "on_reply")
+
+    def __init__(self, on_reply: Any = None) -> None:
+        self.event = threading.Event()
+        self.reply: Message | None = None
+        # Called after the event is set, on the setting thread (mesh.aio completes an
+        # asyncio future from it: the reply reaches the event loop in one hand-off).
+        self.on_reply = on_reply
+
+    def set(self) -> None:
+        self.event.set()
+        if self.on_reply is not None:
+            self.on_reply()
+
+# The dispatch thread returns the credit of a batch of messages at its end, or as
+# soon as handling it has taken this long (seconds).
+_CREDIT_HOLD = 0.002
+
+def _credit_threshold(window: int) -> int:
+    """Consumed messages that make a subscriber send credit back at once: a quarter
+    of the window. Batches are half a window (Link.batch_cap), so credit for the
+    first half of a batch is on its way while the publisher sends the next one."""
+    return max(1, window // 4)
+
+
+class Dispatcher:
+    """Handing messages to handlers, inboxes and requests; credit return (mixin of ``mesh.Node``)."""
+
+    def _init_dispatch(self) -> None:
+        self._dispatch: Any = queue.SimpleQueue()  # items for the dispatch thread
+        self._dispatch_thread: threading.Thread | None = None
+        self._io_batch: list = []  # handler calls the I/O thread collects in one drain
+        self._inline_budget = self.options["inline_budget"]
+        self._pending: dict[int, _Pending] = {}  # request id -> the waiting request
+        self._channels: dict[str, Channel] = {}
+        self._early: dict[str, collections.deque] = {}  # channel -> (time, msg) not yet opened
+        # Credit owed to publishers and held back (below the threshold): flushed by
+        # the I/O thread on time, or riding on a frame going to that publisher.
+        self._dirty_grants: dict[tuple[Subscription, str], CreditGrant] = {}
+        self._last_seq: dict[tuple[str, str], int] = {}  # (publisher, subject) -> seq
+
+    def _deliver(self, sub: Subscription, msg: Message) -> None:
+        """Hand a message to a subscription (from a publishing thread)."""
+        if sub.closed:
+            return
+        if sub.handler is None:
+            sub._inbox.put(msg)
+        else:
+            self._dispatch.put((sub, msg))
+
+    def _io_deliver(self, sub: Subscription, msg: Message) -> None:
+        """Hand a message to a subscription from the I/O thread: handler calls are
+        collected and passed to the dispatch thread once per drain."""
+        if sub.closed:
+            return
+        if sub.handler is None:
+            sub._inbox.put(msg)
+        else:
+            self._io_batch.append((sub, msg))
+
+    def _dispatch_loop(self) -> None:
+        self._engine_idents.add(threading.get_ident())
+        get = self._dispatch.get
+        while True:
+            item = get()
+            if item is _STOP:
+                return
+            try:
+                self._run_item(item)
+            except Exception:  # nothing may end this thread: every handler depends on it
+                self.counters.drops["dispatch_error"] += 1
+                log.exception("%s: dispatch error", self.name)
+
+    def _run_item(self, item: Any) -> None:
+        if type(item) is not list:
+            self._run_handler(*item)
+            return
+        # A drain's worth of messages: credits of remote publishers go back once
+        # per (subscription, publisher) after the batch, not once per message.
+        consumed: dict[tuple[Subscription, Any], list] = {}
+        monotonic = time.monotonic
+        since = monotonic()
+        for sub, msg in item:
+            if consumed and monotonic() - since > _CREDIT_HOLD:
+                # Slow handlers: the credit of what they finished must not wait for
+                # the rest of the batch.
+                self._return_credits(consumed)
+                consumed = {}
+                since = monotonic()
+            if sub.closed:
+                continue
+            self._call_handler(sub, msg)
+            credit = getattr(msg, "_credit", None)  # on_peer callbacks get a PeerInfo
+            if type(credit) is tuple:
+                msg._credit = None
+                key = (sub, credit[0])
+                tally = consumed.get(key)
+                if tally is None:
+                    consumed[key] = [credit[1], 1, credit[2]]
+                else:
+                    tally[1] += 1
+                    tally[2] += credit[2]
+                    if tally[1] >= credit[0].threshold:
+                        # Enough for the publisher to act on: send it now, not after
+                        # the rest of the batch (the window keeps moving).
+                        del consumed[key]
+                        self._return_credit(sub, credit[0], tally[0], tally[1], tally[2])
+            elif credit is not None:
+                self._consumed(sub, msg)
+        self._return_credits(consumed)
+
+    def _return_credits(self, consumed: dict) -> None:
+        for (sub, grant), (publisher, count, nbytes) in consumed.items():
+            self._return_credit(sub, grant, publisher, count, nbytes)
+
+    def _call_handler(self, sub: Subscription, msg: Message) -> None:
+        try:
+            sub.handler(msg)
+        except Exception:
+            self.counters.drops["handler_error"] += 1
+            log.exception("%s: handler for %r raised on %r", self.name, sub.pattern, msg.subject)
+        sub.delivered += 1
+
+    def _run_handler(self, sub: Subscription, msg: Message) -> None:
+        if sub.closed:
+            return
+        self._call_handler(sub, msg)
+        if getattr(msg, "_credit", None) is not None:  # on_peer callbacks get a PeerInfo
+            self._consumed(sub, msg)  # the handler returned: its credit goes back
+
+    def _wait_reply(self, pending: _Pending, timeout: float) -> bool:
+        if threading.current_thread() is not self._dispatch_thread:
+            return pending.event.wait(timeout)
+        # A handler is requesting: the responder may be a handler of this very node,
+        # queued behind us on the dispatch thread. Run queued handlers meanwhile.
+        deadline = time.monotonic() + timeout
+        while not pending.event.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                item = self._dispatch.get(timeout=min(remaining, 0.05))
+            except queue.Empty:
+                continue
+            if item is _STOP:
+                self._dispatch.put(_STOP)
+                return pending.event.is_set()
+            self._run_item(item)
+        return True
+
+    def _respond(self, reply_to: str, req_id: int, data: Any, headers: dict | None) -> None:
+        self._check_open()
+        payload, array, flags, nbytes = self._encode_payload(data)
+        if reply_to == self.id:
+            pending = self._pending.get(req_id)
+            if pending is not None and pending.reply is None:
+                view = payload[-1]
+                pending.reply = Message(
+                    "",
+                    view if isinstance(view, bytes) else memoryview(view),
+                    headers,
+                    self.id,
+                    0,
+                    array=array,
+                    request_id=req_id,
+                )
+                pending.set()
+            return
+        self._send(reply_to, [wire.pack_reply(req_id, flags, headers), *payload], nbytes, None)
+
+    def _on_msg(self, ident: bytes, header: list, frames: list) -> None:
+        fields = wire.check_msg(header)
+        peer = self._known_peer(ident)
+        data, array, nbytes = self._payload_of(fields[3], frames, "message", peer)
+        self._accept_msg(peer, fields, data, array, nbytes, time.time())
+
+    def _on_batch(self, ident: bytes, header: list, frames: list) -> None:
+        if len(frames) != 3:
+            raise ProtocolError("batch needs exactly one data frame", "malformed")
+        # Resolved once per batch, not per message: the peer and the clock.
+        peer = self._known_peer(ident)
+        now = time.time()
+        unpack, check_msg = wire.unpack, wire.check_msg
+        runs = []
+        count = 0
+        # Every run is checked before any is delivered: a bad batch is dropped whole.
+        for run_header, payloads in decode_batch(frames[2].buffer):
+            fields = unpack(run_header)
+            if fields[1] != wire.MSG:
+                raise ProtocolError("only data messages may be batched", "malformed")
+            fields = check_msg(fields)
+            if fields[3]:
+                raise ProtocolError("arrays are never batched", "malformed")
+            if len(payloads) > 1 and (fields[4] is not None or fields[5] is not None):
+                raise ProtocolError("a run of several messages cannot share headers or a "
+                                    "request id", "malformed")
+            count += len(payloads)
+            runs.append((fields, payloads))
+        if header[2] != count or type(header[2]) is not int:
+            raise ProtocolError(f"batch says {header[2]!r} messages, holds {count}", "malformed")
+        accept = self._accept_run
+        for fields, payloads in runs:
+            accept(peer, fields, payloads, now)
+
+    def _accept_msg(
+        self, peer: Peer, fields: tuple, data: Any, array: Any, nbytes: int, now: float
+    ) -> None:
+        """Deliver one checked data message from ``peer`` to the subscriptions it names."""
+        self._accept_run(peer, fields, (data,), now, array, nbytes)
+
+    def _accept_run(
+        self, peer: Peer, fields: tuple, payloads: Any, now: float,
+        array: Any = None, nbytes: int | None = None,
+    ) -> None:
+        """Deliver checked data messages from ``peer`` that share one header (a run of
+        a batch: consecutive seqs from the header's) to the subscriptions it names.
+        ``nbytes``: the payload size of a one-message run whose data is not bytes."""
+        subject, seq, ts, _flags, headers, req_id, sids = fields
+        count = len(payloads)
+        if self._policy is not None and not self._policy.may_publish(peer.name, subject):
+            for _ in range(count):
+                self._denied(peer, "publish", subject)
+            return
+        route = self._route(subject, internal=True)
+        sizes = [nbytes] if nbytes is not None else [len(data) for data in payloads]
+        total = sum(sizes)
+        counters = peer.counters
+        counters.msgs_in += count
+        counters.bytes_in += total
+        self.counters.msgs_in += count
+        self.counters.bytes_in += total
+        if ts:
+            # The run's messages share its first one's send time: the others left
+            # after it (within batch_delay), so theirs reads a little high.
+            latency = now - ts
+            if 0.0 <= latency < 3600.0:  # also rejects nan/inf; clocks may disagree a little
+                self.latency.record(latency, count)
+        peer_id = peer.id
+        reply_to = peer_id if req_id is not None else None
+        drops = self.counters.drops
+        counted_gap = False
+        for sid in sids:
+            sub = self._subs_by_sid.get(sid)
+            if sub is None or sub.closed:
+                drops["no_subscriber"] += count  # unsubscribed meanwhile
+                continue
+            if sub not in route.local and sub not in route.local_groups.get(sub.queue, ()):
+                drops["not_subscribed"] += count  # a publisher that lies
+                continue
+            if not sub.queue and not counted_gap:
+                # Plain subscribers see every message of a subject: gaps are losses.
+                counted_gap = True
+                key = (peer_id, subject)
+                last = self._last_seq.get(key)
+                if last is not None and seq > last + 1:
+                    self.gaps += seq - last - 1
+                self._last_seq[key] = seq + count - 1
+            grant = sub._grants.get(peer_id)
+            if grant is None:
+                grant = sub._grants[peer_id] = CreditGrant(
+                    sub.credits, sub.credit_bytes, threshold=_credit_threshold(sub.credits))
+            with sub._flow:
+                accepted = grant.on_received_run(sizes)
+            if accepted < count:
+                drops["credit_violation"] += count - accepted  # sent beyond its credit
+            msgs = []
+            for i in range(accepted):
+                msg = Message(subject, payloads[i], headers, peer_id, seq + i, array=array,
+                              request_id=req_id, node=self, reply_to=reply_to)
+                msg._credit = (grant, peer_id, sizes[i])
+                msgs.append(msg)
+            if sub.closed:
+                continue
+            if sub.handler is None:
+                put = sub._inbox.put
+                for msg in msgs:
+                    put(msg)
+            elif sub.inline:
+                for index, msg in enumerate(msgs):
+                    if not sub.inline:  # it went over its budget: the rest go as usual
+                        self._io_batch.extend([(sub, m) for m in msgs[index:]])
+                        break
+                    self._run_inline(sub, msg)
+            else:
+                # Handler calls are collected and passed to the dispatch thread once
+                # per drain.
+                self._io_batch.extend([(sub, msg) for msg in msgs])
+        if not sids:
+            drops["no_interest"] += count
+
+    def _run_inline(self, sub: Subscription, msg: Message) -> None:
+        """Run an inline handler here, on the I/O thread that read the message; one
+        over its budget twice in a row is logged once and moved to the dispatch thread."""
+        if sub.closed:
+            return
+        started = time.perf_counter()
+        self._call_handler(sub, msg)
+        took = time.perf_counter() - started
+        if took <= self._inline_budget:
+            sub._overruns = 0
+        elif sub._overruns == 0:
+            # Once may be the machine's doing (this thread was preempted): twice in a
+            # row is the handler's.
+            sub._overruns = 1
+        else:
+            sub.inline = False
+            log.warning(
+                "%s: inline handler of %r took %.1f ms on %r (inline_budget %.1f ms); it "
+                "runs on the dispatch thread from now on", self.name, sub.pattern,
+                took * 1e3, msg.subject, self._inline_budget * 1e3)
+        if msg._credit is not None:
+            self._consumed(sub, msg)
+
+    def _consumed(self, sub: Subscription, msg: Message) -> None:
+        """The application is done with ``msg``: give its credit back (any thread)."""
+        credit = msg._credit
+        msg._credit = None
+        if type(credit) is int:  # from this node's own publisher: no network
+            with sub._flow:
+                released = sub._window.on_credit(1, credit)
+                sub._flow.notify_all()
+            for held in released:
+                self._deliver(sub, held)
+            return
+        grant, publisher, nbytes = credit
+        self._return_credit(sub, grant, publisher, 1, nbytes)
+
+    def _return_credit(self, sub: Subscription, grant: CreditGrant, publisher: str,
+                       count: int, nbytes: int) -> None:
+        """``count`` messages from ``publisher`` were consumed: send their credit back
+        now if the grant's threshold is reached, else have the I/O thread flush it later."""
+        now = time.monotonic()
+        with sub._flow:
+            grant.on_consumed(nbytes, now, count)
+            update = grant.take_update(now)
+            if update is None:
+                self._dirty_grants[(sub, publisher)] = grant
+        if update is not None:
+            entries = [[sub.sid, update[0], update[1]]]
+            if not self._send_credit_direct(publisher, entries):
+                self._command(("credit", publisher, entries))
+        elif self._io_wake_at > now + grant.flush_delay and threading.get_ident() != self._io_ident:
+            # The I/O thread sleeps past this credit's flush time: wake it to schedule
+            # the flush. (Added to _dirty_grants first, read _io_wake_at after: the
+            # I/O thread publishes _io_wake_at before it looks at _dirty_grants.)
+            # While credit flows it keeps waking at least that often, so a steady
+            # stream costs no wake-up per message (most credit rides on replies).
+            self._command(("flush_credit",))
+
+    def _send_credit_direct(self, publisher: str, entries: list) -> bool:
+        """Send credit on the link's data socket from this (dispatch) thread: no wake-up
+        of the I/O thread, no hop. False when the link is busy, its queue is full, or
+        arrays go by RDMA (data-pipe messages then keep an order with them): the I/O
+        thread sends it on the control socket instead."""
+        link = self._links.get(publisher)
+        if link is None or not link.lock.acquire(False):
+            return False
+        try:
+            if link.closed or self._keeps_order(link):
+                return False
+            owed = self._owed_credit(publisher) if self._dirty_grants else None
+            if owed is not None:  # other subscriptions' credit for it goes along
+                entries = entries + owed
+            try:
+                link.sock.send(wire.pack(wire.CREDIT, entries), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                self._owed_credit_failed(publisher, owed)
+                return False
+            self.credit_updates["data"] += 1
+            return True
+        finally:
+            link.lock.release()
+
+    def _owed_credit(self, peer_id: str) -> list | None:
+        """Credit this node owes ``peer_id`` and holds back (below the threshold, its
+        timer not yet due), taken now to ride on a frame going there anyway: no
+        message of its own. Called by whoever sends to the peer, link lock held."""
+        entries = None
+        now = time.monotonic()
+        for (sub, publisher), grant in list(self._dirty_grants.items()):
+            if publisher != peer_id:
+                continue
+            with sub._flow:
+                update = grant.take_update(now, force=True)
+            if update is not None:
+                if entries is None:
+                    entries = []
+                entries.append([sub.sid, update[0], update[1]])
+        return entries
+
+    def _owed_credit_failed(self, peer_id: str, entries: list | None) -> None:
+        """The frame that carried credit was not sent: it must still arrive (the
+        publisher would wait for it forever), so the I/O thread sends it alone."""
+        if entries is not None:
+            self._command(("credit", peer_id, entries))
+
+    def _on_reply(self, ident: bytes, header: list, frames: list) -> None:
+        req_id, flags, headers = wire.check_reply(header)
+        peer = self._known_peer(ident)
+        data, array, _nbytes = self._payload_of(flags, frames, "reply", peer)
+        pending = self._pending.get(req_id)
+        if pending is None or pending.reply is not None:
+            self.counters.drops["late_reply"] += 1
+            return
+        pending.reply = Message("", data, headers, peer.id, 0, array=array, request_id=req_id)
+        pending.set()
+
+    def _payload_of(self, flags: int, frames: list, what: str, peer: Peer) -> tuple[Any, Any, int]:
+        """(data, array or None, nbytes) of a message's payload frames."""
+        if flags & wire.TENSOR:
+            if len(frames) != 4:
+                raise ProtocolError(f"tensor {what} needs descriptor and data frames", "malformed")
+            if flags & self._bulk_flags:  # the array waits in a bulk channel
+                channel = next(c for c in self._bulk if flags & c.flag)
+                data, nbytes = channel.open_array(peer, frames[3].bytes)
+                return data, array_from_frames(frames[2].buffer, data), nbytes
+            data = frames[3].buffer
+            return data, array_from_frames(frames[2].buffer, data), len(frames[3])
+        if len(frames) != 3:
+            raise ProtocolError(f"{what} needs exactly one payload frame", "malformed")
+        frame = frames[2]
+        data = frame.buffer if len(frame) >= ZERO_COPY_BYTES else frame.bytes
+        return data, None, len(frame)
+
+    def _on_p2p(self, ident: bytes, body: Any, frames: list) -> None:
+        channel_name, tag, flags, meta = wire.check_p2p(body)
+        peer = self._known_peer(ident)
+        data, array, nbytes = self._payload_of(flags, frames, "p2p message", peer)
+        peer.counters.msgs_in += 1
+        peer.counters.bytes_in += nbytes
+        self.counters.msgs_in += 1
+        self.counters.bytes_in += nbytes
+        msg = ChannelMessage(peer.id, tag, meta, data, array)
+        with self._lock:  # against _open_channel moving the early buffer meanwhile
+            channel = self._channels.get(channel_name)
+            if channel is None:
+                # The peer got there first: keep it until this node opens the channel.
+                if sum(len(q) for q in self._early.values()) >= EARLY_MAX_MESSAGES:
+                    self.counters.drops["early_overflow"] += 1
+                    return
+                self._early.setdefault(channel_name, collections.deque()).append(
+                    (time.monotonic(), msg)
+                )
+                return
+        channel._put(msg)
+
+    def _open_channel(self, name: str) -> Channel:
+        self._check_started()
+        with self._lock:
+            if name in self._channels:
+                raise MeshError(f"channel {name!r} is already open on {self.name}")
+            channel = Channel(self, name)
+            self._channels[name] = channel
+            early = self._early.pop(name, None)
+        if early:
+            for _, msg in early:
+                channel._put(msg)
+        for peer in list(self._peers.values()):
+            if peer.state in ("dead", "left"):
+                channel._peer_lost(peer.id, f"peer {peer.name} is {peer.state}")
+        return channel
+
+    def _close_channel(self, channel: Channel) -> None:
+        with self._lock:
+            if self._channels.get(channel.name) is channel:
+                del self._channels[channel.name]
