@@ -116,7 +116,6 @@ class Subscription:
         # Run the handler on the I/O thread that read the message (subscribe(inline=True));
         # cleared when it overran the node's inline_budget.
         self.inline = False
-        self._overruns = 0  # consecutive inline calls over the budget
         self._entry: tuple = ()
         self._window: Any = None  # credit for this node's own publishers
         self._grants: dict[str, Any] = {}  # publisher id -> CreditGrant

@@ -354,9 +354,8 @@ class Node(IoLoop, LinkSender, Dispatcher, Handshake, StatusView, BulkSet, ShmGl
 
         ``inline=True``: the handler runs on the I/O thread that read the message
         (no thread hand-off: the lowest latency). It must be short and must not
-        block; one that takes longer than the node's ``inline_budget`` (10 ms; twice
-        in a row, as once may be a preemption) is logged once and moved to the
-        dispatch thread. Messages this node publishes
+        block; one that takes longer than the node's ``inline_budget`` (10 ms) is
+        logged once and moved to the dispatch thread. Messages this node publishes
         to itself reach it on the dispatch thread.
         """
         self._check_started()
