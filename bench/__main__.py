@@ -21,7 +21,7 @@ from typing import Any
 
 import zmq
 
-from bench import aio, collectives, pubsub, refs, shm, torch_ddp
+from bench import aio, collectives, pubsub, pubsub_suite, refs, shm, torch_ddp
 from bench._runner import BenchError, log, workers
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if "pubsub" in suites:
             with workers() as pair:
-                rows = pubsub.run(pair, cfg, errors)
+                rows = pubsub_suite.run(pair, cfg, errors)
             if rows:
                 print(summary(rows, cfg), flush=True)
                 print(refs.table(rows), flush=True)

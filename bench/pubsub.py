@@ -861,39 +861,3 @@ def _profile(pair: Pair, cfg: Config) -> None:
                             "profile": f"{name}-source",
                             "node_options": spec.get("node_options")},
                  timeout=300.0, primary="server")
-
-
-def run(pair: Pair, cfg: Config, errors: list[str]) -> list[dict]:
-    """Every pub/sub benchmark; a failed case is recorded in ``errors`` and skipped."""
-    from bench import refs  # it builds on this module's tasks
-
-    rows: list[dict] = []
-    cases: list[tuple[str, Callable[[], list[dict]]]] = []
-    for transport in cfg.transports:
-        cases.append((f"latency/{transport}", functools.partial(_latency, pair, cfg, transport)))
-    if "tcp" in cfg.transports:
-        # Zenoh and NATS beside raw pyzmq and the mesh, 64 B over tcp (issue #15).
-        cases.append(("latency-refs/tcp", functools.partial(refs.latency, pair, cfg)))
-    for transport in cfg.transports:
-        cases.append((f"throughput-64B/{transport}", functools.partial(
-            _throughput, pair, cfg, transport, "bytes", cfg.small_count, cfg.small_reps)))
-    for transport in cfg.transports:
-        cases.append((f"throughput-1MiB/{transport}", functools.partial(
-            _throughput, pair, cfg, transport, "array", cfg.array_count, cfg.array_reps)))
-    if "tcp" in cfg.transports:
-        # 64 B / 1 KiB, 1->1, fan-in, fan-out: raw, Zenoh, the mesh (issue #16).
-        cases.append(("throughput-refs/tcp", functools.partial(refs.throughput, cfg)))
-    if cfg.profile_dir:
-        cases.append(("profile", lambda: _profile(pair, cfg) or []))
-    for name, case in cases:
-        if cfg.only and not any(part in name for part in cfg.only):
-            continue
-        log(f"pubsub: {name}")
-        t0 = time.monotonic()
-        try:
-            rows.extend(case())
-        except BenchError as exc:
-            errors.append(f"pubsub {name}: {exc}")
-            log(f"  FAILED: {exc}")
-        log(f"  ({time.monotonic() - t0:.1f} s)")
-    return rows
