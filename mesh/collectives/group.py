@@ -137,6 +137,10 @@ def _compiled(kind: str, n: int, rank: int, size: int, seg: int, extra: Any = No
         plan = sch.broadcast_plan(n, rank, size, extra, seg)
     elif kind == "allgather":
         plan = sch.allgather_plan(list(extra), rank, seg)
+    elif kind == "broadcast_direct":
+        plan = sch.direct_broadcast_plan(n, rank, size, extra, seg)
+    elif kind == "allgather_direct":
+        plan = sch.direct_allgather_plan(list(extra), rank, seg)
     else:  # pragma: no cover - internal
         raise ValueError(kind)
     deps: list[list[sch.Transfer]] = [[] for _ in plan]
@@ -156,6 +160,48 @@ def _check_name(name: object) -> str:
         raise ConfigError(f"group name must be a non-empty string, got {name!r}")
     validate_subject(SUBJECT_PREFIX + name, allow_reserved=True)
     return name
+
+
+_MALLOC_TUNED = False
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _keep_receive_buffers() -> None:
+    """Let glibc reuse the memory of received messages instead of returning it.
+
+    ZeroMQ allocates every large received message itself (malloc on its I/O
+    thread) and the collectives free it once reduced. With glibc's dynamic
+    defaults the freed segments go back to the kernel (trimmed heap tops,
+    munmap above the mmap threshold), so every next segment is page-faulted
+    in again: thousands of faults per allreduce, 15-30 % of a 64 MiB tcp
+    allreduce here. Raising the trim threshold keeps up to 256 MiB of freed
+    heap for reuse; allocations of 32 MiB and more still get their own
+    mappings. Once per process, glibc only, and not when the user set
+    ``MALLOC_TRIM_THRESHOLD_``/``MALLOC_MMAP_THRESHOLD_`` or ``ZMESH_MALLOPT=0``.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED = True
+    import os
+    import sys
+
+    env = os.environ
+    if (sys.platform != "linux" or env.get("ZMESH_MALLOPT", "1") == "0"
+            or "MALLOC_TRIM_THRESHOLD_" in env or "MALLOC_MMAP_THRESHOLD_" in env):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
+            return  # not glibc (musl has no such knobs)
+        # An explicit mmap threshold also turns off glibc's dynamic one: set both.
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+    except (OSError, AttributeError):  # pragma: no cover - exotic libc
+        pass
 
 
 class _PeerStats:
@@ -246,6 +292,7 @@ class Group:
         self._op_stats: dict[str, list] = defaultdict(lambda: [0, 0.0, 0])  # count, s, bytes
         self.dropped_stale = 0
 
+        _keep_receive_buffers()
         try:
             self._ch = node._open_channel(self._subject)
         except MeshError as exc:
@@ -489,17 +536,29 @@ class Group:
         def run(seq: int) -> list[np.ndarray]:
             if arr.dtype.kind in "OV" or arr.dtype.hasobject:
                 raise ConfigError(f"allgather sends numeric arrays, not dtype {arr.dtype}")
-            shapes = self._exchange_shapes(arr, seq, timeout)
+            # A small part rides along with its shape: one step instead of 1 + (size - 1).
+            carry = arr.nbytes <= sch.ALLGATHER_CARRY_BYTES
+            shapes, carried = self._exchange_shapes(arr, seq, timeout, carry)
             sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
             bounds = sch.part_bounds(sizes)
             flat = np.empty(bounds[-1][1], dtype=arr.dtype)
             a, b = bounds[self._rank]
             flat[a:b].reshape(arr.shape)[...] = arr  # one copy, also of strided input
             if self.size > 1 and flat.size > 0:
-                seg = sch.segment_elems_for(max(1, flat.itemsize), self.segment_bytes)
-                plan = _compiled("allgather", 0, self._rank, self.size, seg, tuple(sizes))
-                meta = ["allgather", flat.dtype.str]
-                self._execute(plan, flat, seq, "allgather", None, meta, timeout)
+                if carry and len(carried) == self.size - 1:  # every rank carried its part
+                    for r, part in carried.items():
+                        s_, e_ = bounds[r]
+                        if part.shape != (e_ - s_,):
+                            raise ConfigError(f"rank {r} sent {part.shape} elements for a part "
+                                              f"of shape {shapes[r]}")
+                        np.copyto(flat[s_:e_], part)
+                else:
+                    seg = sch.segment_elems_for(max(1, flat.itemsize), self.segment_bytes)
+                    kind = sch.allgather_algorithm(flat.nbytes, self.size)
+                    plan = _compiled("allgather_direct" if kind == "direct" else "allgather",
+                                     0, self._rank, self.size, seg, tuple(sizes))
+                    meta = ["allgather", flat.dtype.str]
+                    self._execute(plan, flat, seq, "allgather", None, meta, timeout)
             return [flat[s:e].reshape(shape) for (s, e), shape in zip(bounds, shapes, strict=True)]
 
         return self._collective("allgather", run, arr.nbytes)
@@ -535,7 +594,9 @@ class Group:
             else:
                 buf = np.empty(n, dtype=arr.dtype)
             seg = sch.segment_elems_for(max(1, buf.itemsize), self.segment_bytes)
-            plan = _compiled("broadcast", n, self._rank, self.size, seg, rt)
+            kind = sch.broadcast_algorithm(buf.nbytes, self.size)
+            plan = _compiled("broadcast_direct" if kind == "direct" else "broadcast",
+                             n, self._rank, self.size, seg, rt)
             meta = ["broadcast", list(arr.shape), arr.dtype.str, rt]
             self._execute(plan, buf, seq, "broadcast", None, meta, timeout)
             if is_root or inplace:
@@ -1217,12 +1278,54 @@ class Group:
         buf = red.accumulator(op, arr)
         return buf, buf
 
-    def _exchange_shapes(self, arr: np.ndarray, seq: int, timeout: float | None) -> list[tuple]:
-        """Every rank's shape (allgather); dtypes must agree."""
+    def _exchange_shapes(
+        self, arr: np.ndarray, seq: int, timeout: float | None, carry: bool = False
+    ) -> tuple[list[tuple], dict[int, np.ndarray]]:
+        """Every rank's shape (allgather); dtypes must agree. With ``carry`` the
+        message also carries this rank's data; returns the parts others carried."""
         shapes: list[tuple] = [()] * self.size
         shapes[self._rank] = tuple(arr.shape)
+        carried: dict[int, np.ndarray] = {}
         if self.size == 1:
-            return shapes
+            return shapes, carried
+        tag = (self._inc, seq, "shape", 0, 0)
+        mine: list = [list(arr.shape), arr.dtype.str]
+        data: Any = b""
+        if carry:
+            mine.append(1)
+            if arr.size:
+                data = np.ascontiguousarray(arr).reshape(-1)
+        trackers = [
+            self._send(r, tag, data, mine, seq, "allgather")
+            for r in range(self.size) if r != self._rank
+        ]
+        bad = []
+        for r in range(self.size):
+            if r == self._rank:
+                continue
+            msg = self._recv(r, tag, seq, "allgather", timeout)
+            meta = msg.meta
+            if (
+                type(meta) is not list or len(meta) not in (2, 3) or type(meta[0]) is not list
+                or not all(type(d) is int and d >= 0 for d in meta[0])
+            ):
+                raise ConfigError(f"rank {r} sent a malformed allgather descriptor {meta!r}")
+            shapes[r] = tuple(meta[0])
+            if meta[1] != arr.dtype.str:
+                bad.append(f"rank {r}: {np.dtype(meta[1])}")
+            elif len(meta) == 3:
+                part = self._array_of(msg, arr.dtype)
+                if part is None:
+                    raise ConfigError(f"rank {r} sent a part that is not whole {arr.dtype} "
+                                      "elements")
+                carried[r] = part
+        self._wait_trackers(trackers, seq, "allgather")
+        if bad:
+            raise ConfigError(
+                f"allgather needs one dtype on every rank; this rank has {arr.dtype}, "
+                + ", ".join(bad)
+            )
+        return shapes, carried
         tag = (self._inc, seq, "shape", 0, 0)
         mine = [list(arr.shape), arr.dtype.str]
         trackers = [

@@ -99,6 +99,15 @@ DEFAULT_DIRECT_BYTES: dict[int, int] = {2: 128 * _MiB, 3: 128 * _KiB, 4: 128 * _
 DEFAULT_CROSSOVER_BY_SIZE: dict[int, int] = {2: 4 * _MiB, 3: 8 * _MiB, 4: 8 * _MiB}
 DEFAULT_CROSSOVER_BYTES = 2 * _MiB
 
+# Allgather: a part up to this size travels with the shape exchange (one step
+# when every rank's part does); larger ones go by allgather_algorithm().
+ALLGATHER_CARRY_BYTES = 1 * _MiB
+# Up to this group size the root of a broadcast, and every rank of an
+# allgather, sends to every other rank itself (one step; over sockets on a
+# loaded host no rank waits on a forwarding one); larger groups use the tree
+# (broadcast) and the ring (allgather), whose per-rank bytes do not grow.
+DIRECT_MAX_GROUP = 4
+
 # Pipelining segment: big enough that the per-message cost is small against
 # the bytes, small enough that a chunk has several segments in flight.
 DEFAULT_SEGMENT_BYTES = 4 * _MiB
@@ -476,6 +485,50 @@ def tree_allreduce_plan(
     return builder.transfers
 
 
+def direct_broadcast_plan(
+    n_elems: int, rank: int, size: int, root: int = 0, segment_elems: int | None = None
+) -> list[Transfer]:
+    """Broadcast by the root to every other rank itself (copies, segmented).
+
+    One level instead of the tree's ``D``: fewer hand-offs for small arrays,
+    and over sockets on a loaded host no rank waits on a forwarding rank.
+    The root sends segment-major, ``root + 1``, ``root + 2``, ... within a
+    segment, so every rank gets its first segment early.
+    """
+    rank, size = _rank(rank, size)
+    root, _ = _rank(root, size, "root")
+    segs = _segments(n_elems, segment_elems)
+    builder = _PlanBuilder()
+    for k, seg in enumerate(segs):
+        if rank == root:
+            for j in range(1, size):
+                builder.add("broadcast", 0, k, (root + j) % size, seg, None, None, False)
+        else:
+            builder.add("broadcast", 0, k, None, None, root, seg, False)
+    return builder.transfers
+
+
+def direct_allgather_plan(sizes: Sequence[int], rank: int, segment_elems: int) -> list[Transfer]:
+    """Allgather in one step: every rank sends its part to every other rank itself.
+
+    The same bytes per rank as the ring (each part leaves its rank ``size - 1``
+    times) but one step instead of ``size - 1``. Layout as :func:`allgather_plan`.
+    """
+    rank, size = _rank(rank, len(sizes))
+    bounds = part_bounds(sizes)
+    seg = _count(segment_elems, "segment_elems", 1)
+    builder = _PlanBuilder()
+    mine = segment_bounds(*bounds[rank], seg)
+    for k, piece in enumerate(mine):
+        for j in range(1, size):
+            builder.add("allgather", rank, k, (rank + j) % size, piece, None, None, False)
+    for j in range(1, size):
+        q = (rank - j) % size
+        for k, piece in enumerate(segment_bounds(*bounds[q], seg)):
+            builder.add("allgather", q, k, None, None, q, piece, False)
+    return builder.transfers
+
+
 # --------------------------------------------------------------------------
 # direct (one-shot) allreduce
 
@@ -660,6 +713,20 @@ def crossover_bytes_for(size: int) -> int:
     """Array size from which ``"auto"`` takes the ring (below: the tree) in a group of ``size``."""
     size = _count(size, "group size", 1)
     return DEFAULT_CROSSOVER_BY_SIZE.get(size, DEFAULT_CROSSOVER_BYTES)
+
+
+def broadcast_algorithm(nbytes: int, size: int) -> Literal["direct", "tree"]:
+    """``"direct"`` (the root sends to each rank) up to :data:`DIRECT_MAX_GROUP` ranks,
+    else ``"tree"``."""
+    _count(nbytes, "nbytes")
+    return "direct" if _count(size, "group size", 1) <= DIRECT_MAX_GROUP else "tree"
+
+
+def allgather_algorithm(nbytes: int, size: int) -> Literal["direct", "ring"]:
+    """``"direct"`` (every rank sends its part to each) up to :data:`DIRECT_MAX_GROUP`
+    ranks, else ``"ring"``."""
+    _count(nbytes, "nbytes")
+    return "direct" if _count(size, "group size", 1) <= DIRECT_MAX_GROUP else "ring"
 
 
 def choose_algorithm(
