@@ -349,6 +349,7 @@ def test_ring_tree_direct_allreduce_values(
         lambda r: sch.tree_allreduce_plan(n, r, size, root, seg),
         lambda r: sch.tree_allreduce_plan(n, r, size, root),
         lambda r: sch.direct_allreduce_plan(n, r, size),
+        lambda r: sch.direct_allreduce_plan(n, r, size, seg),
     ):
         outs = run_allreduce(plan_for, inputs, op, seed)
         for o in outs:
@@ -363,7 +364,8 @@ def test_ring_tree_direct_allreduce_values(
 @FAST
 @given(size=sizes, n=counts, seed=st.integers(0, 2**16))
 def test_direct_allreduce_counts_every_contribution_once(size: int, n: int, seed: int) -> None:
-    plans = [sch.direct_allreduce_plan(n, r, size) for r in range(size)]
+    seg = None if seed % 2 else 1 + seed % 7
+    plans = [sch.direct_allreduce_plan(n, r, size, seg) for r in range(size)]
     inputs = one_hot(n, size)
     bufs = [garbage_like(b) for b in inputs]
 
@@ -399,6 +401,27 @@ def test_direct_plan_structure(size: int, n: int) -> None:
             if t.recv_from != r:
                 theirs = sch.direct_allreduce_plan(n, t.recv_from, size)
                 assert [u.tag for u in theirs if u.send_to == r] == [t.tag]
+
+
+@given(size=st.integers(1, 12), n=st.integers(0, 50), seg=st.integers(1, 20))
+def test_direct_plan_segmented_structure(size: int, n: int, seg: int) -> None:
+    for r in range(size):
+        plan = sch.direct_allreduce_plan(n, r, size, seg)
+        segs = sch.segment_bounds(0, n, seg)
+        sends = [t for t in plan if t.send is not None]
+        recvs = [t for t in plan if t.recv is not None]
+        assert plan == sends + recvs  # every send posted before any wait
+        # segment-major: each segment to every peer, starting with the next rank
+        assert [(t.send, t.send_to) for t in sends] == [
+            (p, (r + k) % size) for p in segs for k in range(1, size)]
+        assert all(t.send_after is None for t in sends)
+        # segment by segment, rank order within a segment; the first copies
+        assert [(t.recv, t.recv_from) for t in recvs] == [(p, q) for p in segs for q in range(size)]
+        assert [t.reduce for t in recvs] == [q != 0 for _ in segs for q in range(size)]
+        for t in recvs:  # the receive from q carries what q sends to r
+            if t.recv_from != r:
+                theirs = sch.direct_allreduce_plan(n, t.recv_from, size, seg)
+                assert [u.tag for u in theirs if u.send_to == r and u.send == t.recv] == [t.tag]
 
 
 class Expr:

@@ -128,7 +128,7 @@ def _compiled(kind: str, n: int, rank: int, size: int, seg: int, extra: Any = No
     if kind == "ring":
         plan = sch.ring_allreduce_plan(n, rank, size, seg)
     elif kind == "direct":
-        plan = sch.direct_allreduce_plan(n, rank, size)
+        plan = sch.direct_allreduce_plan(n, rank, size, seg or None)
     elif kind == "tree":
         plan = sch.tree_allreduce_plan(n, rank, size, 0, seg)
     elif kind == "reduce_scatter":
@@ -460,7 +460,8 @@ class Group:
                     buf.nbytes, self.size, self.crossover_bytes, self.direct_bytes
                 )
             if src is not None and algo == "direct":
-                plan = _compiled(algo, n, self._rank, self.size, 0)
+                seg = sch.segment_elems_for(buf.itemsize, self.segment_bytes)
+                plan = _compiled(algo, n, self._rank, self.size, seg)
                 meta = ["allreduce", n, buf.dtype.str, op, algo]
                 self._execute_direct(plan, src, buf, seq, red.ufunc_for(op), meta, timeout)
             elif src is not None:
@@ -1200,12 +1201,14 @@ class Group:
         rank = self._rank
         own = src.copy() if src is buf and rank >= 2 else src
         pending = []
+        guard: dict[tuple[int, int], list] = {}  # slice -> our zero-copy sends still reading buf
         for t in compiled.initial:
             a, b = t.send  # type: ignore[misc]
             tr = self._send(t.send_to, base + t.tag, own[a:b], meta, seq, "allreduce")  # type: ignore[arg-type]
             if own is src and not tr.done:  # (a private copy may stay in flight)
                 pending.append(tr)
-        guard = pending if own is buf else []
+                if own is buf:
+                    guard.setdefault(t.send, []).append(tr)  # type: ignore[arg-type]
         # The first operand of each slice waits for the second: one ufunc call
         # writes both into buf, instead of a copy and then a reduction.
         first: dict[tuple[int, int], np.ndarray] = {}
@@ -1222,9 +1225,8 @@ class Group:
             if not t.reduce:
                 first[t.recv] = incoming
                 continue
-            if guard:  # our zero-copy sends still read buf
-                self._wait_trackers(guard, seq, "allreduce")
-                guard = []
+            if guard and t.recv in guard:  # our zero-copy sends still read this slice
+                self._wait_trackers(guard.pop(t.recv), seq, "allreduce")
             if t.recv in first:
                 ufunc(first.pop(t.recv), incoming, out=buf[a:b])
             else:

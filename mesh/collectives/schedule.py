@@ -533,7 +533,9 @@ def direct_allgather_plan(sizes: Sequence[int], rank: int, segment_elems: int) -
 # direct (one-shot) allreduce
 
 
-def direct_allreduce_plan(n_elems: int, rank: int, size: int) -> list[Transfer]:
+def direct_allreduce_plan(
+    n_elems: int, rank: int, size: int, segment_elems: int | None = None
+) -> list[Transfer]:
     """Direct allreduce: one step, the latency-optimal plan for small arrays.
 
     First the sends: the whole input to every other rank, to ``rank + 1``,
@@ -543,17 +545,25 @@ def direct_allreduce_plan(n_elems: int, rank: int, size: int) -> list[Transfer]:
     first copies, the others reduce, so every rank computes
     ``((x0 op x1) op x2) ...``, the same expression bit for bit (see "Local
     receives" above). Empty for ``n_elems == 0``; a lone rank copies its input.
+
+    With ``segment_elems`` each send is cut into segments (segment-major: the
+    first segment to every peer, then the second...) and the receives go
+    segment by segment, each in rank order, so a rank reduces segment ``k``
+    while ``k + 1`` is on the wire, and no message exceeds a segment (a huge
+    one is received into a fresh, page-faulted allocation of its own).
     """
     rank, size = _rank(rank, size)
     n = _count(n_elems, "element count")
     if n == 0:
         return []
-    whole = (0, n)
+    segs = _segments(n, segment_elems)
     builder = _PlanBuilder()
-    for k in range(1, size):
-        builder.add("direct", 0, 0, (rank + k) % size, whole, None, None, False)
-    for q in range(size):
-        builder.add("direct", 0, 0, None, None, q, whole, q != 0)
+    for s, piece in enumerate(segs):
+        for k in range(1, size):
+            builder.add("direct", 0, s, (rank + k) % size, piece, None, None, False)
+    for s, piece in enumerate(segs):
+        for q in range(size):
+            builder.add("direct", 0, s, None, None, q, piece, q != 0)
     return builder.transfers
 
 
