@@ -54,7 +54,14 @@ accumulator reshaped. Sends are posted as early as the plan allows (each as
 soon as the receive it depends on has been reduced), so with segments one
 is on the wire while the next is being reduced. Before a slice that may
 still be in flight is overwritten, and before a buffer goes back to the
-caller, its zmq trackers are awaited.
+caller, its zmq trackers are awaited. The direct plan goes in segments too
+(each rank reduces segment ``k`` while ``k + 1`` is on the wire), and no
+message is larger than a segment: ZeroMQ receives each message into an
+allocation of its own, which :func:`_keep_receive_buffers` lets glibc reuse
+instead of page-faulting fresh memory in for every segment. Broadcast and
+allgather take one step up to :data:`.schedule.DIRECT_MAX_GROUP` ranks (the
+root, or every rank, sends to each other rank itself); an allgather part of
+up to :data:`.schedule.ALLGATHER_CARRY_BYTES` rides with the shape exchange.
 
 Faults
 ------
@@ -530,7 +537,10 @@ class Group:
         Shapes may differ between ranks; dtypes must match. The parts are
         views into one buffer holding them end to end (``parts[rank]`` is a
         copy of this rank's input). Shapes travel first in one small message
-        to each member, then the data goes round the ring in segments.
+        to each member, with the data when every part is small
+        (``schedule.ALLGATHER_CARRY_BYTES``); otherwise the data follows in
+        segments, each rank to every other (up to ``schedule.DIRECT_MAX_GROUP``
+        ranks) or round the ring.
         """
         arr = np.asarray(array)
 
@@ -565,7 +575,8 @@ class Group:
         return self._collective("allgather", run, arr.nbytes)
 
     def broadcast(self, array: Any, root: int = 0, *, timeout: float | None = None) -> np.ndarray:
-        """Give every rank the root's ``array`` (binary tree, pipelined segments).
+        """Give every rank the root's ``array`` (pipelined segments: the root sends to
+        every rank itself up to ``schedule.DIRECT_MAX_GROUP`` ranks, a binary tree above).
 
         Like ``torch.distributed.broadcast``, non-root ranks pass an array of
         the same shape and dtype, which is overwritten in place when writable

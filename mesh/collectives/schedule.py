@@ -61,9 +61,12 @@ the binary tree.
   large ``P`` and small ``S``, far more bytes for large ``S``. Best for small
   arrays; :func:`choose_algorithm` picks by a measured crossover.
 * Reduce-scatter: ring, ``P - 1`` steps, ``(P - 1) / P * S`` bytes per rank.
-* Allgather: ring, ``P - 1`` steps, each rank receives every other part once.
+* Allgather: ring, ``P - 1`` steps, each rank receives every other part once;
+  or direct (every rank sends its part to each other rank: one step, the
+  same ``(P - 1) S`` bytes per rank), up to ``DIRECT_MAX_GROUP`` ranks.
 * Broadcast: binary tree, segmented. ``D`` levels, inner ranks send ``2 S``;
   pipelined, about ``(D + S / s) (alpha + 2 s beta)`` for segments of ``s``.
+  Or direct (the root sends ``(P - 1) S``, one level) up to ``DIRECT_MAX_GROUP``.
 * Barrier: dissemination (Hensgen, Finkel and Manber), ``ceil(log2 P)``
   rounds of one empty message per rank.
 * Push-sum gossip (Kempe, Dobra, Gehrke 2003): per round each rank sends
@@ -102,11 +105,17 @@ DEFAULT_CROSSOVER_BYTES = 2 * _MiB
 # Allgather: a part up to this size travels with the shape exchange (one step
 # when every rank's part does); larger ones go by allgather_algorithm().
 ALLGATHER_CARRY_BYTES = 1 * _MiB
-# Up to this group size the root of a broadcast, and every rank of an
-# allgather, sends to every other rank itself (one step; over sockets on a
-# loaded host no rank waits on a forwarding one); larger groups use the tree
-# (broadcast) and the ring (allgather), whose per-rank bytes do not grow.
+# Up to this group size, and up to the sizes below, the root of a broadcast,
+# and every rank of an allgather, sends to every other rank itself (one step,
+# no rank waits on a forwarding one); otherwise the tree (broadcast) and the
+# ring (allgather), whose per-rank bytes do not grow with the group. Measured
+# over tcp with shm off, 4 ranks (bench/collectives.py --tcp, 2026-12-06): a
+# direct broadcast 2x faster than the tree at 1 MiB, slower from 16 MiB on
+# (the root's 3 S); a direct allgather 0.9x the ring's time at 16 MiB per rank,
+# 1.25x at 64 MiB. With 2 ranks the plans are the same either way.
 DIRECT_MAX_GROUP = 4
+BROADCAST_DIRECT_BYTES = 4 * _MiB  # the array
+ALLGATHER_DIRECT_BYTES = 64 * _MiB  # all parts together
 
 # Pipelining segment: big enough that the per-message cost is small against
 # the bytes, small enough that a chunk has several segments in flight.
@@ -726,17 +735,24 @@ def crossover_bytes_for(size: int) -> int:
 
 
 def broadcast_algorithm(nbytes: int, size: int) -> Literal["direct", "tree"]:
-    """``"direct"`` (the root sends to each rank) up to :data:`DIRECT_MAX_GROUP` ranks,
-    else ``"tree"``."""
-    _count(nbytes, "nbytes")
-    return "direct" if _count(size, "group size", 1) <= DIRECT_MAX_GROUP else "tree"
+    """``"direct"`` (the root sends to each rank) with 2 ranks, or up to
+    :data:`DIRECT_MAX_GROUP` ranks and :data:`BROADCAST_DIRECT_BYTES`; else ``"tree"``."""
+    nbytes = _count(nbytes, "nbytes")
+    size = _count(size, "group size", 1)
+    if size <= 2 or (size <= DIRECT_MAX_GROUP and nbytes <= BROADCAST_DIRECT_BYTES):
+        return "direct"
+    return "tree"
 
 
 def allgather_algorithm(nbytes: int, size: int) -> Literal["direct", "ring"]:
-    """``"direct"`` (every rank sends its part to each) up to :data:`DIRECT_MAX_GROUP`
-    ranks, else ``"ring"``."""
-    _count(nbytes, "nbytes")
-    return "direct" if _count(size, "group size", 1) <= DIRECT_MAX_GROUP else "ring"
+    """``"direct"`` (every rank sends its part to each) with 2 ranks, or up to
+    :data:`DIRECT_MAX_GROUP` ranks and :data:`ALLGATHER_DIRECT_BYTES` (all parts
+    together, ``nbytes``); else ``"ring"``."""
+    nbytes = _count(nbytes, "nbytes")
+    size = _count(size, "group size", 1)
+    if size <= 2 or (size <= DIRECT_MAX_GROUP and nbytes <= ALLGATHER_DIRECT_BYTES):
+        return "direct"
+    return "ring"
 
 
 def choose_algorithm(
