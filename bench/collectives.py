@@ -4,6 +4,8 @@
     python -m bench.collectives --quick    # smoke run, well under a minute
     python -m bench.collectives --profile  # also cProfile mesh rank 0's calling thread
     python -m bench.collectives --sizes 16K,64K,256K --worlds 2   # only these sizes
+    python -m bench.collectives --tcp      # tcp only, shm off: allreduce/broadcast/allgather
+                                           # vs Gloo, busbw, share of the raw tcp rate
 
 From ``bench/__main__.py``: ``from bench import collectives`` then
 ``collectives.run(quick=args.quick)``; it prints its own table and returns a
@@ -506,6 +508,289 @@ def run(quick: bool = False, *, transports: tuple[str, ...] | None = None,
     return result
 
 
+# ====================================================================== tcp only
+
+# ``--tcp``: nodes on tcp only with shared memory off (as between two hosts), the
+# mesh's allreduce, broadcast and allgather against Gloo's in the same processes,
+# and the raw tcp loopback rate measured in the same run (the wire floor).
+TCP_SIZES = (4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB,
+             256 * MiB)
+TCP_QUICK_SIZES = (4 * KiB, 1 * MiB, 16 * MiB, 64 * MiB)
+TCP_OPS = ("allreduce", "broadcast", "allgather")
+# allgather returns world x size per rank: keep it (and broadcast) within memory
+TCP_GATHER_MAX = 64 * MiB
+WIRE_BYTES, WIRE_FRAME = 256 * MiB, 4 * MiB
+
+
+def _wire_sink(out: Any, port_q: Any, total: int) -> None:
+    """PULL side of :func:`wire_rate`: receive ``total`` bytes, report the last arrival."""
+    import zmq
+
+    _quiet_threads()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.LINGER, 0)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    port_q.put(port)
+    try:
+        for _ in range(3):  # warm-up round, then two timed ones
+            got = 0
+            while got < total:
+                got += len(sock.recv(copy=False))
+            out.put(time.perf_counter())
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def wire_rate(total: int = WIRE_BYTES, frame: int = WIRE_FRAME) -> float:
+    """Raw tcp loopback rate in bytes/s: zmq PUSH ``send(copy=False)`` of ``frame``-sized
+    frames to a PULL in another process (one direction; best of two timed rounds)."""
+    import zmq
+
+    out, port_q = _SPAWN.Queue(), _SPAWN.Queue()
+    proc = _SPAWN.Process(target=_wire_sink, args=(out, port_q, total), daemon=True)
+    proc.start()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(f"tcp://127.0.0.1:{port_q.get(timeout=30)}")
+        data = np.ones(frame // 8, dtype=np.float64)
+        rates = []
+        for rnd in range(3):
+            t0 = time.perf_counter()
+            for _ in range(total // frame):
+                sock.send(data, copy=False)
+            t1 = out.get(timeout=60)
+            if rnd:
+                rates.append(total / (t1 - t0))
+        return max(rates)
+    finally:
+        sock.close()
+        ctx.term()
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=3)
+
+
+def _tcp_rank_main(out: Any, rank: int, world: int, cluster: str, seed_q: Any, gloo_port: int,
+                   sizes: list[int], quick: bool, ops: tuple[str, ...], algos: tuple[str, ...],
+                   segment_bytes: int | None) -> None:
+    _quiet_threads()
+    try:
+        out.put((rank, True, _tcp_rank_body(rank, world, cluster, seed_q, gloo_port, sizes,
+                                            quick, ops, algos, segment_bytes)))
+    except BaseException:
+        out.put((rank, False, traceback.format_exc()))
+
+
+def _tcp_rank_body(rank: int, world: int, cluster: str, seed_q: Any, gloo_port: int | None,
+                   sizes: list[int], quick: bool, ops: tuple[str, ...], algos: tuple[str, ...],
+                   segment_bytes: int | None) -> dict:
+    import mesh
+
+    dist = torch = None
+    if gloo_port is not None:
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{gloo_port}",
+                                rank=rank, world_size=world)
+    # tcp only, shared memory off: what two hosts have
+    kwargs: dict[str, Any] = {"cluster": cluster, "listen": ("tcp://127.0.0.1:0",),
+                              "shm": False}
+    if rank == 0:
+        node = mesh.Node(f"bench-r0-{os.getpid()}", discovery="none", **kwargs).start()
+        tcp = next(e for e in node.endpoints if e.startswith("tcp://"))
+        for _ in range(world - 1):
+            seed_q.put(tcp)
+    else:
+        tcp = seed_q.get(timeout=60)
+        node = mesh.Node(f"bench-r{rank}-{os.getpid()}", discovery="static", seeds=[tcp],
+                         **kwargs).start()
+    times: dict[str, list[tuple[float, float, float]]] = {}
+    with node:
+        node.wait_for_peers(world - 1, timeout=60)
+        options = {} if segment_bytes is None else {"segment_bytes": segment_bytes}
+        group = node.group("bench.tcp", world, timeout=120, **options)
+        status = node.status()
+        transport = sorted({str(p["transport"]) for p in status["peers"]})
+        bulk = sorted({str(p.get("bulk")) for p in status["peers"]})
+
+        def timed(body: Any, barrier: Any) -> Any:
+            def op() -> tuple[float, float, float]:
+                barrier()
+                t0 = time.perf_counter()
+                body()
+                t1 = time.perf_counter()
+                return t0, t1, t1
+            return op
+
+        for nbytes in sizes:
+            n = nbytes // 4
+            cases: dict[str, Any] = {}
+            if "allreduce" in ops:
+                x = np.ones(n, dtype=np.float32)
+                t = torch.ones(n, dtype=torch.float32) if dist else None
+                for a in algos:
+                    cases[f"{nbytes}:allreduce:{a}"] = timed(
+                        lambda x=x, a=a: group.allreduce(x, algorithm=a, out=x), group.barrier)
+                if dist:
+                    cases[f"{nbytes}:allreduce:gloo"] = timed(
+                        lambda t=t: dist.all_reduce(t), dist.barrier)
+            if nbytes <= TCP_GATHER_MAX and "broadcast" in ops:
+                xb = np.ones(n, dtype=np.float32)
+                tb = torch.ones(n, dtype=torch.float32) if dist else None
+                cases[f"{nbytes}:broadcast:mesh"] = timed(
+                    lambda xb=xb: group.broadcast(xb, root=0), group.barrier)
+                if dist:
+                    cases[f"{nbytes}:broadcast:gloo"] = timed(
+                        lambda tb=tb: dist.broadcast(tb, src=0), dist.barrier)
+            if nbytes <= TCP_GATHER_MAX and "allgather" in ops:
+                xg = np.full(n, rank, dtype=np.float32)
+                tg = torch.full((n,), rank, dtype=torch.float32) if dist else None
+                touts = [torch.empty(n, dtype=torch.float32) for _ in range(world)] if dist else []
+
+                def check_gather(xg: Any = xg) -> None:
+                    parts = group.allgather(xg)
+                    if parts[-1][0] != world - 1:
+                        raise RuntimeError("mesh: wrong allgather result")
+                cases[f"{nbytes}:allgather:mesh"] = timed(check_gather, group.barrier)
+                if dist:
+                    cases[f"{nbytes}:allgather:gloo"] = timed(
+                        lambda tg=tg, touts=touts: dist.all_gather(touts, tg), dist.barrier)
+            warm, reps = _reps(nbytes, quick)
+            if nbytes > 64 * MiB:
+                warm, reps = 1, 3 if quick else 5
+            keys = list(cases)
+            for key in keys:
+                times[key] = []
+            order = random.Random(nbytes)  # the same sequence on every rank
+            for i in range(warm + reps):
+                for key in order.sample(keys, len(keys)):
+                    stamps = cases[key]()
+                    if i >= warm:
+                        times[key].append(stamps)
+            if "allreduce" in ops:  # every rank summed ones, some of them many times: positive
+                if not (x[:1] > 0).all():
+                    raise RuntimeError("mesh: wrong allreduce result")
+            del cases
+        stats = group.stats()
+        group.close()
+    if dist is not None:
+        dist.destroy_process_group()
+    return {"times": times, "transport": transport, "bulk": bulk, "stats": stats}
+
+
+def tcp_compare(quick: bool = False, *, worlds: tuple[int, ...] = WORLDS,
+                sizes: list[int] | None = None, ops: tuple[str, ...] = TCP_OPS,
+                algos: tuple[str, ...] = ("auto",), segment_bytes: int | None = None) -> dict:
+    """The mesh on tcp only with shm=False against Gloo on tcp loopback, and the raw
+    wire rate, in one run; prints its table and returns every number."""
+    started = time.monotonic()
+    gloo_reason = torch_available()
+    if gloo_reason:
+        print(f"collectives --tcp: Gloo reference skipped: {gloo_reason}")
+    sizes = sorted(sizes or (TCP_QUICK_SIZES if quick else TCP_SIZES))
+    wire = wire_rate()
+    result: dict[str, Any] = {"bench": "collectives-tcp", "mode": "quick" if quick else "full",
+                              "wire_bytes_per_s": wire, "gloo_skipped": gloo_reason,
+                              "cpus": os.cpu_count(), "load_avg_before": os.getloadavg(),
+                              "rows": [], "algos": list(algos)}
+    for world in worlds:
+        cluster = f"bench-tcp-{uuid.uuid4().hex[:8]}"
+        seed_q = _SPAWN.Queue()
+        port = None if gloo_reason else _free_port()
+        try:
+            answers = _run_ranks(
+                _tcp_rank_main, world,
+                lambda r, w=world, c=cluster, q=seed_q, p=port: (
+                    w, c, q, p, sizes, quick, ops, algos, segment_bytes))
+        finally:
+            seed_q.cancel_join_thread()
+            seed_q.close()
+        span = _per_rep(answers)["span"]
+        result["transport"] = answers[0]["transport"]
+        result["bulk"] = answers[0]["bulk"]
+        for key, reps in sorted(span.items(), key=lambda kv: (int(kv[0].split(":")[0]), kv[0])):
+            nbytes_s, opname, who = key.split(":")
+            if who == "gloo":
+                continue
+            nbytes = int(nbytes_s)
+            # what each rank's link carries (NCCL's busbw factors)
+            factor = {"allreduce": 2 * (world - 1) / world, "broadcast": 1.0,
+                      "allgather": (world - 1)}[opname]
+            t_mesh = statistics.median(reps)
+            gl = span.get(f"{nbytes}:{opname}:gloo")
+            t_gloo = statistics.median(gl) if gl else None
+            paired = (statistics.median(m / g for m, g in zip(reps, gl, strict=True))
+                      if gl else None)
+            bus = factor * nbytes
+            result["rows"].append({
+                "world": world, "op": opname, "algo": who, "bytes": nbytes,
+                "mesh_s": t_mesh, "gloo_s": t_gloo,
+                "ratio": (t_mesh / t_gloo) if t_gloo else None, "ratio_paired": paired,
+                "mesh_busbw": bus / t_mesh, "gloo_busbw": (bus / t_gloo) if t_gloo else None,
+                "mesh_wire_share": bus / t_mesh / wire,
+                "gloo_wire_share": (bus / t_gloo / wire) if t_gloo else None,
+                "wire_floor_s": bus / wire,
+            })
+        result.setdefault("mesh_stats_rank0", {})[world] = answers[0]["stats"]
+    result["load_avg_after"] = os.getloadavg()
+    result["wall_seconds"] = round(time.monotonic() - started, 1)
+    print(tcp_summary(result))
+    return result
+
+
+def tcp_summary(result: dict) -> str:
+    wire = result["wire_bytes_per_s"]
+    lines = [
+        "",
+        "=== tcp only (mesh: tcp listen endpoints, shm=False; Gloo: tcp loopback), float32, "
+        "interleaved; median span (last rank in -> last rank out); ratio = mesh / gloo "
+        "(< 1: mesh faster), paired = median of per-repetition ratios ===",
+        f"busbw: allreduce 2(n-1)/n*bytes/time, broadcast bytes/time, allgather "
+        f"(n-1)*bytes/time; wire = raw tcp loopback, zmq PUSH/PULL copy=False, one "
+        f"direction, same run: {wire / 1e9:.2f} GB/s; floor = busbytes / wire; "
+        f"mesh links {','.join(result.get('transport', []))} bulk "
+        f"{','.join(result.get('bulk', []))}; {result['cpus']} cpus, load avg "
+        f"{result['load_avg_before'][0]:.1f} before",
+    ]
+    head = (f"{'op':>9} {'algo':>6} {'world':>5} {'size':>7}  {'mesh':>9} {'gloo':>9} "
+            f"{'ratio':>6} {'paired':>6}  {'mesh busbw':>10} {'gloo busbw':>10} "
+            f"{'mesh/wire':>9} {'gloo/wire':>9} {'floor':>9}")
+    lines += [head, "-" * len(head)]
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v * 1e3:.2f}ms"
+
+    def x(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}x"
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v:.0%}"
+
+    for row in sorted(result["rows"], key=lambda r: (TCP_OPS.index(r["op"]), r["algo"],
+                                                      r["world"], r["bytes"])):
+        gbw = row["gloo_busbw"]
+        lines.append(
+            f"{row['op']:>9} {row['algo']:>6} {row['world']:>5} {_fmt_bytes(row['bytes']):>7}  "
+            f"{ms(row['mesh_s']):>9} {ms(row['gloo_s']):>9} {x(row['ratio']):>6} "
+            f"{x(row['ratio_paired']):>6}  {row['mesh_busbw'] / 1e9:>6.3f}GB/s "
+            f"{(f'{gbw / 1e9:6.3f}GB/s' if gbw else '-'):>10} "
+            f"{pct(row['mesh_wire_share']):>9} {pct(row['gloo_wire_share']):>9} "
+            f"{ms(row['wire_floor_s']):>9}")
+    lines.append("LAN mode (ranks in network namespaces) not run: tests/harness/netns_lab.sh "
+                 "is not on this branch")
+    if result["gloo_skipped"]:
+        lines.append(f"Gloo skipped: {result['gloo_skipped']}")
+    lines.append(f"wall time {result['wall_seconds']:.1f} s ({result['mode']} run)")
+    return "\n".join(lines)
+
+
 # ====================================================================== shm on vs off
 
 SHM_SIZES = (4 * MiB, 16 * MiB, 64 * MiB)
@@ -743,8 +1028,25 @@ def main(argv: list[str] | None = None) -> int:
                         "16 MiB, auto only above; no segment sweep)")
     parser.add_argument("--shm", action="store_true",
                         help="only the 4-process allreduce with node shm on vs off")
+    parser.add_argument("--tcp", action="store_true",
+                        help="nodes on tcp only with shm=False: allreduce, broadcast, allgather "
+                        "vs Gloo side by side, busbw and share of the raw tcp rate")
+    parser.add_argument("--ops", default=",".join(TCP_OPS),
+                        help="with --tcp: which collectives (default: all three)")
+    parser.add_argument("--algos", default="auto",
+                        help="with --tcp: the mesh allreduce algorithms to time (default: auto)")
     parser.add_argument("--json", default="", help="also write the results to this file")
     args = parser.parse_args(argv)
+    if args.tcp:
+        result = tcp_compare(args.quick, worlds=tuple(int(w) for w in args.worlds.split(",")),
+                             sizes=parse_sizes(args.sizes) or None,
+                             ops=tuple(o for o in args.ops.split(",") if o),
+                             algos=tuple(a for a in args.algos.split(",") if a),
+                             segment_bytes=args.segment_bytes)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(result, fh, indent=1, default=str)
+        return 0
     profile_dir = None
     if args.profile:
         profile_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "profile")

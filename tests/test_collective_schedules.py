@@ -349,6 +349,7 @@ def test_ring_tree_direct_allreduce_values(
         lambda r: sch.tree_allreduce_plan(n, r, size, root, seg),
         lambda r: sch.tree_allreduce_plan(n, r, size, root),
         lambda r: sch.direct_allreduce_plan(n, r, size),
+        lambda r: sch.direct_allreduce_plan(n, r, size, seg),
     ):
         outs = run_allreduce(plan_for, inputs, op, seed)
         for o in outs:
@@ -363,7 +364,8 @@ def test_ring_tree_direct_allreduce_values(
 @FAST
 @given(size=sizes, n=counts, seed=st.integers(0, 2**16))
 def test_direct_allreduce_counts_every_contribution_once(size: int, n: int, seed: int) -> None:
-    plans = [sch.direct_allreduce_plan(n, r, size) for r in range(size)]
+    seg = None if seed % 2 else 1 + seed % 7
+    plans = [sch.direct_allreduce_plan(n, r, size, seg) for r in range(size)]
     inputs = one_hot(n, size)
     bufs = [garbage_like(b) for b in inputs]
 
@@ -399,6 +401,27 @@ def test_direct_plan_structure(size: int, n: int) -> None:
             if t.recv_from != r:
                 theirs = sch.direct_allreduce_plan(n, t.recv_from, size)
                 assert [u.tag for u in theirs if u.send_to == r] == [t.tag]
+
+
+@given(size=st.integers(1, 12), n=st.integers(0, 50), seg=st.integers(1, 20))
+def test_direct_plan_segmented_structure(size: int, n: int, seg: int) -> None:
+    for r in range(size):
+        plan = sch.direct_allreduce_plan(n, r, size, seg)
+        segs = sch.segment_bounds(0, n, seg)
+        sends = [t for t in plan if t.send is not None]
+        recvs = [t for t in plan if t.recv is not None]
+        assert plan == sends + recvs  # every send posted before any wait
+        # segment-major: each segment to every peer, starting with the next rank
+        assert [(t.send, t.send_to) for t in sends] == [
+            (p, (r + k) % size) for p in segs for k in range(1, size)]
+        assert all(t.send_after is None for t in sends)
+        # segment by segment, rank order within a segment; the first copies
+        assert [(t.recv, t.recv_from) for t in recvs] == [(p, q) for p in segs for q in range(size)]
+        assert [t.reduce for t in recvs] == [q != 0 for _ in segs for q in range(size)]
+        for t in recvs:  # the receive from q carries what q sends to r
+            if t.recv_from != r:
+                theirs = sch.direct_allreduce_plan(n, t.recv_from, size, seg)
+                assert [u.tag for u in theirs if u.send_to == r and u.send == t.recv] == [t.tag]
 
 
 class Expr:
@@ -524,9 +547,19 @@ def test_broadcast_from_any_root(size: int, n: int, root: int, seg: int | None, 
     def check(r: int, t: Transfer, sent: np.ndarray) -> None:
         assert (sent != -1).all()  # only forwards what it has received
 
-    plans = [sch.broadcast_plan(n, r, size, root, seg) for r in range(size)]
-    simulate(plans, bufs, "sum", seed, check)
-    assert all(np.array_equal(b, data) for b in bufs)
+    for plan_for in (sch.broadcast_plan, sch.direct_broadcast_plan):
+        bufs = [data.copy() if r == root else np.full(n, -1, dtype=np.int64)
+                for r in range(size)]
+        plans = [plan_for(n, r, size, root, seg) for r in range(size)]
+        simulate(plans, bufs, "sum", seed, check)
+        assert all(np.array_equal(b, data) for b in bufs)
+    direct = [sch.direct_broadcast_plan(n, r, size, root, seg) for r in range(size)]
+    for r, plan in enumerate(direct):  # one level: only the root sends, each segment once per rank
+        if r != root:
+            assert all(t.send is None and t.recv_from == root for t in plan)
+        else:
+            assert all(t.recv is None for t in plan)
+            assert len(plan) == (size - 1) * len(sch.segment_bounds(0, n, seg or max(n, 1)))
 
 
 @FAST
@@ -549,9 +582,30 @@ def test_allgather_variable_parts(parts: list[int], seg: int, seed: int) -> None
     def check(r: int, t: Transfer, sent: np.ndarray) -> None:
         assert (sent != -1).all()
 
-    plans = [sch.allgather_plan(parts, r, seg) for r in range(size)]
-    simulate(plans, bufs, "sum", seed, check)
-    assert all(np.array_equal(b, full) for b in bufs)
+    starts = [b.copy() for b in bufs]
+    for plan_for in (sch.allgather_plan, sch.direct_allgather_plan):
+        bufs = [b.copy() for b in starts]
+        plans = [plan_for(parts, r, seg) for r in range(size)]
+        simulate(plans, bufs, "sum", seed, check)
+        assert all(np.array_equal(b, full) for b in bufs)
+    for r in range(size):  # direct: every send is this rank's own part, posted at once
+        for t in sch.direct_allgather_plan(parts, r, seg):
+            if t.send is not None:
+                assert t.send_after is None and bounds[r][0] <= t.send[0] < t.send[1] <= bounds[r][1]
+
+
+def test_broadcast_and_allgather_choosers() -> None:
+    mib = 1 << 20
+    assert sch.broadcast_algorithm(1 << 30, 2) == "direct"  # the same plan with 2 ranks
+    assert sch.broadcast_algorithm(sch.BROADCAST_DIRECT_BYTES, 4) == "direct"
+    assert sch.broadcast_algorithm(sch.BROADCAST_DIRECT_BYTES + 1, 4) == "tree"
+    assert sch.broadcast_algorithm(4, sch.DIRECT_MAX_GROUP + 1) == "tree"
+    assert sch.allgather_algorithm(1 << 30, 2) == "direct"
+    assert sch.allgather_algorithm(16 * mib, 4) == "direct"
+    assert sch.allgather_algorithm(sch.ALLGATHER_DIRECT_BYTES + 1, 4) == "ring"
+    assert sch.allgather_algorithm(4, sch.DIRECT_MAX_GROUP + 1) == "ring"
+    with pytest.raises(ConfigError):
+        sch.broadcast_algorithm(-1, 4)
 
 
 @FAST

@@ -338,6 +338,10 @@ def test_allgather_equal_and_ragged_shapes(grp):
          "seed": 402},
         {"kind": "allgather", "dtype": "uint8", "shapes": [(0,)] * p, "seed": 403},
         {"kind": "allgather", "dtype": "float32", "shapes": [(1 << 19,)] * p, "seed": 404},
+        # one part too large to ride with the shape exchange: all go by the plan
+        {"kind": "allgather", "dtype": "float32",
+         "shapes": [((1 << 18) + 3,) if r == p - 1 else (r + 2,) for r in range(p)],
+         "seed": 405},
     ]
     results = grp.cases("main", cases)
     assert_all_ok(results, cases)

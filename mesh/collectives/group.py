@@ -54,7 +54,14 @@ accumulator reshaped. Sends are posted as early as the plan allows (each as
 soon as the receive it depends on has been reduced), so with segments one
 is on the wire while the next is being reduced. Before a slice that may
 still be in flight is overwritten, and before a buffer goes back to the
-caller, its zmq trackers are awaited.
+caller, its zmq trackers are awaited. The direct plan goes in segments too
+(each rank reduces segment ``k`` while ``k + 1`` is on the wire), and no
+message is larger than a segment: ZeroMQ receives each message into an
+allocation of its own, which :func:`_keep_receive_buffers` lets glibc reuse
+instead of page-faulting fresh memory in for every segment. Broadcast and
+allgather take one step up to :data:`.schedule.DIRECT_MAX_GROUP` ranks (the
+root, or every rank, sends to each other rank itself); an allgather part of
+up to :data:`.schedule.ALLGATHER_CARRY_BYTES` rides with the shape exchange.
 
 Faults
 ------
@@ -128,7 +135,7 @@ def _compiled(kind: str, n: int, rank: int, size: int, seg: int, extra: Any = No
     if kind == "ring":
         plan = sch.ring_allreduce_plan(n, rank, size, seg)
     elif kind == "direct":
-        plan = sch.direct_allreduce_plan(n, rank, size)
+        plan = sch.direct_allreduce_plan(n, rank, size, seg or None)
     elif kind == "tree":
         plan = sch.tree_allreduce_plan(n, rank, size, 0, seg)
     elif kind == "reduce_scatter":
@@ -137,6 +144,10 @@ def _compiled(kind: str, n: int, rank: int, size: int, seg: int, extra: Any = No
         plan = sch.broadcast_plan(n, rank, size, extra, seg)
     elif kind == "allgather":
         plan = sch.allgather_plan(list(extra), rank, seg)
+    elif kind == "broadcast_direct":
+        plan = sch.direct_broadcast_plan(n, rank, size, extra, seg)
+    elif kind == "allgather_direct":
+        plan = sch.direct_allgather_plan(list(extra), rank, seg)
     else:  # pragma: no cover - internal
         raise ValueError(kind)
     deps: list[list[sch.Transfer]] = [[] for _ in plan]
@@ -156,6 +167,49 @@ def _check_name(name: object) -> str:
         raise ConfigError(f"group name must be a non-empty string, got {name!r}")
     validate_subject(SUBJECT_PREFIX + name, allow_reserved=True)
     return name
+
+
+_MALLOC_TUNED = False
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _keep_receive_buffers() -> None:
+    """Let glibc reuse the memory of received messages instead of returning it.
+
+    ZeroMQ allocates every large received message itself (malloc on its I/O
+    thread) and the collectives free it once reduced. With glibc's dynamic
+    defaults the freed segments go back to the kernel (trimmed heap tops,
+    munmap above the mmap threshold), so every next segment is page-faulted
+    in again: thousands of faults per allreduce, 15-30 % of a 64 MiB tcp
+    allreduce here. Raising the trim threshold keeps up to 256 MiB of freed
+    heap for reuse; allocations of 32 MiB and more still get their own
+    mappings. It changes the whole process's allocator, so it is opt-in:
+    ``ZMESH_MALLOPT=1`` (once per process, glibc only, and never over the user's
+    own ``MALLOC_TRIM_THRESHOLD_``/``MALLOC_MMAP_THRESHOLD_``).
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED = True
+    import os
+    import sys
+
+    env = os.environ
+    if (sys.platform != "linux" or env.get("ZMESH_MALLOPT", "0") != "1"
+            or "MALLOC_TRIM_THRESHOLD_" in env or "MALLOC_MMAP_THRESHOLD_" in env):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
+            return  # not glibc (musl has no such knobs)
+        # An explicit mmap threshold also turns off glibc's dynamic one: set both.
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+    except (OSError, AttributeError):  # pragma: no cover - exotic libc
+        pass
 
 
 class _PeerStats:
@@ -246,6 +300,7 @@ class Group:
         self._op_stats: dict[str, list] = defaultdict(lambda: [0, 0.0, 0])  # count, s, bytes
         self.dropped_stale = 0
 
+        _keep_receive_buffers()
         try:
             self._ch = node._open_channel(self._subject)
         except MeshError as exc:
@@ -413,7 +468,8 @@ class Group:
                     buf.nbytes, self.size, self.crossover_bytes, self.direct_bytes
                 )
             if src is not None and algo == "direct":
-                plan = _compiled(algo, n, self._rank, self.size, 0)
+                seg = sch.segment_elems_for(buf.itemsize, self.segment_bytes)
+                plan = _compiled(algo, n, self._rank, self.size, seg)
                 meta = ["allreduce", n, buf.dtype.str, op, algo]
                 self._execute_direct(plan, src, buf, seq, red.ufunc_for(op), meta, timeout)
             elif src is not None:
@@ -482,30 +538,46 @@ class Group:
         Shapes may differ between ranks; dtypes must match. The parts are
         views into one buffer holding them end to end (``parts[rank]`` is a
         copy of this rank's input). Shapes travel first in one small message
-        to each member, then the data goes round the ring in segments.
+        to each member, with the data when every part is small
+        (``schedule.ALLGATHER_CARRY_BYTES``); otherwise the data follows in
+        segments, each rank to every other (up to ``schedule.DIRECT_MAX_GROUP``
+        ranks) or round the ring.
         """
         arr = np.asarray(array)
 
         def run(seq: int) -> list[np.ndarray]:
             if arr.dtype.kind in "OV" or arr.dtype.hasobject:
                 raise ConfigError(f"allgather sends numeric arrays, not dtype {arr.dtype}")
-            shapes = self._exchange_shapes(arr, seq, timeout)
+            # A small part rides along with its shape: one step instead of 1 + (size - 1).
+            carry = arr.nbytes <= sch.ALLGATHER_CARRY_BYTES
+            shapes, carried = self._exchange_shapes(arr, seq, timeout, carry)
             sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
             bounds = sch.part_bounds(sizes)
             flat = np.empty(bounds[-1][1], dtype=arr.dtype)
             a, b = bounds[self._rank]
             flat[a:b].reshape(arr.shape)[...] = arr  # one copy, also of strided input
             if self.size > 1 and flat.size > 0:
-                seg = sch.segment_elems_for(max(1, flat.itemsize), self.segment_bytes)
-                plan = _compiled("allgather", 0, self._rank, self.size, seg, tuple(sizes))
-                meta = ["allgather", flat.dtype.str]
-                self._execute(plan, flat, seq, "allgather", None, meta, timeout)
+                if carry and len(carried) == self.size - 1:  # every rank carried its part
+                    for r, part in carried.items():
+                        s_, e_ = bounds[r]
+                        if part.shape != (e_ - s_,):
+                            raise ConfigError(f"rank {r} sent {part.shape} elements for a part "
+                                              f"of shape {shapes[r]}")
+                        np.copyto(flat[s_:e_], part)
+                else:
+                    seg = sch.segment_elems_for(max(1, flat.itemsize), self.segment_bytes)
+                    kind = sch.allgather_algorithm(flat.nbytes, self.size)
+                    plan = _compiled("allgather_direct" if kind == "direct" else "allgather",
+                                     0, self._rank, self.size, seg, tuple(sizes))
+                    meta = ["allgather", flat.dtype.str]
+                    self._execute(plan, flat, seq, "allgather", None, meta, timeout)
             return [flat[s:e].reshape(shape) for (s, e), shape in zip(bounds, shapes, strict=True)]
 
         return self._collective("allgather", run, arr.nbytes)
 
     def broadcast(self, array: Any, root: int = 0, *, timeout: float | None = None) -> np.ndarray:
-        """Give every rank the root's ``array`` (binary tree, pipelined segments).
+        """Give every rank the root's ``array`` (pipelined segments: the root sends to
+        every rank itself up to ``schedule.DIRECT_MAX_GROUP`` ranks, a binary tree above).
 
         Like ``torch.distributed.broadcast``, non-root ranks pass an array of
         the same shape and dtype, which is overwritten in place when writable
@@ -535,7 +607,9 @@ class Group:
             else:
                 buf = np.empty(n, dtype=arr.dtype)
             seg = sch.segment_elems_for(max(1, buf.itemsize), self.segment_bytes)
-            plan = _compiled("broadcast", n, self._rank, self.size, seg, rt)
+            kind = sch.broadcast_algorithm(buf.nbytes, self.size)
+            plan = _compiled("broadcast_direct" if kind == "direct" else "broadcast",
+                             n, self._rank, self.size, seg, rt)
             meta = ["broadcast", list(arr.shape), arr.dtype.str, rt]
             self._execute(plan, buf, seq, "broadcast", None, meta, timeout)
             if is_root or inplace:
@@ -1139,12 +1213,14 @@ class Group:
         rank = self._rank
         own = src.copy() if src is buf and rank >= 2 else src
         pending = []
+        guard: dict[tuple[int, int], list] = {}  # slice -> our zero-copy sends still reading buf
         for t in compiled.initial:
             a, b = t.send  # type: ignore[misc]
             tr = self._send(t.send_to, base + t.tag, own[a:b], meta, seq, "allreduce")  # type: ignore[arg-type]
             if own is src and not tr.done:  # (a private copy may stay in flight)
                 pending.append(tr)
-        guard = pending if own is buf else []
+                if own is buf:
+                    guard.setdefault(t.send, []).append(tr)  # type: ignore[arg-type]
         # The first operand of each slice waits for the second: one ufunc call
         # writes both into buf, instead of a copy and then a reduction.
         first: dict[tuple[int, int], np.ndarray] = {}
@@ -1161,9 +1237,8 @@ class Group:
             if not t.reduce:
                 first[t.recv] = incoming
                 continue
-            if guard:  # our zero-copy sends still read buf
-                self._wait_trackers(guard, seq, "allreduce")
-                guard = []
+            if guard and t.recv in guard:  # our zero-copy sends still read this slice
+                self._wait_trackers(guard.pop(t.recv), seq, "allreduce")
             if t.recv in first:
                 ufunc(first.pop(t.recv), incoming, out=buf[a:b])
             else:
@@ -1217,12 +1292,54 @@ class Group:
         buf = red.accumulator(op, arr)
         return buf, buf
 
-    def _exchange_shapes(self, arr: np.ndarray, seq: int, timeout: float | None) -> list[tuple]:
-        """Every rank's shape (allgather); dtypes must agree."""
+    def _exchange_shapes(
+        self, arr: np.ndarray, seq: int, timeout: float | None, carry: bool = False
+    ) -> tuple[list[tuple], dict[int, np.ndarray]]:
+        """Every rank's shape (allgather); dtypes must agree. With ``carry`` the
+        message also carries this rank's data; returns the parts others carried."""
         shapes: list[tuple] = [()] * self.size
         shapes[self._rank] = tuple(arr.shape)
+        carried: dict[int, np.ndarray] = {}
         if self.size == 1:
-            return shapes
+            return shapes, carried
+        tag = (self._inc, seq, "shape", 0, 0)
+        mine: list = [list(arr.shape), arr.dtype.str]
+        data: Any = b""
+        if carry:
+            mine.append(1)
+            if arr.size:
+                data = np.ascontiguousarray(arr).reshape(-1)
+        trackers = [
+            self._send(r, tag, data, mine, seq, "allgather")
+            for r in range(self.size) if r != self._rank
+        ]
+        bad = []
+        for r in range(self.size):
+            if r == self._rank:
+                continue
+            msg = self._recv(r, tag, seq, "allgather", timeout)
+            meta = msg.meta
+            if (
+                type(meta) is not list or len(meta) not in (2, 3) or type(meta[0]) is not list
+                or not all(type(d) is int and d >= 0 for d in meta[0])
+            ):
+                raise ConfigError(f"rank {r} sent a malformed allgather descriptor {meta!r}")
+            shapes[r] = tuple(meta[0])
+            if meta[1] != arr.dtype.str:
+                bad.append(f"rank {r}: {np.dtype(meta[1])}")
+            elif len(meta) == 3:
+                part = self._array_of(msg, arr.dtype)
+                if part is None:
+                    raise ConfigError(f"rank {r} sent a part that is not whole {arr.dtype} "
+                                      "elements")
+                carried[r] = part
+        self._wait_trackers(trackers, seq, "allgather")
+        if bad:
+            raise ConfigError(
+                f"allgather needs one dtype on every rank; this rank has {arr.dtype}, "
+                + ", ".join(bad)
+            )
+        return shapes, carried
         tag = (self._inc, seq, "shape", 0, 0)
         mine = [list(arr.shape), arr.dtype.str]
         trackers = [

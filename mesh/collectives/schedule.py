@@ -61,9 +61,12 @@ the binary tree.
   large ``P`` and small ``S``, far more bytes for large ``S``. Best for small
   arrays; :func:`choose_algorithm` picks by a measured crossover.
 * Reduce-scatter: ring, ``P - 1`` steps, ``(P - 1) / P * S`` bytes per rank.
-* Allgather: ring, ``P - 1`` steps, each rank receives every other part once.
+* Allgather: ring, ``P - 1`` steps, each rank receives every other part once;
+  or direct (every rank sends its part to each other rank: one step, the
+  same ``(P - 1) S`` bytes per rank), up to ``DIRECT_MAX_GROUP`` ranks.
 * Broadcast: binary tree, segmented. ``D`` levels, inner ranks send ``2 S``;
   pipelined, about ``(D + S / s) (alpha + 2 s beta)`` for segments of ``s``.
+  Or direct (the root sends ``(P - 1) S``, one level) up to ``DIRECT_MAX_GROUP``.
 * Barrier: dissemination (Hensgen, Finkel and Manber), ``ceil(log2 P)``
   rounds of one empty message per rank.
 * Push-sum gossip (Kempe, Dobra, Gehrke 2003): per round each rank sends
@@ -98,6 +101,21 @@ _KiB, _MiB = 1024, 1024 * 1024
 DEFAULT_DIRECT_BYTES: dict[int, int] = {2: 128 * _MiB, 3: 128 * _KiB, 4: 128 * _KiB}
 DEFAULT_CROSSOVER_BY_SIZE: dict[int, int] = {2: 4 * _MiB, 3: 8 * _MiB, 4: 8 * _MiB}
 DEFAULT_CROSSOVER_BYTES = 2 * _MiB
+
+# Allgather: a part up to this size travels with the shape exchange (one step
+# when every rank's part does); larger ones go by allgather_algorithm().
+ALLGATHER_CARRY_BYTES = 1 * _MiB
+# Up to this group size, and up to the sizes below, the root of a broadcast,
+# and every rank of an allgather, sends to every other rank itself (one step,
+# no rank waits on a forwarding one); otherwise the tree (broadcast) and the
+# ring (allgather), whose per-rank bytes do not grow with the group. Measured
+# over tcp with shm off, 4 ranks (bench/collectives.py --tcp, 2026-12-06): a
+# direct broadcast 2x faster than the tree at 1 MiB, slower from 16 MiB on
+# (the root's 3 S); a direct allgather 0.9x the ring's time at 16 MiB per rank,
+# 1.25x at 64 MiB. With 2 ranks the plans are the same either way.
+DIRECT_MAX_GROUP = 4
+BROADCAST_DIRECT_BYTES = 4 * _MiB  # the array
+ALLGATHER_DIRECT_BYTES = 64 * _MiB  # all parts together
 
 # Pipelining segment: big enough that the per-message cost is small against
 # the bytes, small enough that a chunk has several segments in flight.
@@ -476,11 +494,57 @@ def tree_allreduce_plan(
     return builder.transfers
 
 
+def direct_broadcast_plan(
+    n_elems: int, rank: int, size: int, root: int = 0, segment_elems: int | None = None
+) -> list[Transfer]:
+    """Broadcast by the root to every other rank itself (copies, segmented).
+
+    One level instead of the tree's ``D``: fewer hand-offs for small arrays,
+    and over sockets on a loaded host no rank waits on a forwarding rank.
+    The root sends segment-major, ``root + 1``, ``root + 2``, ... within a
+    segment, so every rank gets its first segment early.
+    """
+    rank, size = _rank(rank, size)
+    root, _ = _rank(root, size, "root")
+    segs = _segments(n_elems, segment_elems)
+    builder = _PlanBuilder()
+    for k, seg in enumerate(segs):
+        if rank == root:
+            for j in range(1, size):
+                builder.add("broadcast", 0, k, (root + j) % size, seg, None, None, False)
+        else:
+            builder.add("broadcast", 0, k, None, None, root, seg, False)
+    return builder.transfers
+
+
+def direct_allgather_plan(sizes: Sequence[int], rank: int, segment_elems: int) -> list[Transfer]:
+    """Allgather in one step: every rank sends its part to every other rank itself.
+
+    The same bytes per rank as the ring (each part leaves its rank ``size - 1``
+    times) but one step instead of ``size - 1``. Layout as :func:`allgather_plan`.
+    """
+    rank, size = _rank(rank, len(sizes))
+    bounds = part_bounds(sizes)
+    seg = _count(segment_elems, "segment_elems", 1)
+    builder = _PlanBuilder()
+    mine = segment_bounds(*bounds[rank], seg)
+    for k, piece in enumerate(mine):
+        for j in range(1, size):
+            builder.add("allgather", rank, k, (rank + j) % size, piece, None, None, False)
+    for j in range(1, size):
+        q = (rank - j) % size
+        for k, piece in enumerate(segment_bounds(*bounds[q], seg)):
+            builder.add("allgather", q, k, None, None, q, piece, False)
+    return builder.transfers
+
+
 # --------------------------------------------------------------------------
 # direct (one-shot) allreduce
 
 
-def direct_allreduce_plan(n_elems: int, rank: int, size: int) -> list[Transfer]:
+def direct_allreduce_plan(
+    n_elems: int, rank: int, size: int, segment_elems: int | None = None
+) -> list[Transfer]:
     """Direct allreduce: one step, the latency-optimal plan for small arrays.
 
     First the sends: the whole input to every other rank, to ``rank + 1``,
@@ -490,17 +554,25 @@ def direct_allreduce_plan(n_elems: int, rank: int, size: int) -> list[Transfer]:
     first copies, the others reduce, so every rank computes
     ``((x0 op x1) op x2) ...``, the same expression bit for bit (see "Local
     receives" above). Empty for ``n_elems == 0``; a lone rank copies its input.
+
+    With ``segment_elems`` each send is cut into segments (segment-major: the
+    first segment to every peer, then the second...) and the receives go
+    segment by segment, each in rank order, so a rank reduces segment ``k``
+    while ``k + 1`` is on the wire, and no message exceeds a segment (a huge
+    one is received into a fresh, page-faulted allocation of its own).
     """
     rank, size = _rank(rank, size)
     n = _count(n_elems, "element count")
     if n == 0:
         return []
-    whole = (0, n)
+    segs = _segments(n, segment_elems)
     builder = _PlanBuilder()
-    for k in range(1, size):
-        builder.add("direct", 0, 0, (rank + k) % size, whole, None, None, False)
-    for q in range(size):
-        builder.add("direct", 0, 0, None, None, q, whole, q != 0)
+    for s, piece in enumerate(segs):
+        for k in range(1, size):
+            builder.add("direct", 0, s, (rank + k) % size, piece, None, None, False)
+    for s, piece in enumerate(segs):
+        for q in range(size):
+            builder.add("direct", 0, s, None, None, q, piece, q != 0)
     return builder.transfers
 
 
@@ -660,6 +732,27 @@ def crossover_bytes_for(size: int) -> int:
     """Array size from which ``"auto"`` takes the ring (below: the tree) in a group of ``size``."""
     size = _count(size, "group size", 1)
     return DEFAULT_CROSSOVER_BY_SIZE.get(size, DEFAULT_CROSSOVER_BYTES)
+
+
+def broadcast_algorithm(nbytes: int, size: int) -> Literal["direct", "tree"]:
+    """``"direct"`` (the root sends to each rank) with 2 ranks, or up to
+    :data:`DIRECT_MAX_GROUP` ranks and :data:`BROADCAST_DIRECT_BYTES`; else ``"tree"``."""
+    nbytes = _count(nbytes, "nbytes")
+    size = _count(size, "group size", 1)
+    if size <= 2 or (size <= DIRECT_MAX_GROUP and nbytes <= BROADCAST_DIRECT_BYTES):
+        return "direct"
+    return "tree"
+
+
+def allgather_algorithm(nbytes: int, size: int) -> Literal["direct", "ring"]:
+    """``"direct"`` (every rank sends its part to each) with 2 ranks, or up to
+    :data:`DIRECT_MAX_GROUP` ranks and :data:`ALLGATHER_DIRECT_BYTES` (all parts
+    together, ``nbytes``); else ``"ring"``."""
+    nbytes = _count(nbytes, "nbytes")
+    size = _count(size, "group size", 1)
+    if size <= 2 or (size <= DIRECT_MAX_GROUP and nbytes <= ALLGATHER_DIRECT_BYTES):
+        return "direct"
+    return "ring"
 
 
 def choose_algorithm(
