@@ -41,6 +41,8 @@ from mesh.tensor import array_from_frames
 
 log = logging.getLogger("mesh")
 
+get_ident = threading.get_ident
+
 class _CallbackSub:
     """Lets the dispatch thread run an on_peer callback like a handler."""
 
@@ -68,6 +70,12 @@ def _credit_threshold(window: int) -> int:
     of the window. Batches are half a window (Link.batch_cap), so credit for the
     first half of a batch is on its way while the publisher sends the next one."""
     return max(1, window // 4)
+
+
+def _ride_least(threshold: int) -> int:
+    """Owed credit that rides in front of a frame going to its publisher anyway: an
+    eighth of the threshold at least (one message's for windows up to 31)."""
+    return max(1, threshold // 8)
 
 
 class Dispatcher:
@@ -219,7 +227,7 @@ class Dispatcher:
         fields = wire.check_msg(header)
         peer = self._known_peer(ident)
         data, array, nbytes = self._payload_of(fields[3], frames, "message", peer)
-        self._accept_msg(peer, fields, data, array, nbytes, time.time())
+        self._accept_run(peer, fields, (data,), time.time(), array, nbytes)
 
     def _on_batch(self, ident: bytes, header: list, frames: list) -> None:
         if len(frames) != 3:
@@ -268,9 +276,15 @@ class Dispatcher:
             for _ in range(count):
                 self._denied(peer, "publish", subject)
             return
-        route = self._route(subject, internal=True)
-        sizes = [nbytes] if nbytes is not None else [len(data) for data in payloads]
-        total = sum(sizes)
+        route = self._routing.cached(subject)
+        if route is None:
+            route = self._route(subject, internal=True)
+        if nbytes is not None:
+            sizes = [nbytes]
+            total = nbytes
+        else:
+            sizes = [len(data) for data in payloads]
+            total = sum(sizes)
         counters = peer.counters
         counters.msgs_in += count
         counters.bytes_in += total
@@ -291,7 +305,8 @@ class Dispatcher:
             if sub is None or sub.closed:
                 drops["no_subscriber"] += count  # unsubscribed meanwhile
                 continue
-            if sub not in route.local and sub not in route.local_groups.get(sub.queue, ()):
+            if sub not in route.local and (
+                    not route.local_groups or sub not in route.local_groups.get(sub.queue, ())):
                 drops["not_subscribed"] += count  # a publisher that lies
                 continue
             if not sub.queue and not counted_gap:
@@ -310,6 +325,19 @@ class Dispatcher:
                 accepted = grant.on_received_run(sizes)
             if accepted < count:
                 drops["credit_violation"] += count - accepted  # sent beyond its credit
+            if accepted == 1 and count == 1:  # the common case: one message, within credit
+                msg = Message(subject, payloads[0], headers, peer_id, seq, array=array,
+                              request_id=req_id, node=self, reply_to=reply_to)
+                msg._credit = (grant, peer_id, sizes[0])
+                if sub.closed:
+                    continue
+                if sub.handler is None:
+                    sub._inbox.put(msg)
+                elif sub.inline:
+                    self._run_inline(sub, msg)
+                else:
+                    self._io_batch.append((sub, msg))
+                continue
             msgs = []
             for i in range(accepted):
                 msg = Message(subject, payloads[i], headers, peer_id, seq + i, array=array,
@@ -355,7 +383,11 @@ class Dispatcher:
                 "%s: inline handler of %r took %.1f ms on %r (inline_budget %.1f ms); it "
                 "runs on the dispatch thread from now on", self.name, sub.pattern,
                 took * 1e3, msg.subject, self._inline_budget * 1e3)
-        if msg._credit is not None:
+        credit = msg._credit
+        if type(credit) is tuple:  # from a remote publisher (the I/O thread read it)
+            msg._credit = None
+            self._return_credit(sub, credit[0], credit[1], 1, credit[2])
+        elif credit is not None:
             self._consumed(sub, msg)
 
     def _consumed(self, sub: Subscription, msg: Message) -> None:
@@ -386,7 +418,7 @@ class Dispatcher:
             entries = [[sub.sid, update[0], update[1]]]
             if not self._send_credit_direct(publisher, entries):
                 self._command(("credit", publisher, entries))
-        elif self._io_wake_at > now + grant.flush_delay and threading.get_ident() != self._io_ident:
+        elif self._io_wake_at > now + grant.flush_delay and get_ident() != self._io_ident:
             # The I/O thread sleeps past this credit's flush time: wake it to schedule
             # the flush. (Added to _dirty_grants first, read _io_wake_at after: the
             # I/O thread publishes _io_wake_at before it looks at _dirty_grants.)
@@ -423,10 +455,15 @@ class Dispatcher:
         timer not yet due), taken now to ride on a frame going there anyway: no
         message of its own. Called by whoever sends to the peer, link lock held."""
         entries = None
-        now = time.monotonic()
+        now = None
         for (sub, publisher), grant in list(self._dirty_grants.items()):
-            if publisher != peer_id:
+            # Only credit worth a frame rides (an eighth of the threshold): a ping-pong
+            # would otherwise carry one message's credit on every message, decoded and
+            # applied each time. What stays owed is flushed by the I/O thread's timer.
+            if publisher != peer_id or grant.pending[0] < _ride_least(grant.threshold):
                 continue
+            if now is None:
+                now = time.monotonic()
             with sub._flow:
                 update = grant.take_update(now, force=True)
             if update is not None:

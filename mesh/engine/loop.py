@@ -238,7 +238,8 @@ class IoLoop:
         if len(frames) == 2 and frames[0].bytes == _WAKE_ID:
             return  # a wake-up: commands run after the drain
         try:
-            if not ordered and any(c.hold(frames, now) for c in self._bulk_ordering):
+            if not ordered and self._bulk_ordering and any(
+                    c.hold(frames, now) for c in self._bulk_ordering):
                 return  # it waits for an array its sender sent before it another way
             self._handle(frames, now)
         except ProtocolError as exc:
