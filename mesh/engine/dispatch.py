@@ -224,7 +224,9 @@ class Dispatcher:
         self._send(reply_to, [wire.pack_reply(req_id, flags, headers), *payload], nbytes, None)
 
     def _on_msg(self, ident: bytes, header: list, frames: list) -> None:
-        fields = wire.check_msg(header)
+        self._on_msg_fields(ident, wire.check_msg(header), frames)
+
+    def _on_msg_fields(self, ident: bytes, fields: tuple, frames: list) -> None:
         peer = self._known_peer(ident)
         data, array, nbytes = self._payload_of(fields[3], frames, "message", peer)
         self._accept_run(peer, fields, (data,), time.time(), array, nbytes)

@@ -475,7 +475,10 @@ class LinkSender:
                 if not sent:
                     undo()
                 return sent
-        frames = [wire.pack_msg(subject, seq, ts, flags, headers, req_id, sids), *payload]
+        if flags or headers is not None or len(sids) != 1:
+            frames = [wire.pack_msg(subject, seq, ts, flags, headers, req_id, sids), *payload]
+        else:  # a lone plain message: the fixed-layout header
+            frames = [wire.pack_msg_lone(subject, seq, ts, req_id, sids[0]), *payload]
         return self._put_frames(link, peer_id, frames, nbytes, timeout)
 
     def _put_frames(
