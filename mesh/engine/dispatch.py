@@ -43,6 +43,10 @@ log = logging.getLogger("mesh")
 
 get_ident = threading.get_ident
 
+# Peer states whose data messages are accepted without a closer look (_known_peer
+# has the rest: a peer that left a moment ago, strangers).
+_KNOWN = frozenset(("alive", "suspect", "joining"))
+
 class _CallbackSub:
     """Lets the dispatch thread run an on_peer callback like a handler."""
 
@@ -93,6 +97,9 @@ class Dispatcher:
         # the I/O thread on time, or riding on a frame going to that publisher.
         self._dirty_grants: dict[tuple[Subscription, str], CreditGrant] = {}
         self._last_seq: dict[tuple[str, str], int] = {}  # (publisher, subject) -> seq
+        # ROUTER identity -> peer id of peers that sent data (I/O thread): no split and
+        # decode of the identity per message.
+        self._ident_ids: dict[bytes, str] = {}
 
     def _deliver(self, sub: Subscription, msg: Message) -> None:
         """Hand a message to a subscription (from a publishing thread)."""
@@ -227,7 +234,18 @@ class Dispatcher:
         self._on_msg_fields(ident, wire.check_msg(header), frames)
 
     def _on_msg_fields(self, ident: bytes, fields: tuple, frames: list) -> None:
-        peer = self._known_peer(ident)
+        peer = self._peers.get(self._ident_ids.get(ident, ""))
+        if peer is None or peer.state not in _KNOWN:
+            peer = self._known_peer(ident)  # raises for a stranger
+            if len(self._ident_ids) >= 4096:  # identities are the network's to choose
+                self._ident_ids.clear()
+            self._ident_ids[ident] = peer.id
+        if not fields[3] and len(frames) == 3:  # bytes, not an array: the common case
+            frame = frames[2]
+            nbytes = len(frame)
+            data = frame.bytes if nbytes < ZERO_COPY_BYTES else frame.buffer
+            self._accept_run(peer, fields, (data,), time.time(), None, nbytes)
+            return
         data, array, nbytes = self._payload_of(fields[3], frames, "message", peer)
         self._accept_run(peer, fields, (data,), time.time(), array, nbytes)
 
