@@ -191,7 +191,8 @@ class Dispatcher:
             self._consumed(sub, msg)  # the handler returned: its credit goes back
 
     def _wait_reply(self, pending: _Pending, timeout: float) -> bool:
-        if threading.current_thread() is not self._dispatch_thread:
+        dispatch = self._dispatch_thread
+        if dispatch is None or get_ident() != dispatch.ident:
             return pending.event.wait(timeout)
         # A handler is requesting: the responder may be a handler of this very node,
         # queued behind us on the dispatch thread. Run queued handlers meanwhile.
@@ -212,7 +213,10 @@ class Dispatcher:
 
     def _respond(self, reply_to: str, req_id: int, data: Any, headers: dict | None) -> None:
         self._check_open()
-        payload, array, flags, nbytes = self._encode_payload(data)
+        if type(data) is bytes and len(data) <= self._max_size:  # the common case
+            payload, array, flags, nbytes = [data], None, 0, len(data)
+        else:
+            payload, array, flags, nbytes = self._encode_payload(data)
         if reply_to == self.id:
             pending = self._pending.get(req_id)
             if pending is not None and pending.reply is None:
