@@ -137,6 +137,18 @@ class Dispatcher:
         if type(item) is not list:
             self._run_handler(*item)
             return
+        if len(item) == 1:  # a drain of one message (a ping-pong): no tally to keep
+            sub, msg = item[0]
+            if sub.closed:
+                return
+            self._call_handler(sub, msg)
+            credit = getattr(msg, "_credit", None)  # on_peer callbacks get a PeerInfo
+            if type(credit) is tuple:
+                msg._credit = None
+                self._return_credit(sub, credit[0], credit[1], 1, credit[2])
+            elif credit is not None:
+                self._consumed(sub, msg)
+            return
         # A drain's worth of messages: credits of remote publishers go back once
         # per (subscription, publisher) after the batch, not once per message.
         consumed: dict[tuple[Subscription, Any], list] = {}
@@ -504,8 +516,15 @@ class Dispatcher:
 
     def _on_reply(self, ident: bytes, header: list, frames: list) -> None:
         req_id, flags, headers = wire.check_reply(header)
-        peer = self._known_peer(ident)
-        data, array, _nbytes = self._payload_of(flags, frames, "reply", peer)
+        peer = self._peers.get(self._ident_ids.get(ident, ""))
+        if peer is None or peer.state not in _KNOWN:
+            peer = self._known_peer(ident)  # raises for a stranger
+        if not flags and len(frames) == 3:  # bytes, not an array: the common case
+            frame = frames[2]
+            data = frame.bytes if len(frame) < ZERO_COPY_BYTES else frame.buffer
+            array = None
+        else:
+            data, array, _nbytes = self._payload_of(flags, frames, "reply", peer)
         pending = self._pending.get(req_id)
         if pending is None or pending.reply is not None:
             self.counters.drops["late_reply"] += 1
