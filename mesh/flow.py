@@ -460,10 +460,18 @@ class CreditWindow(Generic[T]):
                 f"the credit window is closed ({self.closed_reason}); "
                 "the subscriber is gone, stop publishing to it"
             )
-        _check_nbytes(nbytes)
-        # Held messages go first: never overtake them.
-        if not self._pending and self._fits(nbytes):
-            self._take(nbytes)
+        if nbytes < 0:
+            _check_nbytes(nbytes)
+        # Held messages go first: never overtake them. (_fits and _take, written out:
+        # this runs for every message published.)
+        in_flight = self.in_flight
+        if not self._pending and in_flight < self.credits and (
+            self.credit_bytes is None or in_flight == 0
+            or self.in_flight_bytes + nbytes <= self.credit_bytes
+        ):
+            self.in_flight = in_flight + 1
+            self.in_flight_bytes += nbytes
+            self.sent += 1
             return _SEND
         policy = self.overflow
         if policy == "drop_new":

@@ -466,7 +466,8 @@ class Node(IoLoop, LinkSender, Dispatcher, Handshake, StatusView, BulkSet, ShmGl
         leaves as credit comes back (so handlers publishing to each other cannot
         deadlock). Application threads wait as ``overflow`` says.
         """
-        self._check_started()
+        if self._closed or not self._started:
+            self._check_started()  # raises, saying what to do
         route = self._route(subject)
         self._publish(subject, route, data, headers, None, timeout)
 
@@ -496,7 +497,6 @@ class Node(IoLoop, LinkSender, Dispatcher, Handshake, StatusView, BulkSet, ShmGl
             )
         if retries < 0:
             raise ConfigError("retries must be >= 0")
-        route = self._route(subject)
         req_id = random.getrandbits(63)
         pending = _Pending()
         self._pending[req_id] = pending

@@ -192,7 +192,8 @@ def anon_cases(cluster: str):
 
     @st.composite
     def wrong_version(draw):
-        version = draw(VALUE.filter(lambda v: not (type(v) in (int, float, bool) and v == 1)))
+        version = draw(VALUE.filter(
+            lambda v: not (type(v) in (int, float, bool) and v == wire.PROTOCOL_VERSION)))
         kind = draw(st.sampled_from(list(wire.KIND_NAMES)))
         rest = draw(st.lists(VALUE, min_size=1, max_size=7))
         return [msgpack.packb([version, kind, *rest], use_bin_type=True), *draw(PAYLOAD)]
@@ -223,6 +224,29 @@ def anon_cases(cluster: str):
         return [msgpack.packb([wire.PROTOCOL_VERSION, kind, *fields], use_bin_type=True),
                 *draw(PAYLOAD)]
 
+    @st.composite
+    def fixed_layout(draw):
+        # The fixed-layout header of lone messages (wire.pack_msg_lone): random
+        # bytes after its marker, or a real one with a field or two made wrong.
+        if draw(st.booleans()):
+            return [bytes([wire.FIXED]) + draw(st.binary(max_size=48)), *draw(PAYLOAD)]
+        head = bytearray(wire.pack_msg_lone(draw(st.sampled_from(["a.b", "svc.echo", "x"])),
+                                            1, 1.0, draw(st.none() | st.integers(0, 2**62)), 1))
+        how = draw(st.sampled_from(["version", "kind", "flags", "truncated", "utf8", "req_id"]))
+        if how == "version":
+            head[1] = draw(st.integers(0, 255).filter(lambda v: v != wire.PROTOCOL_VERSION))
+        elif how == "kind":
+            head[2] = draw(st.integers(0, 255).filter(lambda v: v != wire.MSG))
+        elif how == "flags":
+            head[3] = draw(st.integers(1, 255))
+        elif how == "truncated":
+            head = head[: draw(st.integers(1, wire.FIXED_SIZE - 1))]
+        elif how == "utf8":
+            head += b"\xff\xfe"
+        else:
+            head[28:36] = draw(st.integers(-(2**63), -2)).to_bytes(8, "little", signed=True)
+        return [bytes(head), draw(st.binary(max_size=64))]
+
     def exactly_one(frames):
         # A random header may happen to decode as a hello or a status request,
         # which are legitimate from a stranger: no exact count for those.
@@ -243,6 +267,7 @@ def anon_cases(cluster: str):
         tagged("msg before hello", msg_never_said_hello()),
         tagged("control before hello", control_never_said_hello()),
         tagged("random msg/reply fields", random_msg_fields()),
+        tagged("fixed-layout header", fixed_layout()),
     )
 
 
@@ -809,3 +834,24 @@ def wait_until_alive(node, name: str, timeout: float = 5.0) -> bool:
         lambda: [p["state"] for p in node.status()["peers"] if p["name"] == name] == ["alive"],
         timeout,
     )
+
+
+def test_fixed_layout_header_round_trips_and_refuses_what_is_wrong():
+    """The fixed-layout header of a lone message (wire.pack_msg_lone) decodes to the
+    fields check_msg gives for its msgpack twin; a wrong version is a "version"
+    drop, anything else malformed (numbers beyond 64 bits fall back to msgpack)."""
+    head = wire.pack_msg_lone("grad.w3", 7, 1.5, None, 3)
+    assert head[0] == wire.FIXED
+    twin = wire.check_msg(wire.unpack(wire.pack_msg("grad.w3", 7, 1.5, 0, None, None, [3])))
+    assert wire.unpack_msg_lone(head) == twin
+    assert wire.unpack_msg_lone(wire.pack_msg_lone("a", 1, 0.0, 2**62, 0))[5] == 2**62
+    assert wire.pack_msg_lone("a", 2**63, 0.0, None, 1)[0] != wire.FIXED  # msgpack then
+    wrong = bytearray(head)
+    wrong[1] = wire.PROTOCOL_VERSION + 1
+    cases = {"version": bytes(wrong), "malformed": head[:10]}
+    for reason, frame in cases.items():
+        with pytest.raises(wire.ProtocolError) as err:
+            wire.unpack_msg_lone(frame)
+        assert err.value.reason == reason
+    with pytest.raises(wire.ProtocolError):
+        wire.unpack_msg_lone(head + b"\xff")

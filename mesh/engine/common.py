@@ -55,9 +55,11 @@ def _nbytes(frame: Any) -> int:
 
 def _header_kind(frame: Any) -> int | None:
     """The kind of a header frame without decoding it (wire.pack: fixarray, version,
-    kind as a positive fixint); None when it does not look like one."""
+    kind as a positive fixint; or wire.pack_msg_lone's fixed layout); None when it
+    does not look like one."""
     b = frame.bytes
-    if len(b) >= 3 and b[0] & 0xF0 == 0x90 and b[1] == wire.PROTOCOL_VERSION and b[2] < 0x80:
+    if len(b) >= 3 and (b[0] & 0xF0 == 0x90 or b[0] == wire.FIXED) and (
+            b[1] == wire.PROTOCOL_VERSION and b[2] < 0x80):
         return b[2]
     return None
 

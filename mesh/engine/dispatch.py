@@ -41,6 +41,12 @@ from mesh.tensor import array_from_frames
 
 log = logging.getLogger("mesh")
 
+get_ident = threading.get_ident
+
+# Peer states whose data messages are accepted without a closer look (_known_peer
+# has the rest: a peer that left a moment ago, strangers).
+_KNOWN = frozenset(("alive", "suspect", "joining"))
+
 class _CallbackSub:
     """Lets the dispatch thread run an on_peer callback like a handler."""
 
@@ -78,6 +84,12 @@ def _credit_threshold(window: int) -> int:
     return max(1, window // 4)
 
 
+def _ride_least(threshold: int) -> int:
+    """Owed credit that rides in front of a frame going to its publisher anyway: an
+    eighth of the threshold at least (one message's for windows up to 31)."""
+    return max(1, threshold // 8)
+
+
 class Dispatcher:
     """Handing messages to handlers, inboxes and requests; credit return (mixin of ``mesh.Node``)."""
 
@@ -93,6 +105,9 @@ class Dispatcher:
         # the I/O thread on time, or riding on a frame going to that publisher.
         self._dirty_grants: dict[tuple[Subscription, str], CreditGrant] = {}
         self._last_seq: dict[tuple[str, str], int] = {}  # (publisher, subject) -> seq
+        # ROUTER identity -> peer id of peers that sent data (I/O thread): no split and
+        # decode of the identity per message.
+        self._ident_ids: dict[bytes, str] = {}
 
     def _deliver(self, sub: Subscription, msg: Message) -> None:
         """Hand a message to a subscription (from a publishing thread)."""
@@ -129,6 +144,18 @@ class Dispatcher:
     def _run_item(self, item: Any) -> None:
         if type(item) is not list:
             self._run_handler(*item)
+            return
+        if len(item) == 1:  # a drain of one message (a ping-pong): no tally to keep
+            sub, msg = item[0]
+            if sub.closed:
+                return
+            self._call_handler(sub, msg)
+            credit = getattr(msg, "_credit", None)  # on_peer callbacks get a PeerInfo
+            if type(credit) is tuple:
+                msg._credit = None
+                self._return_credit(sub, credit[0], credit[1], 1, credit[2])
+            elif credit is not None:
+                self._consumed(sub, msg)
             return
         # A drain's worth of messages: credits of remote publishers go back once
         # per (subscription, publisher) after the batch, not once per message.
@@ -184,7 +211,8 @@ class Dispatcher:
             self._consumed(sub, msg)  # the handler returned: its credit goes back
 
     def _wait_reply(self, pending: _Pending, timeout: float) -> bool:
-        if threading.current_thread() is not self._dispatch_thread:
+        dispatch = self._dispatch_thread
+        if dispatch is None or get_ident() != dispatch.ident:
             return pending.event.wait(timeout)
         # A handler is requesting: the responder may be a handler of this very node,
         # queued behind us on the dispatch thread. Run queued handlers meanwhile.
@@ -205,7 +233,10 @@ class Dispatcher:
 
     def _respond(self, reply_to: str, req_id: int, data: Any, headers: dict | None) -> None:
         self._check_open()
-        payload, array, flags, nbytes = self._encode_payload(data)
+        if type(data) is bytes and len(data) <= self._max_size:  # the common case
+            payload, array, flags, nbytes = [data], None, 0, len(data)
+        else:
+            payload, array, flags, nbytes = self._encode_payload(data)
         if reply_to == self.id:
             pending = self._pending.get(req_id)
             if pending is not None and pending.reply is None:
@@ -224,10 +255,23 @@ class Dispatcher:
         self._send(reply_to, [wire.pack_reply(req_id, flags, headers), *payload], nbytes, None)
 
     def _on_msg(self, ident: bytes, header: list, frames: list) -> None:
-        fields = wire.check_msg(header)
-        peer = self._known_peer(ident)
+        self._on_msg_fields(ident, wire.check_msg(header), frames)
+
+    def _on_msg_fields(self, ident: bytes, fields: tuple, frames: list) -> None:
+        peer = self._peers.get(self._ident_ids.get(ident, ""))
+        if peer is None or peer.state not in _KNOWN:
+            peer = self._known_peer(ident)  # raises for a stranger
+            if len(self._ident_ids) >= 4096:  # identities are the network's to choose
+                self._ident_ids.clear()
+            self._ident_ids[ident] = peer.id
+        if not fields[3] and len(frames) == 3:  # bytes, not an array: the common case
+            frame = frames[2]
+            nbytes = len(frame)
+            data = frame.bytes if nbytes < ZERO_COPY_BYTES else frame.buffer
+            self._accept_run(peer, fields, (data,), time.time(), None, nbytes)
+            return
         data, array, nbytes = self._payload_of(fields[3], frames, "message", peer)
-        self._accept_msg(peer, fields, data, array, nbytes, time.time())
+        self._accept_run(peer, fields, (data,), time.time(), array, nbytes)
 
     def _on_batch(self, ident: bytes, header: list, frames: list) -> None:
         if len(frames) != 3:
@@ -276,9 +320,15 @@ class Dispatcher:
             for _ in range(count):
                 self._denied(peer, "publish", subject)
             return
-        route = self._route(subject, internal=True)
-        sizes = [nbytes] if nbytes is not None else [len(data) for data in payloads]
-        total = sum(sizes)
+        route = self._routing.cached(subject)
+        if route is None:
+            route = self._route(subject, internal=True)
+        if nbytes is not None:
+            sizes = [nbytes]
+            total = nbytes
+        else:
+            sizes = [len(data) for data in payloads]
+            total = sum(sizes)
         counters = peer.counters
         counters.msgs_in += count
         counters.bytes_in += total
@@ -299,7 +349,8 @@ class Dispatcher:
             if sub is None or sub.closed:
                 drops["no_subscriber"] += count  # unsubscribed meanwhile
                 continue
-            if sub not in route.local and sub not in route.local_groups.get(sub.queue, ()):
+            if sub not in route.local and (
+                    not route.local_groups or sub not in route.local_groups.get(sub.queue, ())):
                 drops["not_subscribed"] += count  # a publisher that lies
                 continue
             if not sub.queue and not counted_gap:
@@ -318,6 +369,19 @@ class Dispatcher:
                 accepted = grant.on_received_run(sizes)
             if accepted < count:
                 drops["credit_violation"] += count - accepted  # sent beyond its credit
+            if accepted == 1 and count == 1:  # the common case: one message, within credit
+                msg = Message(subject, payloads[0], headers, peer_id, seq, array=array,
+                              request_id=req_id, node=self, reply_to=reply_to)
+                msg._credit = (grant, peer_id, sizes[0])
+                if sub.closed:
+                    continue
+                if sub.handler is None:
+                    sub._inbox.put(msg)
+                elif sub.inline:
+                    self._run_inline(sub, msg)
+                else:
+                    self._io_batch.append((sub, msg))
+                continue
             msgs = []
             for i in range(accepted):
                 msg = Message(subject, payloads[i], headers, peer_id, seq + i, array=array,
@@ -359,7 +423,11 @@ class Dispatcher:
                 "%s: inline handler of %r took %.1f ms on %r (inline_budget %.1f ms); it "
                 "runs on the dispatch thread from now on", self.name, sub.pattern,
                 took * 1e3, msg.subject, self._inline_budget * 1e3)
-        if msg._credit is not None:
+        credit = msg._credit
+        if type(credit) is tuple:  # from a remote publisher (the I/O thread read it)
+            msg._credit = None
+            self._return_credit(sub, credit[0], credit[1], 1, credit[2])
+        elif credit is not None:
             self._consumed(sub, msg)
 
     def _consumed(self, sub: Subscription, msg: Message) -> None:
@@ -390,7 +458,7 @@ class Dispatcher:
             entries = [[sub.sid, update[0], update[1]]]
             if not self._send_credit_direct(publisher, entries):
                 self._command(("credit", publisher, entries))
-        elif self._io_wake_at > now + grant.flush_delay and threading.get_ident() != self._io_ident:
+        elif self._io_wake_at > now + grant.flush_delay and get_ident() != self._io_ident:
             # The I/O thread sleeps past this credit's flush time: wake it to schedule
             # the flush. (Added to _dirty_grants first, read _io_wake_at after: the
             # I/O thread publishes _io_wake_at before it looks at _dirty_grants.)
@@ -427,10 +495,15 @@ class Dispatcher:
         timer not yet due), taken now to ride on a frame going there anyway: no
         message of its own. Called by whoever sends to the peer, link lock held."""
         entries = None
-        now = time.monotonic()
+        now = None
         for (sub, publisher), grant in list(self._dirty_grants.items()):
-            if publisher != peer_id:
+            # Only credit worth a frame rides (an eighth of the threshold): a ping-pong
+            # would otherwise carry one message's credit on every message, decoded and
+            # applied each time. What stays owed is flushed by the I/O thread's timer.
+            if publisher != peer_id or grant.pending[0] < _ride_least(grant.threshold):
                 continue
+            if now is None:
+                now = time.monotonic()
             with sub._flow:
                 update = grant.take_update(now, force=True)
             if update is not None:
@@ -447,8 +520,15 @@ class Dispatcher:
 
     def _on_reply(self, ident: bytes, header: list, frames: list) -> None:
         req_id, flags, headers = wire.check_reply(header)
-        peer = self._known_peer(ident)
-        data, array, _nbytes = self._payload_of(flags, frames, "reply", peer)
+        peer = self._peers.get(self._ident_ids.get(ident, ""))
+        if peer is None or peer.state not in _KNOWN:
+            peer = self._known_peer(ident)  # raises for a stranger
+        if not flags and len(frames) == 3:  # bytes, not an array: the common case
+            frame = frames[2]
+            data = frame.bytes if len(frame) < ZERO_COPY_BYTES else frame.buffer
+            array = None
+        else:
+            data, array, _nbytes = self._payload_of(flags, frames, "reply", peer)
         pending = self._pending.get(req_id)
         if pending is None or pending.reply is not None:
             self.counters.drops["late_reply"] += 1

@@ -287,6 +287,7 @@ class Handshake:
         }
 
     def _swim(self, actions: list) -> None:
+        self._timers_stale = True  # the I/O loop looks at membership's deadline again
         for action in actions:
             if type(action) is MemberSend:
                 self._send_control(action.to, wire.SWIM, action.message)
@@ -330,6 +331,7 @@ class Handshake:
                 self._io_deliver(sub, Message(subject, data, None, self.id, 0, node=self))
 
     def _peer_gone(self, peer: Peer, state: str) -> None:
+        self._timers_stale = True
         was = peer.state
         peer.state = state
         peer.gone_at = time.monotonic()

@@ -96,6 +96,10 @@ def _send_frames(sock: Any, frames: list) -> None:
     accepts the rest of a message once its first part is in. Large frames go
     without a copy."""
     last = len(frames) - 1
+    if last == 1 and type(frames[1]) is bytes and len(frames[1]) < ZERO_COPY_BYTES:
+        sock.send(frames[0], _NOBLOCK_MORE)  # header and one small payload: the common case
+        sock.send(frames[1], 0)
+        return
     sock.send(frames[0], _NOBLOCK_MORE if last else zmq.NOBLOCK)
     for index in range(1, last + 1):
         frame = frames[index]
@@ -190,6 +194,7 @@ class LinkSender:
         self._seqs: dict[str, itertools.count] = {}  # subject -> next seq
         self._batch_max = self.options["batch_bytes"]
         self._batch_delay = self.options["batch_delay"]
+        self._max_size = self.options["max_message_size"]
         self._last_pressure = 0.0
         self._subject_name = "".join(c if c.isalnum() or c in "-_" else "_" for c in self.name)
 
@@ -216,7 +221,10 @@ class LinkSender:
         req_id: int | None,
         timeout: float | None,
     ) -> None:
-        payload, array, flags, nbytes = self._encode_payload(data)
+        if type(data) is bytes and len(data) <= self._max_size:  # the common case
+            payload, array, flags, nbytes = [data], None, 0, len(data)
+        else:
+            payload, array, flags, nbytes = self._encode_payload(data)
         if headers is not None and not isinstance(headers, dict):
             raise ConfigError("headers must be a dict (of str to str, bytes or numbers)")
         counter = self._seqs.get(subject)
@@ -467,7 +475,10 @@ class LinkSender:
                 if not sent:
                     undo()
                 return sent
-        frames = [wire.pack_msg(subject, seq, ts, flags, headers, req_id, sids), *payload]
+        if flags or headers is not None or len(sids) != 1:
+            frames = [wire.pack_msg(subject, seq, ts, flags, headers, req_id, sids), *payload]
+        else:  # a lone plain message: the fixed-layout header
+            frames = [wire.pack_msg_lone(subject, seq, ts, req_id, sids[0]), *payload]
         return self._put_frames(link, peer_id, frames, nbytes, timeout)
 
     def _put_frames(
@@ -480,9 +491,10 @@ class LinkSender:
         owed = self._owed_credit(peer_id) if self._dirty_grants else None
         if owed is not None:  # credit we owe this peer rides in front of the message
             frames = [wire.pack(wire.CREDIT, owed), *frames]
-        for channel in self._bulk_ordering:  # arrays went another way: keep the order
-            if channel.keeps_order(link):
-                frames, ordered = channel.frames_for_socket(link, frames)
+        if self._bulk_ordering:
+            for channel in self._bulk_ordering:  # arrays went another way: keep the order
+                if channel.keeps_order(link):
+                    frames, ordered = channel.frames_for_socket(link, frames)
         try:
             _send_frames(sock, frames)
         except zmq.Again:
@@ -510,7 +522,12 @@ class LinkSender:
             self.credit_updates["riding"] += 1
         if ordered is not None:
             ordered()
-        self._count_out(link, nbytes)
+        counters = self.counters
+        counters.msgs_out += 1
+        counters.bytes_out += nbytes
+        counters = link.counters
+        counters.msgs_out += 1
+        counters.bytes_out += nbytes
         return True
 
     def _keeps_order(self, link: Link) -> bool:

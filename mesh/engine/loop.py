@@ -51,6 +51,8 @@ log = logging.getLogger("mesh")
 # What owed credit may ride in front of (Node._owed_credit).
 _CREDIT_CARRIERS = (wire.MSG, wire.BATCH, wire.REPLY)
 
+_FIXED = bytes([wire.FIXED])
+
 # Credit that found its link held (I/O thread): looked at again this much later,
 # unless the holder applied it first (seconds).
 _CREDIT_RETRY = 0.001
@@ -75,6 +77,7 @@ class IoLoop:
         # When the I/O thread will wake next at the latest (monotonic seconds): other
         # threads wake it sooner only when they need it sooner.
         self._io_wake_at = 0.0
+        self._timers_stale = True  # the I/O loop recomputes its timers (not data came)
         self._credit_due = 0.0  # when _flush_credits has something to do next
         self._io_thread: threading.Thread | None = None
         self._discovery: Any = None
@@ -149,24 +152,31 @@ class IoLoop:
         # every seed_interval.
         seed_delay = 0.02
         next_seed = time.monotonic() + seed_delay
+        # When the heartbeat, seed and membership timers are next due: recomputed when
+        # that time comes or something but data arrived (_timers_stale), not after
+        # every message (membership's next deadline looks at every member).
+        timers_at = 0.0
         try:
             while True:
                 now = time.monotonic()
-                if now >= next_tick:
-                    self._tick(now)
-                    next_tick = now + hb
-                if self._seed_socks and now >= next_seed:
-                    self._hello_seeds()
-                    seed_delay = min(seed_delay * 2, self.options["seed_interval"])
-                    next_seed = now + seed_delay
-                members = self._members
-                deadline = members.next_deadline()
-                if deadline is not None and now >= deadline:
-                    self._swim(members.tick(now))
+                if now >= timers_at or self._timers_stale:
+                    self._timers_stale = False
+                    if now >= next_tick:
+                        self._tick(now)
+                        next_tick = now + hb
+                    if self._seed_socks and now >= next_seed:
+                        self._hello_seeds()
+                        seed_delay = min(seed_delay * 2, self.options["seed_interval"])
+                        next_seed = now + seed_delay
+                    members = self._members
                     deadline = members.next_deadline()
-                wake_at = min(next_tick, next_seed) if self._seed_socks else next_tick
-                if deadline is not None:
-                    wake_at = min(wake_at, deadline)
+                    if deadline is not None and now >= deadline:
+                        self._swim(members.tick(now))
+                        deadline = members.next_deadline()
+                    timers_at = min(next_tick, next_seed) if self._seed_socks else next_tick
+                    if deadline is not None:
+                        timers_at = min(timers_at, deadline)
+                wake_at = timers_at
                 for channel in self._bulk_tickers:
                     channel.tick()
                 if self._batching:
@@ -200,6 +210,8 @@ class IoLoop:
                     waiter.wait(wait_ms)  # the ROUTER and the channel's completions
                 elif zmq_poll(poll_router, wait_ms):
                     self._drain_router()
+                if self._commands:
+                    self._timers_stale = True  # a command may add a peer, a seed...
                 while self._commands:
                     cmd = self._commands.popleft()
                     if cmd[0] == "close":
@@ -242,7 +254,8 @@ class IoLoop:
         if len(frames) == 2 and frames[0].bytes == _WAKE_ID:
             return  # a wake-up: commands run after the drain
         try:
-            if not ordered and any(c.hold(frames, now) for c in self._bulk_ordering):
+            if not ordered and self._bulk_ordering and any(
+                    c.hold(frames, now) for c in self._bulk_ordering):
                 return  # it waits for an array its sender sent before it another way
             self._handle(frames, now)
         except ProtocolError as exc:
@@ -266,7 +279,11 @@ class IoLoop:
     def _handle(self, frames: list, now: float) -> None:
         if len(frames) < 2:
             raise ProtocolError("message without a header frame", "malformed")
-        header = wire.unpack(frames[1].bytes)
+        head = frames[1].bytes
+        if head[:1] == _FIXED:  # a lone plain message: fixed layout, no msgpack
+            self._on_msg_fields(frames[0].bytes, wire.unpack_msg_lone(head), frames)
+            return
+        header = wire.unpack(head)
         kind = header[1]
         ident = frames[0].bytes
         if kind == wire.MSG:
@@ -282,6 +299,7 @@ class IoLoop:
             self._on_batch(ident, header, frames)
             return
         body = header[2]
+        self._timers_stale = True  # not data: membership and its timers may change
         if kind == wire.HELLO:
             self._on_hello(body, now)
             return
