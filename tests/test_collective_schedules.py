@@ -362,8 +362,10 @@ def test_ring_tree_direct_allreduce_values(
 
 
 @FAST
-@given(size=sizes, n=counts, seed=st.integers(0, 2**16))
+@given(size=st.integers(1, 16), n=counts, seed=st.integers(0, 2**16))
 def test_direct_allreduce_counts_every_contribution_once(size: int, n: int, seed: int) -> None:
+    # Segmented plans have size**2 * (n / seg) transfers: 16 ranks keep an example
+    # within a second (64 ranks with 1-element segments took minutes to simulate).
     seg = None if seed % 2 else 1 + seed % 7
     plans = [sch.direct_allreduce_plan(n, r, size, seg) for r in range(size)]
     inputs = one_hot(n, size)
