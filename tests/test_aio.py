@@ -222,6 +222,13 @@ def test_handlers_sync_and_async_run_on_the_loop(cluster, ipc_files):
             a.subscribe("ev.*", on_coro, credits=3)
             a.subscribe("ev.*", broken)
             assert await b.wait_for_subscribers("ev.k", 1, timeout=10) == 1
+            # That counts nodes: a's three subscriptions reach b one interest update
+            # at a time, so wait until b routes to all three (else the first
+            # messages miss the later ones: the flake CI met once in ~20 runs).
+            deadline = time.monotonic() + 10
+            while sum(len(sids) for sids in b.sync._route("ev.k").peers.values()) < 3:
+                assert time.monotonic() < deadline, "b never learnt a's three subscriptions"
+                await asyncio.sleep(0.005)
             for i in range(20):
                 await b.publish("ev.k", str(i), timeout=5.0)
             await asyncio.wait_for(done.wait(), 10)
