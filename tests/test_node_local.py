@@ -833,6 +833,9 @@ def test_membership_events_reach_on_peer_and_mesh_peers_subjects(make_node):
     a.wait_for_peers(1, timeout=10)
     body = msgpack.unpackb(joined.next(timeout=5).data)
     assert body["name"] == "b" and body["state"] == "alive"
+    # a sees b as soon as b's hello arrives, before b has a's answer: closed then,
+    # b would not know a to say goodbye to, and a would only see it die (SWIM).
+    b.wait_for_peers(1, timeout=10)
     b.close()
     assert msgpack.unpackb(left.next(timeout=5).data)["name"] == "b"
     assert seen.wait(5)
