@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import statistics
 import sys
 import time
@@ -36,6 +35,7 @@ import traceback
 from typing import Any
 
 from bench.collectives import _quiet_threads, _run_ranks, torch_available
+from mesh.launch import free_master_port
 
 SIZES = {"features": 512, "hidden": 1024, "classes": 16, "batch": 32}
 WORLDS = (2, 4)
@@ -117,21 +117,6 @@ def _rank_body(rank: int, world: int, port: int, quick: bool) -> dict:
     return {"times": times, "params": params, "max_param_diff": diff, "transport": transport}
 
 
-def _free_port_pair() -> int:
-    """P free for torch's store and P + 1 for the mesh's rank 0 (mesh.launch's convention)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        with socket.socket() as s:
-            try:
-                s.bind(("0.0.0.0", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no two adjacent free ports")
-
-
 def run(quick: bool = False, worlds: tuple[int, ...] | None = None) -> dict:
     """Run the DDP step benchmark, print its table, return every number."""
     started = time.monotonic()
@@ -142,7 +127,7 @@ def run(quick: bool = False, worlds: tuple[int, ...] | None = None) -> dict:
         print(f"torch_ddp: skipped: {result['skipped']}")
         return result
     for world in worlds or ((2,) if quick else WORLDS):
-        port = _free_port_pair()
+        port = free_master_port()
         answers = _run_ranks(_rank_main, world, lambda r, w=world, p=port: (w, p, quick),
                              timeout=600.0)
         n = len(answers[0]["times"]["mesh"])

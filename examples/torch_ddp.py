@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -128,24 +127,11 @@ def rank_main(steps: int, overlap: bool = True) -> int:
 # ---------------------------------------------------------------------- launcher
 
 
-def _free_port_pair() -> int:
-    """A port P with P (torch's store) and P + 1 (the mesh's rank 0) both free."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        with socket.socket() as s:
-            try:
-                s.bind(("0.0.0.0", port + 1))
-            except OSError:
-                continue
-        return port
-    raise SystemExit("no two adjacent free ports on this host")
-
-
 def launch(workers: int, steps: int, timeout: float, extra: list[str]) -> int:
     """Start ``workers`` ranks as torchrun does: same script, an environment per rank."""
-    port = _free_port_pair()
+    from mesh.launch import free_master_port
+
+    port = free_master_port()
     procs = []
     try:
         for rank in range(workers):

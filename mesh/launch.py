@@ -58,6 +58,7 @@ __all__ = [
     "TORCH_PORT_OFFSET",
     "Plan",
     "expand_nodelist",
+    "free_master_port",
     "group_from_env",
     "node_from_env",
     "plan",
@@ -66,6 +67,26 @@ __all__ = [
 
 TORCH_PORT_OFFSET = 1  # rank 0's mesh port = MASTER_PORT + 1 (MASTER_PORT is torch's store)
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 12000, 8000
+
+
+def free_master_port(host: str = "127.0.0.1", tries: int = 100) -> int:
+    """A MASTER_PORT for a job started by hand on this host: a port P with P free
+    (torch's store) and P + 1 free (rank 0's mesh node, see TORCH_PORT_OFFSET).
+    Another process may still take either before the job binds them."""
+    for _ in range(tries):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port >= 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port + TORCH_PORT_OFFSET))
+            except OSError:
+                continue
+        return port
+    raise ConfigError(f"no two adjacent free ports on {host} after {tries} tries; "
+                      "set MASTER_PORT (and ZMESH_PORT) by hand")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import mesh
 from mesh import launch
-from mesh.launch import expand_nodelist, plan, rank_name
+from mesh.launch import expand_nodelist, free_master_port, plan, rank_name
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -256,17 +256,6 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _free_port_pair() -> int:
-    """A port P with P and P + 1 both free (MASTER_PORT and the mesh's MASTER_PORT + 1)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port < 65535 and _port_free(port + 1):
-            return port
-    raise AssertionError("no two adjacent free ports")
-
-
 def _run_ranks(envs: list[dict[str, str]], timeout: float = 60.0) -> list[dict]:
     """Start one process per env (as a launcher does), all at once; their JSON lines."""
     procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "launch_worker.py")], env=env,
@@ -296,7 +285,7 @@ def _check_job(results: list[dict], ranks: list[int]) -> None:
 
 
 def test_torchrun_env_three_processes_form_the_group_by_rank():
-    port = _free_port_pair()
+    port = free_master_port()
     base = {**_clean_env(), "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port)}
     # Started in reverse order: rank 0 is not first, and ranks still follow RANK.
@@ -324,7 +313,7 @@ def test_slurm_env_faked_in_processes():
 
 
 def test_plain_env_processes_with_zmesh_seeds():
-    port = _free_port_pair()
+    port = free_master_port()
     base = {**_clean_env(), "ZMESH_SIZE": "2", "ZMESH_CLUSTER": f"plain-{port}",
             "ZMESH_SEEDS": f"tcp://127.0.0.1:{port}"}
     results = _run_ranks([
@@ -361,7 +350,7 @@ def test_real_torchrun_starts_ranks_that_form_the_group(mode):
     picks MASTER_PORT itself and sets MASTER_ADDR to a host name)."""
     import signal
 
-    port = _free_port_pair()
+    port = free_master_port()
     if mode == "static":
         args = ["--nproc-per-node", "3", "--master-port", str(port)]
     else:
@@ -382,3 +371,8 @@ def test_real_torchrun_starts_ranks_that_form_the_group(mode):
     _check_job(results, [0, 1, 2])
     if mode == "static":
         assert results[0]["cluster"] == f"torch-127.0.0.1-{port}"
+
+
+def test_free_master_port_leaves_room_for_rank_zeros_mesh_node():
+    port = free_master_port()
+    assert _port_free(port) and _port_free(port + launch.TORCH_PORT_OFFSET)
