@@ -220,3 +220,23 @@ def test_sixteen_processes_join_leave_restart_quietly() -> None:
     assert not noisy, "lines above INFO during a normal start/join/leave/restart:\n" + "\n".join(
         f"{name}: {line.rstrip()}" for name, lines in noisy.items() for line in lines[:50])
     assert all(h.proc.returncode == 0 for h in gone), {h.name: h.proc.returncode for h in gone}
+
+
+def test_looking_for_rdma_devices_leaves_the_root_logger_alone() -> None:
+    """Debian's pyverbs calls logging.basicConfig(level=INFO) on import: looking for
+    verbs devices must not turn on the application's INFO lines."""
+    import subprocess
+    import sys
+
+    probe = ("import importlib.util, logging\n"
+             "import transports.rdma as r\n"
+             "r.list_devices()\n"
+             "root = logging.getLogger()\n"
+             "print(importlib.util.find_spec('pyverbs') is not None, len(root.handlers), root.level)\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=60, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr
+    has_pyverbs, handlers, level = out.stdout.split()
+    if has_pyverbs != "True":
+        pytest.skip("pyverbs is not installed here (python3-pyverbs, `make pyverbs-link`)")
+    assert (handlers, level) == ("0", str(logging.WARNING))

@@ -95,10 +95,17 @@ class RdmaError(TransportError):
 
 def _pyverbs() -> Any:
     """The pyverbs package, or an ImportError/OSError when it is not usable here."""
-    import pyverbs
-    import pyverbs.device  # noqa: F401 - loads libibverbs: fails without rdma-core
-    import pyverbs.enums  # noqa: F401
-
+    # Debian's pyverbs calls logging.basicConfig(level=INFO) when imported: the
+    # application's root logger is its own, so it is put back as it was.
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        import pyverbs
+        import pyverbs.device  # noqa: F401 - loads libibverbs: fails without rdma-core
+        import pyverbs.enums  # noqa: F401
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
     return pyverbs
 
 
