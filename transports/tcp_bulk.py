@@ -59,6 +59,9 @@ _PREAMBLE = struct.Struct("!5s16sH")  # magic, listener token, length of the nod
 _MAX_HEADER = 1 << 16
 # Connecting and the preamble exchange: past this the pair stays on ZeroMQ.
 CONNECT_TIMEOUT = 3.0
+# A message whose receive is not posted yet waits this long (seconds) in the kernel
+# for its post before it is read into a buffer of its own.
+POST_WAIT = 0.05
 # Kernel socket buffers asked for (the kernel caps them at its rmem/wmem max).
 _SOCK_BUF = 4 << 20
 
@@ -201,6 +204,7 @@ class TcpBulkConn:
                 if tag in self._posted:
                     raise ValueError(f"a receive of tag {tag!r} is already posted")
                 self._posted[tag] = req
+                self._cond.notify_all()
         return req
 
     def cancel(self, req: RecvRequest) -> None:
@@ -223,6 +227,8 @@ class TcpBulkConn:
         return len(gone)
 
     def close(self, why: str = "closed") -> None:
+        with self._cond:
+            self._cond.notify_all()
         self._fail(why)
         self._sendq.put(None)
         for th in (self._sender, self._receiver):
@@ -254,6 +260,7 @@ class TcpBulkConn:
             self.broken = why
             posted = list(self._posted.values())
             self._posted.clear()
+            self._cond.notify_all()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)  # wakes both threads
         except OSError:
@@ -316,6 +323,19 @@ class TcpBulkConn:
                 tag = _tuple(tag)
                 with self._cond:
                     req = self._posted.pop(tag, None)
+                    if req is None and not self._posted and self.broken is None:
+                        # Nothing posted yet: the caller is most likely still busy with
+                        # earlier segments and posts this one soon. Waiting (bounded)
+                        # leaves the bytes in the kernel, which also holds the sender
+                        # back, instead of an extra allocation and copy. If it posts
+                        # another tag, this message was skipped: read it aside now.
+                        deadline = time.monotonic() + POST_WAIT
+                        while not self._posted and self.broken is None:
+                            left = deadline - time.monotonic()
+                            if left <= 0:
+                                break
+                            self._cond.wait(left)
+                        req = self._posted.pop(tag, None)
                 if req is not None and len(req.dest) == nbytes:
                     _recv_exact(sock, req.dest)  # straight into the caller's buffer
                     req.data, req.into_dest = req.dest, True

@@ -1441,36 +1441,89 @@ class Group:
         own = src.copy() if src is buf and rank >= 2 else src
         pending = []
         guard: dict[tuple[int, int], list] = {}  # slice -> our zero-copy sends still reading buf
+        conns = self._bulk_conns()
+        itemsize, tmin = buf.itemsize, self._tcp_min
+
+        def stream(r: int, a: int, b: int) -> Any:
+            if conns is None or (b - a) * itemsize < tmin:
+                return None
+            return conns[r]
+
         for t in compiled.initial:
             a, b = t.send  # type: ignore[misc]
-            tr = self._send(t.send_to, base + t.tag, own[a:b], meta, seq, "allreduce")  # type: ignore[arg-type]
+            c = stream(t.send_to, a, b)  # type: ignore[arg-type]
+            if c is not None:
+                tr = self._send_bulk(c, t.send_to, base + t.tag, own[a:b], meta)  # type: ignore[arg-type]
+            else:
+                tr = self._send(t.send_to, base + t.tag, own[a:b], meta, seq, "allreduce")  # type: ignore[arg-type]
             if own is src and not tr.done:  # (a private copy may stay in flight)
                 pending.append(tr)
                 if own is buf:
                     guard.setdefault(t.send, []).append(tr)  # type: ignore[arg-type]
+        # Bulk receives land in scratch segments, posted ahead while one is free.
+        scratch = self._scratch_pool(buf.dtype, compiled.max_recv) if conns is not None else []
+        posted: dict[int, tuple[Any, np.ndarray]] = {}
+        remote = [i for i in compiled.recvs if compiled.plan[i].recv_from != rank]
+        nxt = 0
+
+        def post_ahead() -> None:
+            nonlocal nxt
+            while nxt < len(remote) and scratch:
+                t = compiled.plan[remote[nxt]]
+                a, b = t.recv  # type: ignore[misc]
+                c = stream(t.recv_from, a, b)  # type: ignore[arg-type]
+                if c is not None:
+                    sc = scratch.pop()
+                    posted[t.index] = (c.post(base + t.tag, sc[: b - a]), sc)
+                nxt += 1
+
         # The first operand of each slice waits for the second: one ufunc call
         # writes both into buf, instead of a copy and then a reduction.
-        first: dict[tuple[int, int], np.ndarray] = {}
-        for t in compiled.plan:
-            if t.recv is None:
-                continue
-            a, b = t.recv
-            if t.recv_from == rank:
-                incoming = own[a:b]
-            else:
-                msg = self._recv(t.recv_from, base + t.tag, seq, "allreduce", timeout)  # type: ignore[arg-type]
-                incoming = self._incoming(msg, t, meta, b - a, buf.dtype)
-                del msg
-            if not t.reduce:
-                first[t.recv] = incoming
-                continue
-            if guard and t.recv in guard:  # our zero-copy sends still read this slice
-                self._wait_trackers(guard.pop(t.recv), seq, "allreduce")
-            if t.recv in first:
-                ufunc(first.pop(t.recv), incoming, out=buf[a:b])
-            else:
-                ufunc(buf[a:b], incoming, out=buf[a:b])
-        for (a, b), rest in first.items():  # a lone rank: its input is the result
+        first: dict[tuple[int, int], tuple[np.ndarray, np.ndarray | None]] = {}
+        try:
+            for t in compiled.plan:
+                if t.recv is None:
+                    continue
+                a, b = t.recv
+                sc = None
+                if t.recv_from == rank:
+                    incoming = own[a:b]
+                else:
+                    post_ahead()
+                    entry = posted.pop(t.index, None)
+                    c = stream(t.recv_from, a, b)  # type: ignore[arg-type]
+                    if entry is None and c is not None:
+                        sc = scratch.pop() if scratch else np.empty(compiled.max_recv, buf.dtype)
+                        entry = (c.post(base + t.tag, sc[: b - a]), sc)
+                        if nxt < len(remote) and remote[nxt] == t.index:
+                            nxt += 1
+                    if entry is not None:
+                        req, sc = entry
+                        incoming = self._recv_bulk(t.recv_from, c, req, base + t.tag, seq,  # type: ignore[arg-type]
+                                                   "allreduce", timeout, t, meta, b - a, buf.dtype)
+                    else:
+                        msg = self._recv(t.recv_from, base + t.tag, seq, "allreduce", timeout)  # type: ignore[arg-type]
+                        incoming = self._incoming(msg, t, meta, b - a, buf.dtype)
+                        del msg
+                if not t.reduce:
+                    first[t.recv] = (incoming, sc)
+                    continue
+                if guard and t.recv in guard:  # our zero-copy sends still read this slice
+                    self._wait_trackers(guard.pop(t.recv), seq, "allreduce")
+                if t.recv in first:
+                    prev, prev_sc = first.pop(t.recv)
+                    ufunc(prev, incoming, out=buf[a:b])
+                    if prev_sc is not None:
+                        scratch.append(prev_sc)
+                else:
+                    ufunc(buf[a:b], incoming, out=buf[a:b])
+                del incoming
+                if sc is not None:
+                    scratch.append(sc)
+        except BaseException:
+            self._cancel_posted(posted)
+            raise
+        for (a, b), (rest, _) in first.items():  # a lone rank: its input is the result
             np.copyto(buf[a:b], rest)
         if pending:  # the caller may reuse its array once we return
             self._wait_trackers(pending, seq, "allreduce")
