@@ -160,6 +160,7 @@ class TcpBulkConn:
         self._on_broken = on_broken
         self._cond = threading.Condition()
         self._posted: dict[Hashable, RecvRequest] = {}
+        self._reading: RecvRequest | None = None  # popped from _posted, being filled
         self._early: dict[Hashable, tuple[Any, np.ndarray]] = {}  # tag -> (meta, bytes)
         self._sendq: queue.SimpleQueue[SendRequest | None] = queue.SimpleQueue()
         self.broken: str | None = None
@@ -175,10 +176,13 @@ class TcpBulkConn:
     # -- caller side ------------------------------------------------------------
 
     def send(self, tag: Hashable, meta: Any, data: Any) -> SendRequest:
-        """Queue ``data`` (a C-contiguous array or bytes-like; not copied: keep it
-        unchanged until the request is ``done``) for the peer under ``tag``."""
+        """Queue ``data`` (an array or bytes-like) for the peer under ``tag``. A
+        C-contiguous one is not copied: keep it unchanged until the request is
+        ``done``; any other array is copied once (into C order)."""
         head = msgpack.packb([tag, meta], use_bin_type=True)
-        view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
+        if isinstance(data, np.ndarray) and not data.flags.c_contiguous:
+            data = np.ascontiguousarray(data)
+        view = memoryview(data).cast("B")
         req = SendRequest(_FRAME.pack(len(head), len(view)) + head, view)
         with self._cond:
             broken = self.broken
@@ -259,6 +263,9 @@ class TcpBulkConn:
                 return
             self.broken = why
             posted = list(self._posted.values())
+            if self._reading is not None:  # the one being read when the stream broke
+                posted.append(self._reading)
+                self._reading = None
             self._posted.clear()
             self._cond.notify_all()
         try:
@@ -336,6 +343,7 @@ class TcpBulkConn:
                                 break
                             self._cond.wait(left)
                         req = self._posted.pop(tag, None)
+                    self._reading = req
                 if req is not None and len(req.dest) == nbytes:
                     _recv_exact(sock, req.dest)  # straight into the caller's buffer
                     req.data, req.into_dest = req.dest, True
@@ -353,6 +361,8 @@ class TcpBulkConn:
                         req.data = data
                 self.bytes_in += nbytes
                 self.msgs_in += 1
+                with self._cond:
+                    self._reading = None
                 if req is not None:
                     req.meta = meta
                     req._event.set()
@@ -446,8 +456,8 @@ class TcpBulkEndpoint:
         deadline = time.monotonic() + timeout
         with self._lock:
             while True:
-                pending = [p for p in peer_ids
-                           if self._state.get(p, ("",))[0] in ("connecting", "expecting")]
+                pending = [p for p in peer_ids  # (no state yet: its hello is on the way)
+                           if self._state.get(p, ("expecting",))[0] in ("connecting", "expecting")]
                 left = deadline - time.monotonic()
                 if not pending or left <= 0:
                     return

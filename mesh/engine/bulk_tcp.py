@@ -114,5 +114,13 @@ class TcpChannel(BulkChannel):
         return ep.conn(peer_id) if ep is not None else None
 
     def settle(self, peer_ids: list[str], timeout: float) -> None:
-        if self.endpoint is not None:
-            self.endpoint.settle(peer_ids, timeout)
+        """Wait (bounded) until the stream to each of these peers that can have one
+        (linked over tcp) is connected or given up, so that both sides agree."""
+        if self.endpoint is None:
+            return
+        peers = self.node._peers
+        tcp = [pid for pid in peer_ids
+               if (p := peers.get(pid)) is not None and p.link is not None
+               and p.link.transport == "tcp"]
+        if tcp:
+            self.endpoint.settle(tcp, timeout)

@@ -1,0 +1,255 @@
+"""The bulk tcp channel (transports/tcp_bulk.py, mesh/engine/bulk_tcp.py) with real
+sockets and processes, and the collectives over it (tcp only, shared memory off).
+
+The channel tests run one node in this process and peers in spawned processes
+(``tcp_bulk_peer.peer_main``); arrays are generated on both sides from seeds and
+compared by digest. Every wait is bounded; every process is reaped, also on failure.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import sys
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # spawn children import the helpers from here
+
+import tcp_bulk_peer as tp  # noqa: E402
+from test_collectives import Cluster, assert_all_ok  # noqa: E402
+
+import mesh  # noqa: E402
+
+_SPAWN = mp.get_context("spawn")
+TCP_ONLY = {"listen": ("tcp://127.0.0.1:0",), "shm": False}
+
+
+class Peer:
+    """A peer node in a spawned process (see tcp_bulk_peer)."""
+
+    def __init__(self, name: str, kwargs: dict, broken: bool = False) -> None:
+        self.ctl, self.out = _SPAWN.Queue(), _SPAWN.Queue()
+        self.proc = _SPAWN.Process(target=tp.peer_main, daemon=True,
+                                   args=(name, kwargs, self.ctl, self.out, broken))
+        self.proc.start()
+        self.info = self._get("ready", 60)
+
+    def _get(self, op: str, timeout: float) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                got, ok, value = self.out.get(timeout=0.25)
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"peer: no answer to {op} in {timeout} s") from None
+                if not self.proc.is_alive():
+                    raise RuntimeError(f"peer died (exit {self.proc.exitcode}) during {op}") from None
+                continue
+            assert got == op and ok, value
+            return value
+
+    def call(self, op: str, timeout: float = 60, **args: Any) -> Any:
+        self.ctl.put((op, args))
+        return self._get(op, timeout)
+
+    def start(self, op: str, **args: Any) -> None:
+        self.ctl.put((op, args))
+
+    @property
+    def id(self) -> str:
+        return self.info["id"]
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self.ctl.put(("exit", {}))
+            except Exception:
+                pass
+            self.proc.join(timeout=10)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(timeout=5)
+        for q in (self.ctl, self.out):
+            q.cancel_join_thread()
+            q.close()
+
+
+@pytest.fixture
+def lab():
+    """This process's node (tcp only) and a factory of peer processes seeded to it."""
+    cluster = f"tcpb-{uuid.uuid4().hex[:8]}"
+    node = mesh.Node("here", cluster=cluster, discovery="none", **TCP_ONLY).start()
+    peers: list[Peer] = []
+
+    def spawn(name: str, broken: bool = False, **extra: Any) -> Peer:
+        kwargs = {"cluster": cluster, "discovery": "static", "seeds": [next(e for e in node.endpoints if e.startswith("tcp://"))],
+                  **TCP_ONLY, **extra}
+        peer = Peer(name, kwargs, broken)
+        peers.append(peer)
+        deadline = time.monotonic() + 20
+        while peer.id not in {p.id for p in node.peers()}:
+            assert time.monotonic() < deadline, f"{name} did not join"
+            time.sleep(0.02)
+        return peer
+
+    try:
+        yield node, spawn
+    finally:
+        for p in peers:
+            p.stop()
+        node.close()
+
+
+def _conn(node: mesh.Node, peer: Peer, timeout: float = 15.0) -> Any:
+    chan = node._bulk_named["tcpbulk"]
+    chan.settle([peer.id], timeout)
+    conn = chan.conn(peer.id)
+    assert conn is not None, node.status()["peers"]
+    return conn
+
+
+SIZES = [(0, "int8"), (1, "int8"), (7, "int8"), (4097, "float32"), ((1 << 20) + 3, "int16"),
+         ((16 << 20) // 8, "float64")]
+
+
+def test_arrays_of_every_size_land_in_the_posted_buffer(lab):
+    node, spawn = lab
+    peer = spawn("p1")
+    conn = _conn(node, peer)
+    items = [(10 * i, n, dt) for i, (n, dt) in enumerate(SIZES)]
+    peer.start("echo", peer=node.id, items=items)
+    sent, backs, reqs = [], [], []
+    for tag, n, dt in items:
+        arr = tp.make(tag, n, dt)
+        if n > 8:  # non-contiguous input: sent as its C-order copy
+            arr = np.repeat(arr, 2)[::2]
+            assert not arr.flags.c_contiguous
+        sent.append(np.ascontiguousarray(arr))
+        back = np.full(n, 7, dt)
+        backs.append(back)
+        reqs.append(conn.post(("t", tag + 1), back))
+        assert conn.send(("t", tag), ["meta", tag], arr).wait(30)
+    answers = peer._get("echo", 60)
+    for (digest, into_dest, meta), arr, back, req, (tag, _, _) in zip(
+            answers, sent, backs, reqs, items, strict=True):
+        assert digest == tp.digest(arr), f"tag {tag}: the peer got other bytes"
+        assert into_dest, f"tag {tag}: the peer's posted buffer was not filled in place"
+        assert meta == ["meta", tag]
+        assert req.wait(30) and req.into_dest
+        assert np.array_equal(back, arr), f"tag {tag}: the echo differs"
+    st = node.status()["peers"][0]["tcpbulk"]
+    assert st["state"] == "ready" and st["msgs_out"] == len(items) == st["msgs_in"]
+    assert st["bytes_out"] == sum(a.nbytes for a in sent) == st["bytes_in"]
+
+
+def test_a_message_before_its_post_is_kept_and_a_wrong_size_says_so(lab):
+    node, spawn = lab
+    peer = spawn("p1")
+    conn = _conn(node, peer)
+    peer.call("send", peer=node.id, items=[(1, 5, 1000, "int32"), (2, 6, 999, "int32")])
+    deadline = time.monotonic() + 10
+    while conn.stats()["msgs_in"] < 2:  # both arrived with nothing posted
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    dest = np.empty(1000, "int32")
+    req = conn.post(("t", 1), dest)
+    assert req.wait(0) and not req.into_dest  # read aside: one copy more, same bytes
+    assert np.array_equal(np.frombuffer(req.data, "int32"), tp.make(5, 1000, "int32"))
+    assert req.meta == ["from-peer"]
+    req2 = conn.post(("t", 2), np.empty(1000, "int32"))  # the peer sent 999 elements
+    assert req2.wait(5) and not req2.into_dest and len(req2.data) == 999 * 4
+    assert conn.stats()["early_msgs"] == 2
+
+
+def test_a_peer_that_dies_mid_transfer_fails_only_that_transfer(lab):
+    node, spawn = lab
+    victim, other = spawn("victim"), spawn("other")
+    conn, conn2 = _conn(node, victim), _conn(node, other)
+    dest = np.zeros(8 << 20, np.int8)
+    req = conn.post(("t", 99), dest)
+    victim.start("die_mid_send", peer=node.id, tag=99, n=dest.size)
+    with pytest.raises(mesh.BulkLinkError) as info:
+        req.wait(20)
+    assert isinstance(info.value, mesh.PeerLostError) and isinstance(info.value, mesh.MeshError)
+    assert "victim" in str(info.value) and "ZeroMQ" in str(info.value)
+    assert info.value.peer == victim.id
+    # a send to it fails the same way, at once
+    with pytest.raises(mesh.BulkLinkError):
+        conn.send(("t", 100), None, np.ones(10)).wait(5)
+    # nothing else is lost: the other peer's stream still carries arrays both ways
+    peer_side = other.call("wait_conn", peer=node.id)
+    assert peer_side[node.id]["state"] == "ready"
+    other.start("echo", peer=node.id, items=[(7, 300001, "float32")])
+    arr = tp.make(7, 300001, "float32")
+    back = np.empty_like(arr)
+    r = conn2.post(("t", 8), back)
+    assert conn2.send(("t", 7), [1], arr).wait(30) and r.wait(30)
+    assert np.array_equal(back, arr) and other._get("echo", 30)[0][1]
+    st = {p["name"]: p["tcpbulk"] for p in node.status()["peers"]}
+    if "victim" in st and st["victim"] is not None:  # (until the node drops the dead peer)
+        assert st["victim"]["state"] == "fallback" and "broke" in st["victim"]["why"]
+    assert st["other"]["state"] == "ready"
+    alive = {p["name"]: p["state"] for p in node.status()["peers"]}
+    assert alive["other"] == "alive"  # its ZeroMQ link is untouched too
+
+
+def test_no_stream_means_zeromq_and_status_says_why(lab):
+    node, spawn = lab
+    off = spawn("off", tcp_bulk=False)
+    broken = spawn("broken", broken=True)
+    chan = node._bulk_named["tcpbulk"]
+    chan.settle([off.id, broken.id], 15.0)
+    st = {p["name"]: p["tcpbulk"] for p in node.status()["peers"]}
+    assert st["off"]["state"] == "fallback" and "offers no bulk" in st["off"]["why"], st
+    assert st["broken"]["state"] == "fallback", st
+    assert "connect" in st["broken"]["why"], st
+    assert chan.conn(off.id) is None and chan.conn(broken.id) is None
+    assert broken.call("wait_conn", peer=node.id)[node.id]["state"] == "fallback"
+
+
+# ---------------------------------------------------------------------- collectives
+
+
+def _cases(size: int) -> list[dict]:
+    mib = 1 << 20
+    cases = []
+    for i, algo in enumerate(("ring", "tree", "direct", "auto")):
+        cases.append({"kind": "allreduce", "op": "sum", "dtype": "float32",
+                      "shape": (3 * mib // 4 + 5,), "algorithm": algo, "seed": 10 + i})
+    cases += [
+        {"kind": "allreduce", "op": "max", "dtype": "int64", "shape": (mib // 8 * 5 + 1,),
+         "algorithm": "ring", "seed": 20, "out": "inplace"},
+        {"kind": "allreduce", "op": "mean", "dtype": "float64", "shape": (700, 1031),
+         "algorithm": "auto", "seed": 21, "out": "separate"},
+        {"kind": "allreduce", "op": "sum", "dtype": "float32", "shape": (1031, 517),
+         "algorithm": "ring", "seed": 22, "layout": "transposed"},
+        {"kind": "reduce_scatter", "op": "sum", "dtype": "float32", "n": 2 * mib + 3, "seed": 23},
+        {"kind": "allgather", "dtype": "float32",
+         "shapes": [(mib // 4 * (r + 1) + r,) for r in range(size)], "seed": 24},
+    ]
+    cases += [{"kind": "broadcast", "root": r, "dtype": "float32", "shape": (5 * mib // 4 + 1,),
+               "seed": 30 + r} for r in range(size)]
+    return cases
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_collectives_over_the_bulk_stream(size):
+    cluster = Cluster(size, prefix="tb", **TCP_ONLY)
+    try:
+        cluster.start()
+        cluster.form("tcpb", segment_bytes=1 << 20)
+        cases = _cases(size)
+        assert_all_ok(cluster.cases("tcpb", cases, timeout=120), cases)
+        # the large segments went over the streams, not ZeroMQ
+        for states in cluster.all("bulk_stats"):
+            assert len(states) == size - 1
+            for st in states.values():
+                assert st["state"] == "ready" and st["msgs_in"] > 0 and st["msgs_out"] > 0, st
+    finally:
+        cluster.shutdown()
