@@ -107,8 +107,11 @@ def lab():
 
 
 def _conn(node: mesh.Node, peer: Peer, timeout: float = 15.0) -> Any:
+    """Connect the pair (both sides ask, as a forming group does) and return our end."""
     chan = node._bulk_named["tcpbulk"]
+    peer.start("wait_conn", peer=node.id)
     chan.settle([peer.id], timeout)
+    assert peer._get("wait_conn", 30)[node.id]["state"] == "ready"
     conn = chan.conn(peer.id)
     assert conn is not None, node.status()["peers"]
     return conn
@@ -183,8 +186,6 @@ def test_a_peer_that_dies_mid_transfer_fails_only_that_transfer(lab):
     with pytest.raises(mesh.BulkLinkError):
         conn.send(("t", 100), None, np.ones(10)).wait(5)
     # nothing else is lost: the other peer's stream still carries arrays both ways
-    peer_side = other.call("wait_conn", peer=node.id)
-    assert peer_side[node.id]["state"] == "ready"
     other.start("echo", peer=node.id, items=[(7, 300001, "float32")])
     arr = tp.make(7, 300001, "float32")
     back = np.empty_like(arr)
@@ -204,13 +205,16 @@ def test_no_stream_means_zeromq_and_status_says_why(lab):
     off = spawn("off", tcp_bulk=False)
     broken = spawn("broken", broken=True)
     chan = node._bulk_named["tcpbulk"]
+    st = {p["name"]: p["tcpbulk"] for p in node.status()["peers"]}
+    assert st["broken"]["state"] == "idle", st  # nothing connects before a group needs it
+    broken.start("wait_conn", peer=node.id)
     chan.settle([off.id, broken.id], 15.0)
     st = {p["name"]: p["tcpbulk"] for p in node.status()["peers"]}
     assert st["off"]["state"] == "fallback" and "offers no bulk" in st["off"]["why"], st
     assert st["broken"]["state"] == "fallback", st
     assert "connect" in st["broken"]["why"], st
     assert chan.conn(off.id) is None and chan.conn(broken.id) is None
-    assert broken.call("wait_conn", peer=node.id)[node.id]["state"] == "fallback"
+    assert broken._get("wait_conn", 30)[node.id]["state"] == "fallback"
 
 
 # ---------------------------------------------------------------------- collectives

@@ -15,8 +15,9 @@ posted receives by ``tag``; one that arrives before its receive is posted is
 read into a fresh buffer and kept until asked for (correct, one copy more).
 
 Connecting: each node listens on its tcp host, port chosen by the OS, and
-offers ``[port, token]`` in its hello (mesh.engine.bulk_tcp). Of two peers the
-one with the smaller node id connects to the other, to the host its ZeroMQ link
+offers ``[port, token]`` in its hello (mesh.engine.bulk_tcp). When a group
+with both forms (``ensure``/``settle``), of two peers the one with the
+smaller node id connects to the other, to the host its ZeroMQ link
 already reaches, and sends a preamble (magic, the listener's token, its own
 node id); the listener answers one byte. Anything else and the pair stays on
 ZeroMQ (``fallback``, with the reason in ``status()``).
@@ -385,6 +386,7 @@ class TcpBulkEndpoint:
         # peer id -> (state, why): connecting | expecting | ready | fallback
         self._state: dict[str, tuple[str, str]] = {}
         self._names: dict[str, str] = {}
+        self._offers: dict[str, tuple] = {}  # peer id -> (name, we dial?, host, port, token)
         self._closed = False
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._lsock = socket.socket(family, socket.SOCK_STREAM)
@@ -405,6 +407,26 @@ class TcpBulkEndpoint:
 
     def offer(self) -> list:
         return [self.port, self.token]
+
+    def learn(self, peer_id: str, peer_name: str, dialer: bool, host: str, port: int,
+              token: bytes) -> None:
+        """A peer's offer: connect only when a collective needs it (``ensure``), so that
+        a node keeps no streams (and threads) for peers it never reduces with."""
+        with self._lock:
+            self._offers[peer_id] = (peer_name, dialer, host, port, token)
+
+    def ensure(self, peer_ids: list[str]) -> None:
+        """Start connecting to each of these peers that offered and has no stream yet."""
+        for pid in peer_ids:
+            with self._lock:
+                offer = self._offers.get(pid)
+                if offer is None or pid in self._state:
+                    continue
+            name, dialer, host, port, token = offer
+            if dialer:
+                self.dial(pid, name, host, port, token)
+            else:
+                self.expect(pid, name)
 
     def dial(self, peer_id: str, peer_name: str, host: str, port: int, token: bytes) -> None:
         """Connect to a peer's listener (in a thread of its own: never blocks)."""
@@ -451,15 +473,17 @@ class TcpBulkEndpoint:
         return self._conns.get(peer_id)
 
     def settle(self, peer_ids: list[str], timeout: float) -> None:
-        """Wait (bounded) until the pair with every one of ``peer_ids`` is either
-        connected or on ZeroMQ for good, so that both sides pick the same path."""
+        """Connect (``ensure``) and wait, bounded, until the pair with every one of
+        ``peer_ids`` is connected or on ZeroMQ for good, so that both sides pick the
+        same path. A peer with no state yet (its offer is on the way) is waited for."""
         deadline = time.monotonic() + timeout
-        with self._lock:
-            while True:
-                pending = [p for p in peer_ids  # (no state yet: its hello is on the way)
+        while True:
+            self.ensure(peer_ids)
+            with self._lock:
+                pending = [p for p in peer_ids
                            if self._state.get(p, ("expecting",))[0] in ("connecting", "expecting")]
                 left = deadline - time.monotonic()
-                if not pending or left <= 0:
+                if not pending or left <= 0 or self._closed:
                     return
                 self._changed.wait(min(left, 0.05))
 
@@ -468,7 +492,8 @@ class TcpBulkEndpoint:
             st = self._state.get(peer_id)
             c = self._conns.get(peer_id)
         if st is None:
-            return None
+            return {"state": "idle", "why": "connects when a collective needs it",
+                    "listen": f"{self.host}:{self.port}"} if peer_id in self._offers else None
         out: dict[str, Any] = {"state": st[0], "why": st[1] or None,
                                "listen": f"{self.host}:{self.port}"}
         if c is not None:
@@ -481,6 +506,7 @@ class TcpBulkEndpoint:
             c = self._conns.pop(peer_id, None)
             self._state.pop(peer_id, None)
             self._names.pop(peer_id, None)
+            self._offers.pop(peer_id, None)
         if c is not None:
             c.close("closed")
 

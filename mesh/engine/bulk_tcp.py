@@ -4,7 +4,8 @@ Between nodes whose link is tcp (other hosts, or ``shm=False``), unless the
 cluster is secured (the stream is not encrypted: CURVE nodes keep every byte
 on ZeroMQ) or ``tcp_bulk=False``. The channel is used by the collectives
 (mesh/collectives/group.py), which post the destination of each large
-segment before it arrives; publish/send of arrays stays on the ZeroMQ link
+segment before it arrives; a pair connects when a group with both forms
+(``settle``), not at the hello; publish/send of arrays stays on the ZeroMQ link
 (``send_array`` returns None). ``status()["peers"][i]["tcpbulk"]`` says
 whether the pair is connected, and if not, why its arrays stay on ZeroMQ.
 
@@ -84,14 +85,12 @@ class TcpChannel(BulkChannel):
                 or type(offer[1]) is not bytes or len(offer[1]) != 16):
             ep.refuse(peer.id, "the peer offers no bulk tcp channel")
             return
-        if self.node.id < peer.id:  # the smaller id dials, the other listens
-            host = _host_of(link.endpoint)
-            if host is None or host in ("*", "0.0.0.0"):
-                ep.refuse(peer.id, f"no host to dial in {link.endpoint!r}")
-                return
-            ep.dial(peer.id, peer.name, host, offer[0], offer[1])
-        else:
-            ep.expect(peer.id, peer.name)
+        dialer = self.node.id < peer.id  # the smaller id dials, the other listens
+        host = _host_of(link.endpoint) or ""
+        if dialer and (not host or host in ("*", "0.0.0.0")):
+            ep.refuse(peer.id, f"no host to dial in {link.endpoint!r}")
+            return
+        ep.learn(peer.id, peer.name, dialer, host, offer[0], offer[1])
 
     def peer_gone(self, peer: Peer) -> None:
         if self.endpoint is not None:
@@ -102,6 +101,8 @@ class TcpChannel(BulkChannel):
             self.endpoint.close()
 
     def stats(self, link: Any) -> dict | None:
+        if link.transport != "tcp":
+            return None
         if self.endpoint is None:
             return {"state": "off", "why": self.why_off} if self.why_off else None
         return self.endpoint.state(link.peer_id)
@@ -123,4 +124,5 @@ class TcpChannel(BulkChannel):
                if (p := peers.get(pid)) is not None and p.link is not None
                and p.link.transport == "tcp"]
         if tcp:
+            self.endpoint.ensure(tcp)
             self.endpoint.settle(tcp, timeout)
