@@ -693,6 +693,76 @@ def socket_rate(total: int = WIRE_BYTES, host: str = "127.0.0.1",
                 proc.join(timeout=3)
 
 
+def _socket_both_side(out: Any, ports: Any, peer_ports: Any, total: int, host: str,
+                      peer_host: str, netns: str | None, dial_first: bool) -> None:
+    """One end of :func:`socket_rate_both`: sends ``total`` bytes to the other end
+    while a thread receives as many from it, three times; reports each round's time."""
+    import threading
+
+    _enter_netns(netns)
+    lsock = socket.socket()
+    lsock.bind((host, 0))
+    lsock.listen(1)
+    ports.put(lsock.getsockname()[1])
+    port = peer_ports.get(timeout=30)
+    if dial_first:
+        tx = socket.create_connection((peer_host, port), timeout=30)
+        rx, _ = lsock.accept()
+    else:
+        rx, _ = lsock.accept()
+        tx = socket.create_connection((peer_host, port), timeout=30)
+    data = memoryview(np.ones(WIRE_FRAME // 8, dtype=np.float64)).cast("B")
+    buf = memoryview(bytearray(WIRE_FRAME))
+
+    def drain() -> None:
+        got = 0
+        while got < total:
+            k = rx.recv_into(buf, min(len(buf), total - got))
+            if k == 0:
+                raise ConnectionError("the other end closed early")
+            got += k
+
+    try:
+        for _ in range(3):
+            th = threading.Thread(target=drain)
+            t0 = time.perf_counter()
+            th.start()
+            for _ in range(total // WIRE_FRAME):
+                tx.sendall(data)
+            th.join()
+            out.put(time.perf_counter() - t0)
+    finally:
+        for sock in (tx, rx, lsock):
+            sock.close()
+
+
+def socket_rate_both(total: int = WIRE_BYTES, hosts: tuple[str, str] = ("127.0.0.1",) * 2,
+                     netns: tuple[str | None, str | None] = (None, None)) -> float:
+    """Like :func:`socket_rate`, but both ends send to each other at once, as every
+    rank of a ring or a 2-rank exchange does: bytes/s per direction (slowest end,
+    best of two timed rounds). On a host with few cores the two directions share
+    them, so this, not the one-way rate, bounds a collective's busbw."""
+    out = _SPAWN.Queue()
+    pa, pb = _SPAWN.Queue(), _SPAWN.Queue()
+    procs = [
+        _SPAWN.Process(target=_socket_both_side, daemon=True,
+                       args=(out, pa, pb, total, hosts[0], hosts[1], netns[0], True)),
+        _SPAWN.Process(target=_socket_both_side, daemon=True,
+                       args=(out, pb, pa, total, hosts[1], hosts[0], netns[1], False)),
+    ]
+    try:
+        for proc in procs:
+            proc.start()
+        rounds = [max(out.get(timeout=120), out.get(timeout=120)) for _ in range(3)]
+        return total / min(rounds[1:])
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=3)
+
+
 def _tcp_rank_main(out: Any, rank: int, world: int, cluster: str, seed_q: Any, gloo_port: int,
                    sizes: list[int], quick: bool, ops: tuple[str, ...], algos: tuple[str, ...],
                    segment_bytes: int | None, netns: str | None = None,
@@ -836,10 +906,13 @@ def _tcp_compare(quick: bool, worlds: tuple[int, ...], sizes: list[int] | None,
     # The wire floor: plain sockets between the ranks' own endpoints (rank 0 -> 1).
     raw = (socket_rate(host=hosts[1], src_ns=netns[0], dst_ns=netns[1]) if hosts and netns
            else socket_rate())
+    both = (socket_rate_both(hosts=(hosts[0], hosts[1]), netns=(netns[0], netns[1]))
+            if hosts and netns else socket_rate_both())
     zmq_wire = None if hosts else wire_rate()
     wire = raw
     result: dict[str, Any] = {"bench": "collectives-tcp", "mode": "quick" if quick else "full",
                               "lan": bool(hosts), "wire_bytes_per_s": wire,
+                              "wire_both_ways_bytes_per_s": both,
                               "zmq_wire_bytes_per_s": zmq_wire, "gloo_skipped": gloo_reason,
                               "cpus": os.cpu_count(), "load_avg_before": os.getloadavg(),
                               "rows": [], "algos": list(algos)}
@@ -881,6 +954,8 @@ def _tcp_compare(quick: bool, worlds: tuple[int, ...], sizes: list[int] | None,
                 "ratio": (t_mesh / t_gloo) if t_gloo else None, "ratio_paired": paired,
                 "mesh_busbw": bus / t_mesh, "gloo_busbw": (bus / t_gloo) if t_gloo else None,
                 "mesh_wire_share": bus / t_mesh / wire,
+                "mesh_both_ways_share": bus / t_mesh / both,
+                "gloo_both_ways_share": (bus / t_gloo / both) if t_gloo else None,
                 "gloo_wire_share": (bus / t_gloo / wire) if t_gloo else None,
                 "wire_floor_s": bus / wire,
             })
@@ -906,13 +981,15 @@ def tcp_summary(result: dict) -> str:
         f"(n-1)*bytes/time; wire = raw tcp between the ranks' endpoints with plain sockets "
         f"(sendall -> recv_into), one direction, same run: {wire / 1e9:.2f} GB/s"
         + (f" (zmq PUSH/PULL: {zw / 1e9:.2f} GB/s)" if zw else "")
+        + f"; both ways at once (as in a ring): {result['wire_both_ways_bytes_per_s'] / 1e9:.2f}"
+        " GB/s per direction (2way = busbw / that)"
         + f"; floor = busbytes / wire; mesh links {','.join(result.get('transport', []))}, "
         f"bulk tcp stream {','.join(result.get('tcpbulk', []))}; {result['cpus']} cpus, "
         f"load avg {result['load_avg_before'][0]:.1f} before",
     ]
     head = (f"{'op':>9} {'algo':>6} {'world':>5} {'size':>7}  {'mesh':>9} {'gloo':>9} "
             f"{'ratio':>6} {'paired':>6}  {'mesh busbw':>10} {'gloo busbw':>10} "
-            f"{'mesh/wire':>9} {'gloo/wire':>9} {'floor':>9}")
+            f"{'mesh/wire':>9} {'gloo/wire':>9} {'floor':>9} {'mesh/2way':>9} {'gloo/2way':>9}")
     lines += [head, "-" * len(head)]
 
     def ms(v: float | None) -> str:
@@ -933,7 +1010,8 @@ def tcp_summary(result: dict) -> str:
             f"{x(row['ratio_paired']):>6}  {row['mesh_busbw'] / 1e9:>6.3f}GB/s "
             f"{(f'{gbw / 1e9:6.3f}GB/s' if gbw else '-'):>10} "
             f"{pct(row['mesh_wire_share']):>9} {pct(row['gloo_wire_share']):>9} "
-            f"{ms(row['wire_floor_s']):>9}")
+            f"{ms(row['wire_floor_s']):>9} {pct(row.get('mesh_both_ways_share')):>9} "
+            f"{pct(row.get('gloo_both_ways_share')):>9}")
     if result["gloo_skipped"]:
         lines.append(f"Gloo skipped: {result['gloo_skipped']}")
     lines.append(f"wall time {result['wall_seconds']:.1f} s ({result['mode']} run)")

@@ -63,8 +63,6 @@ CONNECT_TIMEOUT = 3.0
 # A message whose receive is not posted yet waits this long (seconds) in the kernel
 # for its post before it is read into a buffer of its own.
 POST_WAIT = 0.05
-# Kernel socket buffers asked for (the kernel caps them at its rmem/wmem max).
-_SOCK_BUF = 4 << 20
 
 
 def _tuple(x: Any) -> Any:
@@ -83,12 +81,9 @@ def _recv_exact(sock: socket.socket, view: memoryview) -> None:
 
 
 def _tune(sock: socket.socket) -> None:
+    # No SO_SNDBUF/SO_RCVBUF: setting them turns off the kernel's autotuning, which
+    # grows the buffers further (tcp_rmem/tcp_wmem) than rmem_max/wmem_max allow.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, opt, _SOCK_BUF)
-        except OSError:  # pragma: no cover - a kernel that refuses: its default then
-            pass
 
 
 class SendRequest:
