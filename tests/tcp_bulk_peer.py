@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import time
 import traceback
 from typing import Any
 
@@ -73,6 +74,9 @@ def peer_main(name: str, node_kwargs: dict, ctl: Any, out: Any, broken: bool = F
 
 def _run(node: Any, chan: Any, op: str, args: dict) -> Any:
     if op == "wait_conn":  # wait for the bulk stream to the test's node to settle
+        deadline = time.monotonic() + 15.0
+        while args["peer"] not in {p.id for p in node.peers()} and time.monotonic() < deadline:
+            time.sleep(0.01)  # (its hello may still be on the way)
         chan.settle([args["peer"]], 15.0)
         return {p["id"]: p.get("tcpbulk") for p in node.status()["peers"]}
     conn = chan.conn(args["peer"]) if "peer" in args else None

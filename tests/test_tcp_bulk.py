@@ -250,6 +250,9 @@ def test_collectives_over_the_bulk_stream(size):
         cluster.form("tcpb", segment_bytes=1 << 20)
         cases = _cases(size)
         assert_all_ok(cluster.cases("tcpb", cases, timeout=120), cases)
+        # every pair agreed on its stream at formation
+        for w, stats in zip(cluster.workers, cluster.all("stats", group="tcpb"), strict=True):
+            assert stats["tcp_streams"] == sorted(x.name for x in cluster.workers if x is not w)
         # the large segments went over the streams, not ZeroMQ
         for states in cluster.all("bulk_stats"):
             assert len(states) == size - 1

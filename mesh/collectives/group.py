@@ -298,6 +298,10 @@ class Group:
         self._tcp = bulk.get("tcpbulk") if getattr(bulk.get("tcpbulk"), "endpoint", None) else None
         self._tcp_min = opts.get("tcp_bulk_threshold", 256 << 10)
         self._scratch: list[np.ndarray] | None = None
+        # Members with whom both sides have a bulk tcp stream (agreed at formation),
+        # and whether that is every other member (the same answer on every rank).
+        self._tcp_peers: set[str] = set()
+        self._tcp_all = False
         self._scratch_key: tuple | None = None
         if getattr(node, "_rdma", None) is not None:
             self._raw_below = min(self._raw_below, opts.get("rdma_threshold", 1 << 20))
@@ -489,9 +493,10 @@ class Group:
             n = buf.size
             algo = algorithm
             if algo == "auto":
-                algo = sch.choose_algorithm(
-                    buf.nbytes, self.size, self.crossover_bytes, self.direct_bytes
-                )
+                direct = self.direct_bytes
+                if direct is None and self._tcp_all:  # (agreed by every member alike)
+                    direct = sch.direct_bytes_over_tcp(self.size)
+                algo = sch.choose_algorithm(buf.nbytes, self.size, self.crossover_bytes, direct)
             if src is not None and algo == "direct":
                 seg = sch.segment_elems_for(buf.itemsize, self.segment_bytes)
                 plan = _compiled(algo, n, self._rank, self.size, seg)
@@ -776,6 +781,8 @@ class Group:
             "peers": peers,
             "slowest_peer": slowest,
             "dropped_stale": self.dropped_stale,
+            # members whose large segments go over a bulk tcp stream (both ends agreed)
+            "tcp_streams": sorted(names.get(pid, pid) for pid in self._tcp_peers),
         }
 
     # ------------------------------------------------------------------ rendezvous
@@ -943,8 +950,7 @@ class Group:
         self.dropped_stale += self._ch.discard(
             lambda tag: not (type(tag) is tuple and len(tag) > 1 and (tag[0] == inc or tag[1] == inc))
         )
-        if self._tcp is not None:  # both sides of each pair must see the same stream
-            self._tcp.settle([p for p in order if p != self.node.id], min(self.timeout, _SETTLE))
+        self._agree_streams(inc)
         log.debug("%s: group %r formed: rank %d of %d, incarnation %s",
                   self.node.name, self.name, self._rank, len(order), inc)
 
@@ -1306,12 +1312,44 @@ class Group:
 
     # -- the bulk tcp stream (mesh/engine/bulk_tcp.py) ---------------------------------
 
+    def _agree_streams(self, inc: str) -> None:
+        """At formation: connect the bulk tcp streams to the other members (bounded),
+        then tell each which of them this node has, so that a pair uses its stream
+        only when both ends have it, and every rank knows whether all pairs do."""
+        self._tcp_peers, self._tcp_all = set(), False
+        others = [pid for pid in self._ids if pid != self.node.id]
+        if not others:
+            return
+        mine = []
+        if self._tcp is not None:
+            self._tcp.settle(others, min(self.timeout, _SETTLE))
+            mine = sorted(pid for pid in others if self._tcp.conn(pid) is not None)
+        tag = ("bulk", inc)
+        for pid in others:
+            try:
+                self._ch.send(pid, tag, b"", mine, timeout=1.0)
+            except MeshError:
+                pass
+        deadline = time.monotonic() + min(self.timeout, _SETTLE)
+        theirs: dict[str, set] = {}
+        for pid in others:
+            try:
+                meta = self._ch.recv(pid, tag, max(0.0, deadline - time.monotonic())).meta
+            except MeshError:
+                continue
+            theirs[pid] = set(meta) if type(meta) is list else set()
+        self._tcp_peers = {pid for pid in mine if self.node.id in theirs.get(pid, ())}
+        # Every member's list, from every member: the same on every rank.
+        self._tcp_all = len(theirs) == len(others) and all(
+            set(self._ids) - {pid} <= (theirs[pid] | {pid}) for pid in others
+        ) and set(mine) == set(others)
+
     def _bulk_conns(self) -> list | None:
         """Per rank, the connected bulk stream to that member (None: ZeroMQ), or None
         when no member has one."""
-        if self._tcp is None:
+        if self._tcp is None or not self._tcp_peers:
             return None
-        conns = [None if pid == self.node.id else self._tcp.conn(pid) for pid in self._ids]
+        conns = [self._tcp.conn(pid) if pid in self._tcp_peers else None for pid in self._ids]
         return conns if any(c is not None for c in conns) else None
 
     def _scratch_pool(self, dtype: np.dtype, elems: int) -> list[np.ndarray]:
