@@ -22,7 +22,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))  # spawn children import the helpers from here
 
 import tcp_bulk_peer as tp  # noqa: E402
-from test_collectives import Cluster, assert_all_ok  # noqa: E402
+from test_collectives import Cluster, Worker, assert_all_ok  # noqa: E402
 
 import mesh  # noqa: E402
 
@@ -258,5 +258,47 @@ def test_collectives_over_the_bulk_stream(size):
             assert len(states) == size - 1
             for st in states.values():
                 assert st["state"] == "ready" and st["msgs_in"] > 0 and st["msgs_out"] > 0, st
+    finally:
+        cluster.shutdown()
+
+
+class _MixedCluster(Cluster):
+    """Like Cluster, but the last worker has no bulk stream (tcp_bulk=False)."""
+
+    def start(self) -> Cluster:
+        kw = {"cluster": self.cluster, **self.node_kwargs}
+        first = Worker(f"{self.prefix}0", {**kw, "discovery": "none"})
+        self.workers.append(first)
+        first.wait_ready()
+        for i in range(1, self.n):
+            extra = {"tcp_bulk": False} if i == self.n - 1 else {}
+            self.workers.append(Worker(f"{self.prefix}{i}", {**kw, **extra, "discovery": "static",
+                                                             "seeds": [first.tcp]}))
+        for w in self.workers[1:]:
+            w.wait_ready()
+        self.all("wait_for_peers", n=self.n - 1)
+        return self
+
+
+def test_collectives_with_one_member_on_zeromq_only():
+    """Pairs with the member that has no stream stay on ZeroMQ, the others use theirs."""
+    cluster = _MixedCluster(3, prefix="mx", **TCP_ONLY)
+    try:
+        cluster.start()
+        cluster.form("mixed", segment_bytes=1 << 20)
+        cases = _cases(3)
+        assert_all_ok(cluster.cases("mixed", cases, timeout=120), cases)
+        names = [w.name for w in cluster.workers]
+        for w, stats in zip(cluster.workers, cluster.all("stats", group="mixed"), strict=True):
+            want = [] if w.name == names[-1] else [x for x in names[:-1] if x != w.name]
+            assert stats["tcp_streams"] == want, (w.name, stats["tcp_streams"])
+        # the last one says why, on every other node
+        for w, states in zip(cluster.workers[:-1], cluster.all("bulk_stats",
+                                                                 workers=cluster.workers[:-1]),
+                             strict=True):
+            st = states[names[-1]]
+            assert st["state"] == "fallback" and "offers no bulk" in st["why"], (w.name, st)
+            other = states[names[1 - names.index(w.name)]]
+            assert other["state"] == "ready" and other["msgs_in"] > 0, (w.name, other)
     finally:
         cluster.shutdown()
