@@ -63,6 +63,17 @@ allgather take one step up to :data:`.schedule.DIRECT_MAX_GROUP` ranks (the
 root, or every rank, sends to each other rank itself); an allgather part of
 up to :data:`.schedule.ALLGATHER_CARRY_BYTES` rides with the shape exchange.
 
+Between members linked over tcp (other hosts, or ``shm=False``), segments of
+at least the node's ``tcp_bulk_threshold`` go over a plain TCP stream per pair
+instead (mesh/engine/bulk_tcp.py), agreed by both ends when the group forms.
+Its receives are posted ahead, up to ``_POST_AHEAD`` of them: a copying one
+(allgather half of the ring, broadcast, allgather) straight into its slice of
+the result, as soon as :func:`.schedule.post_guards` says nothing needs the
+slice's old content; a reducing one into a reusable scratch segment
+(``_SCRATCH_SEGMENTS``, kept between calls). The stream's receiver thread
+fills them while this thread reduces the previous segment, so the wire and
+the reduction overlap and no received byte is copied twice.
+
 Faults
 ------
 Every wait is bounded by the group timeout. A member whose node is declared
@@ -752,7 +763,8 @@ class Group:
     def stats(self) -> dict:
         """Per-peer wait time (seconds blocked waiting for its messages), bytes and
         message counts in and out, and per-op counts, seconds and bytes, since the
-        group was created (peers are keyed by node name; kept across reform())."""
+        group was created (peers are keyed by node name; kept across reform());
+        ``tcp_streams``: the members whose large segments go over a bulk tcp stream."""
         names = {m.id: m.name for m in self._members}
         ranks = {m.id: m.rank for m in self._members}
         peers = {}
