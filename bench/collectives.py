@@ -585,6 +585,9 @@ LAB_SH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
                       "tests", "harness", "netns_lab.sh")
 LAB_PREFIX, LAB_NET = "zbtcp-", "10.79.0"
 _CLONE_NEWNET = 0x40000000
+# Raw-rate rounds (the first is a warm-up; the best of the others counts: the
+# machine's other load only ever slows a round down).
+RAW_ROUNDS = 5
 
 
 def _enter_netns(name: str | None) -> None:
@@ -633,7 +636,7 @@ def _socket_sink(out: Any, port_q: Any, total: int, host: str, netns: str | None
     conn, _ = lsock.accept()
     buf = memoryview(bytearray(WIRE_FRAME))
     try:
-        for _ in range(3):  # warm-up round, then two timed ones
+        for _ in range(RAW_ROUNDS):  # a warm-up round, then timed ones
             got = 0
             while got < total:
                 k = conn.recv_into(buf, min(len(buf), total - got))
@@ -651,7 +654,7 @@ def _socket_source(out: Any, host: str, port: int, total: int, netns: str | None
     data = memoryview(np.ones(WIRE_FRAME // 8, dtype=np.float64)).cast("B")
     sock = socket.create_connection((host, port), timeout=30)
     try:
-        for _ in range(3):
+        for _ in range(RAW_ROUNDS):
             t0 = time.perf_counter()
             for _ in range(total // WIRE_FRAME):
                 sock.sendall(data)
@@ -664,7 +667,7 @@ def socket_rate(total: int = WIRE_BYTES, host: str = "127.0.0.1",
                 src_ns: str | None = None, dst_ns: str | None = None) -> float:
     """Raw tcp rate in bytes/s between two processes with plain sockets (``sendall``
     of 4 MiB memoryviews into ``recv_into`` a preallocated buffer; one direction,
-    best of two timed rounds): what the wire carries with no messaging on top. With
+    best of the timed rounds): what the wire carries with no messaging on top. With
     namespaces: from ``src_ns`` to ``dst_ns`` (whose address is ``host``)."""
     out, port_q, times = _SPAWN.Queue(), _SPAWN.Queue(), _SPAWN.Queue()
     sink = _SPAWN.Process(target=_socket_sink, args=(out, port_q, total, host, dst_ns),
@@ -677,7 +680,7 @@ def socket_rate(total: int = WIRE_BYTES, host: str = "127.0.0.1",
                              daemon=True)
         src.start()
         rates = []
-        for rnd in range(3):
+        for rnd in range(RAW_ROUNDS):
             t1 = out.get(timeout=120)
             _, t0 = times.get(timeout=120)
             if rnd:
@@ -723,7 +726,7 @@ def _socket_both_side(out: Any, ports: Any, peer_ports: Any, total: int, host: s
             got += k
 
     try:
-        for _ in range(3):
+        for _ in range(RAW_ROUNDS):
             th = threading.Thread(target=drain)
             t0 = time.perf_counter()
             th.start()
@@ -740,7 +743,7 @@ def socket_rate_both(total: int = WIRE_BYTES, hosts: tuple[str, str] = ("127.0.0
                      netns: tuple[str | None, str | None] = (None, None)) -> float:
     """Like :func:`socket_rate`, but both ends send to each other at once, as every
     rank of a ring or a 2-rank exchange does: bytes/s per direction (slowest end,
-    best of two timed rounds). On a host with few cores the two directions share
+    best of the timed rounds). On a host with few cores the two directions share
     them, so this, not the one-way rate, bounds a collective's busbw."""
     out = _SPAWN.Queue()
     pa, pb = _SPAWN.Queue(), _SPAWN.Queue()
@@ -753,7 +756,7 @@ def socket_rate_both(total: int = WIRE_BYTES, hosts: tuple[str, str] = ("127.0.0
     try:
         for proc in procs:
             proc.start()
-        rounds = [max(out.get(timeout=120), out.get(timeout=120)) for _ in range(3)]
+        rounds = [max(out.get(timeout=120), out.get(timeout=120)) for _ in range(RAW_ROUNDS)]
         return total / min(rounds[1:])
     finally:
         for proc in procs:
