@@ -502,8 +502,9 @@ class TcpBulkEndpoint:
             self._state.pop(peer_id, None)
             self._names.pop(peer_id, None)
             self._offers.pop(peer_id, None)
-        if c is not None:
-            c.close("closed")
+        if c is not None:  # (off the caller's thread: the node's I/O thread must not wait)
+            threading.Thread(target=c.close, args=("closed",), daemon=True,
+                             name="mesh-tcpbulk-close").start()
 
     def close(self) -> None:
         with self._lock:
