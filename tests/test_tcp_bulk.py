@@ -302,3 +302,37 @@ def test_collectives_with_one_member_on_zeromq_only():
             assert other["state"] == "ready" and other["msgs_in"] > 0, (w.name, other)
     finally:
         cluster.shutdown()
+
+
+def test_sigkill_mid_allreduce_over_the_streams_then_reform():
+    """A member killed mid-allreduce: the others raise PeerLostError naming it (the
+    stream's end of file, not only heartbeats), reform, and reduce correctly again."""
+    cluster = Cluster(3, prefix="kt", **TCP_ONLY)
+    timeout = 10.0
+    try:
+        cluster.start()
+        cluster.form("killed", timeout=timeout, segment_bytes=1 << 20)
+        victim = cluster.by_rank[1]
+        survivors = [w for w in cluster.by_rank if w is not victim]
+        elems = (32 << 20) // 4
+        ids = {w: w.send("allreduce_loop", group="killed", elems=elems, iterations=500)
+               for w in cluster.by_rank}
+        time.sleep(1.0)
+        t_kill = time.time()
+        victim.kill()
+        for w in survivors:
+            res = w.result(ids[w], timeout=timeout + 10, what="allreduce_loop")
+            assert res["error"] == "PeerLostError" and res["peer"] == victim.id, res
+            assert res["iterations"] > 0, res  # it did run over the streams first
+            assert res["t"] - t_kill < timeout, res
+        reformed = cluster.all("reform", workers=survivors, group="killed")
+        assert {r["size"] for r in reformed} == {2}, reformed
+        order = sorted(range(2), key=lambda i: reformed[i]["rank"])
+        by_rank = [survivors[i] for i in order]
+        cases = [{"kind": "allreduce", "op": "sum", "dtype": "float32", "shape": (elems // 2 + 1,),
+                  "algorithm": algo, "seed": 70 + i} for i, algo in enumerate(("ring", "auto"))]
+        assert_all_ok(cluster.cases("killed", cases, workers=by_rank), cases)
+        for stats in cluster.all("stats", workers=survivors, group="killed"):
+            assert len(stats["tcp_streams"]) == 1, stats["tcp_streams"]
+    finally:
+        cluster.shutdown()

@@ -945,6 +945,7 @@ class Group:
                 self._cond.wait(min(0.01, max(0.0, deadline - now)))
 
     def _install(self, inc: str, names: dict[str, str]) -> None:
+        old_inc = self._inc
         order = sorted(names, key=lambda pid: (names[pid], pid))
         self._members = [Member(r, pid, names[pid]) for r, pid in enumerate(order)]
         self._ids = order
@@ -962,6 +963,12 @@ class Group:
         self.dropped_stale += self._ch.discard(
             lambda tag: not (type(tag) is tuple and len(tag) > 1 and (tag[0] == inc or tag[1] == inc))
         )
+        if old_inc and self._tcp is not None:  # the old incarnation's arrivals, read aside
+            for pid in order:
+                conn = self._tcp.conn(pid)
+                if conn is not None:
+                    self.dropped_stale += conn.discard(
+                        lambda tag: type(tag) is tuple and len(tag) > 1 and tag[0] == old_inc)
         self._agree_streams(inc)
         log.debug("%s: group %r formed: rank %d of %d, incarnation %s",
                   self.node.name, self.name, self._rank, len(order), inc)
