@@ -263,7 +263,12 @@ def test_collectives_over_the_bulk_stream(size):
 
 
 class _MixedCluster(Cluster):
-    """Like Cluster, but the last worker has no bulk stream (tcp_bulk=False)."""
+    """Like Cluster, but the last worker gets the options ``last`` (default: no bulk
+    stream, tcp_bulk=False)."""
+
+    def __init__(self, n: int, prefix: str, last: dict | None = None, **kw: Any) -> None:
+        super().__init__(n, prefix, **kw)
+        self.last = {"tcp_bulk": False} if last is None else last
 
     def start(self) -> Cluster:
         kw = {"cluster": self.cluster, **self.node_kwargs}
@@ -271,7 +276,7 @@ class _MixedCluster(Cluster):
         self.workers.append(first)
         first.wait_ready()
         for i in range(1, self.n):
-            extra = {"tcp_bulk": False} if i == self.n - 1 else {}
+            extra = self.last if i == self.n - 1 else {}
             self.workers.append(Worker(f"{self.prefix}{i}", {**kw, **extra, "discovery": "static",
                                                              "seeds": [first.tcp]}))
         for w in self.workers[1:]:
@@ -334,5 +339,22 @@ def test_sigkill_mid_allreduce_over_the_streams_then_reform():
         assert_all_ok(cluster.cases("killed", cases, workers=by_rank), cases)
         for stats in cluster.all("stats", workers=survivors, group="killed"):
             assert len(stats["tcp_streams"]) == 1, stats["tcp_streams"]
+    finally:
+        cluster.shutdown()
+
+
+
+def test_members_with_different_thresholds_still_agree_on_every_byte():
+    """A segment one end sends over the stream and the other expects on ZeroMQ (their
+    tcp_bulk_threshold differs) is found on the stream after a poll interval."""
+    cluster = _MixedCluster(2, prefix="th", last={"tcp_bulk_threshold": 4 << 20}, **TCP_ONLY)
+    try:
+        cluster.start()
+        cluster.form("thr", segment_bytes=1 << 20)
+        cases = [{"kind": "allreduce", "op": "sum", "dtype": "float32", "shape": (3 << 18,),
+                  "algorithm": "ring", "seed": 80},
+                 {"kind": "broadcast", "root": 1, "dtype": "float32", "shape": (5 << 18,),
+                  "seed": 81}]
+        assert_all_ok(cluster.cases("thr", cases, timeout=60), cases)
     finally:
         cluster.shutdown()

@@ -243,6 +243,14 @@ def _keep_receive_buffers() -> None:
         pass
 
 
+class _StreamMessage(NamedTuple):
+    """An arrival of the bulk tcp stream, shaped like a channel message."""
+
+    meta: Any
+    data: memoryview
+    array: None = None
+
+
 class _PeerStats:
     __slots__ = ("wait_s", "max_wait_s", "bytes_in", "bytes_out", "msgs_in", "msgs_out")
 
@@ -1148,6 +1156,11 @@ class Group:
                     "looked alive: a straggler, a stuck process, or a crash not detected yet)",
                     opname, seq,
                 )
+            if pid in self._tcp_peers:  # its sender took the stream after all (options differ)
+                conn = self._tcp.conn(pid)  # type: ignore[union-attr]
+                early = conn.take_early(tag) if conn is not None else None
+                if early is not None:
+                    return _StreamMessage(early[0], memoryview(early[1]))
             try:
                 return ch.recv(pid, tag, max(0.0, min(POLL_INTERVAL, deadline - now)))
             except TimeoutError:
