@@ -6,6 +6,8 @@
     python -m bench.collectives --sizes 16K,64K,256K --worlds 2   # only these sizes
     python -m bench.collectives --tcp      # tcp only, shm off: allreduce/broadcast/allgather
                                            # vs Gloo, busbw, share of the raw tcp rate
+    python -m bench.collectives --tcp --lan   # the same, each rank in a network namespace
+                                              # of its own (root; tests/harness/netns_lab.sh)
 
 From ``bench/__main__.py``: ``from bench import collectives`` then
 ``collectives.run(quick=args.quick)``; it prints its own table and returns a
@@ -575,32 +577,227 @@ def wire_rate(total: int = WIRE_BYTES, frame: int = WIRE_FRAME) -> float:
             proc.join(timeout=3)
 
 
+# ``--lan``: every rank in a network namespace of its own (a "host" of the project's
+# namespace lab, tests/harness/netns_lab.sh), all on one bridge: no shared memory
+# and no loopback shortcut, for the mesh and Gloo alike. Our own name prefix and
+# subnet, so that the lab never collides with the tests' labs.
+LAB_SH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "tests", "harness", "netns_lab.sh")
+LAB_PREFIX, LAB_NET = "zbtcp-", "10.79.0"
+_CLONE_NEWNET = 0x40000000
+# Raw-rate rounds (the first is a warm-up; the best of the others counts: the
+# machine's other load only ever slows a round down).
+RAW_ROUNDS = 5
+
+
+def _enter_netns(name: str | None) -> None:
+    """Move this (spawned, still single-threaded) process into namespace ``name``."""
+    if not name:
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({name}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def _lab(*args: str) -> None:
+    import subprocess
+
+    env = {**os.environ, "ZMESH_LAB": LAB_PREFIX, "ZMESH_LAB_NET": LAB_NET}
+    subprocess.run(["bash", LAB_SH, *args], check=True, env=env, timeout=120,
+                   capture_output=True)
+
+
+@contextlib.contextmanager
+def namespace_lab(hosts: int) -> Any:
+    """``hosts`` namespace hosts (LAB_NET.1 ..), always torn down afterwards."""
+    if os.geteuid() != 0:
+        raise RuntimeError("--lan needs root (network namespaces)")
+    try:
+        _lab("up", str(hosts))
+        yield [f"{LAB_NET}.{i + 1}" for i in range(hosts)]
+    finally:
+        _lab("down")
+
+
+def _socket_sink(out: Any, port_q: Any, total: int, host: str, netns: str | None) -> None:
+    """Receiving side of :func:`socket_rate`: ``recv_into`` one preallocated buffer."""
+    _enter_netns(netns)
+    lsock = socket.socket()
+    lsock.bind((host, 0))
+    lsock.listen(1)
+    port_q.put(lsock.getsockname()[1])
+    conn, _ = lsock.accept()
+    buf = memoryview(bytearray(WIRE_FRAME))
+    try:
+        for _ in range(RAW_ROUNDS):  # a warm-up round, then timed ones
+            got = 0
+            while got < total:
+                k = conn.recv_into(buf, min(len(buf), total - got))
+                if k == 0:
+                    raise ConnectionError("the sender closed early")
+                got += k
+            out.put(time.perf_counter())
+    finally:
+        conn.close()
+        lsock.close()
+
+
+def _socket_source(out: Any, host: str, port: int, total: int, netns: str | None) -> None:
+    _enter_netns(netns)
+    data = memoryview(np.ones(WIRE_FRAME // 8, dtype=np.float64)).cast("B")
+    sock = socket.create_connection((host, port), timeout=30)
+    try:
+        for _ in range(RAW_ROUNDS):
+            t0 = time.perf_counter()
+            for _ in range(total // WIRE_FRAME):
+                sock.sendall(data)
+            out.put(("t0", t0))
+    finally:
+        sock.close()
+
+
+def socket_rate(total: int = WIRE_BYTES, host: str = "127.0.0.1",
+                src_ns: str | None = None, dst_ns: str | None = None) -> float:
+    """Raw tcp rate in bytes/s between two processes with plain sockets (``sendall``
+    of 4 MiB memoryviews into ``recv_into`` a preallocated buffer; one direction,
+    best of the timed rounds): what the wire carries with no messaging on top. With
+    namespaces: from ``src_ns`` to ``dst_ns`` (whose address is ``host``)."""
+    out, port_q, times = _SPAWN.Queue(), _SPAWN.Queue(), _SPAWN.Queue()
+    sink = _SPAWN.Process(target=_socket_sink, args=(out, port_q, total, host, dst_ns),
+                          daemon=True)
+    sink.start()
+    src = None
+    try:
+        port = port_q.get(timeout=30)
+        src = _SPAWN.Process(target=_socket_source, args=(times, host, port, total, src_ns),
+                             daemon=True)
+        src.start()
+        rates = []
+        for rnd in range(RAW_ROUNDS):
+            t1 = out.get(timeout=120)
+            _, t0 = times.get(timeout=120)
+            if rnd:
+                rates.append(total / (t1 - t0))
+        return max(rates)
+    finally:
+        for proc in (src, sink):
+            if proc is None:
+                continue
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=3)
+
+
+def _socket_both_side(out: Any, ports: Any, peer_ports: Any, total: int, host: str,
+                      peer_host: str, netns: str | None, dial_first: bool) -> None:
+    """One end of :func:`socket_rate_both`: sends ``total`` bytes to the other end
+    while a thread receives as many from it, three times; reports each round's time."""
+    import threading
+
+    _enter_netns(netns)
+    lsock = socket.socket()
+    lsock.bind((host, 0))
+    lsock.listen(1)
+    ports.put(lsock.getsockname()[1])
+    port = peer_ports.get(timeout=30)
+    if dial_first:
+        tx = socket.create_connection((peer_host, port), timeout=30)
+        rx, _ = lsock.accept()
+    else:
+        rx, _ = lsock.accept()
+        tx = socket.create_connection((peer_host, port), timeout=30)
+    data = memoryview(np.ones(WIRE_FRAME // 8, dtype=np.float64)).cast("B")
+    buf = memoryview(bytearray(WIRE_FRAME))
+
+    def drain() -> None:
+        got = 0
+        while got < total:
+            k = rx.recv_into(buf, min(len(buf), total - got))
+            if k == 0:
+                raise ConnectionError("the other end closed early")
+            got += k
+
+    try:
+        for _ in range(RAW_ROUNDS):
+            th = threading.Thread(target=drain)
+            t0 = time.perf_counter()
+            th.start()
+            for _ in range(total // WIRE_FRAME):
+                tx.sendall(data)
+            th.join()
+            out.put(time.perf_counter() - t0)
+    finally:
+        for sock in (tx, rx, lsock):
+            sock.close()
+
+
+def socket_rate_both(total: int = WIRE_BYTES, hosts: tuple[str, str] = ("127.0.0.1",) * 2,
+                     netns: tuple[str | None, str | None] = (None, None)) -> float:
+    """Like :func:`socket_rate`, but both ends send to each other at once, as every
+    rank of a ring or a 2-rank exchange does: bytes/s per direction (slowest end,
+    best of the timed rounds). On a host with few cores the two directions share
+    them, so this, not the one-way rate, bounds a collective's busbw."""
+    out = _SPAWN.Queue()
+    pa, pb = _SPAWN.Queue(), _SPAWN.Queue()
+    procs = [
+        _SPAWN.Process(target=_socket_both_side, daemon=True,
+                       args=(out, pa, pb, total, hosts[0], hosts[1], netns[0], True)),
+        _SPAWN.Process(target=_socket_both_side, daemon=True,
+                       args=(out, pb, pa, total, hosts[1], hosts[0], netns[1], False)),
+    ]
+    try:
+        for proc in procs:
+            proc.start()
+        rounds = [max(out.get(timeout=120), out.get(timeout=120)) for _ in range(RAW_ROUNDS)]
+        return total / min(rounds[1:])
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=3)
+
+
 def _tcp_rank_main(out: Any, rank: int, world: int, cluster: str, seed_q: Any, gloo_port: int,
                    sizes: list[int], quick: bool, ops: tuple[str, ...], algos: tuple[str, ...],
-                   segment_bytes: int | None) -> None:
+                   segment_bytes: int | None, netns: str | None = None,
+                   hosts: list[str] | None = None) -> None:
     _quiet_threads()
     try:
+        _enter_netns(netns)
         out.put((rank, True, _tcp_rank_body(rank, world, cluster, seed_q, gloo_port, sizes,
-                                            quick, ops, algos, segment_bytes)))
+                                            quick, ops, algos, segment_bytes, hosts)))
     except BaseException:
         out.put((rank, False, traceback.format_exc()))
 
 
 def _tcp_rank_body(rank: int, world: int, cluster: str, seed_q: Any, gloo_port: int | None,
                    sizes: list[int], quick: bool, ops: tuple[str, ...], algos: tuple[str, ...],
-                   segment_bytes: int | None) -> dict:
+                   segment_bytes: int | None, hosts: list[str] | None = None) -> dict:
     import mesh
 
+    # On the namespace LAN each rank is its own host (eth0); else tcp loopback.
+    me, first = (hosts[rank], hosts[0]) if hosts else ("127.0.0.1", "127.0.0.1")
     dist = torch = None
     if gloo_port is not None:
+        if hosts:
+            os.environ["GLOO_SOCKET_IFNAME"] = "eth0"  # not the hostname's address
         import torch
         import torch.distributed as dist
 
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{gloo_port}",
+        dist.init_process_group("gloo", init_method=f"tcp://{first}:{gloo_port}",
                                 rank=rank, world_size=world)
     # tcp only, shared memory off: what two hosts have
-    kwargs: dict[str, Any] = {"cluster": cluster, "listen": ("tcp://127.0.0.1:0",),
+    kwargs: dict[str, Any] = {"cluster": cluster, "listen": (f"tcp://{me}:0",),
                               "shm": False}
     if rank == 0:
         node = mesh.Node(f"bench-r0-{os.getpid()}", discovery="none", **kwargs).start()
@@ -682,39 +879,64 @@ def _tcp_rank_body(rank: int, world: int, cluster: str, seed_q: Any, gloo_port: 
         group.close()
     if dist is not None:
         dist.destroy_process_group()
-    return {"times": times, "transport": transport, "bulk": bulk, "stats": stats}
+    tcpbulk = sorted({str((p.get("tcpbulk") or {}).get("state")) for p in status["peers"]})
+    return {"times": times, "transport": transport, "bulk": bulk, "tcpbulk": tcpbulk,
+            "stats": stats}
 
 
 def tcp_compare(quick: bool = False, *, worlds: tuple[int, ...] = WORLDS,
                 sizes: list[int] | None = None, ops: tuple[str, ...] = TCP_OPS,
-                algos: tuple[str, ...] = ("auto",), segment_bytes: int | None = None) -> dict:
-    """The mesh on tcp only with shm=False against Gloo on tcp loopback, and the raw
-    wire rate, in one run; prints its table and returns every number."""
+                algos: tuple[str, ...] = ("auto",), segment_bytes: int | None = None,
+                lan: bool = False) -> dict:
+    """The mesh on tcp only with shm=False against Gloo, and the raw wire rate, in one
+    run; prints its table and returns every number. Over tcp loopback, or with
+    ``lan`` between network-namespace hosts (:func:`namespace_lab`)."""
+    if lan:
+        with namespace_lab(max(worlds)) as hosts:
+            return _tcp_compare(quick, worlds, sizes, ops, algos, segment_bytes, hosts)
+    return _tcp_compare(quick, worlds, sizes, ops, algos, segment_bytes, None)
+
+
+def _tcp_compare(quick: bool, worlds: tuple[int, ...], sizes: list[int] | None,
+                 ops: tuple[str, ...], algos: tuple[str, ...], segment_bytes: int | None,
+                 hosts: list[str] | None) -> dict:
     started = time.monotonic()
     gloo_reason = torch_available()
     if gloo_reason:
         print(f"collectives --tcp: Gloo reference skipped: {gloo_reason}")
     sizes = sorted(sizes or (TCP_QUICK_SIZES if quick else TCP_SIZES))
-    wire = wire_rate()
+    netns = [f"{LAB_PREFIX}h{i + 1}" for i in range(len(hosts))] if hosts else None
+    # The wire floor: plain sockets between the ranks' own endpoints (rank 0 -> 1).
+    raw = (socket_rate(host=hosts[1], src_ns=netns[0], dst_ns=netns[1]) if hosts and netns
+           else socket_rate())
+    both = (socket_rate_both(hosts=(hosts[0], hosts[1]), netns=(netns[0], netns[1]))
+            if hosts and netns else socket_rate_both())
+    zmq_wire = None if hosts else wire_rate()
+    wire = raw
     result: dict[str, Any] = {"bench": "collectives-tcp", "mode": "quick" if quick else "full",
-                              "wire_bytes_per_s": wire, "gloo_skipped": gloo_reason,
+                              "lan": bool(hosts), "wire_bytes_per_s": wire,
+                              "wire_both_ways_bytes_per_s": both,
+                              "zmq_wire_bytes_per_s": zmq_wire, "gloo_skipped": gloo_reason,
                               "cpus": os.cpu_count(), "load_avg_before": os.getloadavg(),
                               "rows": [], "algos": list(algos)}
     for world in worlds:
         cluster = f"bench-tcp-{uuid.uuid4().hex[:8]}"
         seed_q = _SPAWN.Queue()
-        port = None if gloo_reason else _free_port()
+        port = None if gloo_reason else (29500 + random.randrange(1000) if hosts
+                                         else _free_port())
         try:
             answers = _run_ranks(
                 _tcp_rank_main, world,
                 lambda r, w=world, c=cluster, q=seed_q, p=port: (
-                    w, c, q, p, sizes, quick, ops, algos, segment_bytes))
+                    w, c, q, p, sizes, quick, ops, algos, segment_bytes,
+                    netns[r] if netns else None, hosts))
         finally:
             seed_q.cancel_join_thread()
             seed_q.close()
         span = _per_rep(answers)["span"]
         result["transport"] = answers[0]["transport"]
         result["bulk"] = answers[0]["bulk"]
+        result["tcpbulk"] = answers[0]["tcpbulk"]
         for key, reps in sorted(span.items(), key=lambda kv: (int(kv[0].split(":")[0]), kv[0])):
             nbytes_s, opname, who = key.split(":")
             if who == "gloo":
@@ -735,6 +957,8 @@ def tcp_compare(quick: bool = False, *, worlds: tuple[int, ...] = WORLDS,
                 "ratio": (t_mesh / t_gloo) if t_gloo else None, "ratio_paired": paired,
                 "mesh_busbw": bus / t_mesh, "gloo_busbw": (bus / t_gloo) if t_gloo else None,
                 "mesh_wire_share": bus / t_mesh / wire,
+                "mesh_both_ways_share": bus / t_mesh / both,
+                "gloo_both_ways_share": (bus / t_gloo / both) if t_gloo else None,
                 "gloo_wire_share": (bus / t_gloo / wire) if t_gloo else None,
                 "wire_floor_s": bus / wire,
             })
@@ -747,21 +971,28 @@ def tcp_compare(quick: bool = False, *, worlds: tuple[int, ...] = WORLDS,
 
 def tcp_summary(result: dict) -> str:
     wire = result["wire_bytes_per_s"]
+    zw = result.get("zmq_wire_bytes_per_s")
+    where = ("LAN: each rank in a network namespace of its own on one bridge "
+             f"({LAB_NET}.x, tests/harness/netns_lab.sh)" if result.get("lan")
+             else "tcp loopback")
     lines = [
         "",
-        "=== tcp only (mesh: tcp listen endpoints, shm=False; Gloo: tcp loopback), float32, "
+        f"=== tcp only, {where} (mesh: tcp listen endpoints, shm=False; Gloo: tcp), float32, "
         "interleaved; median span (last rank in -> last rank out); ratio = mesh / gloo "
         "(< 1: mesh faster), paired = median of per-repetition ratios ===",
         f"busbw: allreduce 2(n-1)/n*bytes/time, broadcast bytes/time, allgather "
-        f"(n-1)*bytes/time; wire = raw tcp loopback, zmq PUSH/PULL copy=False, one "
-        f"direction, same run: {wire / 1e9:.2f} GB/s; floor = busbytes / wire; "
-        f"mesh links {','.join(result.get('transport', []))} bulk "
-        f"{','.join(result.get('bulk', []))}; {result['cpus']} cpus, load avg "
-        f"{result['load_avg_before'][0]:.1f} before",
+        f"(n-1)*bytes/time; wire = raw tcp between the ranks' endpoints with plain sockets "
+        f"(sendall -> recv_into), one direction, same run: {wire / 1e9:.2f} GB/s"
+        + (f" (zmq PUSH/PULL: {zw / 1e9:.2f} GB/s)" if zw else "")
+        + f"; both ways at once (as in a ring): {result['wire_both_ways_bytes_per_s'] / 1e9:.2f}"
+        " GB/s per direction (2way = busbw / that)"
+        + f"; floor = busbytes / wire; mesh links {','.join(result.get('transport', []))}, "
+        f"bulk tcp stream {','.join(result.get('tcpbulk', []))}; {result['cpus']} cpus, "
+        f"load avg {result['load_avg_before'][0]:.1f} before",
     ]
     head = (f"{'op':>9} {'algo':>6} {'world':>5} {'size':>7}  {'mesh':>9} {'gloo':>9} "
             f"{'ratio':>6} {'paired':>6}  {'mesh busbw':>10} {'gloo busbw':>10} "
-            f"{'mesh/wire':>9} {'gloo/wire':>9} {'floor':>9}")
+            f"{'mesh/wire':>9} {'gloo/wire':>9} {'floor':>9} {'mesh/2way':>9} {'gloo/2way':>9}")
     lines += [head, "-" * len(head)]
 
     def ms(v: float | None) -> str:
@@ -782,9 +1013,8 @@ def tcp_summary(result: dict) -> str:
             f"{x(row['ratio_paired']):>6}  {row['mesh_busbw'] / 1e9:>6.3f}GB/s "
             f"{(f'{gbw / 1e9:6.3f}GB/s' if gbw else '-'):>10} "
             f"{pct(row['mesh_wire_share']):>9} {pct(row['gloo_wire_share']):>9} "
-            f"{ms(row['wire_floor_s']):>9}")
-    lines.append("LAN mode (ranks in network namespaces) not run: tests/harness/netns_lab.sh "
-                 "is not on this branch")
+            f"{ms(row['wire_floor_s']):>9} {pct(row.get('mesh_both_ways_share')):>9} "
+            f"{pct(row.get('gloo_both_ways_share')):>9}")
     if result["gloo_skipped"]:
         lines.append(f"Gloo skipped: {result['gloo_skipped']}")
     lines.append(f"wall time {result['wall_seconds']:.1f} s ({result['mode']} run)")
@@ -1031,18 +1261,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tcp", action="store_true",
                         help="nodes on tcp only with shm=False: allreduce, broadcast, allgather "
                         "vs Gloo side by side, busbw and share of the raw tcp rate")
+    parser.add_argument("--lan", action="store_true",
+                        help="with --tcp: every rank in a network namespace of its own "
+                        "(tests/harness/netns_lab.sh; root), mesh and Gloo alike")
     parser.add_argument("--ops", default=",".join(TCP_OPS),
                         help="with --tcp: which collectives (default: all three)")
     parser.add_argument("--algos", default="auto",
                         help="with --tcp: the mesh allreduce algorithms to time (default: auto)")
     parser.add_argument("--json", default="", help="also write the results to this file")
     args = parser.parse_args(argv)
-    if args.tcp:
+    if args.tcp or args.lan:
         result = tcp_compare(args.quick, worlds=tuple(int(w) for w in args.worlds.split(",")),
                              sizes=parse_sizes(args.sizes) or None,
                              ops=tuple(o for o in args.ops.split(",") if o),
                              algos=tuple(a for a in args.algos.split(",") if a),
-                             segment_bytes=args.segment_bytes)
+                             segment_bytes=args.segment_bytes, lan=args.lan)
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump(result, fh, indent=1, default=str)

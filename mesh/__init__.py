@@ -9,6 +9,7 @@
 from mesh import transports
 from mesh.errors import (
     BackpressureError,
+    BulkLinkError,
     ClosedError,
     CollectiveAborted,
     ConfigError,
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackpressureError",
+    "BulkLinkError",
     "ClosedError",
     "CollectiveAborted",
     "ConfigError",

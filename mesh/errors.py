@@ -44,6 +44,12 @@ class PeerLostError(MeshError):
         self.peer = peer
 
 
+class BulkLinkError(PeerLostError):
+    """The bulk tcp connection to a peer broke mid-transfer (the peer died, or the
+    network between the two failed). Only that transfer is lost; later ones to the
+    peer go over its ZeroMQ link (``status()["peers"][i]["tcpbulk"]`` says why)."""
+
+
 class CollectiveAborted(MeshError):
     """Another member failed this collective (its message says which rank and why).
 

@@ -207,6 +207,8 @@ def _run(node: Any, groups: dict, op: str, args: dict) -> Any:
         return len(node.wait_for_peers(args["n"], timeout=args.get("timeout", 20.0)))
     if op == "peer_states":
         return {p["name"]: p["state"] for p in node.status()["peers"]}
+    if op == "bulk_stats":  # the bulk tcp channel's state per peer (status())
+        return {p["name"]: p.get("tcpbulk") for p in node.status()["peers"]}
     if op == "group":
         g = node.group(args["name"], args["size"], timeout=args.get("group_timeout", 20.0),
                        **args.get("options", {}))

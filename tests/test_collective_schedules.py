@@ -897,3 +897,47 @@ def test_reduce_helpers() -> None:
         red.reference_allreduce([np.zeros(2), np.zeros(3)], "sum")
     empty = red.reference_allreduce([np.zeros(0, np.float32)] * 3, "max")
     assert empty.shape == (0,) and empty.dtype == np.float32
+
+
+def _any_plan(kind: str, n: int, rank: int, size: int, seg: int, root: int) -> list[Transfer]:
+    if kind == "ring":
+        return sch.ring_allreduce_plan(n, rank, size, seg)
+    if kind == "tree":
+        return sch.tree_allreduce_plan(n, rank, size, 0, seg)
+    if kind == "broadcast":
+        return sch.broadcast_plan(n, rank, size, root, seg)
+    if kind == "broadcast_direct":
+        return sch.direct_broadcast_plan(n, rank, size, root, seg)
+    if kind == "allgather":
+        return sch.allgather_plan([n + r for r in range(size)], rank, seg)
+    if kind == "allgather_direct":
+        return sch.direct_allgather_plan([n + r for r in range(size)], rank, seg)
+    return sch.reduce_scatter_plan(n, rank, size, seg)
+
+
+@FAST
+@given(kind=st.sampled_from(["ring", "tree", "broadcast", "broadcast_direct", "allgather",
+                             "allgather_direct", "reduce_scatter"]),
+       size=st.integers(1, 9), rank=st.integers(0, 8), n=st.integers(0, 60),
+       seg=st.integers(1, 9), root=st.integers(0, 8))
+def test_post_guards_name_every_earlier_reader_and_writer(
+    kind: str, size: int, rank: int, n: int, seg: int, root: int
+) -> None:
+    """A copying receive posted ahead (the bulk tcp stream writes it in place) must
+    wait for every send of its slice that the executor posts before consuming it,
+    and for the last earlier receive into the slice (mesh/collectives/group.py)."""
+    plan = _any_plan(kind, n, rank % size, size, seg, root % size)
+    guards = sch.post_guards(plan)
+    slices = {s for t in plan for s in (t.send, t.recv) if s is not None}
+    for a in slices:  # one segmentation: equal or disjoint
+        for b in slices:
+            assert a == b or a[1] <= b[0] or b[1] <= a[0]
+    copies = [t for t in plan if t.recv is not None and not t.reduce]
+    assert set(guards) == {t.index for t in copies}
+    for t in copies:
+        g = guards[t.index]
+        early_reads = {j.index for j in plan if j.send == t.recv
+                       and (j.send_after is None or j.send_after < t.index)}
+        assert set(g.readers) == early_reads
+        writers = [k.index for k in plan if k.recv == t.recv and k.index < t.index]
+        assert g.prev_writer == (max(writers) if writers else -1)

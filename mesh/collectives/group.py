@@ -63,6 +63,17 @@ allgather take one step up to :data:`.schedule.DIRECT_MAX_GROUP` ranks (the
 root, or every rank, sends to each other rank itself); an allgather part of
 up to :data:`.schedule.ALLGATHER_CARRY_BYTES` rides with the shape exchange.
 
+Between members linked over tcp (other hosts, or ``shm=False``), segments of
+at least the node's ``tcp_bulk_threshold`` go over a plain TCP stream per pair
+instead (mesh/engine/bulk_tcp.py), agreed by both ends when the group forms.
+Its receives are posted ahead, up to ``_POST_AHEAD`` of them: a copying one
+(allgather half of the ring, broadcast, allgather) straight into its slice of
+the result, as soon as :func:`.schedule.post_guards` says nothing needs the
+slice's old content; a reducing one into a reusable scratch segment
+(``_SCRATCH_SEGMENTS``, kept between calls). The stream's receiver thread
+fills them while this thread reduces the previous segment, so the wire and
+the reduction overlap and no received byte is copied twice.
+
 Faults
 ------
 Every wait is bounded by the group timeout. A member whose node is declared
@@ -98,7 +109,14 @@ import numpy as np
 
 from mesh.collectives import reduce as red
 from mesh.collectives import schedule as sch
-from mesh.errors import CollectiveAborted, ConfigError, MeshError, PeerLostError, TimeoutError
+from mesh.errors import (
+    BulkLinkError,
+    CollectiveAborted,
+    ConfigError,
+    MeshError,
+    PeerLostError,
+    TimeoutError,
+)
 from mesh.subjects import validate_subject
 
 log = logging.getLogger("mesh.collectives")
@@ -110,6 +128,13 @@ POLL_INTERVAL = 0.1
 ANNOUNCE_MAX_INTERVAL = 0.25
 # Hellos, joins and aborts are tiny; aborts/suspects older than this many ops are pruned.
 _KEEP_NOTICES = 64
+# Bulk tcp receives posted ahead of the one being consumed, and scratch segments
+# for those that reduce (each one segment: 4 MiB by default).
+_POST_AHEAD = 8
+_SCRATCH_SEGMENTS = 4
+# Group formation waits at most this long for the bulk streams to its members to
+# connect (or fall back), so that both sides of a pair pick the same path.
+_SETTLE = 8.0
 # close() waits at most this long (or the group timeout) for the others to close too.
 CLOSE_WAIT = 5.0
 
@@ -128,6 +153,9 @@ class _Compiled(NamedTuple):
     plan: tuple[sch.Transfer, ...]
     initial: tuple[sch.Transfer, ...]  # sends that carry the rank's own input
     deps: tuple[tuple[sch.Transfer, ...], ...]  # deps[i]: sends to post after receive i
+    recvs: tuple[int, ...]  # indices of the transfers that receive, in plan order
+    guards: dict[int, sch.PostGuard]  # when a copying receive may be posted ahead
+    max_recv: int  # elements of the largest received slice
 
 
 @lru_cache(maxsize=256)
@@ -159,7 +187,10 @@ def _compiled(kind: str, n: int, rank: int, size: int, seg: int, extra: Any = No
             initial.append(t)
         else:
             deps[t.send_after].append(t)
-    return _Compiled(tuple(plan), tuple(initial), tuple(tuple(d) for d in deps))
+    recvs = tuple(t.index for t in plan if t.recv is not None)
+    max_recv = max((t.recv[1] - t.recv[0] for t in plan if t.recv is not None), default=0)
+    return _Compiled(tuple(plan), tuple(initial), tuple(tuple(d) for d in deps), recvs,
+                     sch.post_guards(plan), max_recv)
 
 
 def _check_name(name: object) -> str:
@@ -210,6 +241,14 @@ def _keep_receive_buffers() -> None:
         libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
     except (OSError, AttributeError):  # pragma: no cover - exotic libc
         pass
+
+
+class _StreamMessage(NamedTuple):
+    """An arrival of the bulk tcp stream, shaped like a channel message."""
+
+    meta: Any
+    data: memoryview
+    array: None = None
 
 
 class _PeerStats:
@@ -274,6 +313,15 @@ class Group:
         # meanwhile. The receiver knows dtype and length from the plan (_array_of).
         opts = getattr(node, "options", {})
         self._raw_below = opts.get("shm_threshold", 1 << 20)
+        bulk = getattr(node, "_bulk_named", {})
+        self._tcp = bulk.get("tcpbulk") if getattr(bulk.get("tcpbulk"), "endpoint", None) else None
+        self._tcp_min = opts.get("tcp_bulk_threshold", 256 << 10)
+        self._scratch: list[np.ndarray] | None = None
+        # Members with whom both sides have a bulk tcp stream (agreed at formation),
+        # and whether that is every other member (the same answer on every rank).
+        self._tcp_peers: set[str] = set()
+        self._tcp_all = False
+        self._scratch_key: tuple | None = None
         if getattr(node, "_rdma", None) is not None:
             self._raw_below = min(self._raw_below, opts.get("rdma_threshold", 1 << 20))
 
@@ -464,9 +512,10 @@ class Group:
             n = buf.size
             algo = algorithm
             if algo == "auto":
-                algo = sch.choose_algorithm(
-                    buf.nbytes, self.size, self.crossover_bytes, self.direct_bytes
-                )
+                direct = self.direct_bytes
+                if direct is None and self._tcp_all:  # (agreed by every member alike)
+                    direct = sch.direct_bytes_over_tcp(self.size)
+                algo = sch.choose_algorithm(buf.nbytes, self.size, self.crossover_bytes, direct)
             if src is not None and algo == "direct":
                 seg = sch.segment_elems_for(buf.itemsize, self.segment_bytes)
                 plan = _compiled(algo, n, self._rank, self.size, seg)
@@ -722,7 +771,8 @@ class Group:
     def stats(self) -> dict:
         """Per-peer wait time (seconds blocked waiting for its messages), bytes and
         message counts in and out, and per-op counts, seconds and bytes, since the
-        group was created (peers are keyed by node name; kept across reform())."""
+        group was created (peers are keyed by node name; kept across reform());
+        ``tcp_streams``: the members whose large segments go over a bulk tcp stream."""
         names = {m.id: m.name for m in self._members}
         ranks = {m.id: m.rank for m in self._members}
         peers = {}
@@ -751,6 +801,8 @@ class Group:
             "peers": peers,
             "slowest_peer": slowest,
             "dropped_stale": self.dropped_stale,
+            # members whose large segments go over a bulk tcp stream (both ends agreed)
+            "tcp_streams": sorted(names.get(pid, pid) for pid in self._tcp_peers),
         }
 
     # ------------------------------------------------------------------ rendezvous
@@ -901,6 +953,7 @@ class Group:
                 self._cond.wait(min(0.01, max(0.0, deadline - now)))
 
     def _install(self, inc: str, names: dict[str, str]) -> None:
+        old_inc = self._inc
         order = sorted(names, key=lambda pid: (names[pid], pid))
         self._members = [Member(r, pid, names[pid]) for r, pid in enumerate(order)]
         self._ids = order
@@ -918,6 +971,13 @@ class Group:
         self.dropped_stale += self._ch.discard(
             lambda tag: not (type(tag) is tuple and len(tag) > 1 and (tag[0] == inc or tag[1] == inc))
         )
+        if old_inc and self._tcp is not None:  # the old incarnation's arrivals, read aside
+            for pid in order:
+                conn = self._tcp.conn(pid)
+                if conn is not None:
+                    self.dropped_stale += conn.discard(
+                        lambda tag: type(tag) is tuple and len(tag) > 1 and tag[0] == old_inc)
+        self._agree_streams(inc)
         log.debug("%s: group %r formed: rank %d of %d, incarnation %s",
                   self.node.name, self.name, self._rank, len(order), inc)
 
@@ -935,10 +995,14 @@ class Group:
             self._seq += 1
             if self._dirty:
                 inc = self._inc
-                self.dropped_stale += self._ch.discard(
-                    lambda tag: type(tag) is tuple and len(tag) > 1 and tag[0] == inc
-                    and type(tag[1]) is int and tag[1] < seq
-                )
+                def stale(tag: Any) -> bool:
+                    return (type(tag) is tuple and len(tag) > 1 and tag[0] == inc
+                            and type(tag[1]) is int and tag[1] < seq)
+
+                self.dropped_stale += self._ch.discard(stale)
+                for conn in self._bulk_conns() or ():
+                    if conn is not None:
+                        self.dropped_stale += conn.discard(stale)
                 self._dirty = False
             t0 = time.perf_counter()
             try:
@@ -1092,6 +1156,11 @@ class Group:
                     "looked alive: a straggler, a stuck process, or a crash not detected yet)",
                     opname, seq,
                 )
+            if pid in self._tcp_peers:  # its sender took the stream after all (options differ)
+                conn = self._tcp.conn(pid)  # type: ignore[union-attr]
+                early = conn.take_early(tag) if conn is not None else None
+                if early is not None:
+                    return _StreamMessage(early[0], memoryview(early[1]))
             try:
                 return ch.recv(pid, tag, max(0.0, min(POLL_INTERVAL, deadline - now)))
             except TimeoutError:
@@ -1118,8 +1187,13 @@ class Group:
             if tr.done:
                 continue
             try:
-                tr.wait(max(0.001, deadline - time.monotonic()))
+                ok = tr.wait(max(0.001, deadline - time.monotonic()))
+            except BulkLinkError as exc:
+                raise PeerLostError(f"{opname} #{seq} of group {self.name!r}: {exc}; call "
+                                    "group.reform() to continue", peer=exc.peer) from None
             except Exception:
+                ok = False
+            if ok is False:  # (a zmq tracker returns None, a bulk send True when done)
                 raise MeshError(
                     f"{opname} #{seq}: a zero-copy send of group {self.name!r} was not released "
                     f"within {self.timeout} s (a peer holds or never took the data)"
@@ -1151,38 +1225,115 @@ class Group:
         trackers: list = []
         send = self._send
         written: set[tuple[int, int]] | None = None if src is None or src is buf else set()
+        plan, deps, guards = compiled.plan, compiled.deps, compiled.guards
+        # Large slices to/from peers with a bulk tcp stream go over it (received
+        # straight into place), the rest over the group's ZeroMQ channel.
+        conns = self._bulk_conns()
+        itemsize, tmin = buf.itemsize, self._tcp_min
+
+        def stream(rank: int, a: int, b: int) -> Any:
+            if conns is None or (b - a) * itemsize < tmin:
+                return None
+            return conns[rank]
+
+        posted_sends: set[int] = set()
 
         def post(t: sch.Transfer) -> None:
             a, b = t.send  # type: ignore[misc]
             data = buf[a:b] if written is None or t.send in written else src[a:b]  # type: ignore[index]
-            tr = send(t.send_to, base + t.tag, data, meta, seq, opname)  # type: ignore[arg-type]
+            c = stream(t.send_to, a, b)  # type: ignore[arg-type]
+            if c is not None:
+                tr = self._send_bulk(c, t.send_to, base + t.tag, data, meta)  # type: ignore[arg-type]
+            else:
+                tr = send(t.send_to, base + t.tag, data, meta, seq, opname)  # type: ignore[arg-type]
             trackers.append(tr)
             inflight.setdefault(t.send, []).append(tr)  # type: ignore[arg-type]
+            posted_sends.add(t.index)
 
-        for t in compiled.initial:
-            post(t)
-        deps = compiled.deps
-        for t in compiled.plan:
-            if t.recv is None:
-                continue
-            msg = self._recv(t.recv_from, base + t.tag, seq, opname, timeout)  # type: ignore[arg-type]
-            a, b = t.recv
-            incoming = self._incoming(msg, t, meta, b - a, buf.dtype)
-            dst = buf[a:b]
-            pending = inflight.pop(t.recv, None)
-            if pending:  # our own send of this slice may still be reading it
-                self._wait_trackers(pending, seq, opname)
-            if not t.reduce:
-                np.copyto(dst, incoming)
-            elif written is None or t.recv in written:
-                ufunc(dst, incoming, out=dst)  # type: ignore[misc]
-            else:
-                ufunc(src[a:b], incoming, out=dst)  # type: ignore[index, misc]
-            if written is not None:
-                written.add(t.recv)
-            del msg, incoming
-            for d in deps[t.index]:
-                post(d)
+        # Receives posted ahead on bulk streams: plan index -> (request, scratch).
+        # A reducing receive lands in a scratch segment (reused across calls), a
+        # copying one in its own slice of buf once nothing needs the old content.
+        posted: dict[int, tuple[Any, np.ndarray | None]] = {}
+        scratch = self._scratch_pool(buf.dtype, compiled.max_recv) if conns is not None else []
+        recvs = compiled.recvs
+        state = {"next": 0, "consumed": -1}
+
+        def may_post(i: int) -> bool:
+            g = guards[i]
+            if g.prev_writer > state["consumed"]:
+                return False
+            for j in g.readers:
+                if j not in posted_sends:
+                    return False
+                for tr in inflight.get(plan[j].send, ()):  # type: ignore[arg-type]
+                    if not tr.done:
+                        return False
+            return True
+
+        def post_ahead(upto: int) -> None:
+            while state["next"] < len(recvs) and state["next"] <= upto:
+                i = recvs[state["next"]]
+                t = plan[i]
+                a, b = t.recv  # type: ignore[misc]
+                c = stream(t.recv_from, a, b)  # type: ignore[arg-type]
+                if c is not None:
+                    if t.reduce:
+                        if not scratch:
+                            return
+                        sc = scratch.pop()
+                        posted[i] = (c.post(base + t.tag, sc[: b - a]), sc)
+                    elif may_post(i):
+                        posted[i] = (c.post(base + t.tag, buf[a:b]), None)
+                    else:
+                        return  # in order: it is posted when consumed
+                state["next"] += 1
+
+        try:
+            for t in compiled.initial:
+                post(t)
+            for pos, i in enumerate(recvs):
+                t = plan[i]
+                post_ahead(pos + _POST_AHEAD)
+                a, b = t.recv  # type: ignore[misc]
+                dst = buf[a:b]
+                pending = inflight.pop(t.recv, None)
+                if pending:  # our own send of this slice may still be reading it
+                    self._wait_trackers(pending, seq, opname)
+                entry = posted.pop(i, None)
+                c = stream(t.recv_from, a, b)  # type: ignore[arg-type]
+                if entry is None and c is not None:
+                    if state["next"] == pos:
+                        state["next"] += 1  # posted here, not ahead
+                    sc = (scratch.pop() if scratch else np.empty(compiled.max_recv, buf.dtype)
+                          ) if t.reduce else None
+                    entry = (c.post(base + t.tag, dst if sc is None else sc[: b - a]), sc)
+                if entry is not None:
+                    req, sc = entry
+                    incoming = self._recv_bulk(t.recv_from, c, req, base + t.tag, seq, opname,
+                                               timeout, t, meta, b - a, buf.dtype)
+                else:
+                    sc = None
+                    msg = self._recv(t.recv_from, base + t.tag, seq, opname, timeout)  # type: ignore[arg-type]
+                    incoming = self._incoming(msg, t, meta, b - a, buf.dtype)
+                    del msg
+                if not t.reduce:
+                    if incoming is not dst and not (incoming.ctypes.data == dst.ctypes.data):
+                        np.copyto(dst, incoming)
+                elif written is None or t.recv in written:
+                    ufunc(dst, incoming, out=dst)  # type: ignore[misc]
+                else:
+                    ufunc(src[a:b], incoming, out=dst)  # type: ignore[index, misc]
+                if written is not None:
+                    written.add(t.recv)
+                del incoming
+                if sc is not None:
+                    scratch.append(sc)
+                state["consumed"] = i
+                for d in deps[t.index]:
+                    post(d)
+        except BaseException:
+            self._cancel_posted(posted)
+            raise
         if written is not None and need is not None:
             at = need[0]
             for a, b in sorted(written) + [(need[1], need[1])]:
@@ -1190,6 +1341,152 @@ class Group:
                     np.copyto(buf[at:min(a, need[1])], src[at:min(a, need[1])])  # type: ignore[index]
                 at = max(at, b)
         self._wait_trackers(trackers, seq, opname)
+
+    # -- the bulk tcp stream (mesh/engine/bulk_tcp.py) ---------------------------------
+
+    def _agree_streams(self, inc: str) -> None:
+        """At formation: connect the bulk tcp streams to the other members (bounded),
+        then tell each which of them this node has, so that a pair uses its stream
+        only when both ends have it, and every rank knows whether all pairs do."""
+        self._tcp_peers, self._tcp_all = set(), False
+        others = [pid for pid in self._ids if pid != self.node.id]
+        if not others:
+            return
+        mine = []
+        if self._tcp is not None:
+            self._tcp.settle(others, min(self.timeout, _SETTLE))
+            mine = sorted(pid for pid in others if self._tcp.conn(pid) is not None)
+        tag = ("bulk", inc)
+        for pid in others:
+            try:
+                self._ch.send(pid, tag, b"", mine, timeout=1.0)
+            except MeshError:
+                pass
+        deadline = time.monotonic() + min(self.timeout, _SETTLE)
+        theirs: dict[str, set] = {}
+        for pid in others:
+            try:
+                meta = self._ch.recv(pid, tag, max(0.0, deadline - time.monotonic())).meta
+            except MeshError:
+                continue
+            theirs[pid] = set(meta) if type(meta) is list else set()
+        self._tcp_peers = {pid for pid in mine if self.node.id in theirs.get(pid, ())}
+        # Every member's list, from every member: the same on every rank.
+        self._tcp_all = len(theirs) == len(others) and all(
+            set(self._ids) - {pid} <= (theirs[pid] | {pid}) for pid in others
+        ) and set(mine) == set(others)
+
+    def _bulk_conns(self) -> list | None:
+        """Per rank, the connected bulk stream to that member (None: ZeroMQ), or None
+        when no member has one."""
+        if self._tcp is None or not self._tcp_peers:
+            return None
+        conns = [self._tcp.conn(pid) if pid in self._tcp_peers else None for pid in self._ids]
+        return conns if any(c is not None for c in conns) else None
+
+    def _scratch_pool(self, dtype: np.dtype, elems: int) -> list[np.ndarray]:
+        """Reusable receive segments for reducing receives: kept between calls, so
+        their pages are faulted in once, not on every collective."""
+        key = (np.dtype(dtype).str, elems)
+        if self._scratch_key != key or self._scratch is None:
+            self._scratch_key = key
+            self._scratch = [np.empty(elems, dtype) for _ in range(_SCRATCH_SEGMENTS)]
+        return self._scratch
+
+    def _cancel_posted(self, posted: dict) -> None:
+        """A collective failed: no receive may write into its buffers afterwards."""
+        self._scratch = None  # a stream may still be writing into them: new ones next time
+        for req, _ in posted.values():
+            req.cancel()
+        for req, _ in posted.values():
+            if not req.done:
+                try:
+                    req.wait(1.0)  # one already being read finishes first (bounded)
+                except MeshError:
+                    pass
+
+    def _send_bulk(self, conn: Any, rank: int, tag: Hashable, data: np.ndarray,
+                   meta: Any) -> Any:
+        tr = conn.send(tag, meta, data)
+        st = self._peer_stats[self._ids[rank]]
+        st.msgs_out += 1
+        st.bytes_out += data.nbytes
+        return tr
+
+    def _recv_bulk(self, rank: int, conn: Any, req: Any, tag: Hashable, seq: int, opname: str,
+                   timeout: float | None, t: sch.Transfer, meta: list, n: int,
+                   dtype: np.dtype) -> np.ndarray:
+        """Wait for a posted bulk receive (bounded like ``_recv``; a sender that fell
+        back to ZeroMQ meanwhile is found on the channel); its array, checked."""
+        pid = self._ids[rank]
+        st = self._peer_stats[pid]
+        t0 = time.monotonic()
+        limit = timeout or self.timeout
+        msg = None
+        try:
+            if not req.wait(POLL_INTERVAL):
+                grace = min(1.0, limit / 4)
+                suspect_at, deadline = t0 + limit - grace, t0 + limit
+                suspected = False
+                while True:
+                    self._check_notices(seq, opname)
+                    try:
+                        msg = self._ch.recv(pid, tag, 0)  # it took the ZeroMQ path after all
+                        req.cancel()
+                        break
+                    except TimeoutError:
+                        pass
+                    now = time.monotonic()
+                    if not suspected and now >= suspect_at:
+                        suspected = True
+                        try:
+                            self._publish({"k": "suspect", "from": self.node.id,
+                                           "inc": self._inc, "seq": seq, "who": pid})
+                        except MeshError:
+                            pass
+                    if now >= deadline:
+                        req.cancel()
+                        culprit = self._resolve_culprit(seq, pid)
+                        raise self._lost(
+                            self._ids.index(culprit),
+                            f"stopped answering (sent nothing for {limit} s while its node "
+                            "still looked alive)", opname, seq)
+                    if req.wait(max(0.0, min(POLL_INTERVAL, deadline - now))):
+                        break
+        except PeerLostError as exc:
+            if isinstance(exc, BulkLinkError):
+                raise self._lost(rank, f"broke its bulk tcp connection ({exc})", opname,
+                                 seq) from None
+            raise
+        finally:
+            waited = time.monotonic() - t0
+            st.wait_s += waited
+            st.max_wait_s = max(st.max_wait_s, waited)
+        if msg is not None:
+            st.msgs_in += 1
+            data = msg.data
+            st.bytes_in += data.nbytes if isinstance(data, memoryview) else len(data)
+            return self._incoming(msg, t, meta, n, dtype)
+        st.msgs_in += 1
+        st.bytes_in += len(req.data)
+        if req.meta != meta:
+            raise ConfigError(
+                f"rank {t.recv_from} called {req.meta!r}, this rank (rank {self._rank}) "
+                f"{meta!r}: every rank must call the same collective with the same shape, "
+                "dtype and options"
+            )
+        if req.into_dest:
+            return np.frombuffer(req.dest, dtype=dtype)
+        try:
+            incoming = np.frombuffer(req.data, dtype=dtype)
+        except ValueError:
+            incoming = None
+        if incoming is None or incoming.shape != (n,):
+            raise ConfigError(
+                f"rank {t.recv_from} sent {len(req.data)} bytes for slice {t.recv} "
+                f"({n} elements of {dtype}): every rank must pass the same shape"
+            )
+        return incoming
 
     def _execute_direct(
         self,
@@ -1214,36 +1511,89 @@ class Group:
         own = src.copy() if src is buf and rank >= 2 else src
         pending = []
         guard: dict[tuple[int, int], list] = {}  # slice -> our zero-copy sends still reading buf
+        conns = self._bulk_conns()
+        itemsize, tmin = buf.itemsize, self._tcp_min
+
+        def stream(r: int, a: int, b: int) -> Any:
+            if conns is None or (b - a) * itemsize < tmin:
+                return None
+            return conns[r]
+
         for t in compiled.initial:
             a, b = t.send  # type: ignore[misc]
-            tr = self._send(t.send_to, base + t.tag, own[a:b], meta, seq, "allreduce")  # type: ignore[arg-type]
+            c = stream(t.send_to, a, b)  # type: ignore[arg-type]
+            if c is not None:
+                tr = self._send_bulk(c, t.send_to, base + t.tag, own[a:b], meta)  # type: ignore[arg-type]
+            else:
+                tr = self._send(t.send_to, base + t.tag, own[a:b], meta, seq, "allreduce")  # type: ignore[arg-type]
             if own is src and not tr.done:  # (a private copy may stay in flight)
                 pending.append(tr)
                 if own is buf:
                     guard.setdefault(t.send, []).append(tr)  # type: ignore[arg-type]
+        # Bulk receives land in scratch segments, posted ahead while one is free.
+        scratch = self._scratch_pool(buf.dtype, compiled.max_recv) if conns is not None else []
+        posted: dict[int, tuple[Any, np.ndarray]] = {}
+        remote = [i for i in compiled.recvs if compiled.plan[i].recv_from != rank]
+        nxt = 0
+
+        def post_ahead() -> None:
+            nonlocal nxt
+            while nxt < len(remote) and scratch:
+                t = compiled.plan[remote[nxt]]
+                a, b = t.recv  # type: ignore[misc]
+                c = stream(t.recv_from, a, b)  # type: ignore[arg-type]
+                if c is not None:
+                    sc = scratch.pop()
+                    posted[t.index] = (c.post(base + t.tag, sc[: b - a]), sc)
+                nxt += 1
+
         # The first operand of each slice waits for the second: one ufunc call
         # writes both into buf, instead of a copy and then a reduction.
-        first: dict[tuple[int, int], np.ndarray] = {}
-        for t in compiled.plan:
-            if t.recv is None:
-                continue
-            a, b = t.recv
-            if t.recv_from == rank:
-                incoming = own[a:b]
-            else:
-                msg = self._recv(t.recv_from, base + t.tag, seq, "allreduce", timeout)  # type: ignore[arg-type]
-                incoming = self._incoming(msg, t, meta, b - a, buf.dtype)
-                del msg
-            if not t.reduce:
-                first[t.recv] = incoming
-                continue
-            if guard and t.recv in guard:  # our zero-copy sends still read this slice
-                self._wait_trackers(guard.pop(t.recv), seq, "allreduce")
-            if t.recv in first:
-                ufunc(first.pop(t.recv), incoming, out=buf[a:b])
-            else:
-                ufunc(buf[a:b], incoming, out=buf[a:b])
-        for (a, b), rest in first.items():  # a lone rank: its input is the result
+        first: dict[tuple[int, int], tuple[np.ndarray, np.ndarray | None]] = {}
+        try:
+            for t in compiled.plan:
+                if t.recv is None:
+                    continue
+                a, b = t.recv
+                sc = None
+                if t.recv_from == rank:
+                    incoming = own[a:b]
+                else:
+                    post_ahead()
+                    entry = posted.pop(t.index, None)
+                    c = stream(t.recv_from, a, b)  # type: ignore[arg-type]
+                    if entry is None and c is not None:
+                        sc = scratch.pop() if scratch else np.empty(compiled.max_recv, buf.dtype)
+                        entry = (c.post(base + t.tag, sc[: b - a]), sc)
+                        if nxt < len(remote) and remote[nxt] == t.index:
+                            nxt += 1
+                    if entry is not None:
+                        req, sc = entry
+                        incoming = self._recv_bulk(t.recv_from, c, req, base + t.tag, seq,  # type: ignore[arg-type]
+                                                   "allreduce", timeout, t, meta, b - a, buf.dtype)
+                    else:
+                        msg = self._recv(t.recv_from, base + t.tag, seq, "allreduce", timeout)  # type: ignore[arg-type]
+                        incoming = self._incoming(msg, t, meta, b - a, buf.dtype)
+                        del msg
+                if not t.reduce:
+                    first[t.recv] = (incoming, sc)
+                    continue
+                if guard and t.recv in guard:  # our zero-copy sends still read this slice
+                    self._wait_trackers(guard.pop(t.recv), seq, "allreduce")
+                if t.recv in first:
+                    prev, prev_sc = first.pop(t.recv)
+                    ufunc(prev, incoming, out=buf[a:b])
+                    if prev_sc is not None:
+                        scratch.append(prev_sc)
+                else:
+                    ufunc(buf[a:b], incoming, out=buf[a:b])
+                del incoming
+                if sc is not None:
+                    scratch.append(sc)
+        except BaseException:
+            self._cancel_posted(posted)
+            raise
+        for (a, b), (rest, _) in first.items():  # a lone rank: its input is the result
             np.copyto(buf[a:b], rest)
         if pending:  # the caller may reuse its array once we return
             self._wait_trackers(pending, seq, "allreduce")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from mesh.engine.bulk_rdma import RdmaChannel
 from mesh.engine.bulk_shm import ShmChannel
+from mesh.engine.bulk_tcp import TcpChannel
 from transports.bulk import BulkChannel
 
 
@@ -13,7 +14,7 @@ class BulkSet:
 
     def _init_bulk(self) -> None:
         self._bulk: list[BulkChannel] = []
-        for channel in (RdmaChannel(self), ShmChannel(self)):
+        for channel in (TcpChannel(self), RdmaChannel(self), ShmChannel(self)):
             self._add_bulk(channel)
 
     def _add_bulk(self, channel: BulkChannel) -> None:

@@ -38,6 +38,12 @@ _DEFAULT_OPTIONS: dict[str, Any] = {
     # verbs device (default: the first with an active port).
     "rdma_device": None,
     "rdma_threshold": 64 << 10,
+    # Between nodes linked over tcp (shm impossible or off), the collectives send
+    # segments of at least tcp_bulk_threshold bytes over a plain TCP stream per peer
+    # pair (transports/tcp_bulk.py: received straight into place); tcp_bulk=False
+    # keeps them on ZeroMQ. Off in secured clusters (the stream is not encrypted).
+    "tcp_bulk": True,
+    "tcp_bulk_threshold": 256 << 10,
     # Per-subject permissions (mesh/policy.py): a dict, or a JSON/TOML file. Checked
     # by this node before it publishes or subscribes, and on what peers send it.
     "policy": None,
@@ -58,6 +64,7 @@ _OPTION_RULES: dict[str, tuple[type, float]] = {
     "max_message_size": (int, 1),
     "shm_threshold": (int, 1),
     "rdma_threshold": (int, 1),
+    "tcp_bulk_threshold": (int, 1),
     "sndhwm": (int, 1),
     "rcvhwm": (int, 1),
 }

@@ -1,0 +1,360 @@
+"""The bulk tcp channel (transports/tcp_bulk.py, mesh/engine/bulk_tcp.py) with real
+sockets and processes, and the collectives over it (tcp only, shared memory off).
+
+The channel tests run one node in this process and peers in spawned processes
+(``tcp_bulk_peer.peer_main``); arrays are generated on both sides from seeds and
+compared by digest. Every wait is bounded; every process is reaped, also on failure.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import sys
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # spawn children import the helpers from here
+
+import tcp_bulk_peer as tp  # noqa: E402
+from test_collectives import Cluster, Worker, assert_all_ok  # noqa: E402
+
+import mesh  # noqa: E402
+
+_SPAWN = mp.get_context("spawn")
+TCP_ONLY = {"listen": ("tcp://127.0.0.1:0",), "shm": False}
+
+
+class Peer:
+    """A peer node in a spawned process (see tcp_bulk_peer)."""
+
+    def __init__(self, name: str, kwargs: dict, broken: bool = False) -> None:
+        self.ctl, self.out = _SPAWN.Queue(), _SPAWN.Queue()
+        self.proc = _SPAWN.Process(target=tp.peer_main, daemon=True,
+                                   args=(name, kwargs, self.ctl, self.out, broken))
+        self.proc.start()
+        self.info = self._get("ready", 60)
+
+    def _get(self, op: str, timeout: float) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                got, ok, value = self.out.get(timeout=0.25)
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"peer: no answer to {op} in {timeout} s") from None
+                if not self.proc.is_alive():
+                    raise RuntimeError(f"peer died (exit {self.proc.exitcode}) during {op}") from None
+                continue
+            assert got == op and ok, value
+            return value
+
+    def call(self, op: str, timeout: float = 60, **args: Any) -> Any:
+        self.ctl.put((op, args))
+        return self._get(op, timeout)
+
+    def start(self, op: str, **args: Any) -> None:
+        self.ctl.put((op, args))
+
+    @property
+    def id(self) -> str:
+        return self.info["id"]
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self.ctl.put(("exit", {}))
+            except Exception:
+                pass
+            self.proc.join(timeout=10)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(timeout=5)
+        for q in (self.ctl, self.out):
+            q.cancel_join_thread()
+            q.close()
+
+
+@pytest.fixture
+def lab():
+    """This process's node (tcp only) and a factory of peer processes seeded to it."""
+    cluster = f"tcpb-{uuid.uuid4().hex[:8]}"
+    node = mesh.Node("here", cluster=cluster, discovery="none", **TCP_ONLY).start()
+    peers: list[Peer] = []
+
+    def spawn(name: str, broken: bool = False, **extra: Any) -> Peer:
+        kwargs = {"cluster": cluster, "discovery": "static", "seeds": [next(e for e in node.endpoints if e.startswith("tcp://"))],
+                  **TCP_ONLY, **extra}
+        peer = Peer(name, kwargs, broken)
+        peers.append(peer)
+        deadline = time.monotonic() + 20
+        while peer.id not in {p.id for p in node.peers()}:
+            assert time.monotonic() < deadline, f"{name} did not join"
+            time.sleep(0.02)
+        return peer
+
+    try:
+        yield node, spawn
+    finally:
+        for p in peers:
+            p.stop()
+        node.close()
+
+
+def _conn(node: mesh.Node, peer: Peer, timeout: float = 15.0) -> Any:
+    """Connect the pair (both sides ask, as a forming group does) and return our end."""
+    chan = node._bulk_named["tcpbulk"]
+    peer.start("wait_conn", peer=node.id)
+    chan.settle([peer.id], timeout)
+    assert peer._get("wait_conn", 30)[node.id]["state"] == "ready"
+    conn = chan.conn(peer.id)
+    assert conn is not None, node.status()["peers"]
+    return conn
+
+
+SIZES = [(0, "int8"), (1, "int8"), (7, "int8"), (4097, "float32"), ((1 << 20) + 3, "int16"),
+         ((16 << 20) // 8, "float64")]
+
+
+def test_arrays_of_every_size_land_in_the_posted_buffer(lab):
+    node, spawn = lab
+    peer = spawn("p1")
+    conn = _conn(node, peer)
+    items = [(10 * i, n, dt) for i, (n, dt) in enumerate(SIZES)]
+    peer.start("echo", peer=node.id, items=items)
+    sent, backs, reqs = [], [], []
+    for tag, n, dt in items:
+        arr = tp.make(tag, n, dt)
+        if n > 8:  # non-contiguous input: sent as its C-order copy
+            arr = np.repeat(arr, 2)[::2]
+            assert not arr.flags.c_contiguous
+        sent.append(np.ascontiguousarray(arr))
+        back = np.full(n, 7, dt)
+        backs.append(back)
+        reqs.append(conn.post(("t", tag + 1), back))
+        assert conn.send(("t", tag), ["meta", tag], arr).wait(30)
+    answers = peer._get("echo", 60)
+    for (digest, into_dest, meta), arr, back, req, (tag, _, _) in zip(
+            answers, sent, backs, reqs, items, strict=True):
+        assert digest == tp.digest(arr), f"tag {tag}: the peer got other bytes"
+        assert into_dest, f"tag {tag}: the peer's posted buffer was not filled in place"
+        assert meta == ["meta", tag]
+        assert req.wait(30) and req.into_dest
+        assert np.array_equal(back, arr), f"tag {tag}: the echo differs"
+    st = node.status()["peers"][0]["tcpbulk"]
+    assert st["state"] == "ready" and st["msgs_out"] == len(items) == st["msgs_in"]
+    assert st["bytes_out"] == sum(a.nbytes for a in sent) == st["bytes_in"]
+
+
+def test_a_message_before_its_post_is_kept_and_a_wrong_size_says_so(lab):
+    node, spawn = lab
+    peer = spawn("p1")
+    conn = _conn(node, peer)
+    peer.call("send", peer=node.id, items=[(1, 5, 1000, "int32"), (2, 6, 999, "int32")])
+    deadline = time.monotonic() + 10
+    while conn.stats()["msgs_in"] < 2:  # both arrived with nothing posted
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    dest = np.empty(1000, "int32")
+    req = conn.post(("t", 1), dest)
+    assert req.wait(0) and not req.into_dest  # read aside: one copy more, same bytes
+    assert np.array_equal(np.frombuffer(req.data, "int32"), tp.make(5, 1000, "int32"))
+    assert req.meta == ["from-peer"]
+    req2 = conn.post(("t", 2), np.empty(1000, "int32"))  # the peer sent 999 elements
+    assert req2.wait(5) and not req2.into_dest and len(req2.data) == 999 * 4
+    assert conn.stats()["early_msgs"] == 2
+
+
+def test_a_peer_that_dies_mid_transfer_fails_only_that_transfer(lab):
+    node, spawn = lab
+    victim, other = spawn("victim"), spawn("other")
+    conn, conn2 = _conn(node, victim), _conn(node, other)
+    dest = np.zeros(8 << 20, np.int8)
+    req = conn.post(("t", 99), dest)
+    victim.start("die_mid_send", peer=node.id, tag=99, n=dest.size)
+    with pytest.raises(mesh.BulkLinkError) as info:
+        req.wait(20)
+    assert isinstance(info.value, mesh.PeerLostError) and isinstance(info.value, mesh.MeshError)
+    assert "victim" in str(info.value) and "ZeroMQ" in str(info.value)
+    assert info.value.peer == victim.id
+    # a send to it fails the same way, at once
+    with pytest.raises(mesh.BulkLinkError):
+        conn.send(("t", 100), None, np.ones(10)).wait(5)
+    # nothing else is lost: the other peer's stream still carries arrays both ways
+    other.start("echo", peer=node.id, items=[(7, 300001, "float32")])
+    arr = tp.make(7, 300001, "float32")
+    back = np.empty_like(arr)
+    r = conn2.post(("t", 8), back)
+    assert conn2.send(("t", 7), [1], arr).wait(30) and r.wait(30)
+    assert np.array_equal(back, arr) and other._get("echo", 30)[0][1]
+    st = {p["name"]: p["tcpbulk"] for p in node.status()["peers"]}
+    if "victim" in st and st["victim"] is not None:  # (until the node drops the dead peer)
+        assert st["victim"]["state"] == "fallback" and "broke" in st["victim"]["why"]
+    assert st["other"]["state"] == "ready"
+    alive = {p["name"]: p["state"] for p in node.status()["peers"]}
+    assert alive["other"] == "alive"  # its ZeroMQ link is untouched too
+
+
+def test_no_stream_means_zeromq_and_status_says_why(lab):
+    node, spawn = lab
+    off = spawn("off", tcp_bulk=False)
+    broken = spawn("broken", broken=True)
+    chan = node._bulk_named["tcpbulk"]
+    st = {p["name"]: p["tcpbulk"] for p in node.status()["peers"]}
+    assert st["broken"]["state"] == "idle", st  # nothing connects before a group needs it
+    broken.start("wait_conn", peer=node.id)
+    chan.settle([off.id, broken.id], 15.0)
+    st = {p["name"]: p["tcpbulk"] for p in node.status()["peers"]}
+    assert st["off"]["state"] == "fallback" and "offers no bulk" in st["off"]["why"], st
+    assert st["broken"]["state"] == "fallback", st
+    assert "connect" in st["broken"]["why"], st
+    assert chan.conn(off.id) is None and chan.conn(broken.id) is None
+    assert broken._get("wait_conn", 30)[node.id]["state"] == "fallback"
+
+
+# ---------------------------------------------------------------------- collectives
+
+
+def _cases(size: int) -> list[dict]:
+    mib = 1 << 20
+    cases = []
+    for i, algo in enumerate(("ring", "tree", "direct", "auto")):
+        cases.append({"kind": "allreduce", "op": "sum", "dtype": "float32",
+                      "shape": (3 * mib // 4 + 5,), "algorithm": algo, "seed": 10 + i})
+    cases += [
+        {"kind": "allreduce", "op": "max", "dtype": "int64", "shape": (mib // 8 * 5 + 1,),
+         "algorithm": "ring", "seed": 20, "out": "inplace"},
+        {"kind": "allreduce", "op": "mean", "dtype": "float64", "shape": (700, 1031),
+         "algorithm": "auto", "seed": 21, "out": "separate"},
+        {"kind": "allreduce", "op": "sum", "dtype": "float32", "shape": (1031, 517),
+         "algorithm": "ring", "seed": 22, "layout": "transposed"},
+        {"kind": "reduce_scatter", "op": "sum", "dtype": "float32", "n": 2 * mib + 3, "seed": 23},
+        {"kind": "allgather", "dtype": "float32",
+         "shapes": [(mib // 4 * (r + 1) + r,) for r in range(size)], "seed": 24},
+    ]
+    cases += [{"kind": "broadcast", "root": r, "dtype": "float32", "shape": (5 * mib // 4 + 1,),
+               "seed": 30 + r} for r in range(size)]
+    return cases
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_collectives_over_the_bulk_stream(size):
+    cluster = Cluster(size, prefix="tb", **TCP_ONLY)
+    try:
+        cluster.start()
+        cluster.form("tcpb", segment_bytes=1 << 20)
+        cases = _cases(size)
+        assert_all_ok(cluster.cases("tcpb", cases, timeout=120), cases)
+        # every pair agreed on its stream at formation
+        for w, stats in zip(cluster.workers, cluster.all("stats", group="tcpb"), strict=True):
+            assert stats["tcp_streams"] == sorted(x.name for x in cluster.workers if x is not w)
+        # the large segments went over the streams, not ZeroMQ
+        for states in cluster.all("bulk_stats"):
+            assert len(states) == size - 1
+            for st in states.values():
+                assert st["state"] == "ready" and st["msgs_in"] > 0 and st["msgs_out"] > 0, st
+    finally:
+        cluster.shutdown()
+
+
+class _MixedCluster(Cluster):
+    """Like Cluster, but the last worker gets the options ``last`` (default: no bulk
+    stream, tcp_bulk=False)."""
+
+    def __init__(self, n: int, prefix: str, last: dict | None = None, **kw: Any) -> None:
+        super().__init__(n, prefix, **kw)
+        self.last = {"tcp_bulk": False} if last is None else last
+
+    def start(self) -> Cluster:
+        kw = {"cluster": self.cluster, **self.node_kwargs}
+        first = Worker(f"{self.prefix}0", {**kw, "discovery": "none"})
+        self.workers.append(first)
+        first.wait_ready()
+        for i in range(1, self.n):
+            extra = self.last if i == self.n - 1 else {}
+            self.workers.append(Worker(f"{self.prefix}{i}", {**kw, **extra, "discovery": "static",
+                                                             "seeds": [first.tcp]}))
+        for w in self.workers[1:]:
+            w.wait_ready()
+        self.all("wait_for_peers", n=self.n - 1)
+        return self
+
+
+def test_collectives_with_one_member_on_zeromq_only():
+    """Pairs with the member that has no stream stay on ZeroMQ, the others use theirs."""
+    cluster = _MixedCluster(3, prefix="mx", **TCP_ONLY)
+    try:
+        cluster.start()
+        cluster.form("mixed", segment_bytes=1 << 20)
+        cases = _cases(3)
+        assert_all_ok(cluster.cases("mixed", cases, timeout=120), cases)
+        names = [w.name for w in cluster.workers]
+        for w, stats in zip(cluster.workers, cluster.all("stats", group="mixed"), strict=True):
+            want = [] if w.name == names[-1] else [x for x in names[:-1] if x != w.name]
+            assert stats["tcp_streams"] == want, (w.name, stats["tcp_streams"])
+        # the last one says why, on every other node
+        for w, states in zip(cluster.workers[:-1], cluster.all("bulk_stats",
+                                                                 workers=cluster.workers[:-1]),
+                             strict=True):
+            st = states[names[-1]]
+            assert st["state"] == "fallback" and "offers no bulk" in st["why"], (w.name, st)
+            other = states[names[1 - names.index(w.name)]]
+            assert other["state"] == "ready" and other["msgs_in"] > 0, (w.name, other)
+    finally:
+        cluster.shutdown()
+
+
+def test_sigkill_mid_allreduce_over_the_streams_then_reform():
+    """A member killed mid-allreduce: the others raise PeerLostError naming it (the
+    stream's end of file, not only heartbeats), reform, and reduce correctly again."""
+    cluster = Cluster(3, prefix="kt", **TCP_ONLY)
+    timeout = 10.0
+    try:
+        cluster.start()
+        cluster.form("killed", timeout=timeout, segment_bytes=1 << 20)
+        victim = cluster.by_rank[1]
+        survivors = [w for w in cluster.by_rank if w is not victim]
+        elems = (32 << 20) // 4
+        ids = {w: w.send("allreduce_loop", group="killed", elems=elems, iterations=500)
+               for w in cluster.by_rank}
+        time.sleep(1.0)
+        t_kill = time.time()
+        victim.kill()
+        for w in survivors:
+            res = w.result(ids[w], timeout=timeout + 10, what="allreduce_loop")
+            assert res["error"] == "PeerLostError" and res["peer"] == victim.id, res
+            assert res["iterations"] > 0, res  # it did run over the streams first
+            assert res["t"] - t_kill < timeout, res
+        reformed = cluster.all("reform", workers=survivors, group="killed")
+        assert {r["size"] for r in reformed} == {2}, reformed
+        order = sorted(range(2), key=lambda i: reformed[i]["rank"])
+        by_rank = [survivors[i] for i in order]
+        cases = [{"kind": "allreduce", "op": "sum", "dtype": "float32", "shape": (elems // 2 + 1,),
+                  "algorithm": algo, "seed": 70 + i} for i, algo in enumerate(("ring", "auto"))]
+        assert_all_ok(cluster.cases("killed", cases, workers=by_rank), cases)
+        for stats in cluster.all("stats", workers=survivors, group="killed"):
+            assert len(stats["tcp_streams"]) == 1, stats["tcp_streams"]
+    finally:
+        cluster.shutdown()
+
+
+
+def test_members_with_different_thresholds_still_agree_on_every_byte():
+    """A segment one end sends over the stream and the other expects on ZeroMQ (their
+    tcp_bulk_threshold differs) is found on the stream after a poll interval."""
+    cluster = _MixedCluster(2, prefix="th", last={"tcp_bulk_threshold": 4 << 20}, **TCP_ONLY)
+    try:
+        cluster.start()
+        cluster.form("thr", segment_bytes=1 << 20)
+        cases = [{"kind": "allreduce", "op": "sum", "dtype": "float32", "shape": (3 << 18,),
+                  "algorithm": "ring", "seed": 80},
+                 {"kind": "broadcast", "root": 1, "dtype": "float32", "shape": (5 << 18,),
+                  "seed": 81}]
+        assert_all_ok(cluster.cases("thr", cases, timeout=60), cases)
+    finally:
+        cluster.shutdown()

@@ -1,0 +1,626 @@
+"""Plain TCP streams for large arrays between two nodes (the ``tcpbulk`` bulk channel).
+
+ZeroMQ receives every message into an allocation of its own, so a received
+array that is not reduced in place costs one more copy, and every segment a
+fresh allocation (page faults). Here each peer pair has one ordinary TCP
+connection beside its ZeroMQ link: the sender writes the array's bytes from
+the caller's buffer (``sendall`` of a memoryview: no copy in user space), and
+the receiver reads them with ``recv_into`` straight into a buffer the caller
+posted in advance (a slice of the collective's result, or a reusable scratch
+segment it reduces from).
+
+Framing, on each direction of the stream: ``!IQ`` (header length, data length),
+a msgpack header ``[tag, meta]``, then the data bytes. Messages are matched to
+posted receives by ``tag``; one that arrives before its receive is posted is
+read into a fresh buffer and kept until asked for (correct, one copy more).
+
+Connecting: each node listens on its tcp host, port chosen by the OS, and
+offers ``[port, token]`` in its hello (mesh.engine.bulk_tcp). When a group
+with both forms (``ensure``/``settle``), of two peers the one with the
+smaller node id connects to the other, to the host its ZeroMQ link
+already reaches, and sends a preamble (magic, the listener's token, its own
+node id); the listener answers one byte. Anything else and the pair stays on
+ZeroMQ (``fallback``, with the reason in ``status()``).
+
+Who owns what:
+* ``TcpBulkEndpoint``: the listening socket and its accept thread
+  (``mesh-tcpbulk-accept``), which reads preambles (bounded by a timeout) and
+  hands finished connections over; connector threads (``mesh-tcpbulk-connect``,
+  one per dial, short-lived); the table of connections and per-peer states
+  (under ``_lock``; any thread reads it).
+* ``TcpBulkConn``: one connected socket. Its sender thread
+  (``mesh-tcpbulk-send``) is the only writer, its receiver thread
+  (``mesh-tcpbulk-recv``) the only reader; callers only queue sends and post
+  receives (under ``_cond``). ``close()`` (any thread) shuts the socket down,
+  which wakes both threads, and fails whatever is still queued or posted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from mesh.errors import BulkLinkError
+
+log = logging.getLogger("mesh")
+
+_FRAME = struct.Struct("!IQ")  # header length, data length
+_MAGIC = b"ZMTB1"
+_PREAMBLE = struct.Struct("!5s16sH")  # magic, listener token, length of the node id
+_MAX_HEADER = 1 << 16
+# Connecting and the preamble exchange: past this the pair stays on ZeroMQ.
+CONNECT_TIMEOUT = 3.0
+# A message whose receive is not posted yet waits this long (seconds) in the kernel
+# for its post before it is read into a buffer of its own.
+POST_WAIT = 0.05
+
+
+def _tuple(x: Any) -> Any:
+    """msgpack turns tuples into lists: tags are hashable tuples again."""
+    return tuple(_tuple(v) for v in x) if type(x) is list else x
+
+
+def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+    """Fill ``view`` from ``sock`` (blocking); ConnectionError at end of stream."""
+    got, n = 0, len(view)
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise ConnectionError("the peer closed the connection")
+        got += k
+
+
+def _tune(sock: socket.socket) -> None:
+    # No SO_SNDBUF/SO_RCVBUF: setting them turns off the kernel's autotuning, which
+    # grows the buffers further (tcp_rmem/tcp_wmem) than rmem_max/wmem_max allow.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class SendRequest:
+    """A queued send: ``done`` once the kernel has every byte (the buffer is free)."""
+
+    __slots__ = ("header", "data", "nbytes", "_event", "error")
+
+    def __init__(self, header: bytes, data: memoryview) -> None:
+        self.header = header
+        self.data = data
+        self.nbytes = len(data)
+        self._event = threading.Event()
+        self.error: BulkLinkError | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once sent; False on timeout; BulkLinkError if the connection broke."""
+        if not self._event.wait(timeout):
+            return False
+        if self.error is not None:
+            raise self.error
+        return True
+
+
+class RecvRequest:
+    """A posted receive. Once ``done``: ``meta`` (the sender's), and ``data``: the
+    posted buffer, or a buffer of its own when the message came before the post or
+    its size differs from the posted buffer's (``into_dest`` False)."""
+
+    __slots__ = ("conn", "tag", "dest", "meta", "data", "into_dest", "_event", "error")
+
+    def __init__(self, conn: TcpBulkConn, tag: Hashable, dest: memoryview) -> None:
+        self.conn = conn
+        self.tag = tag
+        self.dest = dest
+        self.meta: Any = None
+        self.data: Any = None
+        self.into_dest = False
+        self._event = threading.Event()
+        self.error: BulkLinkError | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once received; False on timeout; BulkLinkError if the connection broke."""
+        if not self._event.wait(timeout):
+            return False
+        if self.error is not None:
+            raise self.error
+        return True
+
+    def cancel(self) -> None:
+        """Withdraw the receive (a message of its tag that comes later is kept as early)."""
+        self.conn.cancel(self)
+
+
+class TcpBulkConn:
+    """One connected stream to one peer (see the module docstring for its threads)."""
+
+    def __init__(self, sock: socket.socket, peer_id: str, peer_name: str,
+                 on_broken: Callable[[TcpBulkConn, str], None] | None = None) -> None:
+        self.sock = sock
+        self.peer_id = peer_id
+        self.peer_name = peer_name
+        self._on_broken = on_broken
+        self._cond = threading.Condition()
+        self._posted: dict[Hashable, RecvRequest] = {}
+        self._reading: RecvRequest | None = None  # popped from _posted, being filled
+        self._early: dict[Hashable, tuple[Any, np.ndarray]] = {}  # tag -> (meta, bytes)
+        self._sendq: queue.SimpleQueue[SendRequest | None] = queue.SimpleQueue()
+        self.broken: str | None = None
+        self.bytes_out = self.bytes_in = self.msgs_out = self.msgs_in = 0
+        self.early_msgs = 0  # messages that came before their receive was posted (one copy more)
+        self._sender = threading.Thread(target=self._send_loop, daemon=True,
+                                        name=f"mesh-tcpbulk-send-{peer_name}")
+        self._receiver = threading.Thread(target=self._recv_loop, daemon=True,
+                                          name=f"mesh-tcpbulk-recv-{peer_name}")
+        self._sender.start()
+        self._receiver.start()
+
+    # -- caller side ------------------------------------------------------------
+
+    def send(self, tag: Hashable, meta: Any, data: Any) -> SendRequest:
+        """Queue ``data`` (an array or bytes-like) for the peer under ``tag``. A
+        C-contiguous one is not copied: keep it unchanged until the request is
+        ``done``; any other array is copied once (into C order)."""
+        head = msgpack.packb([tag, meta], use_bin_type=True)
+        if isinstance(data, np.ndarray) and not data.flags.c_contiguous:
+            data = np.ascontiguousarray(data)
+        view = memoryview(data).cast("B")
+        req = SendRequest(_FRAME.pack(len(head), len(view)) + head, view)
+        with self._cond:
+            broken = self.broken
+        if broken is not None:
+            req.error = self._error(broken)
+            req._event.set()
+            return req
+        self._sendq.put(req)
+        return req
+
+    def post(self, tag: Hashable, dest: Any) -> RecvRequest:
+        """Receive the message ``tag`` into ``dest`` (a writable C-contiguous array)."""
+        req = RecvRequest(self, tag, memoryview(dest).cast("B"))
+        with self._cond:
+            early = self._early.pop(tag, None)
+            if early is not None:
+                req.meta, req.data = early
+                req._event.set()
+            elif self.broken is not None:
+                req.error = self._error(self.broken)
+                req._event.set()
+            else:
+                if tag in self._posted:
+                    raise ValueError(f"a receive of tag {tag!r} is already posted")
+                self._posted[tag] = req
+                self._cond.notify_all()
+        return req
+
+    def cancel(self, req: RecvRequest) -> None:
+        """Forget a posted receive (its message may still come: then it is kept as early)."""
+        with self._cond:
+            if self._posted.get(req.tag) is req:
+                del self._posted[req.tag]
+
+    def take_early(self, tag: Hashable) -> tuple[Any, np.ndarray] | None:
+        """A message ``tag`` that came without a posted receive, if any."""
+        with self._cond:
+            return self._early.pop(tag, None)
+
+    def discard(self, predicate: Callable[[Hashable], bool]) -> int:
+        """Drop early messages whose tag matches (stale ones of a failed collective)."""
+        with self._cond:
+            gone = [t for t in self._early if predicate(t)]
+            for t in gone:
+                del self._early[t]
+        return len(gone)
+
+    def close(self, why: str = "closed") -> None:
+        with self._cond:
+            self._cond.notify_all()
+        self._fail(why)
+        self._sendq.put(None)
+        for th in (self._sender, self._receiver):
+            if th is not threading.current_thread():
+                th.join(timeout=2.0)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def stats(self) -> dict:
+        return {"bytes_out": self.bytes_out, "bytes_in": self.bytes_in,
+                "msgs_out": self.msgs_out, "msgs_in": self.msgs_in,
+                "early_msgs": self.early_msgs}
+
+    # -- threads ----------------------------------------------------------------
+
+    def _error(self, why: str) -> BulkLinkError:
+        return BulkLinkError(
+            f"the bulk tcp connection to peer {self.peer_name} broke ({why}): the peer died "
+            "or the network failed; later transfers to it go over ZeroMQ",
+            peer=self.peer_id,
+        )
+
+    def _fail(self, why: str) -> None:
+        with self._cond:
+            if self.broken is not None:
+                return
+            self.broken = why
+            posted = list(self._posted.values())
+            if self._reading is not None:  # the one being read when the stream broke
+                posted.append(self._reading)
+                self._reading = None
+            self._posted.clear()
+            self._cond.notify_all()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes both threads
+        except OSError:
+            pass
+        err = self._error(why)
+        for req in posted:
+            req.error = err
+            req._event.set()
+        while True:  # queued sends fail too (the sender thread may be gone)
+            try:
+                item = self._sendq.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item.error = err
+                item._event.set()
+        if why != "closed" and self._on_broken is not None:
+            self._on_broken(self, why)
+
+    def _send_loop(self) -> None:
+        sock = self.sock
+        while True:
+            req = self._sendq.get()
+            if req is None:
+                return
+            if self.broken is not None:
+                req.error = self._error(self.broken)
+                req._event.set()
+                continue
+            try:
+                # Header and data in one call (one packet less with TCP_NODELAY), the
+                # data from the caller's buffer; the GIL is released meanwhile.
+                views = [memoryview(req.header), req.data] if req.nbytes else [req.header]
+                while views:
+                    sent = sock.sendmsg(views)
+                    while sent and views:
+                        if sent >= len(views[0]):
+                            sent -= len(views.pop(0))
+                        else:
+                            views[0] = views[0][sent:]
+                            sent = 0
+            except OSError as exc:
+                req.error = self._error(f"send: {exc}")
+                req._event.set()
+                self._fail(f"send: {exc}")
+                continue
+            self.bytes_out += req.nbytes
+            self.msgs_out += 1
+            req.data = None  # type: ignore[assignment]
+            req._event.set()
+
+    def _recv_loop(self) -> None:
+        sock = self.sock
+        fixed = bytearray(_FRAME.size)
+        fixed_view = memoryview(fixed)
+        try:
+            while True:
+                _recv_exact(sock, fixed_view)
+                hlen, nbytes = _FRAME.unpack(fixed)
+                if hlen > _MAX_HEADER:
+                    raise ConnectionError(f"malformed frame (header of {hlen} bytes)")
+                head = bytearray(hlen)
+                _recv_exact(sock, memoryview(head))
+                try:
+                    tag, meta = msgpack.unpackb(head, raw=False, use_list=True)
+                except (ValueError, msgpack.exceptions.ExtraData) as exc:
+                    raise ConnectionError(f"malformed frame header ({exc})") from None
+                tag = _tuple(tag)
+                with self._cond:
+                    req = self._posted.pop(tag, None)
+                    if req is None and not self._posted and self.broken is None:
+                        # Nothing posted yet: the caller is most likely still busy with
+                        # earlier segments and posts this one soon. Waiting (bounded)
+                        # leaves the bytes in the kernel, which also holds the sender
+                        # back, instead of an extra allocation and copy. If it posts
+                        # another tag, this message was skipped: read it aside now.
+                        deadline = time.monotonic() + POST_WAIT
+                        while not self._posted and self.broken is None:
+                            left = deadline - time.monotonic()
+                            if left <= 0:
+                                break
+                            self._cond.wait(left)
+                        req = self._posted.pop(tag, None)
+                    self._reading = req
+                if req is not None and len(req.dest) == nbytes:
+                    _recv_exact(sock, req.dest)  # straight into the caller's buffer
+                    req.data, req.into_dest = req.dest, True
+                else:
+                    data = np.empty(nbytes, dtype=np.uint8)
+                    _recv_exact(sock, memoryview(data))
+                    if req is None:
+                        with self._cond:
+                            # Posted meanwhile? Then it is its data (one copy more).
+                            req = self._posted.pop(tag, None)
+                            if req is None:
+                                self._early[tag] = (meta, data)
+                                self.early_msgs += 1
+                    if req is not None:
+                        req.data = data
+                self.bytes_in += nbytes
+                self.msgs_in += 1
+                with self._cond:
+                    self._reading = None
+                if req is not None:
+                    req.meta = meta
+                    req._event.set()
+        except (OSError, ValueError) as exc:
+            why = str(exc) if isinstance(exc, ConnectionError) else f"recv: {exc}"
+            self._fail(why)
+
+
+class TcpBulkEndpoint:
+    """A node's listening socket and its connections (see the module docstring)."""
+
+    def __init__(self, node_id: str, host: str, *,
+                 on_change: Callable[[], None] | None = None) -> None:
+        self.node_id = node_id
+        self.token = os.urandom(16)
+        self._on_change = on_change
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._conns: dict[str, TcpBulkConn] = {}
+        # peer id -> (state, why): connecting | expecting | ready | fallback
+        self._state: dict[str, tuple[str, str]] = {}
+        self._names: dict[str, str] = {}
+        self._offers: dict[str, tuple] = {}  # peer id -> (name, we dial?, host, port, token)
+        self._closed = False
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._lsock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self._lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._lsock.bind((host, 0))
+            self._lsock.listen(64)
+        except OSError:
+            self._lsock.close()
+            raise
+        self.host = host
+        self.port = self._lsock.getsockname()[1]
+        self._acceptor = threading.Thread(target=self._accept_loop, daemon=True,
+                                          name="mesh-tcpbulk-accept")
+        self._acceptor.start()
+
+    # -- agreement --------------------------------------------------------------
+
+    def offer(self) -> list:
+        return [self.port, self.token]
+
+    def learn(self, peer_id: str, peer_name: str, dialer: bool, host: str, port: int,
+              token: bytes) -> None:
+        """A peer's offer: connect only when a collective needs it (``ensure``), so that
+        a node keeps no streams (and threads) for peers it never reduces with."""
+        with self._lock:
+            self._offers[peer_id] = (peer_name, dialer, host, port, token)
+
+    def ensure(self, peer_ids: list[str]) -> None:
+        """Start connecting to each of these peers that offered and has no stream yet."""
+        for pid in peer_ids:
+            with self._lock:
+                offer = self._offers.get(pid)
+                if offer is None or pid in self._state:
+                    continue
+            name, dialer, host, port, token = offer
+            if dialer:
+                self.dial(pid, name, host, port, token)
+            else:
+                self.expect(pid, name)
+
+    def dial(self, peer_id: str, peer_name: str, host: str, port: int, token: bytes) -> None:
+        """Connect to a peer's listener (in a thread of its own: never blocks)."""
+        with self._lock:
+            if self._closed or peer_id in self._state:
+                return
+            self._state[peer_id] = ("connecting", f"to {host}:{port}")
+            self._names[peer_id] = peer_name
+        threading.Thread(target=self._dial, args=(peer_id, peer_name, host, port, token),
+                         daemon=True, name=f"mesh-tcpbulk-connect-{peer_name}").start()
+
+    def expect(self, peer_id: str, peer_name: str) -> None:
+        """The peer dials us; if it has not within CONNECT_TIMEOUT * 2, fall back."""
+        with self._lock:
+            if self._closed or peer_id in self._state:
+                return
+            self._state[peer_id] = ("expecting", "waiting for the peer to connect")
+            self._names[peer_id] = peer_name
+
+        def give_up() -> None:
+            with self._lock:
+                if self._state.get(peer_id, ("",))[0] != "expecting":
+                    return
+                self._state[peer_id] = ("fallback", "the peer did not connect in time")
+                self._changed.notify_all()
+            self._notify()
+
+        timer = threading.Timer(2 * CONNECT_TIMEOUT, give_up)
+        timer.daemon = True
+        timer.start()
+
+    def refuse(self, peer_id: str, why: str) -> None:
+        """Record why this peer's arrays stay on ZeroMQ."""
+        with self._lock:
+            if peer_id not in self._state:
+                self._state[peer_id] = ("fallback", why)
+
+    def conn(self, peer_id: str) -> TcpBulkConn | None:
+        """The ready connection to this peer, if any (any thread)."""
+        c = self._conns.get(peer_id)
+        return c if c is not None and c.broken is None else None
+
+    def any_conn(self, peer_id: str) -> TcpBulkConn | None:
+        return self._conns.get(peer_id)
+
+    def settle(self, peer_ids: list[str], timeout: float) -> None:
+        """Connect (``ensure``) and wait, bounded, until the pair with every one of
+        ``peer_ids`` is connected or on ZeroMQ for good, so that both sides pick the
+        same path. A peer with no state yet (its offer is on the way) is waited for."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.ensure(peer_ids)
+            with self._lock:
+                pending = [p for p in peer_ids
+                           if self._state.get(p, ("expecting",))[0] in ("connecting", "expecting")]
+                left = deadline - time.monotonic()
+                if not pending or left <= 0 or self._closed:
+                    return
+                self._changed.wait(min(left, 0.05))
+
+    def state(self, peer_id: str) -> dict | None:
+        with self._lock:
+            st = self._state.get(peer_id)
+            c = self._conns.get(peer_id)
+        if st is None:
+            return {"state": "idle", "why": "connects when a collective needs it",
+                    "listen": f"{self.host}:{self.port}"} if peer_id in self._offers else None
+        out: dict[str, Any] = {"state": st[0], "why": st[1] or None,
+                               "listen": f"{self.host}:{self.port}"}
+        if c is not None:
+            out.update(c.stats())
+        return out
+
+    def drop(self, peer_id: str) -> None:
+        """The peer left or died: close its connection, forget its state."""
+        with self._lock:
+            c = self._conns.pop(peer_id, None)
+            self._state.pop(peer_id, None)
+            self._names.pop(peer_id, None)
+            self._offers.pop(peer_id, None)
+        if c is not None:  # (off the caller's thread: the node's I/O thread must not wait)
+            threading.Thread(target=c.close, args=("closed",), daemon=True,
+                             name="mesh-tcpbulk-close").start()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            conns = list(self._conns.values())
+            self._conns.clear()
+            self._changed.notify_all()
+        try:
+            self._lsock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._lsock.close()
+        for c in conns:
+            c.close("closed")
+        self._acceptor.join(timeout=2.0)
+
+    # -- threads ----------------------------------------------------------------
+
+    def _notify(self) -> None:
+        if self._on_change is not None:
+            try:
+                self._on_change()
+            except Exception:  # pragma: no cover - a callback's bug must not kill us
+                log.exception("tcpbulk: change callback failed")
+
+    def _install(self, peer_id: str, sock: socket.socket) -> bool:
+        with self._lock:
+            if self._closed or peer_id in self._conns:
+                return False
+            name = self._names.get(peer_id, peer_id[:8])
+            self._conns[peer_id] = TcpBulkConn(sock, peer_id, name, self._broken)
+            self._state[peer_id] = ("ready", "")
+            self._changed.notify_all()
+        self._notify()
+        return True
+
+    def _set_fallback(self, peer_id: str, why: str) -> None:
+        with self._lock:
+            if self._state.get(peer_id, ("",))[0] == "ready":
+                return
+            self._state[peer_id] = ("fallback", why)
+            self._changed.notify_all()
+        log.info("tcpbulk: arrays to peer %s stay on ZeroMQ: %s",
+                 self._names.get(peer_id, peer_id), why)
+        self._notify()
+
+    def _broken(self, conn: TcpBulkConn, why: str) -> None:
+        with self._lock:
+            if self._conns.get(conn.peer_id) is conn:
+                del self._conns[conn.peer_id]
+                self._state[conn.peer_id] = ("fallback", f"connection broke: {why}")
+                self._changed.notify_all()
+        self._notify()
+
+    def _dial(self, peer_id: str, peer_name: str, host: str, port: int, token: bytes) -> None:
+        sock = None
+        try:
+            sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+            _tune(sock)
+            me = self.node_id.encode()
+            sock.sendall(_PREAMBLE.pack(_MAGIC, token, len(me)) + me)
+            ack = sock.recv(1)
+            if ack != b"\x01":
+                raise ConnectionError("the peer refused the connection")
+            sock.settimeout(None)
+        except (OSError, ValueError) as exc:
+            if sock is not None:
+                sock.close()
+            self._set_fallback(peer_id, f"cannot connect to {host}:{port}: {exc}")
+            return
+        if not self._install(peer_id, sock):
+            sock.close()
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                sock, _addr = self._lsock.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._greet, args=(sock,), daemon=True,
+                             name="mesh-tcpbulk-greet").start()
+
+    def _greet(self, sock: socket.socket) -> None:
+        """Read a dialer's preamble (bounded); answer and install, or drop it."""
+        try:
+            sock.settimeout(CONNECT_TIMEOUT)
+            head = bytearray(_PREAMBLE.size)
+            _recv_exact(sock, memoryview(head))
+            magic, token, idlen = _PREAMBLE.unpack(head)
+            if magic != _MAGIC or token != self.token or idlen > 256:
+                raise ConnectionError("not a mesh bulk connection")
+            raw = bytearray(idlen)
+            _recv_exact(sock, memoryview(raw))
+            peer_id = raw.decode()
+            with self._lock:
+                # (Its hello may reach us after it dialled: no state yet is fine too;
+                # the token proves it saw our offer.)
+                wanted = (self._state.get(peer_id, ("expecting",))[0] == "expecting"
+                          and not self._closed)
+            if not wanted:
+                raise ConnectionError("not expected")
+            _tune(sock)
+            sock.settimeout(None)
+            sock.sendall(b"\x01")
+        except (OSError, ValueError, UnicodeDecodeError):
+            sock.close()
+            return
+        if not self._install(peer_id, sock):
+            sock.close()
