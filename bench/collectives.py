@@ -851,8 +851,10 @@ def _tcp_rank_body(rank: int, world: int, cluster: str, seed_q: Any, gloo_port: 
                 tg = torch.full((n,), rank, dtype=torch.float32) if dist else None
                 touts = [torch.empty(n, dtype=torch.float32) for _ in range(world)] if dist else []
 
-                def check_gather(xg: Any = xg) -> None:
-                    parts = group.allgather(xg)
+                gout = np.empty((world, n), dtype=np.float32)  # as Gloo's touts: reused
+
+                def check_gather(xg: Any = xg, gout: Any = gout) -> None:
+                    parts = group.allgather(xg, out=gout)
                     if parts[-1][0] != world - 1:
                         raise RuntimeError("mesh: wrong allgather result")
                 cases[f"{nbytes}:allgather:mesh"] = timed(check_gather, group.barrier)

@@ -147,7 +147,18 @@ def run_case(group: Any, case: dict) -> dict:
         if kind == "allgather":
             dtype, shapes = case["dtype"], [tuple(s) for s in case["shapes"]]
             inputs = [make_input(case["seed"], r, dtype, shapes[r]) for r in range(size)]
-            parts = group.allgather(inputs[rank])
+            out_arg = None
+            if case.get("out"):  # every part the same shape: one preallocated (size, *shape)
+                out_arg = np.full((size, *shapes[rank]), 7, dtype=dtype)
+                if case["out"] == "own":  # the input is out[rank] itself
+                    out_arg[rank] = inputs[rank]
+                    inputs[rank] = out_arg[rank]
+            parts = (group.allgather(inputs[rank]) if out_arg is None
+                     else group.allgather(inputs[rank], out=out_arg))
+            if out_arg is not None and not all(
+                    (p.size == 0 or np.shares_memory(p, out_arg[r])) and p.shape == out_arg[r].shape
+                    for r, p in enumerate(parts)):
+                return {"ok": False, "why": "allgather(out=) parts are not views of out"}
             if len(parts) != size:
                 return {"ok": False, "why": f"{len(parts)} parts for {size} ranks"}
             for r in range(size):

@@ -347,6 +347,37 @@ def test_allgather_equal_and_ragged_shapes(grp):
     assert_all_ok(results, cases)
 
 
+def test_allgather_into_out(grp):
+    """allgather(out=): received into the caller's (size, *shape) array, no shape message."""
+    p = grp.n
+    cases = [
+        {"kind": "allgather", "dtype": "float32", "shapes": [(5,)] * p, "seed": 410, "out": "new"},
+        {"kind": "allgather", "dtype": "int16", "shapes": [(3, 7)] * p, "seed": 411,
+         "out": "own"},
+        {"kind": "allgather", "dtype": "float64", "shapes": [(0,)] * p, "seed": 412, "out": "new"},
+        # larger than the carry size: segments by the plan, into out
+        {"kind": "allgather", "dtype": "float32", "shapes": [((1 << 18) + 3,)] * p, "seed": 413,
+         "out": "new"},
+    ]
+    results = grp.cases("main", cases)
+    assert_all_ok(results, cases)
+
+
+def test_allgather_out_shape_mismatch_fails_on_every_rank(grp):
+    """Two ranks with out= but the same element count in different shapes: the shape
+    rides in every message, so every rank fails fast instead of mixing them up."""
+    p = grp.n
+    shapes = [(2, 6) if r == 0 else (6, 2) for r in range(p)]
+    cases = [{"kind": "allgather", "dtype": "float32", "shapes": shapes, "seed": 414,
+              "out": "new"}]
+    (per_rank,) = grp.cases("main", cases)
+    for r, res in enumerate(per_rank):
+        assert res.get("error") in ("ConfigError", "CollectiveAborted"), (r, res)
+        assert res["s"] < 10, (r, res)
+    grp.cases("main", [{"kind": "allgather", "dtype": "float32", "shapes": [(4,)] * p,
+                        "seed": 415}])  # the group still works afterwards
+
+
 def test_barrier_waits_for_the_last(grp):
     late = grp.n - 1
     cases = [{"kind": "barrier", "late_rank": late, "delay": 0.3}]

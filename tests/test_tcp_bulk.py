@@ -236,6 +236,8 @@ def _cases(size: int) -> list[dict]:
         {"kind": "reduce_scatter", "op": "sum", "dtype": "float32", "n": 2 * mib + 3, "seed": 23},
         {"kind": "allgather", "dtype": "float32",
          "shapes": [(mib // 4 * (r + 1) + r,) for r in range(size)], "seed": 24},
+        {"kind": "allgather", "dtype": "float32", "shapes": [(3 * mib // 4 + 1,)] * size,
+         "seed": 25, "out": "new"},
     ]
     cases += [{"kind": "broadcast", "root": r, "dtype": "float32", "shape": (5 * mib // 4 + 1,),
                "seed": 30 + r} for r in range(size)]

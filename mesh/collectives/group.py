@@ -581,7 +581,9 @@ class Group:
 
         return self._collective("reduce_scatter", run, arr.nbytes)
 
-    def allgather(self, array: Any, *, timeout: float | None = None) -> list[np.ndarray]:
+    def allgather(
+        self, array: Any, *, out: np.ndarray | None = None, timeout: float | None = None
+    ) -> list[np.ndarray]:
         """Every rank's ``array``, as a list indexed by rank (``parts[r]``).
 
         Shapes may differ between ranks; dtypes must match. The parts are
@@ -591,12 +593,22 @@ class Group:
         (``schedule.ALLGATHER_CARRY_BYTES``); otherwise the data follows in
         segments, each rank to every other (up to ``schedule.DIRECT_MAX_GROUP``
         ranks) or round the ring.
+
+        ``out``: a preallocated result of shape ``(size, *array.shape)`` and
+        the input's dtype (C-contiguous, writable; as torch's
+        ``all_gather_into_tensor``), received into directly and reused across
+        calls; ``parts[r]`` is then ``out[r]``. With ``out`` every rank must
+        pass the same shape and an ``out`` too: the shapes are known, so no
+        shape message goes first (a mismatch in shape fails on every rank; a
+        rank without ``out`` while others have one waits for its timeout).
         """
         arr = np.asarray(array)
 
         def run(seq: int) -> list[np.ndarray]:
             if arr.dtype.kind in "OV" or arr.dtype.hasobject:
                 raise ConfigError(f"allgather sends numeric arrays, not dtype {arr.dtype}")
+            if out is not None:
+                return self._allgather_into(arr, out, seq, timeout)
             # A small part rides along with its shape: one step instead of 1 + (size - 1).
             carry = arr.nbytes <= sch.ALLGATHER_CARRY_BYTES
             shapes, carried = self._exchange_shapes(arr, seq, timeout, carry)
@@ -623,6 +635,41 @@ class Group:
             return [flat[s:e].reshape(shape) for (s, e), shape in zip(bounds, shapes, strict=True)]
 
         return self._collective("allgather", run, arr.nbytes)
+
+    def _allgather_into(
+        self, arr: np.ndarray, out: Any, seq: int, timeout: float | None
+    ) -> list[np.ndarray]:
+        """allgather(out=): every part the same shape, received straight into ``out``."""
+        want = (self.size, *arr.shape)
+        if (
+            not isinstance(out, np.ndarray) or out.shape != want or out.dtype != arr.dtype
+            or not out.flags.c_contiguous or not out.flags.writeable
+        ):
+            got = (f"{type(out).__name__}" if not isinstance(out, np.ndarray)
+                   else f"{out.dtype} {out.shape}{'' if out.flags.c_contiguous else ' strided'}")
+            raise ConfigError(
+                f"allgather out= must be a writable C-contiguous array of shape {want} "
+                f"(group size, then the input's shape) and dtype {arr.dtype}, got {got}"
+            )
+        flat = out.reshape(-1)
+        n = arr.size
+        a, b = self._rank * n, (self._rank + 1) * n
+        mine = flat[a:b]
+        if np.may_share_memory(arr, out):
+            if not (arr.flags.c_contiguous and n and arr.ctypes.data == mine.ctypes.data):
+                raise ConfigError("allgather: the input overlaps out= other than as "
+                                  "out[group.rank]: pass out[rank] itself or a separate array")
+        else:
+            mine.reshape(arr.shape)[...] = arr  # one copy, also of strided input
+        if self.size > 1 and flat.size > 0:
+            seg = sch.segment_elems_for(max(1, flat.itemsize), self.segment_bytes)
+            kind = sch.allgather_algorithm(flat.nbytes, self.size)
+            plan = _compiled("allgather_direct" if kind == "direct" else "allgather",
+                             0, self._rank, self.size, seg, (n,) * self.size)
+            # The shape rides in every message: ranks that disagree fail at once.
+            meta = ["allgather", flat.dtype.str, list(arr.shape)]
+            self._execute(plan, flat, seq, "allgather", None, meta, timeout)
+        return [out[r] for r in range(self.size)]
 
     def broadcast(self, array: Any, root: int = 0, *, timeout: float | None = None) -> np.ndarray:
         """Give every rank the root's ``array`` (pipelined segments: the root sends to
@@ -1690,29 +1737,3 @@ class Group:
                 + ", ".join(bad)
             )
         return shapes, carried
-        tag = (self._inc, seq, "shape", 0, 0)
-        mine = [list(arr.shape), arr.dtype.str]
-        trackers = [
-            self._send(r, tag, b"", mine, seq, "allgather")
-            for r in range(self.size) if r != self._rank
-        ]
-        bad = []
-        for r in range(self.size):
-            if r == self._rank:
-                continue
-            meta = self._recv(r, tag, seq, "allgather", timeout).meta
-            if (
-                type(meta) is not list or len(meta) != 2 or type(meta[0]) is not list
-                or not all(type(d) is int and d >= 0 for d in meta[0])
-            ):
-                raise ConfigError(f"rank {r} sent a malformed allgather descriptor {meta!r}")
-            shapes[r] = tuple(meta[0])
-            if meta[1] != arr.dtype.str:
-                bad.append(f"rank {r}: {np.dtype(meta[1])}")
-        self._wait_trackers(trackers, seq, "allgather")
-        if bad:
-            raise ConfigError(
-                f"allgather needs one dtype on every rank; this rank has {arr.dtype}, "
-                + ", ".join(bad)
-            )
-        return shapes
