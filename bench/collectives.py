@@ -728,12 +728,13 @@ def _socket_both_side(out: Any, ports: Any, peer_ports: Any, total: int, host: s
     try:
         for _ in range(RAW_ROUNDS):
             th = threading.Thread(target=drain)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             th.start()
             for _ in range(total // WIRE_FRAME):
                 tx.sendall(data)
             th.join()
-            out.put(time.perf_counter() - t0)
+            # (this process's CPU, both threads: the kernel copies of one send and one receive)
+            out.put((time.perf_counter() - t0, time.process_time() - c0))
     finally:
         for sock in (tx, rx, lsock):
             sock.close()
@@ -756,14 +757,22 @@ def socket_rate_both(total: int = WIRE_BYTES, hosts: tuple[str, str] = ("127.0.0
     try:
         for proc in procs:
             proc.start()
-        rounds = [max(out.get(timeout=120), out.get(timeout=120)) for _ in range(RAW_ROUNDS)]
-        return total / min(rounds[1:])
+        rounds = [(out.get(timeout=120), out.get(timeout=120)) for _ in range(RAW_ROUNDS)]
+        walls = [max(a[0], b[0]) for a, b in rounds[1:]]
+        cpus = [a[1] + b[1] for a, b in rounds[1:]]
+        # CPU seconds per byte moved each way at once (both ends, sender and receiver
+        # side each): what the kernel's copies alone cost, whoever runs them.
+        _RAW_CPU["both_ways_cpu_s_per_byte"] = statistics.median(cpus) / total
+        return total / min(walls)
     finally:
         for proc in procs:
             proc.join(timeout=10)
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=3)
+
+
+_RAW_CPU: dict[str, float] = {}
 
 
 def _tcp_rank_main(out: Any, rank: int, world: int, cluster: str, seed_q: Any, gloo_port: int,
@@ -809,6 +818,7 @@ def _tcp_rank_body(rank: int, world: int, cluster: str, seed_q: Any, gloo_port: 
         node = mesh.Node(f"bench-r{rank}-{os.getpid()}", discovery="static", seeds=[tcp],
                          **kwargs).start()
     times: dict[str, list[tuple[float, float, float]]] = {}
+    cpu: dict[str, list[float]] = {}  # this process's CPU (every thread) per repetition
     with node:
         node.wait_for_peers(world - 1, timeout=60)
         options = {} if segment_bytes is None else {"segment_bytes": segment_bytes}
@@ -818,12 +828,13 @@ def _tcp_rank_body(rank: int, world: int, cluster: str, seed_q: Any, gloo_port: 
         bulk = sorted({str(p.get("bulk")) for p in status["peers"]})
 
         def timed(body: Any, barrier: Any) -> Any:
-            def op() -> tuple[float, float, float]:
+            def op() -> tuple[float, float, float, float]:
                 barrier()
+                c0 = time.process_time()
                 t0 = time.perf_counter()
                 body()
                 t1 = time.perf_counter()
-                return t0, t1, t1
+                return t0, t1, t1, time.process_time() - c0
             return op
 
         for nbytes in sizes:
@@ -867,12 +878,14 @@ def _tcp_rank_body(rank: int, world: int, cluster: str, seed_q: Any, gloo_port: 
             keys = list(cases)
             for key in keys:
                 times[key] = []
+                cpu[key] = []
             order = random.Random(nbytes)  # the same sequence on every rank
             for i in range(warm + reps):
                 for key in order.sample(keys, len(keys)):
-                    stamps = cases[key]()
+                    *stamps, spent = cases[key]()
                     if i >= warm:
-                        times[key].append(stamps)
+                        times[key].append(tuple(stamps))
+                        cpu[key].append(spent)
             if "allreduce" in ops:  # every rank summed ones, some of them many times: positive
                 if not (x[:1] > 0).all():
                     raise RuntimeError("mesh: wrong allreduce result")
@@ -882,8 +895,8 @@ def _tcp_rank_body(rank: int, world: int, cluster: str, seed_q: Any, gloo_port: 
     if dist is not None:
         dist.destroy_process_group()
     tcpbulk = sorted({str((p.get("tcpbulk") or {}).get("state")) for p in status["peers"]})
-    return {"times": times, "transport": transport, "bulk": bulk, "tcpbulk": tcpbulk,
-            "stats": stats}
+    return {"times": times, "cpu": cpu, "transport": transport, "bulk": bulk,
+            "tcpbulk": tcpbulk, "stats": stats}
 
 
 def tcp_compare(quick: bool = False, *, worlds: tuple[int, ...] = WORLDS,
@@ -918,6 +931,8 @@ def _tcp_compare(quick: bool, worlds: tuple[int, ...], sizes: list[int] | None,
     result: dict[str, Any] = {"bench": "collectives-tcp", "mode": "quick" if quick else "full",
                               "lan": bool(hosts), "wire_bytes_per_s": wire,
                               "wire_both_ways_bytes_per_s": both,
+                              "raw_both_ways_cpu_s_per_byte": _RAW_CPU.get(
+                                  "both_ways_cpu_s_per_byte"),
                               "zmq_wire_bytes_per_s": zmq_wire, "gloo_skipped": gloo_reason,
                               "cpus": os.cpu_count(), "load_avg_before": os.getloadavg(),
                               "rows": [], "algos": list(algos)}
@@ -954,6 +969,8 @@ def _tcp_compare(quick: bool, worlds: tuple[int, ...], sizes: list[int] | None,
                       if gl else None)
             bus = factor * nbytes
             result["rows"].append({
+                "mesh_cpu_s": _cpu_per_op(answers, key),
+                "gloo_cpu_s": _cpu_per_op(answers, f"{nbytes}:{opname}:gloo"),
                 "world": world, "op": opname, "algo": who, "bytes": nbytes,
                 "mesh_s": t_mesh, "gloo_s": t_gloo,
                 "ratio": (t_mesh / t_gloo) if t_gloo else None, "ratio_paired": paired,
@@ -969,6 +986,54 @@ def _tcp_compare(quick: bool, worlds: tuple[int, ...], sizes: list[int] | None,
     result["wall_seconds"] = round(time.monotonic() - started, 1)
     print(tcp_summary(result))
     return result
+
+
+def _cpu_per_op(answers: list[dict], key: str) -> float | None:
+    """CPU seconds of every rank together per op (median over repetitions)."""
+    if key not in answers[0].get("cpu", {}):
+        return None
+    per = zip(*(a["cpu"][key] for a in answers), strict=True)
+    return statistics.median(sum(r) for r in per)
+
+
+def tcp_floor(result: dict, nbytes: int = 64 * MiB) -> list[str]:
+    """The allreduce rows of ``nbytes`` against the floors this machine allows: the
+    wire one way (busbytes / one-way rate), both ways at once (/ the 2way rate), and
+    the CPU (all ranks' CPU seconds per op / the cores: with more work than cores,
+    no schedule finishes sooner). The goal of issue #17 is 1.3x the wire floor."""
+    wire, both = result["wire_bytes_per_s"], result["wire_both_ways_bytes_per_s"]
+    cpus = result.get("cpus") or 1
+    raw_cpu = result.get("raw_both_ways_cpu_s_per_byte")
+    lines = []
+    for row in result["rows"]:
+        if row["op"] != "allreduce" or row["bytes"] != nbytes:
+            continue
+        w = row["world"]
+        bus = 2 * (w - 1) / w * nbytes
+        one, two = bus / wire, bus / both
+        lines.append(
+            f"allreduce {w} ranks {_fmt_bytes(nbytes)}: wire floor one way {one * 1e3:.1f} ms "
+            f"(busbytes {bus / MiB:.0f} MiB / {wire / 1e9:.2f} GB/s), both ways at once "
+            f"{two * 1e3:.1f} ms; mesh {row['mesh_s'] * 1e3:.1f} ms = "
+            f"{row['mesh_s'] / one:.2f}x one-way, {row['mesh_s'] / two:.2f}x both-ways"
+            + (f"; Gloo {row['gloo_s'] * 1e3:.1f} ms = {row['gloo_s'] / one:.2f}x, "
+               f"{row['gloo_s'] / two:.2f}x" if row.get("gloo_s") else ""))
+        mc, gc = row.get("mesh_cpu_s"), row.get("gloo_cpu_s")
+        if mc:
+            cpu_line = (f"  CPU, all {w} ranks: mesh {mc * 1e3:.1f} ms per op"
+                        + (f", Gloo {gc * 1e3:.1f} ms" if gc else "")
+                        + f"; over {cpus} cores the CPU alone takes >= {mc / cpus * 1e3:.1f} ms "
+                        f"(mesh), {'' if not gc else f'{gc / cpus * 1e3:.1f} ms (Gloo), '}"
+                        f"= {mc / cpus / one:.2f}x the one-way wire floor")
+            if raw_cpu:
+                # raw_cpu covers a byte sent each way (two sends, two receives); the
+                # ranks send w * bus bytes in all, each once sent and once received
+                kern = raw_cpu / 2 * bus * w
+                cpu_line += (f"; plain sockets moving the same bytes (both ways at once) cost "
+                             f"{kern * 1e3:.1f} CPU-ms = {kern / cpus / one:.2f}x the floor "
+                             "before any reduction")
+            lines.append(cpu_line)
+    return lines
 
 
 def tcp_summary(result: dict) -> str:
@@ -988,13 +1053,14 @@ def tcp_summary(result: dict) -> str:
         + (f" (zmq PUSH/PULL: {zw / 1e9:.2f} GB/s)" if zw else "")
         + f"; both ways at once (as in a ring): {result['wire_both_ways_bytes_per_s'] / 1e9:.2f}"
         " GB/s per direction (2way = busbw / that)"
-        + f"; floor = busbytes / wire; mesh links {','.join(result.get('transport', []))}, "
+        + f"; floor = busbytes / wire (one way); cpu = CPU time of all ranks' processes per op; mesh links {','.join(result.get('transport', []))}, "
         f"bulk tcp stream {','.join(result.get('tcpbulk', []))}; {result['cpus']} cpus, "
         f"load avg {result['load_avg_before'][0]:.1f} before",
     ]
     head = (f"{'op':>9} {'algo':>6} {'world':>5} {'size':>7}  {'mesh':>9} {'gloo':>9} "
             f"{'ratio':>6} {'paired':>6}  {'mesh busbw':>10} {'gloo busbw':>10} "
-            f"{'mesh/wire':>9} {'gloo/wire':>9} {'floor':>9} {'mesh/2way':>9} {'gloo/2way':>9}")
+            f"{'mesh/wire':>9} {'gloo/wire':>9} {'floor':>9} {'mesh/2way':>9} {'gloo/2way':>9} "
+            f"{'mesh cpu':>9} {'gloo cpu':>9}")
     lines += [head, "-" * len(head)]
 
     def ms(v: float | None) -> str:
@@ -1016,7 +1082,11 @@ def tcp_summary(result: dict) -> str:
             f"{(f'{gbw / 1e9:6.3f}GB/s' if gbw else '-'):>10} "
             f"{pct(row['mesh_wire_share']):>9} {pct(row['gloo_wire_share']):>9} "
             f"{ms(row['wire_floor_s']):>9} {pct(row.get('mesh_both_ways_share')):>9} "
-            f"{pct(row.get('gloo_both_ways_share')):>9}")
+            f"{pct(row.get('gloo_both_ways_share')):>9} {ms(row.get('mesh_cpu_s')):>9} "
+            f"{ms(row.get('gloo_cpu_s')):>9}")
+    floor = tcp_floor(result)
+    if floor:
+        lines += ["", "Floors (issue #17 goal: within 1.3x of the wire floor at 64 MiB):", *floor]
     if result["gloo_skipped"]:
         lines.append(f"Gloo skipped: {result['gloo_skipped']}")
     lines.append(f"wall time {result['wall_seconds']:.1f} s ({result['mode']} run)")

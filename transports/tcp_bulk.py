@@ -74,7 +74,9 @@ def _recv_exact(sock: socket.socket, view: memoryview) -> None:
     """Fill ``view`` from ``sock`` (blocking); ConnectionError at end of stream."""
     got, n = 0, len(view)
     while got < n:
-        k = sock.recv_into(view[got:], n - got)
+        # MSG_WAITALL: one wakeup per message instead of one per arriving burst
+        # (a signal or shutdown may still end it early: then the loop goes on).
+        k = sock.recv_into(view[got:], n - got, socket.MSG_WAITALL)
         if k == 0:
             raise ConnectionError("the peer closed the connection")
         got += k
