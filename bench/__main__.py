@@ -211,11 +211,14 @@ def main(argv: list[str] | None = None) -> int:
         log("interrupted; workers stopped")
         return 130
     elapsed = time.monotonic() - started
+    import mesh  # the workers run this environment's build: say which
+    build = mesh._build.describe()
 
     print(recap(rows, shm_results, shm_allreduce, aio_rows))
     for error in errors:
         print(f"ERROR: {error}")
-    print(f"wall time {elapsed:.1f} s ({'quick' if args.quick else 'full'} run)")
+    print(f"wall time {elapsed:.1f} s ({'quick' if args.quick else 'full'} run); "
+          f"zmesh build: {build}")
 
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as fh:
@@ -226,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                     "mode": "quick" if args.quick else "full",
                     "wall_seconds": round(elapsed, 1),
                     "python": platform.python_version(),
+                    "build": build,  # the compiled hot path or pure Python (MESH_PURE_PYTHON=1)
                     "pyzmq": zmq.__version__,
                     "libzmq": zmq.zmq_version(),
                     "cpus": os.cpu_count(),
