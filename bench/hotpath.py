@@ -48,6 +48,32 @@ def _cpu() -> float:
     return t.user + t.system
 
 
+def _threads() -> dict[str, float]:
+    """CPU seconds per thread, by name (libzmq's I/O thread is "ZMQbg/IO/0")."""
+    import threading
+
+    names = {t.native_id: t.name.split("-")[1] if t.name.startswith("mesh-") else t.name
+             for t in threading.enumerate()}
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        name = names.get(int(tid), comm)
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def _per_msg(after: dict[str, float], before: dict[str, float], count: int) -> dict[str, float]:
+    return {k: round((v - before.get(k, 0.0)) * 1e6 / count, 2) for k, v in after.items()
+            if v - before.get(k, 0.0) > 0}
+
+
 def sink(count: int, profile: str | None) -> None:
     import threading
 
@@ -66,11 +92,11 @@ def sink(count: int, profile: str | None) -> None:
         node.subscribe(SUBJECT, on_msg)
         _say(endpoint=[e for e in node.endpoints if e.startswith("tcp://")][0])
         sys.stdin.readline()  # "warm": the publisher's warm-up is in
-        cpu0 = _cpu()
+        cpu0, threads0 = _cpu(), _threads()
         _say(armed=True)
         if not done.wait(600):
             raise SystemExit(f"sink: {got[0]} of {total} messages")
-        _say(received=got[0], cpu_s=_cpu() - cpu0)
+        _say(received=got[0], cpu_s=_cpu() - cpu0, threads=_per_msg(_threads(), threads0, count))
         sys.stdin.readline()
 
 
@@ -87,10 +113,13 @@ def source(endpoint: str, count: int, profile: str | None) -> None:
         time.sleep(0.5)
         _say(warm=True)
         sys.stdin.readline()  # "go": instrumentation is on
-        cpu0, t0 = _cpu(), time.perf_counter()
+        cpu0, threads0, t0 = _cpu(), _threads(), time.perf_counter()
         for _ in range(count):
             publish(SUBJECT, payload, timeout=5.0)
-        _say(sent=count, seconds=time.perf_counter() - t0, cpu_s=_cpu() - cpu0)
+        seconds = time.perf_counter() - t0
+        time.sleep(0.2)  # what the I/O threads do for these messages after the last publish
+        _say(sent=count, seconds=seconds, cpu_s=_cpu() - cpu0,
+             threads=_per_msg(_threads(), threads0, count))
         sys.stdin.readline()
 
 
@@ -157,7 +186,8 @@ def drive(count: int, callgrind: str | None, cprofile: str | None) -> dict:
             _instr(snk.pid, False)
             _instr(src.pid, False)
         out.update(rate=count / sent["seconds"], pub_cpu_us=sent["cpu_s"] * 1e6 / count,
-                   sub_cpu_us=got["cpu_s"] * 1e6 / count)
+                   sub_cpu_us=got["cpu_s"] * 1e6 / count,
+                   pub_threads_us=sent["threads"], sub_threads_us=got["threads"])
         for proc in procs:
             proc.stdin.write("stop\n")
             proc.stdin.flush()

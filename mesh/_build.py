@@ -34,6 +34,7 @@ from typing import Any
 
 # The hot path, in the order the profile named them (bench/hotpath.py).
 COMPILED = (
+    "mesh.engine.fastpath",
     "mesh.engine.link",
     "mesh.engine.dispatch",
     "mesh.engine.loop",
@@ -43,6 +44,7 @@ COMPILED = (
     "mesh.routing",
     "mesh.subjects",
     "mesh.node",
+    "mesh.stats",
 )
 
 PURE_ENV = "MESH_PURE_PYTHON"
