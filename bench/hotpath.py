@@ -33,6 +33,8 @@ WARM = 2000
 def _node(role: str, seeds: tuple[str, ...] = (), **options: Any) -> Any:
     import mesh
 
+    if os.environ.get("HOTPATH_BATCH_BYTES"):  # an experiment's batch size, both sides
+        options["batch_bytes"] = int(os.environ["HOTPATH_BATCH_BYTES"])
     return mesh.Node(f"hot-{role}-{os.getpid()}", cluster="hotpath",
                      discovery="static" if seeds else "none", seeds=seeds,
                      listen=("tcp://127.0.0.1:0",), transports=("tcp",), **options)
@@ -100,10 +102,10 @@ def sink(count: int, profile: str | None) -> None:
         sys.stdin.readline()
 
 
-def source(endpoint: str, count: int, profile: str | None) -> None:
+def source(endpoint: str, count: int, profile: str | None, size: int = 64) -> None:
     from bench.profiling import profiled
 
-    payload = os.urandom(64)
+    payload = os.urandom(size)
     with profiled(profile), _node("source", (endpoint,)) as node:
         node.wait_for_peers(1, timeout=60)
         node.wait_for_subscribers(SUBJECT, 1, timeout=60)
@@ -156,7 +158,7 @@ def _total(path: str) -> int:
     raise SystemExit(f"no totals in {path}")
 
 
-def drive(count: int, callgrind: str | None, cprofile: str | None) -> dict:
+def drive(count: int, callgrind: str | None, cprofile: str | None, size: int = 64) -> dict:
     out: dict[str, Any] = {"count": count}
     files = {side: f"{callgrind}/callgrind.{side}" for side in ("sink", "source")} if callgrind else {}
     if callgrind:
@@ -168,7 +170,7 @@ def drive(count: int, callgrind: str | None, cprofile: str | None) -> dict:
         snk = _spawn(sink_args, files.get("sink"))
         procs.append(snk)
         endpoint = _read(snk, "endpoint")["endpoint"]
-        src_args = ["source", "--endpoint", endpoint, "--count", str(count)]
+        src_args = ["source", "--endpoint", endpoint, "--count", str(count), "--size", str(size)]
         src = _spawn(src_args + (["--profile", prof["source"]] if prof else []), files.get("source"))
         procs.append(src)
         _read(src, "warm")
@@ -211,6 +213,7 @@ def main() -> None:
     ap.add_argument("role", nargs="?", default="drive", choices=("drive", "sink", "source"))
     ap.add_argument("--count", type=int, default=None)
     ap.add_argument("--endpoint")
+    ap.add_argument("--size", type=int, default=64, help="payload bytes (default 64)")
     ap.add_argument("--profile")
     ap.add_argument("--callgrind", nargs="?", const="bench/results/callgrind", default=None,
                     metavar="DIR")
@@ -219,7 +222,7 @@ def main() -> None:
     if args.role == "sink":
         sink(args.count, args.profile)
     elif args.role == "source":
-        source(args.endpoint, args.count, args.profile)
+        source(args.endpoint, args.count, args.profile, args.size)
     else:
         count = args.count or (20_000 if args.callgrind else 200_000)
         if args.callgrind:
@@ -228,7 +231,7 @@ def main() -> None:
                     os.unlink(os.path.join(args.callgrind, name))
         import mesh
 
-        result = drive(count, args.callgrind, args.cprofile)
+        result = drive(count, args.callgrind, args.cprofile, args.size)
         result["compiled"] = getattr(mesh, "compiled", False)
         print(json.dumps(result, indent=1))
 
