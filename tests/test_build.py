@@ -65,26 +65,28 @@ def test_the_compiled_build_is_what_gets_imported() -> None:
 
 def test_a_source_edited_after_the_build_runs_instead_with_a_warning(tmp_path, monkeypatch) -> None:
     # An editable install whose .py changed after the compile: the .py runs, loudly.
+    name = "mesh.stats"
+    assert name in _build.COMPILED
     pkg = tmp_path / "mesh"
     pkg.mkdir()
-    source = pkg / "wire.py"
+    source = pkg / "stats.py"
     source.write_text("X = 1\n")
-    ext = pkg / ("wire" + _build.importlib.machinery.EXTENSION_SUFFIXES[0])
+    ext = pkg / ("stats" + _build.importlib.machinery.EXTENSION_SUFFIXES[0])
     ext.write_bytes(b"")
     monkeypatch.setattr(_build, "_ROOT", str(tmp_path))
     finder = _build._Finder(pure=False)
 
     os.utime(ext, (1000.0, 1000.0))
     os.utime(source, (1000.0 + _build._SLACK / 2, 1000.0 + _build._SLACK / 2))
-    assert finder.find_spec("mesh.wire") is None  # built after (or with) it: the usual import
+    assert finder.find_spec(name) is None  # built after (or with) it: the usual import
 
     os.utime(source, (2000.0, 2000.0))  # edited later
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        spec = finder.find_spec("mesh.wire")
+        spec = finder.find_spec(name)
     assert spec is not None and spec.origin == str(source)
     assert any("make build" in str(w.message) for w in caught)
-    assert finder.stale == ["mesh.wire"]
+    assert finder.stale == [name]
     assert finder.find_spec("mesh.status") is None  # not a compiled module: not ours
 
 
