@@ -35,6 +35,15 @@ def _node(role: str, seeds: tuple[str, ...] = (), **options: Any) -> Any:
 
     if os.environ.get("HOTPATH_BATCH_BYTES"):  # an experiment's batch size, both sides
         options["batch_bytes"] = int(os.environ["HOTPATH_BATCH_BYTES"])
+    if os.environ.get("HOTPATH_VALGRIND"):
+        # Under valgrind a publish takes ~50x longer: no message would follow the
+        # previous one within the burst gap (50 µs) nor fill a batch within
+        # batch_delay, and the profile would be of the unbatched path. Stretch both
+        # so batches form as they do natively (~400 messages of 64 B).
+        from mesh.engine import link
+
+        link._BURST_GAP = 1.0
+        options["batch_delay"] = 0.5
     return mesh.Node(f"hot-{role}-{os.getpid()}", cluster="hotpath",
                      discovery="static" if seeds else "none", seeds=seeds,
                      listen=("tcp://127.0.0.1:0",), transports=("tcp",), **options)
@@ -128,6 +137,7 @@ def source(endpoint: str, count: int, profile: str | None, size: int = 64) -> No
 def _spawn(args: list[str], callgrind: str | None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "bench.hotpath", *args]
     if callgrind:
+        os.environ["HOTPATH_VALGRIND"] = "1"
         cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={callgrind}",
                *cmd]
     return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
