@@ -2,6 +2,8 @@
 # the .py is the source of both builds. Message becomes a C type (made once per
 # received message: incoming() fills its fields without an __init__ call).
 
+cimport cython
+
 cdef class Message:
     cdef public object subject
     cdef public object data
@@ -19,3 +21,9 @@ cdef class Message:
 cpdef Message incoming(object subject, object data, object headers, object sender, object seq,
                        object array, object request_id, object node, object reply_to,
                        object credit)
+
+
+@cython.locals(i=Py_ssize_t)
+cpdef queue_run(list out, object sub, object subject, object payloads, object headers,
+                object sender, object seq, object array, object request_id, object node,
+                object reply_to, object grant, object sizes, Py_ssize_t count)

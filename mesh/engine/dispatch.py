@@ -35,7 +35,7 @@ from mesh.flow import (
     CreditGrant,
     decode_batch,
 )
-from mesh.message import Message, Subscription, incoming
+from mesh.message import Message, Subscription, incoming, queue_run
 from mesh.peers import Peer
 from mesh.tensor import array_from_frames
 
@@ -389,24 +389,26 @@ class Dispatcher:
                 else:
                     self._io_batch.append((sub, msg))
                 continue
-            msgs = [incoming(subject, payloads[i], headers, peer_id, seq + i, array, req_id, self,
-                             reply_to, (grant, peer_id, sizes[i])) for i in range(accepted)]
             if sub.closed:
                 continue
+            if sub.handler is not None and not sub.inline:
+                # The common case of a batch: handler calls for the dispatch thread,
+                # collected once per drain (message.queue_run: one call, compiled).
+                queue_run(self._io_batch, sub, subject, payloads, headers, peer_id, seq, array,
+                          req_id, self, reply_to, grant, sizes, accepted)
+                continue
+            msgs = [incoming(subject, payloads[i], headers, peer_id, seq + i, array, req_id, self,
+                             reply_to, (grant, peer_id, sizes[i])) for i in range(accepted)]
             if sub.handler is None:
                 put = sub._inbox.put
                 for msg in msgs:
                     put(msg)
-            elif sub.inline:
+            else:  # inline
                 for index, msg in enumerate(msgs):
                     if not sub.inline:  # it went over its budget: the rest go as usual
                         self._io_batch.extend([(sub, m) for m in msgs[index:]])
                         break
                     self._run_inline(sub, msg)
-            else:
-                # Handler calls are collected and passed to the dispatch thread once
-                # per drain.
-                self._io_batch.extend([(sub, msg) for msg in msgs])
         if not sids:
             drops["no_interest"] += count
 
