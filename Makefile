@@ -2,9 +2,9 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | sha1sum | cut -c1-12)
 
-.PHONY: demo test bench lint clean venv pyverbs-link rdma-test
+.PHONY: demo test test-pure build bench lint clean venv pyverbs-link rdma-test
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -16,6 +16,13 @@ $(STAMP): $(BIN)/python pyproject.toml
 	@rm -f $(VENV)/.installed-*; touch $(STAMP)
 
 venv: $(STAMP)
+
+# The install compiles the hot path (mesh/_build.py's modules, Cython, gcc) unless
+# MESH_PURE_PYTHON=1. After editing one of them, `make build` compiles it again
+# (until then the edited .py runs, with a warning: never the stale build).
+build: $(STAMP)
+	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/python -c 'import mesh; print("zmesh build:", mesh._build.describe())'
 
 demo: $(STAMP)
 	$(BIN)/mesh demo
@@ -31,6 +38,13 @@ test: $(STAMP) $(TORCH_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
+# The fast core tests again on the pure-Python build (the .py of every compiled
+# module, in the same venv: MESH_PURE_PYTHON=1 at import, see mesh/_build.py).
+PURE_TESTS := tests/test_build.py tests/test_flow.py tests/test_routing.py tests/test_subjects.py \
+	tests/test_batching.py tests/test_node_local.py tests/test_hostile.py tests/test_flow_procs.py
+test-pure: $(STAMP)
+	MESH_PURE_PYTHON=1 $(BIN)/python -m pytest -q $(PURE_TESTS)
+
 # The references (nats-server from Debian, the bench extra's Zenoh and nats-py,
 # torch for Gloo from the local wheel) are installed by bench/setup.sh, only for
 # benchmarks.
@@ -43,6 +57,7 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+	find mesh -name '*.so' -delete
 
 # pyverbs (the RDMA transport) comes from Debian's python3-pyverbs, not PyPI:
 # link just that package into the venv when it is installed.

@@ -78,8 +78,8 @@ def summary(rows: list[dict], cfg: pubsub.Config) -> str:
         f"{cfg.small_count:,} msgs; 1 MiB {cfg.array_reps} x {cfg.array_count:,} arrays; "
         "flow control cost = 1 - controlled/uncontrolled",
         "64 B variants: batching off = batch_bytes=0 on both nodes; flow control on = "
-        "subscribe(credits=256, overflow='block'), off = credits=10**9, overflow='drop_new', "
-        "wider window = credits=1024; "
+        "the default window (credits=1024, credit_bytes=64 MiB, overflow='block'), off = "
+        "credits=10**9, overflow='drop_new', 'credits=1024' = the default given explicitly; "
         "all with publish(timeout=5) but 'default publish()'. Latency goal: batch_bytes=0 "
         "on both nodes.",
     ]
@@ -89,6 +89,15 @@ def summary(rows: list[dict], cfg: pubsub.Config) -> str:
     for row in rows:
         if row["bench"] == "references":
             continue  # refs.table prints these side by side
+        if row["bench"] == "stall":
+            lines.append(
+                f"{row['ratio']:>7.2f}x  {'<= 1 window':<22} {'yes' if row['met'] else 'NO':<4}  "
+                f"stall {row['case']}: subscriber RSS +{row['rss_growth_mib']:.1f} MiB (window "
+                f"{row['window_mib']:.0f} MiB, {row['offered_mib']:.0f} MiB offered), "
+                f"{row['msgs_in_during_stall']} msgs in during the stall, {row['lost']} lost, "
+                f"in order: {row['in_order']}; the publisher waited up to "
+                f"{row['publisher_longest_wait_s']:.1f} s")
+            continue
         met = {True: "yes", False: "NO", None: "-"}[row["met"]]
         name = f"{row['bench']} {row['case']}"
         ref = f"{row['reference']}: {_fmt_value(row, 'raw')}"
@@ -211,11 +220,14 @@ def main(argv: list[str] | None = None) -> int:
         log("interrupted; workers stopped")
         return 130
     elapsed = time.monotonic() - started
+    import mesh  # the workers run this environment's build: say which
+    build = mesh._build.describe()
 
     print(recap(rows, shm_results, shm_allreduce, aio_rows))
     for error in errors:
         print(f"ERROR: {error}")
-    print(f"wall time {elapsed:.1f} s ({'quick' if args.quick else 'full'} run)")
+    print(f"wall time {elapsed:.1f} s ({'quick' if args.quick else 'full'} run); "
+          f"zmesh build: {build}")
 
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as fh:
@@ -226,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                     "mode": "quick" if args.quick else "full",
                     "wall_seconds": round(elapsed, 1),
                     "python": platform.python_version(),
+                    "build": build,  # the compiled hot path or pure Python (MESH_PURE_PYTHON=1)
                     "pyzmq": zmq.__version__,
                     "libzmq": zmq.zmq_version(),
                     "cpus": os.cpu_count(),

@@ -612,6 +612,9 @@ BYTES_VARIANTS: dict[str, dict[str, Any]] = {
 }
 ARRAY_VARIANTS: dict[str, dict[str, Any]] = {
     "mesh": {"pub_timeout": 5.0},
+    # The node sends arrays >= 1 MiB to a peer on its host through shared memory even
+    # over tcp; shm=False keeps them on the tcp socket (issue #16: >= 90 % of raw).
+    "mesh-noshm": {"pub_timeout": 5.0, "node_options": {"shm": False}},
     "mesh-curve": {"pub_timeout": 5.0, "node_options": CURVE},
 }
 
@@ -690,6 +693,7 @@ _DESCRIPTIONS = {
     "mesh-credits1k": "batching on, flow control with credits=1024",
     "mesh-drop": "default publish() (drops when full)",
     "mesh-curve": "CurveZMQ (secret=), batching and flow control on",
+    "mesh-noshm": "on the socket (shm=False), not through shared memory",
 }
 
 
@@ -768,11 +772,11 @@ def _throughput(
     raw = summary("raw")
     meshes = {impl: summary(impl) for impl in variants}
     # Over ipc the node hands arrays >= shm_threshold to shared memory: say so.
-    label = transport
-    if kind == "array" and meshes["mesh"]["bulk"] == ["shm"]:
-        label = f"{transport}+shm"
     rows = []
     for impl, spec in variants.items():
+        label = transport
+        if kind == "array" and meshes[impl]["bulk"] == ["shm"]:
+            label = f"{transport}+shm"
         ratios = [r[impl]["rate"] / r["raw"]["rate"] for r in reps]
         ratio = _median(ratios)
         primary = impl == "mesh"
@@ -861,3 +865,100 @@ def _profile(pair: Pair, cfg: Config) -> None:
                             "profile": f"{name}-source",
                             "node_options": spec.get("node_options")},
                  timeout=300.0, primary="server")
+
+
+# ====================================================================== stalled subscriber
+
+STALL_SECONDS = 10.0
+STALL_SIZE = 16 * 1024  # the default window (1024 msgs, 64 MiB) is then 16 MiB of them
+STALL_COUNT = 5000  # 80 MiB offered: five windows
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def mesh_stall_sink_task(ctl: Control, transport: str, count: int, stall: float,
+                         timeout: float) -> dict:
+    """A subscriber with the default window whose handler stalls ``stall`` seconds
+    at the first message; RSS sampled meanwhile. Then it takes everything."""
+    got: list[int] = []
+    first = threading.Event()
+    done = threading.Event()
+    peak = [0]
+
+    def on_msg(msg: Any) -> None:
+        if not first.is_set():
+            first.set()
+            time.sleep(stall)  # the dispatch thread stalls: no credit goes back
+        got.append(int.from_bytes(msg.data[:4], "little"))
+        if len(got) >= count:
+            done.set()
+
+    with _mesh_node("stall-sink", transport) as node:
+        node.subscribe(DATA, on_msg)  # the default window and overflow="block"
+        before = _rss()
+        ctl.send("ready", _mesh_endpoint(node, transport))
+        if not first.wait(60):
+            raise BenchError("stall sink: no message")
+        t_end = time.monotonic() + stall - 0.5
+        while time.monotonic() < t_end:  # the stall: sample RSS and what came in
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.1)
+        in_stall = node.status()["counters"]["msgs_in"]
+        if not done.wait(timeout):
+            raise BenchError(f"stall sink: {len(got)} of {count} messages after the stall")
+        return {"rss_before": before, "rss_peak_stall": peak[0], "msgs_in_stall": in_stall,
+                "received": len(got), "in_order": got == list(range(count)),
+                **_mesh_counters(node)}
+
+
+def mesh_stall_source_task(ctl: Control, endpoint: str, transport: str, count: int,
+                           timeout: float, **_: Any) -> dict:
+    pad = b"\0" * (STALL_SIZE - 4)
+    with _mesh_node("stall-source", transport, (endpoint,)) as node:
+        node.wait_for_peers(1, timeout=JOIN_TIMEOUT)
+        node.wait_for_subscribers(DATA, 1, timeout=JOIN_TIMEOUT)
+        t0 = time.monotonic()
+        waited = 0.0
+        for i in range(count):
+            t = time.monotonic()
+            node.publish(DATA, i.to_bytes(4, "little") + pad, timeout=60.0)  # block: waits
+            waited = max(waited, time.monotonic() - t)
+        seconds = time.monotonic() - t0
+        ctl.wait_stop(timeout)
+        return {"seconds": seconds, "longest_wait_s": waited, **_mesh_counters(node)}
+
+
+def _stall(pair: Pair, cfg: Config, transport: str) -> list[dict]:
+    """A subscriber stalled STALL_SECONDS under the default window: its RSS grows by
+    at most one window (per publisher), the publisher waits, nothing is lost."""
+    timeout = 120.0 + STALL_SECONDS
+    sink, source = pair.run(
+        f"{HERE}:mesh_stall_sink_task", f"{HERE}:mesh_stall_source_task",
+        server_kw={"transport": transport, "count": STALL_COUNT, "stall": STALL_SECONDS,
+                   "timeout": timeout},
+        client_kw={"transport": transport, "count": STALL_COUNT, "timeout": timeout},
+        timeout=timeout, primary="server")
+    window = 1024 * STALL_SIZE
+    growth = sink["rss_peak_stall"] - sink["rss_before"]
+    lost = STALL_COUNT - sink["received"]
+    met = growth <= window + (16 << 20) and lost == 0 and sink["in_order"] and \
+        sink["msgs_in_stall"] <= 1024
+    log(f"  stall {transport}: RSS +{growth / 2**20:.1f} MiB during {STALL_SECONDS:.0f} s "
+        f"(window {window >> 20} MiB), {sink['msgs_in_stall']} msgs in, {lost} lost")
+    return [{
+        "bench": "stall", "impl": "mesh", "transport": transport,
+        "case": f"subscriber stalled {STALL_SECONDS:.0f} s, default window (1024 msgs), "
+                f"{STALL_COUNT} x {STALL_SIZE >> 10} KiB, publish(timeout=60)",
+        "unit": "MiB", "rss_growth_mib": growth / 2**20, "window_mib": window / 2**20,
+        "offered_mib": STALL_COUNT * STALL_SIZE / 2**20, "msgs_in_during_stall": sink["msgs_in_stall"],
+        "received": sink["received"], "lost": lost, "in_order": sink["in_order"],
+        "publisher_longest_wait_s": source["longest_wait_s"], "reference": "its window",
+        "ratio": growth / window, "goal": "RSS growth <= window (+16 MiB), nothing lost",
+        "met": met, "reps": 1,
+    }]

@@ -30,6 +30,9 @@ def run(pair: Pair, cfg: Config, errors: list[str]) -> list[dict]:
     if "tcp" in cfg.transports:
         # 64 B / 1 KiB, 1->1, fan-in, fan-out: raw, Zenoh, the mesh (issue #16).
         cases.append(("throughput-refs/tcp", functools.partial(refs.throughput, cfg)))
+    if "tcp" in cfg.transports:
+        # A subscriber stalled 10 s under the default window (issue #16): RSS, losses.
+        cases.append(("stall/tcp", functools.partial(pubsub._stall, pair, cfg, "tcp")))
     if cfg.profile_dir:
         cases.append(("profile", lambda: pubsub._profile(pair, cfg) or []))
     for name, case in cases:

@@ -6,8 +6,12 @@
         node.publish("grad.w3.layer1", array)
 """
 
-from mesh import transports
-from mesh.errors import (
+from mesh import _build
+
+_build.install()  # before any compiled module is imported (see mesh/_build.py)
+
+from mesh import transports  # noqa: E402
+from mesh.errors import (  # noqa: E402
     BackpressureError,
     BulkLinkError,
     ClosedError,
@@ -23,9 +27,13 @@ from mesh.errors import (
     TimeoutError,
     TransportError,
 )
-from mesh.message import Message, Subscription
-from mesh.node import Node
-from mesh.peers import PeerInfo
+from mesh.message import Message, Subscription  # noqa: E402
+from mesh.node import Node  # noqa: E402
+from mesh.peers import PeerInfo  # noqa: E402
+
+# Which build of the hot path runs: True when every module of mesh._build.COMPILED
+# came from its Cython extension (built by pip install unless MESH_PURE_PYTHON=1).
+compiled: bool = _build.compiled()
 
 __version__ = "0.1.0"
 

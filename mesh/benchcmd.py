@@ -44,6 +44,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from mesh import _build
 from mesh.errors import (
     BackpressureError,
     ClosedError,
@@ -692,6 +693,8 @@ class _Round:
             # Sent through shared memory instead of the transport (arrays from 1 MiB).
             "shm_messages": sum(p.done.get("shm_writes", 0) for p in sources),
             "processes": [{"name": p.name, "pid": p.popen.pid} for p in self.procs],
+            # The hot path these processes ran (they share this environment).
+            "build": _build.describe(),
         }
 
         def rate(count: int, seconds: float) -> dict:
@@ -771,6 +774,7 @@ def format_result(r: dict) -> str:
             f"{r['receive']['mb_per_s']:10,.2f} MB/s  (first publish to last receive, "
             f"all subscribers)",
         ]
+        lines.append(f"  build     {r.get('build', 'unknown')}")
         if r["publishers"] > 1:
             lines += [f"    publisher {i}  {_num(x['msgs_per_s'])} msgs/s ({x['msgs']:,} msgs)"
                       for i, x in enumerate(r["per_publisher"], 1)]
@@ -803,6 +807,7 @@ def format_result(r: dict) -> str:
                   for i, x in enumerate(r["per_requester"], 1)]
         lines.append(f"    {_spread(r['per_requester'], 'req/s')}")
     lines.append(f"  replies   {r['replies']:,} of {r['requests']:,} requests: {r['lost']:,} lost")
+    lines.append(f"  build     {r.get('build', 'unknown')}")
     return "\n".join(lines)
 
 

@@ -341,8 +341,9 @@ _BLOCK: Decision[Any] = Decision(Action.BLOCK)
 _DROP_NEW: Decision[Any] = Decision(Action.DROP_NEW)
 
 
-class CreditWindow(Generic[T]):
-    """The credit one publisher holds for one subscription on one node.
+class CreditWindow:
+    """The credit one publisher holds for one subscription on one node (items of
+    any type ``T``; not a ``Generic``: compiled, it is a C type, see flow.pxd).
 
     Overflow policies, when no credit is left (or messages are already held,
     which keeps order):

@@ -24,7 +24,7 @@ class Message:
     __slots__ = (
         "subject",
         "data",
-        "headers",
+        "_headers",
         "sender",
         "seq",
         "request_id",
@@ -51,7 +51,7 @@ class Message:
     ) -> None:
         self.subject = subject
         self.data = data
-        self.headers = headers if headers is not None else {}
+        self._headers = headers
         self.sender = sender
         self.seq = seq
         self.request_id = request_id
@@ -62,6 +62,19 @@ class Message:
         # What consuming it gives back: nbytes (local publisher) or
         # (grant, publisher id, nbytes) for a remote one; None: no flow control.
         self._credit: Any = None
+
+    @property
+    def headers(self) -> dict:
+        """The publisher's headers (an empty dict when it sent none: made on first use,
+        most messages carry none)."""
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = {}
+        return headers
+
+    @headers.setter
+    def headers(self, value: dict) -> None:
+        self._headers = value
 
     def array(self) -> np.ndarray:
         """The numpy array the publisher sent (dtype and shape kept, no copy)."""
@@ -90,6 +103,41 @@ class Message:
     def __repr__(self) -> str:
         size = self.data.nbytes if isinstance(self.data, memoryview) else len(self.data)
         return f"<Message {self.subject!r} seq={self.seq} from={self.sender} {size} B>"
+
+
+def incoming(
+    subject: str, data: Any, headers: dict | None, sender: str, seq: int, array: Any,
+    request_id: int | None, node: Any, reply_to: str | None, credit: Any,
+) -> Message:
+    """A received message, made by the I/O thread: ``Message(...)`` without the
+    keyword arguments and ``__init__`` call (one per message on the hot path)."""
+    msg = Message.__new__(Message)
+    msg.subject = subject
+    msg.data = data
+    msg._headers = headers
+    msg.sender = sender
+    msg.seq = seq
+    msg.request_id = request_id
+    msg._desc = None
+    msg._array = array
+    msg._node = node
+    msg._reply_to = reply_to
+    msg._credit = credit
+    return msg
+
+
+def queue_run(
+    out: list, sub: Any, subject: str, payloads: Any, headers: dict | None, sender: str,
+    seq: int, array: Any, request_id: int | None, node: Any, reply_to: str | None,
+    grant: Any, sizes: Any, count: int,
+) -> None:
+    """Append ``(sub, message)`` to ``out`` for the first ``count`` messages of a
+    received run (consecutive seqs from ``seq``): the I/O thread's per-message work
+    for a batch, in one call."""
+    append = out.append
+    for i in range(count):
+        append((sub, incoming(subject, payloads[i], headers, sender, seq + i, array,
+                              request_id, node, reply_to, (grant, sender, sizes[i]))))
 
 
 _CLOSED = object()

@@ -32,6 +32,7 @@ from mesh.engine.bulk_rdma import RdmaGlue
 from mesh.engine.bulk_shm import ShmGlue
 from mesh.engine.common import _DROP_OLDEST_BACKLOG, _INTERNAL_FLOW, _LIVE, _STOP
 from mesh.engine.dispatch import Dispatcher, _Pending
+from mesh.engine.fastpath import HotPublisher
 from mesh.engine.handshake import Handshake
 from mesh.engine.link import LinkSender
 from mesh.engine.loop import IoLoop
@@ -174,6 +175,7 @@ class Node(IoLoop, LinkSender, Dispatcher, Handshake, StatusView, BulkSet, ShmGl
         self._init_shm()
         self._init_rdma()
         self._init_bulk()
+        self._hot = HotPublisher(self)  # the common publish in one call (engine/fastpath.py)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -468,6 +470,8 @@ class Node(IoLoop, LinkSender, Dispatcher, Handshake, StatusView, BulkSet, ShmGl
         """
         if self._closed or not self._started:
             self._check_started()  # raises, saying what to do
+        if self._hot.publish(subject, data, headers, timeout):
+            return  # the common case, done (it answers False when it is not that)
         route = self._route(subject)
         self._publish(subject, route, data, headers, None, timeout)
 

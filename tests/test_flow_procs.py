@@ -305,3 +305,29 @@ def test_a_handler_publishing_beyond_the_window_of_its_own_node_keeps_working(pr
     got = a.call("collected", sid=sink, n=500, timeout=40)
     assert [int(r["data"]) for r in got] == list(range(1, 501))
     assert a.call("status")["counters"]["drops"] == {}
+
+
+def test_a_stalled_subscriber_holds_at_most_its_default_window_and_loses_nothing(procs):
+    """Issue #16: the default window (credits=1024, credit_bytes=64 MiB, block), a
+    subscriber whose handler stalls: it receives one window from the publisher and
+    no more (its memory is bounded by it), publish() waits, nothing is lost."""
+    p, s, sid = pair(procs, {"mode": "gated"})  # the default window and overflow
+    n, pad = 4000, 16 * 1024  # 64 MiB offered; the window is 1024 x 16 KiB = 16 MiB
+    before = s.call("rss")
+    p.call("publish_loop_async", key="stall", subject="f.x", n=n, pad=pad, timeout=60)
+    wait_until(lambda: s.call("status")["counters"]["msgs_in"] >= 1024, 30)
+    time.sleep(1.0)  # stalled: nothing beyond the window may arrive meanwhile
+    status = s.call("status")
+    assert status["counters"]["msgs_in"] == 1024  # the window, exactly: what bounds memory
+    assert not status["counters"]["drops"]
+    growth = s.call("rss") - before
+    # One window plus what receiving costs once (buffers, first-use allocations), far
+    # below the 64 MiB offered.
+    assert growth < 32 * 2**20, f"subscriber RSS grew {growth / 2**20:.1f} MiB (window 16 MiB)"
+    assert p.call("loop_result", key="stall", timeout=0.1) == {"running": True}  # it waits
+    s.call("open_gate")
+    out = p.call("loop_result", key="stall", timeout=60)
+    assert out.get("sent") == n, out
+    got = s.call("collected", sid=sid, n=n, timeout=60)
+    assert numbers(got) == list(range(1, n + 1))
+    assert not p.call("status")["counters"]["drops"]

@@ -35,7 +35,7 @@ from mesh.flow import (
     CreditGrant,
     decode_batch,
 )
-from mesh.message import Message, Subscription
+from mesh.message import Message, Subscription, incoming, queue_run
 from mesh.peers import Peer
 from mesh.tensor import array_from_frames
 
@@ -162,31 +162,39 @@ class Dispatcher:
         consumed: dict[tuple[Subscription, Any], list] = {}
         monotonic = time.monotonic
         since = monotonic()
+        call = self._call_handler
+        # The tally of the previous message's (subscription, grant): a drain is mostly
+        # runs of one subscription and publisher, so no key tuple and lookup per message.
+        last_sub = last_grant = tally = None
         for sub, msg in item:
             if consumed and monotonic() - since > _CREDIT_HOLD:
                 # Slow handlers: the credit of what they finished must not wait for
                 # the rest of the batch.
                 self._return_credits(consumed)
                 consumed = {}
+                last_sub = last_grant = tally = None
                 since = monotonic()
             if sub.closed:
                 continue
-            self._call_handler(sub, msg)
+            call(sub, msg)
             credit = getattr(msg, "_credit", None)  # on_peer callbacks get a PeerInfo
             if type(credit) is tuple:
                 msg._credit = None
-                key = (sub, credit[0])
-                tally = consumed.get(key)
-                if tally is None:
-                    consumed[key] = [credit[1], 1, credit[2]]
-                else:
-                    tally[1] += 1
-                    tally[2] += credit[2]
-                    if tally[1] >= credit[0].threshold:
-                        # Enough for the publisher to act on: send it now, not after
-                        # the rest of the batch (the window keeps moving).
-                        del consumed[key]
-                        self._return_credit(sub, credit[0], tally[0], tally[1], tally[2])
+                grant = credit[0]
+                if sub is not last_sub or grant is not last_grant or tally is None:
+                    key = (sub, grant)
+                    tally = consumed.get(key)
+                    if tally is None:
+                        tally = consumed[key] = [credit[1], 0, 0]
+                    last_sub, last_grant = sub, grant
+                tally[1] += 1
+                tally[2] += credit[2]
+                if tally[1] >= grant.threshold:
+                    # Enough for the publisher to act on: send it now, not after
+                    # the rest of the batch (the window keeps moving).
+                    del consumed[(sub, grant)]
+                    self._return_credit(sub, grant, tally[0], tally[1], tally[2])
+                    tally = None
             elif credit is not None:
                 self._consumed(sub, msg)
         self._return_credits(consumed)
@@ -370,9 +378,8 @@ class Dispatcher:
             if accepted < count:
                 drops["credit_violation"] += count - accepted  # sent beyond its credit
             if accepted == 1 and count == 1:  # the common case: one message, within credit
-                msg = Message(subject, payloads[0], headers, peer_id, seq, array=array,
-                              request_id=req_id, node=self, reply_to=reply_to)
-                msg._credit = (grant, peer_id, sizes[0])
+                msg = incoming(subject, payloads[0], headers, peer_id, seq, array, req_id, self,
+                               reply_to, (grant, peer_id, sizes[0]))
                 if sub.closed:
                     continue
                 if sub.handler is None:
@@ -382,28 +389,26 @@ class Dispatcher:
                 else:
                     self._io_batch.append((sub, msg))
                 continue
-            msgs = []
-            for i in range(accepted):
-                msg = Message(subject, payloads[i], headers, peer_id, seq + i, array=array,
-                              request_id=req_id, node=self, reply_to=reply_to)
-                msg._credit = (grant, peer_id, sizes[i])
-                msgs.append(msg)
             if sub.closed:
                 continue
+            if sub.handler is not None and not sub.inline:
+                # The common case of a batch: handler calls for the dispatch thread,
+                # collected once per drain (message.queue_run: one call, compiled).
+                queue_run(self._io_batch, sub, subject, payloads, headers, peer_id, seq, array,
+                          req_id, self, reply_to, grant, sizes, accepted)
+                continue
+            msgs = [incoming(subject, payloads[i], headers, peer_id, seq + i, array, req_id, self,
+                             reply_to, (grant, peer_id, sizes[i])) for i in range(accepted)]
             if sub.handler is None:
                 put = sub._inbox.put
                 for msg in msgs:
                     put(msg)
-            elif sub.inline:
+            else:  # inline
                 for index, msg in enumerate(msgs):
                     if not sub.inline:  # it went over its budget: the rest go as usual
                         self._io_batch.extend([(sub, m) for m in msgs[index:]])
                         break
                     self._run_inline(sub, msg)
-            else:
-                # Handler calls are collected and passed to the dispatch thread once
-                # per drain.
-                self._io_batch.extend([(sub, msg) for msg in msgs])
         if not sids:
             drops["no_interest"] += count
 

@@ -26,8 +26,10 @@ _DEFAULT_OPTIONS: dict[str, Any] = {
     "rejoin_interval": 1.0,  # hello retry period towards peers declared dead
     # Micro-batching: in a burst (a small message right after the previous one to
     # the same peer) messages wait at most batch_delay to share one ZeroMQ message;
-    # otherwise a message leaves at once. batch_bytes=0 turns it off.
-    "batch_bytes": 16384,
+    # otherwise a message leaves at once. batch_bytes=0 turns it off. 64 KiB: each
+    # batch costs its receiver a fixed ~30 µs, so 1 KiB messages need batches of
+    # dozens (16 KiB gave 1 KiB messages half the rate, bench/README.md 2026-12-06).
+    "batch_bytes": 65536,
     "batch_delay": 0.0005,
     # Arrays of at least shm_threshold bytes to a peer on this host travel through
     # shared memory (transports/shm.py); shm=False keeps them on the socket.

@@ -12,7 +12,7 @@ import os
 import socket
 import time
 
-from mesh import wire
+from mesh import _build, wire
 from mesh.stats import Counters, LatencyHistogram
 
 log = logging.getLogger("mesh")
@@ -88,6 +88,7 @@ class StatusView:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "protocol": wire.PROTOCOL_VERSION,
+            "build": _build.describe(),  # the compiled hot path or pure Python
             "uptime": round(now - self._start_time, 3) if self._started else 0.0,
             "closed": self._closed,
             "endpoints": self._advertised,

@@ -1,0 +1,33 @@
+# C types for mesh/engine/fastpath.py in the compiled build (Cython, pure-Python
+# mode): the .py is the source of both builds.
+
+cimport cython
+
+from mesh.engine.link cimport Link
+from mesh.flow cimport CreditWindow
+from mesh.stats cimport Counters
+
+cdef Py_ssize_t _BATCH_SMALL
+cdef str _RESERVED
+
+
+cdef class HotPublisher:
+    cdef object node
+    cdef dict links
+    cdef dict seqs
+    cdef object routing
+    cdef Counters counters
+    cdef Py_ssize_t batch_max
+    cdef Py_ssize_t max_size
+    cdef object wall
+
+    @cython.locals(nbytes=Py_ssize_t, peers=dict, links=dict, link=Link, counters=Counters)
+    cpdef bint publish(self, object subject, object data, object headers, object timeout) except -1
+
+    @cython.locals(batch=list, run=list)
+    cdef bint _fits(self, Link link, object sid, object subject, Py_ssize_t nbytes) except -1
+
+    @cython.locals(batch=list, run=list, window=CreditWindow, in_flight=Py_ssize_t,
+                   counters=Counters)
+    cdef bint _append(self, Link link, object sid, object subject, object seq, object data,
+                      Py_ssize_t nbytes) except -1

@@ -1,0 +1,18 @@
+# C types for mesh/flow.py in the compiled build (Cython, pure-Python mode): the
+# .py is the source of both builds. CreditWindow becomes a C type whose counters
+# the hot path (engine/fastpath.py) reads and writes without a dict lookup.
+
+cdef class CreditWindow:
+    cdef public Py_ssize_t credits
+    cdef public object credit_bytes  # int, or None: no byte limit
+    cdef public object overflow
+    cdef public Py_ssize_t max_pending
+    cdef public Py_ssize_t in_flight
+    cdef public Py_ssize_t in_flight_bytes
+    cdef public object _pending
+    cdef public Py_ssize_t pending_bytes
+    cdef public object drops
+    cdef public Py_ssize_t sent
+    cdef public Py_ssize_t cancelled
+    cdef public Py_ssize_t excess_credit
+    cdef public object closed_reason
