@@ -59,6 +59,7 @@ RDMA_ACCEPT = 20  # body: the accepter's local_info(), or None: "no rdma between
 # transports/rdma_core.py SendOrder/ReceiveOrder):
 RDMA_SYNC = 21  # body: [epoch, ordinal, rdma_count]; alone, or + the frames of a data message
 RDMA_RESENT = 22  # body: [epoch, index, k] + the frames of a message first sent by RDMA
+BYE_ACK = 23  # body: None; "I heard your goodbye" (a closing node waits briefly for it)
 
 KIND_NAMES = {
     HELLO: "hello",
@@ -83,6 +84,7 @@ KIND_NAMES = {
     RDMA_ACCEPT: "rdma_accept",
     RDMA_SYNC: "rdma_sync",
     RDMA_RESENT: "rdma_resent",
+    BYE_ACK: "bye_ack",
 }
 
 # MSG / REPLY / P2P flags

@@ -436,3 +436,29 @@ def test_16_mib_array_round_trip(procs, make_node):
     assert out.dtype == np.float32 and out.shape == (2048, 2048)
     np.testing.assert_array_equal(out, arr)
     assert peer_row(me.status(), "server")["transport"] == "ipc"
+
+
+def test_close_waits_for_goodbyes_to_be_heard_but_not_for_a_frozen_peer(procs, make_node):
+    """close() returns once its peers answered the goodbye (a process that exits right
+    after close() must not take the goodbye with it: its peers would see it die, not
+    leave), and waits at most GOODBYE_WAIT for a peer that cannot answer (frozen)."""
+    from mesh.engine.loop import GOODBYE_WAIT
+
+    (alive,) = start_mesh(procs, ["alive"])
+    me = make_node("me", seeds=[alive.tcp])
+    me.wait_for_peers(1, timeout=10)
+    alive.call("wait_for_peers", n=1, timeout=10)
+    me.close()
+    assert me._goodbyes == (1, 1)
+    assert alive.call("wait_peer_state", name="me", states=["left"], timeout=5)["ok"]
+
+    frozen = procs.start("frozen")
+    me2 = make_node("me2", seeds=[frozen.tcp])
+    me2.wait_for_peers(1, timeout=10)
+    frozen.call("wait_for_peers", n=1, timeout=10)
+    with frozen.paused():
+        t0 = time.monotonic()
+        me2.close()
+        took = time.monotonic() - t0
+    assert me2._goodbyes == (1, 0)
+    assert took < GOODBYE_WAIT + 1.0, f"close() took {took:.2f} s with a frozen peer"

@@ -56,6 +56,9 @@ _FIXED = bytes([wire.FIXED])
 # Credit that found its link held (I/O thread): looked at again this much later,
 # unless the holder applied it first (seconds).
 _CREDIT_RETRY = 0.001
+# How long close() waits for its peers to answer its goodbye (seconds): bounded, so
+# a frozen or vanished peer costs a closing node at most this.
+GOODBYE_WAIT = 0.3
 
 
 class IoLoop:
@@ -84,6 +87,7 @@ class IoLoop:
         self._zap: Any = None
         self._seed_socks: dict[str, Any] = {}
         self._seed_peer: dict[str, str] = {}
+        self._goodbyes = (0, 0)  # at close: peers told goodbye, and those that answered
 
     def _start_io(self) -> None:
         """Make the sockets the I/O thread owns: the ROUTER (bound to every listen
@@ -315,9 +319,13 @@ class IoLoop:
             peer = self._peers.get(_peer_id_of(ident))
             if peer is None:
                 raise ProtocolError("goodbye from a node that never said hello", "unknown_peer")
+            # Answered even when gossip said so first: the closing node waits for it.
+            self._send_control(peer.id, wire.BYE_ACK, None)
             if peer.state in (*_LIVE, "joining"):
                 self._peer_gone(peer, "left")
             return  # a goodbye after the membership gossip said so already is no news
+        if kind == wire.BYE_ACK:
+            return  # late: the node that closes waits for these in _await_goodbye_acks
         if kind == wire.STATUS_REQ:
             self._router.send_multipart([ident, wire.pack(wire.STATUS, [body, self.status()])], zmq.NOBLOCK)
             return
@@ -594,6 +602,7 @@ class IoLoop:
             self._close_probe(peer_id)
         for channel in self._bulk:
             channel.before_goodbye()  # the goodbyes go after what went another way
+        told: set[str] = set()
         for peer in list(self._peers.values()):
             link = peer.link
             if peer.state in (*_LIVE, "joining") and link is not None:
@@ -604,8 +613,10 @@ class IoLoop:
                     if not link.closed:
                         try:
                             link.sock.send(wire.pack(wire.BYE, None), zmq.NOBLOCK)
+                            told.add(peer.id)
                         except zmq.ZMQError:
                             pass
+        self._await_goodbye_acks(told)
         for peer in list(self._peers.values()):
             if peer.link is not None:
                 self._links.pop(peer.id, None)
@@ -614,6 +625,30 @@ class IoLoop:
             sock.close(linger=0)
         self._router.close(linger=0)
         self._cleanup_bound()
+
+    def _await_goodbye_acks(self, told: set[str]) -> None:
+        """Wait (at most GOODBYE_WAIT) until the peers told goodbye answer it. A process
+        that exits right after close() (os._exit, a short script) would otherwise take
+        the goodbyes still queued in libzmq with it, and its peers would see it die
+        (after peer_timeout) instead of leave. Everything else that arrives now is
+        dropped: the node is closing."""
+        self._goodbyes = (len(told), 0)  # (told, answered): for tests and debugging
+        asked = len(told)
+        deadline = time.monotonic() + GOODBYE_WAIT
+        router = self._router
+        poll = [(router, zmq.POLLIN)]
+        while told:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not zmq_poll(poll, max(1, int(remaining * 1000))):
+                return
+            while told:
+                try:
+                    frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                if len(frames) >= 2 and _header_kind(frames[1]) == wire.BYE_ACK:
+                    told.discard(_peer_id_of(frames[0].bytes))
+                    self._goodbyes = (asked, asked - len(told))
 
     def _cleanup_bound(self) -> None:
         for plugin, bound in self._bound:
