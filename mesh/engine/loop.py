@@ -325,6 +325,8 @@ class IoLoop:
                 self._peer_gone(peer, "left")
             return  # a goodbye after the membership gossip said so already is no news
         if kind == wire.BYE_ACK:
+            if self._peers.get(_peer_id_of(ident)) is None:
+                raise ProtocolError("goodbye answer from a node that never said hello", "unknown_peer")
             return  # late: the node that closes waits for these in _await_goodbye_acks
         if kind == wire.STATUS_REQ:
             self._router.send_multipart([ident, wire.pack(wire.STATUS, [body, self.status()])], zmq.NOBLOCK)
@@ -596,8 +598,6 @@ class IoLoop:
                 pass  # not connected yet; retried soon
 
     def _io_shutdown(self) -> None:
-        if self._members is not None and not self._members.left:
-            self._swim(self._members.leave(time.monotonic()))
         for peer_id in list(self._rejoin_socks):
             self._close_probe(peer_id)
         for channel in self._bulk:
@@ -617,6 +617,10 @@ class IoLoop:
                         except zmq.ZMQError:
                             pass
         self._await_goodbye_acks(told)
+        # Membership's leave after the goodbyes were answered: a peer that heard the
+        # leave first would close its link to us and could not answer the goodbye.
+        if self._members is not None and not self._members.left:
+            self._swim(self._members.leave(time.monotonic()))
         for peer in list(self._peers.values()):
             if peer.link is not None:
                 self._links.pop(peer.id, None)
