@@ -137,10 +137,24 @@ def _rank_main(out: Any, rank: int, world: int, cluster: str, seed_q: Any, gloo_
         out.put((rank, False, traceback.format_exc()))
 
 
+def _rank_node(rank: int, world: int, seed_q: Any, kwargs: dict[str, Any]) -> Any:
+    """This rank's started node: rank 0 hands its tcp endpoint to the others as their seed."""
+    import mesh
+
+    if rank == 0:
+        node = mesh.Node(f"bench-r0-{os.getpid()}", discovery="none", **kwargs).start()
+        tcp = next(e for e in node.endpoints if e.startswith("tcp://"))
+        for _ in range(world - 1):
+            seed_q.put(tcp)
+        return node
+    tcp = seed_q.get(timeout=60)
+    return mesh.Node(f"bench-r{rank}-{os.getpid()}", discovery="static", seeds=[tcp],
+                     **kwargs).start()
+
+
 def _rank_body(rank: int, world: int, cluster: str, seed_q: Any, gloo_port: int | None,
                cases: dict, quick: bool, transports: tuple[str, ...] | None,
                segment_bytes: int | None, profile_dir: str | None) -> dict:
-    import mesh
 
     dist = torch = None
     if gloo_port is not None:
@@ -153,15 +167,7 @@ def _rank_body(rank: int, world: int, cluster: str, seed_q: Any, gloo_port: int 
     kwargs: dict[str, Any] = {"cluster": cluster, "listen": ("tcp://127.0.0.1:0", "ipc://auto")}
     if transports:
         kwargs["transports"] = transports
-    if rank == 0:
-        node = mesh.Node(f"bench-r0-{os.getpid()}", discovery="none", **kwargs).start()
-        tcp = next(e for e in node.endpoints if e.startswith("tcp://"))
-        for _ in range(world - 1):
-            seed_q.put(tcp)
-    else:
-        tcp = seed_q.get(timeout=60)
-        node = mesh.Node(f"bench-r{rank}-{os.getpid()}", discovery="static", seeds=[tcp],
-                         **kwargs).start()
+    node = _rank_node(rank, world, seed_q, kwargs)
     times: dict[str, list[tuple[float, float, float]]] = {}
     with node:
         node.wait_for_peers(world - 1, timeout=60)
@@ -791,7 +797,6 @@ def _tcp_rank_main(out: Any, rank: int, world: int, cluster: str, seed_q: Any, g
 def _tcp_rank_body(rank: int, world: int, cluster: str, seed_q: Any, gloo_port: int | None,
                    sizes: list[int], quick: bool, ops: tuple[str, ...], algos: tuple[str, ...],
                    segment_bytes: int | None, hosts: list[str] | None = None) -> dict:
-    import mesh
 
     # On the namespace LAN each rank is its own host (eth0); else tcp loopback.
     me, first = (hosts[rank], hosts[0]) if hosts else ("127.0.0.1", "127.0.0.1")
@@ -808,15 +813,7 @@ def _tcp_rank_body(rank: int, world: int, cluster: str, seed_q: Any, gloo_port: 
     # tcp only, shared memory off: what two hosts have
     kwargs: dict[str, Any] = {"cluster": cluster, "listen": (f"tcp://{me}:0",),
                               "shm": False}
-    if rank == 0:
-        node = mesh.Node(f"bench-r0-{os.getpid()}", discovery="none", **kwargs).start()
-        tcp = next(e for e in node.endpoints if e.startswith("tcp://"))
-        for _ in range(world - 1):
-            seed_q.put(tcp)
-    else:
-        tcp = seed_q.get(timeout=60)
-        node = mesh.Node(f"bench-r{rank}-{os.getpid()}", discovery="static", seeds=[tcp],
-                         **kwargs).start()
+    node = _rank_node(rank, world, seed_q, kwargs)
     times: dict[str, list[tuple[float, float, float]]] = {}
     cpu: dict[str, list[float]] = {}  # this process's CPU (every thread) per repetition
     with node:

@@ -88,15 +88,13 @@ def _tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-class SendRequest:
-    """A queued send: ``done`` once the kernel has every byte (the buffer is free)."""
+class _Request:
+    """What a send and a receive have in common: done once the stream's thread set
+    ``_event``, with ``error`` set first when the connection broke."""
 
-    __slots__ = ("header", "data", "nbytes", "_event", "error")
+    __slots__ = ("_event", "error")
 
-    def __init__(self, header: bytes, data: memoryview) -> None:
-        self.header = header
-        self.data = data
-        self.nbytes = len(data)
+    def __init__(self) -> None:
         self._event = threading.Event()
         self.error: BulkLinkError | None = None
 
@@ -105,7 +103,7 @@ class SendRequest:
         return self._event.is_set()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """True once sent; False on timeout; BulkLinkError if the connection broke."""
+        """True once done; False on timeout; BulkLinkError if the connection broke."""
         if not self._event.wait(timeout):
             return False
         if self.error is not None:
@@ -113,34 +111,33 @@ class SendRequest:
         return True
 
 
-class RecvRequest:
+class SendRequest(_Request):
+    """A queued send: ``done`` once the kernel has every byte (the buffer is free)."""
+
+    __slots__ = ("header", "data", "nbytes")
+
+    def __init__(self, header: bytes, data: memoryview) -> None:
+        super().__init__()
+        self.header = header
+        self.data = data
+        self.nbytes = len(data)
+
+
+class RecvRequest(_Request):
     """A posted receive. Once ``done``: ``meta`` (the sender's), and ``data``: the
     posted buffer, or a buffer of its own when the message came before the post or
     its size differs from the posted buffer's (``into_dest`` False)."""
 
-    __slots__ = ("conn", "tag", "dest", "meta", "data", "into_dest", "_event", "error")
+    __slots__ = ("conn", "tag", "dest", "meta", "data", "into_dest")
 
     def __init__(self, conn: TcpBulkConn, tag: Hashable, dest: memoryview) -> None:
+        super().__init__()
         self.conn = conn
         self.tag = tag
         self.dest = dest
         self.meta: Any = None
         self.data: Any = None
         self.into_dest = False
-        self._event = threading.Event()
-        self.error: BulkLinkError | None = None
-
-    @property
-    def done(self) -> bool:
-        return self._event.is_set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """True once received; False on timeout; BulkLinkError if the connection broke."""
-        if not self._event.wait(timeout):
-            return False
-        if self.error is not None:
-            raise self.error
-        return True
 
     def cancel(self) -> None:
         """Withdraw the receive (a message of its tag that comes later is kept as early)."""

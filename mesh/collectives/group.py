@@ -205,6 +205,17 @@ _MALLOC_TUNED = False
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
+def _unfit_out(out: Any, shape: tuple, dtype: Any) -> str | None:
+    """None when ``out`` can take a result of ``shape`` and ``dtype`` in place (a
+    writable C-contiguous numpy array of exactly those), else what it is instead."""
+    if (isinstance(out, np.ndarray) and out.shape == shape and out.dtype == dtype
+            and out.flags.c_contiguous and out.flags.writeable):
+        return None
+    if not isinstance(out, np.ndarray):
+        return type(out).__name__
+    return f"{out.dtype} {out.shape}{'' if out.flags.c_contiguous else ' strided'}"
+
+
 def _keep_receive_buffers() -> None:
     """Let glibc reuse the memory of received messages instead of returning it.
 
@@ -541,12 +552,8 @@ class Group:
         """Validate ``out``; True when the plan can run in it directly (its dtype is
         the accumulator dtype), False when the result is copied into it at the end."""
         want = red.result_dtype(op, arr.dtype)
-        if (
-            not isinstance(out, np.ndarray) or out.shape != arr.shape or out.dtype != want
-            or not out.flags.c_contiguous or not out.flags.writeable
-        ):
-            got = (f"{type(out).__name__}" if not isinstance(out, np.ndarray)
-                   else f"{out.dtype} {out.shape}{'' if out.flags.c_contiguous else ' strided'}")
+        got = _unfit_out(out, arr.shape, want)
+        if got is not None:
             raise ConfigError(
                 f"out= must be a writable C-contiguous array of shape {arr.shape} and dtype "
                 f"{want} (the result of {op!r} on {arr.dtype}), got {got}"
@@ -641,12 +648,8 @@ class Group:
     ) -> list[np.ndarray]:
         """allgather(out=): every part the same shape, received straight into ``out``."""
         want = (self.size, *arr.shape)
-        if (
-            not isinstance(out, np.ndarray) or out.shape != want or out.dtype != arr.dtype
-            or not out.flags.c_contiguous or not out.flags.writeable
-        ):
-            got = (f"{type(out).__name__}" if not isinstance(out, np.ndarray)
-                   else f"{out.dtype} {out.shape}{'' if out.flags.c_contiguous else ' strided'}")
+        got = _unfit_out(out, want, arr.dtype)
+        if got is not None:
             raise ConfigError(
                 f"allgather out= must be a writable C-contiguous array of shape {want} "
                 f"(group size, then the input's shape) and dtype {arr.dtype}, got {got}"
