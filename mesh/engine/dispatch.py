@@ -260,18 +260,32 @@ class Dispatcher:
                 )
                 pending.set()
             return
-        self._send(reply_to, [wire.pack_reply(req_id, flags, headers), *payload], nbytes, None)
+        self._send(reply_to, wire.reply_frames(req_id, flags, headers, payload), nbytes, None)
 
     def _on_msg(self, ident: bytes, header: list, frames: list) -> None:
         self._on_msg_fields(ident, wire.check_msg(header), frames)
 
-    def _on_msg_fields(self, ident: bytes, fields: tuple, frames: list) -> None:
+    def _data_peer(self, ident: bytes) -> Peer:
+        """The peer behind a data message's ROUTER identity (raises for a stranger)."""
         peer = self._peers.get(self._ident_ids.get(ident, ""))
         if peer is None or peer.state not in _KNOWN:
             peer = self._known_peer(ident)  # raises for a stranger
             if len(self._ident_ids) >= 4096:  # identities are the network's to choose
                 self._ident_ids.clear()
             self._ident_ids[ident] = peer.id
+        return peer
+
+    def _on_msg_one(self, ident: bytes, fields: tuple, data: bytes) -> None:
+        """A small lone message that came in one frame (wire.unpack_one)."""
+        peer = self._peers.get(self._ident_ids.get(ident, ""))
+        if peer is None or peer.state not in _KNOWN:
+            peer = self._data_peer(ident)
+        self._accept_run(peer, fields, (data,), time.time(), None, len(data))
+
+    def _on_msg_fields(self, ident: bytes, fields: tuple, frames: list) -> None:
+        peer = self._peers.get(self._ident_ids.get(ident, ""))
+        if peer is None or peer.state not in _KNOWN:
+            peer = self._data_peer(ident)
         if not fields[3] and len(frames) == 3:  # bytes, not an array: the common case
             frame = frames[2]
             nbytes = len(frame)
@@ -539,6 +553,18 @@ class Dispatcher:
             self.counters.drops["late_reply"] += 1
             return
         pending.reply = Message("", data, headers, peer.id, 0, array=array, request_id=req_id)
+        pending.set()
+
+    def _on_reply_one(self, ident: bytes, req_id: int, data: bytes) -> None:
+        """A small plain reply that came in one frame (wire.unpack_one)."""
+        peer = self._peers.get(self._ident_ids.get(ident, ""))
+        if peer is None or peer.state not in _KNOWN:
+            peer = self._data_peer(ident)
+        pending = self._pending.get(req_id)
+        if pending is None or pending.reply is not None:
+            self.counters.drops["late_reply"] += 1
+            return
+        pending.reply = Message("", data, None, peer.id, 0, request_id=req_id)
         pending.set()
 
     def _payload_of(self, flags: int, frames: list, what: str, peer: Peer) -> tuple[Any, Any, int]:
