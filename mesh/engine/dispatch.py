@@ -6,7 +6,7 @@
   owns the dispatch queue: the I/O thread passes one item per drain (a list of
   calls), other threads one call each.
 - Pull subscriptions (``next()``) and request replies go straight to the waiting
-  thread (its inbox or its ``_Pending`` event): one hand-off.
+  thread (its inbox or its ``_Pending`` lock): one hand-off.
 - Credit goes back once the application consumed a message: on the data socket
   from the consuming thread when the link is free (``_send_credit_direct``), in
   front of the next frame to that publisher, or by the I/O thread on a timer.
@@ -59,19 +59,40 @@ class _CallbackSub:
         self.handler = lambda info: callback(event, info)
 
 class _Pending:
-    __slots__ = ("event", "reply", "on_reply")
+    """A request waiting for its reply. The thread that gets the reply hands it over
+    by releasing a lock the requester waits in: one C call on each side (an Event
+    costs a Condition, its waiter lock and several Python calls on both)."""
+
+    __slots__ = ("done", "reply", "on_reply", "_lock")
 
     def __init__(self, on_reply: Any = None) -> None:
-        self.event = threading.Event()
+        self._lock = threading.Lock()
+        self._lock.acquire()  # released by set(): the requester's wait returns
+        self.done = False
         self.reply: Message | None = None
-        # Called after the event is set, on the setting thread (mesh.aio completes an
+        # Called after the reply is set, on the setting thread (mesh.aio completes an
         # asyncio future from it: the reply reaches the event loop in one hand-off).
         self.on_reply = on_reply
 
     def set(self) -> None:
-        self.event.set()
+        if self.done:
+            return
+        self.done = True
+        try:
+            self._lock.release()
+        except RuntimeError:  # set at once by two threads (a reply and close()): once is enough
+            return
         if self.on_reply is not None:
             self.on_reply()
+
+    def is_set(self) -> bool:
+        return self.done
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for set(); True once it was."""
+        if self.done:
+            return True
+        return self._lock.acquire(True, timeout) or self.done
 
 # The dispatch thread returns the credit of a batch of messages at its end, or as
 # soon as handling it has taken this long (seconds).
@@ -221,11 +242,11 @@ class Dispatcher:
     def _wait_reply(self, pending: _Pending, timeout: float) -> bool:
         dispatch = self._dispatch_thread
         if dispatch is None or get_ident() != dispatch.ident:
-            return pending.event.wait(timeout)
+            return pending.wait(timeout)
         # A handler is requesting: the responder may be a handler of this very node,
         # queued behind us on the dispatch thread. Run queued handlers meanwhile.
         deadline = time.monotonic() + timeout
-        while not pending.event.is_set():
+        while not pending.done:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
@@ -235,7 +256,7 @@ class Dispatcher:
                 continue
             if item is _STOP:
                 self._dispatch.put(_STOP)
-                return pending.event.is_set()
+                return pending.done
             self._run_item(item)
         return True
 
