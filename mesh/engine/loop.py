@@ -264,9 +264,10 @@ class IoLoop:
         if len(frames) == 2 and frames[0].bytes == _WAKE_ID:
             return  # a wake-up: commands run after the drain
         try:
-            if not ordered and self._bulk_ordering and any(
-                    c.hold(frames, now) for c in self._bulk_ordering):
-                return  # it waits for an array its sender sent before it another way
+            if not ordered:
+                for channel in self._bulk_ordering:
+                    if channel.hold(frames, now):
+                        return  # it waits for an array its sender sent before it another way
             self._handle(frames, now)
         except ProtocolError as exc:
             self._drop(exc.reason, frames[0].bytes, str(exc))
