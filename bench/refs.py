@@ -10,6 +10,8 @@ directly, and get/queryable; NATS (nats-py through Debian's nats-server on
 (reported as not supported yet while ``Node.subscribe`` has no ``inline``),
 and ``request()``. Goals (issue #15): mesh inline <= 1.5x raw and below Zenoh's
 pub/sub; mesh request below Zenoh's get; mesh default handlers <= 2.5x raw.
+Beside them, for information, the "Python floor": the mesh's thread shape (an I/O
+thread per process, a queue hand-off to the pinging thread) in plain pyzmq.
 
 Throughput (64 B and 1 KiB, tcp loopback, counted at the receiver, nothing
 lost: Zenoh publishes with ``CongestionControl.BLOCK``, the mesh with
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import os
 import queue
@@ -40,6 +43,9 @@ import threading
 import time
 from collections.abc import Iterator
 from typing import Any
+
+import zmq
+from zmq.backend import zmq_poll
 
 from bench import pubsub
 from bench._runner import BenchError, Control, Crew, Pair, crew, log, workers
@@ -300,6 +306,107 @@ def nats_ping_task(
     return pubsub._one_way_stats(samples)
 
 
+# ====================================================================== the Python floor
+
+# What the mesh's threads cost in CPython before its engine does anything: the same
+# shape in plain pyzmq. Each side has an I/O thread polling its ROUTER (the peer's
+# DEALER sends to it); the echo answers from that thread (an inline handler), the
+# ping side hands each pong to its main thread through a SimpleQueue (the
+# benchmark's pong handler) and publishes from the main thread under a lock (a
+# link's). Information beside the goals: the mesh's rows minus this one is what its
+# engine adds. Who owns what: each task owns its sockets; the I/O thread its ROUTER
+# (and, on the echo side, the DEALER back), the main thread the ping's DEALER.
+
+
+def _floor_io(router: Any, handle: Any, stop: threading.Event) -> None:
+    """The I/O thread: poll the ROUTER, drain what is there, hand each message on."""
+    poll = [(router, zmq.POLLIN)]
+    recv = router.recv_multipart
+    while not stop.is_set():
+        if zmq_poll(poll, 100):
+            for turn in range(2048):
+                if turn and not zmq_poll(poll, 0):
+                    break
+                handle(recv(zmq.NOBLOCK, copy=False))
+
+
+def floor_echo_task(ctl: Control, timeout: float) -> dict:
+    ctx = pubsub._raw_context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    endpoint = pubsub._raw_bind(router, "tcp")
+    back: list[Any] = []  # the DEALER to the ping side's ROUTER, made on its hello
+    stop = threading.Event()
+
+    def handle(frames: list) -> None:
+        if frames[1].bytes == b"hello":
+            if not back:
+                dealer = ctx.socket(zmq.DEALER)
+                dealer.setsockopt(zmq.LINGER, 0)
+                dealer.connect(frames[2].bytes.decode())
+                back.append(dealer)
+            back[0].send(b"hello")
+            return
+        back[0].send_multipart([b"pong", frames[2].bytes])
+
+    io = threading.Thread(target=_floor_io, args=(router, handle, stop), name="floor-io")
+    io.start()
+    try:
+        ctl.send("ready", endpoint)
+        ctl.wait_stop(timeout)
+        return {}
+    finally:
+        stop.set()
+        io.join(5.0)
+        for sock in (router, *back):
+            sock.close(0)
+
+
+def floor_ping_task(ctl: Control, endpoint: str, size: int, count: int, warmup: int,
+                    timeout: float) -> dict:
+    ctx = pubsub._raw_context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    mine = pubsub._raw_bind(router, "tcp")
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(endpoint)
+    replies: queue.SimpleQueue = queue.SimpleQueue()
+    put = replies.put
+    stop = threading.Event()
+    io = threading.Thread(target=_floor_io, args=(router, lambda frames: put(None), stop),
+                          name="floor-io")
+    io.start()
+    lock = threading.Lock()
+    send_multipart = dealer.send_multipart
+
+    def send(payload: bytes) -> None:
+        with lock:
+            send_multipart([b"ping", payload])
+
+    try:
+        deadline = time.monotonic() + 10.0
+        while True:  # the echo connects back to our ROUTER: retry until it answers
+            send_multipart([b"hello", mine.encode()])
+            try:
+                replies.get(True, 0.2)
+                break
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise BenchError("no answer from the floor echo") from None
+        time.sleep(0.1)
+        while not replies.empty():
+            replies.get_nowait()
+        recv = functools.partial(replies.get, True, 5.0)  # queue.Empty: a lost message
+        return {str(size): pubsub._one_way_stats(pubsub._round_trips(
+            send, recv, os.urandom(size), count, warmup))}
+    finally:
+        stop.set()
+        io.join(5.0)
+        router.close(0)
+        dealer.close(0)
+
+
 # ====================================================================== latency, parent side
 
 
@@ -317,6 +424,9 @@ def _latency_impls(nats_url: str) -> dict[str, tuple[str, str, str, dict, dict]]
     return {
         "raw": ("raw pyzmq DEALER/ROUTER ping-pong", f"{PS}:raw_echo_task",
                 f"{PS}:raw_ping_task", tcp, {**tcp, "sizes": [LAT_SIZE]}),
+        # Information, not a goal: the mesh's thread shape in plain pyzmq (see above).
+        "floor": ("Python floor: pyzmq, I/O thread + queue hand-off", f"{HERE}:floor_echo_task",
+                  f"{HERE}:floor_ping_task", {}, {"size": LAT_SIZE}),
         "zenoh": ("Zenoh pub/sub ping-pong (peer, callbacks)", f"{HERE}:zenoh_echo_task",
                   f"{HERE}:zenoh_ping_task", {}, {"mode": "pubsub", "size": LAT_SIZE}),
         "zenoh-get": ("Zenoh get/queryable", f"{HERE}:zenoh_echo_task",
@@ -343,7 +453,7 @@ def _latency_impls(nats_url: str) -> dict[str, tuple[str, str, str, dict, dict]]
     }
 
 
-LATENCY_ORDER = ["raw", "zenoh", "zenoh-get", "nats", "nats-request", "mesh", "mesh-inline",
+LATENCY_ORDER = ["raw", "floor", "zenoh", "zenoh-get", "nats", "nats-request", "mesh", "mesh-inline",
                  "mesh-request", "mesh-request-inline"]
 NEEDS_INLINE = ("mesh-inline", "mesh-request-inline")
 # (mesh impl, reference impl, goal ratio, comparison, goal text) of issue #15.

@@ -302,7 +302,7 @@ class _ReplyWaiter:
             future.set_result(True)
 
     async def wait(self, pending: _Pending, timeout: float) -> bool:
-        if pending.event.is_set():
+        if pending.is_set():
             return True
         loop = self.loop
         future = self.future = loop.create_future()

@@ -247,6 +247,38 @@ def anon_cases(cluster: str):
             head[28:36] = draw(st.integers(-(2**63), -2)).to_bytes(8, "little", signed=True)
         return [bytes(head), draw(st.binary(max_size=64))]
 
+    @st.composite
+    def one_frame(draw):
+        # A small message or reply in one frame (wire.lone_frames, wire.reply_frames):
+        # random bytes after the marker, or a real one with something made wrong.
+        # From a stranger, each is one drop (malformed, version or unknown_peer).
+        if draw(st.booleans()):
+            return [bytes([wire.FIXED, wire.PROTOCOL_VERSION, draw(st.sampled_from(
+                [wire.MSG, wire.REPLY])), wire.ONE]) + draw(st.binary(max_size=48))]
+        payload = [draw(st.binary(max_size=64))]
+        if draw(st.booleans()):
+            (frame,) = wire.lone_frames(draw(st.sampled_from(["a.b", "svc.echo", "x"])), 1, 1.0,
+                                        draw(st.none() | st.integers(0, 2**62)), 1, payload)
+        else:
+            (frame,) = wire.reply_frames(draw(st.integers(0, 2**62)), 0, None, payload)
+        frame = bytearray(frame)
+        how = draw(st.sampled_from(["none", "version", "kind", "layout", "truncated",
+                                    "subject length", "utf8"]))
+        if how == "version":
+            frame[1] = draw(st.integers(0, 255).filter(lambda v: v != wire.PROTOCOL_VERSION))
+        elif how == "kind":
+            frame[2] = draw(st.integers(0, 255).filter(lambda v: v not in (wire.MSG, wire.REPLY)))
+        elif how == "layout":
+            frame[3] = draw(st.integers(0, 255).filter(lambda v: v != wire.ONE))
+        elif how == "truncated":
+            frame = frame[: draw(st.integers(1, 12))]
+        elif how == "subject length" and frame[2] == wire.MSG:
+            frame[wire.ONE_SIZE - 2: wire.ONE_SIZE] = draw(st.integers(len(frame), 65535)).to_bytes(
+                2, "little")
+        elif how == "utf8" and frame[2] == wire.MSG:
+            frame[wire.ONE_SIZE: wire.ONE_SIZE + 1] = b"\xff"
+        return [bytes(frame)]
+
     def exactly_one(frames):
         # A random header may happen to decode as a hello or a status request,
         # which are legitimate from a stranger: no exact count for those.
@@ -268,6 +300,7 @@ def anon_cases(cluster: str):
         tagged("control before hello", control_never_said_hello()),
         tagged("random msg/reply fields", random_msg_fields()),
         tagged("fixed-layout header", fixed_layout()),
+        tagged("one-frame message", one_frame()),
     )
 
 
@@ -380,6 +413,22 @@ def fake_cases(cluster: str):
         return [header, *draw(st.lists(st.binary(max_size=16), min_size=1, max_size=3))]
 
     @st.composite
+    def one_frame_from_peer(draw):
+        # A small message or reply in one frame from a peer that said hello: broken
+        # ones are malformed; whole ones name a subscription h does not have, or
+        # answer a request h never made (one drop each, as no_subscriber, not_subscribed,
+        # no_interest or late_reply).
+        payload = [draw(st.binary(max_size=64))]
+        if draw(st.booleans()):
+            (frame,) = wire.lone_frames(draw(st.sampled_from(["a.b", "svc.echo", "x"])), 1, 1.0,
+                                        None, 2**40 + draw(st.integers(0, 9)), payload)
+        else:
+            (frame,) = wire.reply_frames(draw(st.integers(0, 2**62)), 0, None, payload)
+        if draw(st.booleans()):
+            frame = frame[: draw(st.integers(1, len(frame) - len(payload[0]) - 1))]
+        return [frame]
+
+    @st.composite
     def gossip(draw):
         # Peer summaries, some well-formed (h then tries to reach them: bogus
         # endpoints, h's business), some not.
@@ -418,10 +467,11 @@ def fake_cases(cluster: str):
         tagged("bad interest entries", bad_interest_entries(), 1),
         tagged("malformed interest body", malformed_interest_body(), 1),
         tagged("random msg from peer", random_msg(), "at least 1"),
+        tagged("one-frame from peer", one_frame_from_peer(), 1),
     )
 
 
-FAKE_CASES = {"huge tensor shape", "empty tensor, huge dims", "wrong frame count",
+FAKE_CASES = {"one-frame from peer", "huge tensor shape", "empty tensor, huge dims", "wrong frame count",
               "garbage descriptor", "bad interest entries", "malformed interest body",
               "random msg from peer", "gossip from peer", "control from peer"}
 
@@ -469,7 +519,7 @@ def test_hostile_traffic_is_dropped_counted_and_survived(target, cluster):
         fake.close()
     print(f"\nhostile cases: {dict(seen)}")
     assert total["examples"] >= 100
-    assert len(seen) >= 14, f"some kinds of hostile traffic were never generated: {dict(seen)}"
+    assert len(seen) >= 16, f"some kinds of hostile traffic were never generated: {dict(seen)}"
     status = assert_still_serves(h, n)
     drops = status["counters"]["drops"]
     assert hostile_drops(status) >= total["must_drop"], drops
@@ -855,3 +905,57 @@ def test_fixed_layout_header_round_trips_and_refuses_what_is_wrong():
         assert err.value.reason == reason
     with pytest.raises(wire.ProtocolError):
         wire.unpack_msg_lone(head + b"\xff")
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(subject=st.text(max_size=40).filter(lambda t: len(t.encode()) < 65536),
+       seq=st.integers(0, 2**63 - 1), ts=st.floats(allow_nan=False),
+       req_id=st.none() | st.integers(0, 2**63 - 1), sid=st.integers(-(2**63), 2**63 - 1),
+       data=st.binary(max_size=wire.ONE_FRAME_MAX))
+def test_one_frame_messages_round_trip(subject, seq, ts, req_id, sid, data):
+    """A small lone message is one frame (wire.lone_frames) that decodes to the fields
+    check_msg gives for its msgpack twin, and its payload; a small plain reply too."""
+    (frame,) = wire.lone_frames(subject, seq, ts, req_id, sid, [data])
+    kind, fields, payload = wire.unpack_one(frame)
+    twin = wire.check_msg(wire.unpack(wire.pack_msg(subject, seq, ts, 0, None, req_id, [sid])))
+    assert (kind, fields, payload) == (wire.MSG, twin, data)
+    (frame,) = wire.lone_frames(subject, seq, ts, req_id, sid, [memoryview(bytearray(data))])
+    assert wire.unpack_one(frame) == (wire.MSG, twin, data)  # any bytes-like payload
+    if req_id is not None:
+        (frame,) = wire.reply_frames(req_id, 0, None, [data])
+        assert wire.unpack_one(frame) == (wire.REPLY, req_id, data)
+
+
+def test_what_is_not_small_and_plain_keeps_its_own_frames():
+    """Payloads over ONE_FRAME_MAX, replies with headers or arrays, and numbers
+    beyond 64 bits keep the header and the payload in separate frames."""
+    big = b"x" * (wire.ONE_FRAME_MAX + 1)
+    head, payload = wire.lone_frames("a.b", 1, 0.0, None, 3, [big])
+    assert payload is big and wire.unpack_msg_lone(head)[0] == "a.b"
+    assert len(wire.lone_frames("a.b", 1, 0.0, None, 3, [big[:-1]])) == 1
+    head, _ = wire.lone_frames("a.b", 2**63, 0.0, None, 3, [b"x"])  # msgpack says it
+    assert wire.check_msg(wire.unpack(head))[1] == 2**63
+    for frames in (wire.reply_frames(7, 0, {"k": "v"}, [b"x"]), wire.reply_frames(7, 0, None, [big]),
+                   wire.reply_frames(7, wire.TENSOR, None, [b"d", b"x"])):
+        assert wire.check_reply(wire.unpack(frames[0]))[0] == 7 and len(frames) >= 2
+
+
+def test_broken_one_frame_messages_are_refused():
+    """A one-frame message that is cut, lies about its subject length, names another
+    version, or lacks its layout byte raises ProtocolError with the drop's reason."""
+    (msg,) = wire.lone_frames("grad.w3", 7, 1.5, None, 3, [b"payload"])
+    (reply,) = wire.reply_frames(9, 0, None, [b"r"])
+    other = bytearray(msg)
+    other[1] = wire.PROTOCOL_VERSION + 1
+    liar = bytearray(msg)
+    liar[wire.ONE_SIZE - 2: wire.ONE_SIZE] = (200).to_bytes(2, "little")
+    header_only = wire.pack_msg_lone("grad.w3", 7, 1.5, None, 3)  # its payload frame is missing
+    cases = [(bytes(other), "version"), (msg[:10], "malformed"), (msg[: wire.ONE_SIZE - 1], "malformed"),
+             (bytes(liar), "malformed"), (header_only, "malformed"), (reply[:-2], "malformed"),
+             (msg[:3] + b"\x07" + msg[4:], "malformed")]
+    for frame, reason in cases:
+        with pytest.raises(wire.ProtocolError) as err:
+            wire.unpack_one(frame)
+        assert err.value.reason == reason, frame
+    with pytest.raises(wire.ProtocolError):  # and a one-frame message is no lone header
+        wire.unpack_msg_lone(msg)

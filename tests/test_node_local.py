@@ -17,7 +17,7 @@ import pytest
 from meshproc import wait_until
 
 import mesh
-from mesh import ClosedError, ConfigError, InvalidSubject, MeshError
+from mesh import ClosedError, ConfigError, InvalidSubject, MeshError, wire
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -982,3 +982,56 @@ def test_an_inline_handler_may_close_its_node(make_node):
     assert wait_until(lambda: not b._io_thread.is_alive(), 5)
     assert b.status()["closed"] and b.status()["counters"]["drops"].get("handler_error") is None
     assert wait_until(lambda: not a.peers(), 5)  # its goodbye went out
+
+
+def _frames_read_from(node, sender) -> list[int]:
+    """Spy on what ``node``'s I/O thread reads from ``sender``: for each data message
+    or reply, the frames from its header on (1: it came in one frame; 2: a header
+    and its payload frame), past credit riding in front."""
+    from mesh.engine.common import _header_kind
+
+    seen: list[int] = []
+    handle = node._handle_frames
+    prefix = sender.id.encode()
+
+    def spy(frames, now, ordered=False):
+        if frames[0].bytes.split(b"/")[0] == prefix:
+            for index in range(1, len(frames)):
+                if _header_kind(frames[index]) in (wire.MSG, wire.REPLY):
+                    seen.append(len(frames) - index)
+                    break
+        handle(frames, now, ordered)
+
+    node._handle_frames = spy
+    return seen
+
+
+def test_small_messages_and_replies_cross_in_one_frame(make_node):
+    """A small lone message or plain reply is one zmq frame (one send, one recv after
+    the identity: fewer GIL hand-overs per message); a larger one keeps its payload
+    frame. Every size arrives whole and in order, by handler and by next()."""
+    a, b = inline_pair(make_node, batch_bytes=0)  # no batching: every message goes lone
+    into_b, into_a = _frames_read_from(b, a), _frames_read_from(a, b)
+    pulled = b.subscribe("x")
+    handled = Collect()
+    b.subscribe("y", handled, inline=True)
+    b.subscribe("svc", lambda m: m.respond(bytes(m.data) * 2))
+    for subject in ("x", "y", "svc"):
+        a.wait_for_subscribers(subject, 1, timeout=5)
+    sizes = [0, 1, 64, wire.ONE_FRAME_MAX, wire.ONE_FRAME_MAX + 1, 200_000]
+    payloads = [bytes([i + 1]) * n for i, n in enumerate(sizes)]
+    for data in payloads:
+        a.publish("x", data)
+        a.publish("y", data)
+    assert [bytes(pulled.next(timeout=5).data) for _ in sizes] == payloads
+    msgs = handled.wait(len(sizes))
+    assert [bytes(m.data) for m in msgs] == payloads
+    assert [m.seq for m in msgs] == sorted(m.seq for m in msgs)
+    one_frame = [n <= wire.ONE_FRAME_MAX for n in sizes]
+    assert [n == 1 for n in into_b[:: 2]] == one_frame, into_b  # the "x" messages
+    assert [n == 1 for n in into_b[1:: 2]] == one_frame, into_b  # the "y" messages
+    for data in (b"", b"ping", b"z" * (wire.ONE_FRAME_MAX // 2 + 1)):
+        assert a.request("svc", data, timeout=5).data == data * 2
+    # The requests are small lone messages; the replies one frame up to the bound.
+    assert into_b[len(payloads) * 2:] == [1, 1, 1], into_b
+    assert into_a == [1, 1, 2], into_a

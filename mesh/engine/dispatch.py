@@ -6,7 +6,7 @@
   owns the dispatch queue: the I/O thread passes one item per drain (a list of
   calls), other threads one call each.
 - Pull subscriptions (``next()``) and request replies go straight to the waiting
-  thread (its inbox or its ``_Pending`` event): one hand-off.
+  thread (its inbox or its ``_Pending`` lock): one hand-off.
 - Credit goes back once the application consumed a message: on the data socket
   from the consuming thread when the link is free (``_send_credit_direct``), in
   front of the next frame to that publisher, or by the I/O thread on a timer.
@@ -59,19 +59,40 @@ class _CallbackSub:
         self.handler = lambda info: callback(event, info)
 
 class _Pending:
-    __slots__ = ("event", "reply", "on_reply")
+    """A request waiting for its reply. The thread that gets the reply hands it over
+    by releasing a lock the requester waits in: one C call on each side (an Event
+    costs a Condition, its waiter lock and several Python calls on both)."""
+
+    __slots__ = ("done", "reply", "on_reply", "_lock")
 
     def __init__(self, on_reply: Any = None) -> None:
-        self.event = threading.Event()
+        self._lock = threading.Lock()
+        self._lock.acquire()  # released by set(): the requester's wait returns
+        self.done = False
         self.reply: Message | None = None
-        # Called after the event is set, on the setting thread (mesh.aio completes an
+        # Called after the reply is set, on the setting thread (mesh.aio completes an
         # asyncio future from it: the reply reaches the event loop in one hand-off).
         self.on_reply = on_reply
 
     def set(self) -> None:
-        self.event.set()
+        if self.done:
+            return
+        self.done = True
+        try:
+            self._lock.release()
+        except RuntimeError:  # set at once by two threads (a reply and close()): once is enough
+            return
         if self.on_reply is not None:
             self.on_reply()
+
+    def is_set(self) -> bool:
+        return self.done
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for set(); True once it was."""
+        if self.done:
+            return True
+        return self._lock.acquire(True, timeout) or self.done
 
 # The dispatch thread returns the credit of a batch of messages at its end, or as
 # soon as handling it has taken this long (seconds).
@@ -221,11 +242,11 @@ class Dispatcher:
     def _wait_reply(self, pending: _Pending, timeout: float) -> bool:
         dispatch = self._dispatch_thread
         if dispatch is None or get_ident() != dispatch.ident:
-            return pending.event.wait(timeout)
+            return pending.wait(timeout)
         # A handler is requesting: the responder may be a handler of this very node,
         # queued behind us on the dispatch thread. Run queued handlers meanwhile.
         deadline = time.monotonic() + timeout
-        while not pending.event.is_set():
+        while not pending.done:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
@@ -235,7 +256,7 @@ class Dispatcher:
                 continue
             if item is _STOP:
                 self._dispatch.put(_STOP)
-                return pending.event.is_set()
+                return pending.done
             self._run_item(item)
         return True
 
@@ -260,18 +281,75 @@ class Dispatcher:
                 )
                 pending.set()
             return
-        self._send(reply_to, [wire.pack_reply(req_id, flags, headers), *payload], nbytes, None)
+        self._send(reply_to, wire.reply_frames(req_id, flags, headers, payload), nbytes, None)
 
     def _on_msg(self, ident: bytes, header: list, frames: list) -> None:
         self._on_msg_fields(ident, wire.check_msg(header), frames)
 
-    def _on_msg_fields(self, ident: bytes, fields: tuple, frames: list) -> None:
+    def _data_peer(self, ident: bytes) -> Peer:
+        """The peer behind a data message's ROUTER identity (raises for a stranger)."""
         peer = self._peers.get(self._ident_ids.get(ident, ""))
         if peer is None or peer.state not in _KNOWN:
             peer = self._known_peer(ident)  # raises for a stranger
             if len(self._ident_ids) >= 4096:  # identities are the network's to choose
                 self._ident_ids.clear()
             self._ident_ids[ident] = peer.id
+        return peer
+
+    def _on_msg_one(self, ident: bytes, fields: tuple, data: bytes) -> None:
+        """A small lone message that came in one frame (wire.unpack_one): the latency
+        case. _accept_run's steps for one plain message to one plain subscription,
+        written out (no run, no loop over subscriptions); anything else goes there."""
+        peer = self._peers.get(self._ident_ids.get(ident, ""))
+        if peer is None or peer.state not in _KNOWN:
+            peer = self._data_peer(ident)
+        subject, seq, ts, _flags, _headers, req_id, sids = fields
+        sub = self._subs_by_sid.get(sids[0])
+        route = self._routing.cached(subject)
+        now = time.time()
+        nbytes = len(data)
+        if (sub is None or sub.closed or sub.queue or route is None or self._policy is not None
+                or sub not in route.local):
+            self._accept_run(peer, fields, (data,), now, None, nbytes)
+            return
+        peer_id = peer.id
+        counters = peer.counters
+        counters.msgs_in += 1
+        counters.bytes_in += nbytes
+        counters = self.counters
+        counters.msgs_in += 1
+        counters.bytes_in += nbytes
+        if ts:
+            latency = now - ts
+            if 0.0 <= latency < 3600.0:  # also rejects nan/inf; clocks may disagree a little
+                self.latency.record(latency, 1)
+        key = (peer_id, subject)  # plain subscribers see every message: gaps are losses
+        last = self._last_seq.get(key)
+        if last is not None and seq > last + 1:
+            self.gaps += seq - last - 1
+        self._last_seq[key] = seq
+        grant = sub._grants.get(peer_id)
+        if grant is None:
+            grant = sub._grants[peer_id] = CreditGrant(
+                sub.credits, sub.credit_bytes, threshold=_credit_threshold(sub.credits))
+        with sub._flow:
+            accepted = grant.on_received_run((nbytes,))
+        if not accepted:
+            counters.drops["credit_violation"] += 1
+            return
+        msg = incoming(subject, data, None, peer_id, seq, None, req_id, self,
+                       None if req_id is None else peer_id, (grant, peer_id, nbytes))
+        if sub.handler is None:
+            sub._inbox.put(msg)
+        elif sub.inline:
+            self._run_inline(sub, msg)
+        else:
+            self._io_batch.append((sub, msg))
+
+    def _on_msg_fields(self, ident: bytes, fields: tuple, frames: list) -> None:
+        peer = self._peers.get(self._ident_ids.get(ident, ""))
+        if peer is None or peer.state not in _KNOWN:
+            peer = self._data_peer(ident)
         if not fields[3] and len(frames) == 3:  # bytes, not an array: the common case
             frame = frames[2]
             nbytes = len(frame)
@@ -539,6 +617,18 @@ class Dispatcher:
             self.counters.drops["late_reply"] += 1
             return
         pending.reply = Message("", data, headers, peer.id, 0, array=array, request_id=req_id)
+        pending.set()
+
+    def _on_reply_one(self, ident: bytes, req_id: int, data: bytes) -> None:
+        """A small plain reply that came in one frame (wire.unpack_one)."""
+        peer = self._peers.get(self._ident_ids.get(ident, ""))
+        if peer is None or peer.state not in _KNOWN:
+            peer = self._data_peer(ident)
+        pending = self._pending.get(req_id)
+        if pending is None or pending.reply is not None:
+            self.counters.drops["late_reply"] += 1
+            return
+        pending.reply = Message("", data, None, peer.id, 0, request_id=req_id)
         pending.set()
 
     def _payload_of(self, flags: int, frames: list, what: str, peer: Peer) -> tuple[Any, Any, int]:

@@ -8,6 +8,7 @@ from mesh.flow cimport CreditWindow
 from mesh.stats cimport Counters
 
 cdef Py_ssize_t _BATCH_SMALL
+cdef double _BURST_GAP
 cdef str _RESERVED
 
 
@@ -23,6 +24,10 @@ cdef class HotPublisher:
 
     @cython.locals(nbytes=Py_ssize_t, peers=dict, links=dict, link=Link, counters=Counters)
     cpdef bint publish(self, object subject, object data, object headers, object timeout) except -1
+
+    @cython.locals(window=CreditWindow, in_flight=Py_ssize_t, now=double)
+    cdef bint _lone(self, Link link, object peer_id, object sid, object subject, object counter,
+                    object data, Py_ssize_t nbytes, object timeout) except -1
 
     @cython.locals(batch=list, run=list)
     cdef bint _fits(self, Link link, object sid, object subject, Py_ssize_t nbytes) except -1

@@ -96,6 +96,9 @@ def _send_frames(sock: Any, frames: list) -> None:
     accepts the rest of a message once its first part is in. Large frames go
     without a copy."""
     last = len(frames) - 1
+    if not last:  # a small message or reply in one frame (wire.lone_frames): the common case
+        sock.send(frames[0], zmq.NOBLOCK)
+        return
     if last == 1 and type(frames[1]) is bytes and len(frames[1]) < ZERO_COPY_BYTES:
         sock.send(frames[0], _NOBLOCK_MORE)  # header and one small payload: the common case
         sock.send(frames[1], 0)
@@ -477,8 +480,8 @@ class LinkSender:
                 return sent
         if flags or headers is not None or len(sids) != 1:
             frames = [wire.pack_msg(subject, seq, ts, flags, headers, req_id, sids), *payload]
-        else:  # a lone plain message: the fixed-layout header
-            frames = [wire.pack_msg_lone(subject, seq, ts, req_id, sids[0]), *payload]
+        else:  # a lone plain message: fixed layout, one frame when small
+            frames = wire.lone_frames(subject, seq, ts, req_id, sids[0], payload)
         return self._put_frames(link, peer_id, frames, nbytes, timeout)
 
     def _put_frames(

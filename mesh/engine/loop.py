@@ -52,6 +52,8 @@ log = logging.getLogger("mesh")
 _CREDIT_CARRIERS = (wire.MSG, wire.BATCH, wire.REPLY)
 
 _FIXED = bytes([wire.FIXED])
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 
 # Credit that found its link held (I/O thread): looked at again this much later,
 # unless the holder applied it first (seconds).
@@ -230,14 +232,18 @@ class IoLoop:
     def _drain_router(self) -> None:
         router = self._router
         recv = router.recv
-        more = self._poll_router
+        events = router.get
         now = time.monotonic()
         try:
             for turn in range(2048):  # bounded: timers and commands get their turn
-                # Asking first (a zmq_poll that does not wait) is cheaper than the
-                # zmq.Again a nonblocking recv raises at the end of every drain, and
-                # than getsockopt(EVENTS). The loop's own poll just said "readable".
-                if turn and not zmq_poll(more, 0):
+                # Asking first is cheaper than the zmq.Again a nonblocking recv raises
+                # at the end of every drain. getsockopt(EVENTS) keeps the GIL where a
+                # zmq_poll would let go of it: a thread the last message woke (an
+                # inline handler's queue put, a request's event) would take it there
+                # and this thread wait to get it back, a switch each way. (Plain ints:
+                # pyzmq's flag enums make `&` a Python call.) The loop's own poll just
+                # said "readable".
+                if turn and not events(_EVENTS) & _POLLIN:
                     return
                 try:
                     frame = recv(zmq.NOBLOCK, copy=False)
@@ -258,9 +264,10 @@ class IoLoop:
         if len(frames) == 2 and frames[0].bytes == _WAKE_ID:
             return  # a wake-up: commands run after the drain
         try:
-            if not ordered and self._bulk_ordering and any(
-                    c.hold(frames, now) for c in self._bulk_ordering):
-                return  # it waits for an array its sender sent before it another way
+            if not ordered:
+                for channel in self._bulk_ordering:
+                    if channel.hold(frames, now):
+                        return  # it waits for an array its sender sent before it another way
             self._handle(frames, now)
         except ProtocolError as exc:
             self._drop(exc.reason, frames[0].bytes, str(exc))
@@ -284,7 +291,14 @@ class IoLoop:
         if len(frames) < 2:
             raise ProtocolError("message without a header frame", "malformed")
         head = frames[1].bytes
-        if head[:1] == _FIXED:  # a lone plain message: fixed layout, no msgpack
+        if head[:1] == _FIXED:  # a lone plain message or reply: fixed layout, no msgpack
+            if len(frames) == 2:  # small: header and payload in one frame
+                kind, fields, data = wire.unpack_one(head)
+                if kind == wire.MSG:
+                    self._on_msg_one(frames[0].bytes, fields, data)
+                else:
+                    self._on_reply_one(frames[0].bytes, fields, data)
+                return
             self._on_msg_fields(frames[0].bytes, wire.unpack_msg_lone(head), frames)
             return
         header = wire.unpack(head)
