@@ -41,6 +41,7 @@ from typing import Any
 COMPILED = (
     "mesh.engine.fastpath",
     "mesh.engine.link",
+    "mesh.engine.receive",
     "mesh.flow",
     "mesh.message",
     "mesh.stats",

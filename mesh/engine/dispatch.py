@@ -27,15 +27,16 @@ import zmq
 from mesh import wire
 from mesh.channels import EARLY_MAX_MESSAGES, Channel, ChannelMessage
 from mesh.engine.common import _STOP, ZERO_COPY_BYTES
+from mesh.engine.receive import queue_run, run_list
 from mesh.errors import (
     MeshError,
     ProtocolError,
 )
 from mesh.flow import (
     CreditGrant,
-    decode_batch,
+    decode_runs,
 )
-from mesh.message import Message, Subscription, incoming, queue_run
+from mesh.message import Message, Subscription, incoming
 from mesh.peers import Peer
 from mesh.tensor import array_from_frames
 
@@ -72,10 +73,6 @@ class _Pending:
         self.event.set()
         if self.on_reply is not None:
             self.on_reply()
-
-# The dispatch thread returns the credit of a batch of messages at its end, or as
-# soon as handling it has taken this long (seconds).
-_CREDIT_HOLD = 0.002
 
 def _credit_threshold(window: int) -> int:
     """Consumed messages that make a subscriber send credit back at once: a quarter
@@ -145,7 +142,7 @@ class Dispatcher:
         if type(item) is not list:
             self._run_handler(*item)
             return
-        if len(item) == 1:  # a drain of one message (a ping-pong): no tally to keep
+        if len(item) == 1 and type(item[0]) is tuple:  # one message (a ping-pong): no tally
             sub, msg = item[0]
             if sub.closed:
                 return
@@ -157,51 +154,9 @@ class Dispatcher:
             elif credit is not None:
                 self._consumed(sub, msg)
             return
-        # A drain's worth of messages: credits of remote publishers go back once
-        # per (subscription, publisher) after the batch, not once per message.
-        consumed: dict[tuple[Subscription, Any], list] = {}
-        monotonic = time.monotonic
-        since = monotonic()
-        call = self._call_handler
-        # The tally of the previous message's (subscription, grant): a drain is mostly
-        # runs of one subscription and publisher, so no key tuple and lookup per message.
-        last_sub = last_grant = tally = None
-        for sub, msg in item:
-            if consumed and monotonic() - since > _CREDIT_HOLD:
-                # Slow handlers: the credit of what they finished must not wait for
-                # the rest of the batch.
-                self._return_credits(consumed)
-                consumed = {}
-                last_sub = last_grant = tally = None
-                since = monotonic()
-            if sub.closed:
-                continue
-            call(sub, msg)
-            credit = getattr(msg, "_credit", None)  # on_peer callbacks get a PeerInfo
-            if type(credit) is tuple:
-                msg._credit = None
-                grant = credit[0]
-                if sub is not last_sub or grant is not last_grant or tally is None:
-                    key = (sub, grant)
-                    tally = consumed.get(key)
-                    if tally is None:
-                        tally = consumed[key] = [credit[1], 0, 0]
-                    last_sub, last_grant = sub, grant
-                tally[1] += 1
-                tally[2] += credit[2]
-                if tally[1] >= grant.threshold:
-                    # Enough for the publisher to act on: send it now, not after
-                    # the rest of the batch (the window keeps moving).
-                    del consumed[(sub, grant)]
-                    self._return_credit(sub, grant, tally[0], tally[1], tally[2])
-                    tally = None
-            elif credit is not None:
-                self._consumed(sub, msg)
-        self._return_credits(consumed)
-
-    def _return_credits(self, consumed: dict) -> None:
-        for (sub, grant), (publisher, count, nbytes) in consumed.items():
-            self._return_credit(sub, grant, publisher, count, nbytes)
+        # A drain's worth of messages (runs of a batch and single ones): compiled,
+        # credit back once per (subscription, publisher), not per message.
+        run_list(self, item)
 
     def _call_handler(self, sub: Subscription, msg: Message) -> None:
         try:
@@ -291,7 +246,7 @@ class Dispatcher:
         runs = []
         count = 0
         # Every run is checked before any is delivered: a bad batch is dropped whole.
-        for run_header, payloads in decode_batch(frames[2].buffer):
+        for run_header, payloads, sizes, total in decode_runs(frames[2].buffer):
             fields = unpack(run_header)
             if fields[1] != wire.MSG:
                 raise ProtocolError("only data messages may be batched", "malformed")
@@ -302,12 +257,12 @@ class Dispatcher:
                 raise ProtocolError("a run of several messages cannot share headers or a "
                                     "request id", "malformed")
             count += len(payloads)
-            runs.append((fields, payloads))
+            runs.append((fields, payloads, sizes, total))
         if header[2] != count or type(header[2]) is not int:
             raise ProtocolError(f"batch says {header[2]!r} messages, holds {count}", "malformed")
         accept = self._accept_run
-        for fields, payloads in runs:
-            accept(peer, fields, payloads, now)
+        for fields, payloads, sizes, total in runs:
+            accept(peer, fields, payloads, now, None, None, sizes, total)
 
     def _accept_msg(
         self, peer: Peer, fields: tuple, data: Any, array: Any, nbytes: int, now: float
@@ -317,11 +272,12 @@ class Dispatcher:
 
     def _accept_run(
         self, peer: Peer, fields: tuple, payloads: Any, now: float,
-        array: Any = None, nbytes: int | None = None,
+        array: Any = None, nbytes: int | None = None, sizes: Any = None, total: int = 0,
     ) -> None:
         """Deliver checked data messages from ``peer`` that share one header (a run of
         a batch: consecutive seqs from the header's) to the subscriptions it names.
-        ``nbytes``: the payload size of a one-message run whose data is not bytes."""
+        ``nbytes``: the payload size of a one-message run whose data is not bytes;
+        ``sizes`` and ``total``: the payload lengths of a batch's run and their sum."""
         subject, seq, ts, _flags, headers, req_id, sids = fields
         count = len(payloads)
         if self._policy is not None and not self._policy.may_publish(peer.name, subject):
@@ -334,7 +290,7 @@ class Dispatcher:
         if nbytes is not None:
             sizes = [nbytes]
             total = nbytes
-        else:
+        elif sizes is None:
             sizes = [len(data) for data in payloads]
             total = sum(sizes)
         counters = peer.counters
@@ -374,7 +330,7 @@ class Dispatcher:
                 grant = sub._grants[peer_id] = CreditGrant(
                     sub.credits, sub.credit_bytes, threshold=_credit_threshold(sub.credits))
             with sub._flow:
-                accepted = grant.on_received_run(sizes)
+                accepted = grant.on_received_run(sizes, total)
             if accepted < count:
                 drops["credit_violation"] += count - accepted  # sent beyond its credit
             if accepted == 1 and count == 1:  # the common case: one message, within credit
@@ -392,8 +348,8 @@ class Dispatcher:
             if sub.closed:
                 continue
             if sub.handler is not None and not sub.inline:
-                # The common case of a batch: handler calls for the dispatch thread,
-                # collected once per drain (message.queue_run: one call, compiled).
+                # The common case of a batch: one Run for the dispatch thread, collected
+                # once per drain (engine/receive.py, compiled: no per-message credit).
                 queue_run(self._io_batch, sub, subject, payloads, headers, peer_id, seq, array,
                           req_id, self, reply_to, grant, sizes, accepted)
                 continue

@@ -1,0 +1,167 @@
+"""The subscriber's per-message work for batches, written out in two functions:
+:func:`queue_run` (the I/O thread turns a received run into messages for a
+handler) and :func:`run_list` (the dispatch thread calls the handlers and gives
+the credit back). Compiled by Cython with receive.pxd (typed, C calls, Message
+made without a lookup); the pure build runs the same code.
+
+A run of a batch (consecutive messages of one publisher on one subject) goes to
+the dispatch thread as one :class:`Run`, not as a ``(sub, msg)`` tuple and a
+``(grant, publisher, nbytes)`` credit per message: its messages carry no credit
+of their own, the dispatch thread counts what it consumed per run and returns
+it once per (subscription, publisher) when the grant's threshold is reached, the
+batch is done, or handling it took longer than ``_CREDIT_HOLD``. The reference
+for both is mesh/engine/dispatch.py (``_accept_run``, ``_run_handler``), which
+handles everything else (single messages, inboxes, inline handlers).
+
+Who owns what: a ``Run`` is built by the I/O thread and handed over in the
+drain's dispatch item; from then on only the dispatch thread (or a handler of it
+waiting for a reply, ``Dispatcher._wait_reply``) touches it. Credit goes back
+through ``node._return_credit`` (it takes the subscription's flow lock).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from mesh.message import Message, incoming
+
+log = logging.getLogger("mesh")
+
+# The dispatch thread returns the credit of a drain's messages at its end, or as
+# soon as handling them has taken this long (seconds): slow handlers must not hold
+# the credit of what they finished until the rest is done.
+_CREDIT_HOLD = 0.002
+_SEQ_TYPED = 1 << 62  # sequence numbers below this are counted in C
+
+
+class Run:
+    """Messages of one received run for one handler subscription (dispatch item)."""
+
+    __slots__ = ("sub", "grant", "publisher", "msgs", "sizes")
+
+    def __init__(self, sub: Any, grant: Any, publisher: Any, msgs: list, sizes: Any) -> None:
+        self.sub = sub
+        self.grant = grant  # the subscription's CreditGrant for this publisher
+        self.publisher = publisher
+        self.msgs = msgs
+        self.sizes = sizes  # payload lengths, by message (what the credit counts)
+
+
+def queue_run(
+    out: list, sub: Any, subject: Any, payloads: Any, headers: Any, sender: Any, seq: Any,
+    array: Any, request_id: Any, node: Any, reply_to: Any, grant: Any, sizes: Any,
+    count: int,
+) -> None:
+    """Append the first ``count`` messages of a received run (consecutive seqs from
+    ``seq``) to ``out`` as one :class:`Run` for ``sub``'s handler: the I/O thread's
+    per-message work for a batch."""
+    msgs = []
+    if 0 <= seq < _SEQ_TYPED:  # always, but for a peer that sends absurd seqs
+        first = seq  # a C integer in the compiled build: one int made per message
+        for i in range(count):
+            msgs.append(incoming(subject, payloads[i], headers, sender, first + i, array,
+                                 request_id, node, reply_to, None))
+    else:
+        for i in range(count):
+            msgs.append(incoming(subject, payloads[i], headers, sender, seq + i, array,
+                                 request_id, node, reply_to, None))
+    out.append(Run(sub, grant, sender, msgs, sizes))
+
+
+def _handler_failed(node: Any, sub: Any, msg: Any) -> None:
+    node.counters.drops["handler_error"] += 1
+    log.exception("%s: handler for %r raised on %r", node.name, sub.pattern, msg.subject)
+
+
+def _flush(node: Any, consumed: dict) -> None:
+    """Return the credit counted in ``consumed`` (grant -> [sub, publisher, count,
+    nbytes]) and clear it."""
+    for grant, tally in consumed.items():
+        if tally[2]:
+            node._return_credit(tally[0], grant, tally[1], tally[2], tally[3])
+    consumed.clear()
+
+
+def run_list(node: Any, item: list) -> None:
+    """Run a drain's worth of handler calls (``Run`` and ``(sub, msg)`` entries, in
+    order) on the dispatch thread; the credit of remote publishers goes back once per
+    (subscription, publisher) after the item, at the grant's threshold, or after
+    ``_CREDIT_HOLD``: not once per message."""
+    consumed: dict = {}  # grant -> [sub, publisher, count, nbytes]: consumed, not returned
+    monotonic = time.monotonic
+    since = monotonic()
+    for entry in item:
+        if type(entry) is Run:
+            run = entry
+            sub = run.sub
+            grant = run.grant
+            msgs = run.msgs
+            sizes = run.sizes
+            handler = sub.handler
+            threshold = grant.threshold
+            tally = consumed.get(grant)
+            if tally is None:
+                tally = consumed[grant] = [sub, run.publisher, 0, 0]
+            count = tally[2]
+            nbytes = tally[3]
+            done = 0
+            for i in range(len(msgs)):
+                if sub._closed:
+                    break  # closed meanwhile (maybe by this handler): the rest is dropped
+                msg = msgs[i]
+                try:
+                    handler(msg)
+                except Exception:
+                    _handler_failed(node, sub, msg)
+                done += 1
+                count += 1
+                size = sizes[i]
+                nbytes += size
+                now = monotonic()
+                if count >= threshold:
+                    # Enough for the publisher to act on: now, not after the rest.
+                    node._return_credit(sub, grant, run.publisher, count, nbytes)
+                    count = nbytes = 0
+                elif now - since > _CREDIT_HOLD:
+                    tally[2] = count
+                    tally[3] = nbytes
+                    _flush(node, consumed)
+                    tally = consumed[grant] = [sub, run.publisher, 0, 0]
+                    count = nbytes = 0
+                    since = now
+            tally[2] = count
+            tally[3] = nbytes
+            # Counted once they returned (per run: a status row may lag by one run).
+            sub.delivered += done
+            continue
+        # One message: from the I/O thread's single-message path or another thread.
+        sub, msg = entry
+        now = monotonic()
+        if consumed and now - since > _CREDIT_HOLD:
+            _flush(node, consumed)
+            since = now
+        if sub.closed:
+            continue
+        node._call_handler(sub, msg)
+        credit = getattr(msg, "_credit", None)  # on_peer callbacks get a PeerInfo
+        if type(credit) is tuple:
+            msg._credit = None
+            grant = credit[0]
+            tally = consumed.get(grant)
+            if tally is None:
+                tally = consumed[grant] = [sub, credit[1], 0, 0]
+            count = tally[2] + 1
+            nbytes = tally[3] + credit[2]
+            if count >= grant.threshold:
+                node._return_credit(sub, grant, credit[1], count, nbytes)
+                count = nbytes = 0
+            tally[2] = count
+            tally[3] = nbytes
+        elif credit is not None:
+            node._consumed(sub, msg)
+    _flush(node, consumed)
+
+
+__all__ = ["Message", "Run", "queue_run", "run_list"]
