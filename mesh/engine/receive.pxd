@@ -3,7 +3,7 @@
 
 cimport cython
 
-from mesh.message cimport Message, incoming
+from mesh.message cimport Message
 
 cdef double _CREDIT_HOLD
 cdef object _SEQ_TYPED
@@ -17,7 +17,7 @@ cdef class Run:
     cdef public object sizes
 
 
-@cython.locals(i=Py_ssize_t, msgs=list, first=Py_ssize_t)
+@cython.locals(i=Py_ssize_t, msgs=list, first=Py_ssize_t, typed=bint, msg=Message)
 cpdef queue_run(list out, object sub, object subject, object payloads, object headers,
                 object sender, object seq, object array, object request_id, object node,
                 object reply_to, object grant, object sizes, Py_ssize_t count)
