@@ -4,7 +4,8 @@
   hand-off); one that overruns ``inline_budget`` is logged once and moved here.
 - Ordinary handlers run on the dispatch thread (``mesh-dispatch-<node>``), which
   owns the dispatch queue: the I/O thread passes one item per drain (a list of
-  calls), other threads one call each.
+  calls: ``(sub, msg)`` for a lone message, a ``Run`` for a batch's run, see
+  engine/receive.py, compiled), other threads one call each.
 - Pull subscriptions (``next()``) and request replies go straight to the waiting
   thread (its inbox or its ``_Pending`` event): one hand-off.
 - Credit goes back once the application consumed a message: on the data socket
