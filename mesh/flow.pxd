@@ -21,9 +21,10 @@ cdef class CreditWindow:
     cdef public object closed_reason
 
 
-# The receiver's batch parser (one call per batch frame, a loop per message).
+# The receiver's batch parser (one call per batch frame) and run cutter (a loop per message).
 @cython.locals(size=Py_ssize_t, off=Py_ssize_t, hsize=Py_ssize_t, count=Py_ssize_t,
-               total=Py_ssize_t, pos=Py_ssize_t, end=Py_ssize_t, n=Py_ssize_t, blob=bytes,
-               start="const char *",
-               payloads=list, runs=list)
+               total=Py_ssize_t, blob=bytes, runs=list)
 cpdef list decode_runs(object data)
+
+@cython.locals(pos=Py_ssize_t, end=Py_ssize_t, n=Py_ssize_t, start="const char *", payloads=list)
+cpdef list split_run(bytes blob, object sizes)

@@ -50,6 +50,7 @@ __all__ = [
     "decode_batch",
     "decode_runs",
     "encode_batch",
+    "split_run",
 ]
 
 T = TypeVar("T")
@@ -635,13 +636,28 @@ def encode_batch(runs: Sequence[BatchRun]) -> bytes:
 def decode_batch(data: bytes | bytearray | memoryview) -> list[tuple[bytes, list[bytes]]]:
     """The runs of a batch frame: ``(header, payloads)``. Malformed input raises
     ProtocolError only."""
-    return [(header, payloads) for header, payloads, _sizes, _total in decode_runs(data)]
+    return [(header, split_run(blob, sizes)) for header, blob, sizes, _total in decode_runs(data)]
 
 
-def decode_runs(data: bytes | bytearray | memoryview) -> list[tuple[bytes, list[bytes], Any, int]]:
-    """The runs of a batch frame with their sizes: ``(header, payloads, payload
-    lengths, their sum)`` (what the receiver counts, without a len() per message).
-    Malformed input raises ProtocolError only."""
+def split_run(blob: bytes, sizes: Any) -> list[bytes]:
+    """The payloads of a run: ``blob`` (their bytes, one after the other) cut at ``sizes``."""
+    # A C pointer in the compiled build (flow.pxd), whose slices are made at once
+    # (slicing the bytes object makes a slice object per message).
+    start = blob
+    payloads: list[bytes] = []
+    pos = 0
+    for n in sizes:
+        end = pos + n
+        payloads.append(start[pos:end])
+        pos = end
+    return payloads
+
+
+def decode_runs(data: bytes | bytearray | memoryview) -> list[tuple[bytes, bytes, Any, int]]:
+    """The runs of a batch frame, not yet cut into messages: ``(header, payload bytes
+    one after the other, payload lengths, their sum)`` (split_run cuts them; the
+    receiver cuts them on the thread that hands them out). Malformed input raises
+    ProtocolError only."""
     try:
         view = memoryview(data).cast("B")
     except (TypeError, ValueError):
@@ -660,7 +676,7 @@ def decode_runs(data: bytes | bytearray | memoryview) -> list[tuple[bytes, list[
     if nruns > (size - off) // 8:
         raise ProtocolError(f"batch declares {nruns} runs in {size} bytes", "malformed")
     unpack = _U32.unpack_from
-    runs: list[tuple[bytes, list[bytes], Any, int]] = []
+    runs: list[tuple[bytes, bytes, Any, int]] = []
     for _ in range(nruns):
         if size - off < 4:
             raise ProtocolError("batch frame truncated in a run header", "malformed")
@@ -685,16 +701,7 @@ def decode_runs(data: bytes | bytearray | memoryview) -> list[tuple[bytes, list[
             )
         blob = view[off : off + total].tobytes()
         off += total
-        # The same bytes; a C pointer in the compiled build (flow.pxd), whose slices are
-        # made at once (slicing the bytes object made a slice object per message).
-        start = blob
-        payloads: list[bytes] = []
-        pos = 0
-        for n in sizes:
-            end = pos + n
-            payloads.append(start[pos:end])
-            pos = end
-        runs.append((header, payloads, sizes, total))
+        runs.append((header, blob, sizes, total))
     if off != size:
         raise ProtocolError(f"{size - off} trailing bytes after the batch", "malformed")
     return runs

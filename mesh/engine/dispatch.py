@@ -36,6 +36,7 @@ from mesh.errors import (
 from mesh.flow import (
     CreditGrant,
     decode_runs,
+    split_run,
 )
 from mesh.message import Message, Subscription, incoming
 from mesh.peers import Peer
@@ -247,23 +248,23 @@ class Dispatcher:
         runs = []
         count = 0
         # Every run is checked before any is delivered: a bad batch is dropped whole.
-        for run_header, payloads, sizes, total in decode_runs(frames[2].buffer):
+        for run_header, blob, sizes, total in decode_runs(frames[2].buffer):
             fields = unpack(run_header)
             if fields[1] != wire.MSG:
                 raise ProtocolError("only data messages may be batched", "malformed")
             fields = check_msg(fields)
             if fields[3]:
                 raise ProtocolError("arrays are never batched", "malformed")
-            if len(payloads) > 1 and (fields[4] is not None or fields[5] is not None):
+            if len(sizes) > 1 and (fields[4] is not None or fields[5] is not None):
                 raise ProtocolError("a run of several messages cannot share headers or a "
                                     "request id", "malformed")
-            count += len(payloads)
-            runs.append((fields, payloads, sizes, total))
+            count += len(sizes)
+            runs.append((fields, blob, sizes, total))
         if header[2] != count or type(header[2]) is not int:
             raise ProtocolError(f"batch says {header[2]!r} messages, holds {count}", "malformed")
         accept = self._accept_run
-        for fields, payloads, sizes, total in runs:
-            accept(peer, fields, payloads, now, None, None, sizes, total)
+        for fields, blob, sizes, total in runs:
+            accept(peer, fields, None, now, None, None, sizes, total, blob)
 
     def _accept_msg(
         self, peer: Peer, fields: tuple, data: Any, array: Any, nbytes: int, now: float
@@ -274,13 +275,15 @@ class Dispatcher:
     def _accept_run(
         self, peer: Peer, fields: tuple, payloads: Any, now: float,
         array: Any = None, nbytes: int | None = None, sizes: Any = None, total: int = 0,
+        blob: bytes | None = None,
     ) -> None:
         """Deliver checked data messages from ``peer`` that share one header (a run of
         a batch: consecutive seqs from the header's) to the subscriptions it names.
         ``nbytes``: the payload size of a one-message run whose data is not bytes;
-        ``sizes`` and ``total``: the payload lengths of a batch's run and their sum."""
+        a batch's run: ``payloads`` None, ``blob`` their bytes one after the other,
+        ``sizes`` the payload lengths and ``total`` their sum."""
         subject, seq, ts, _flags, headers, req_id, sids = fields
-        count = len(payloads)
+        count = len(payloads) if payloads is not None else len(sizes)
         if self._policy is not None and not self._policy.may_publish(peer.name, subject):
             for _ in range(count):
                 self._denied(peer, "publish", subject)
@@ -334,6 +337,8 @@ class Dispatcher:
                 accepted = grant.on_received_run(sizes, total)
             if accepted < count:
                 drops["credit_violation"] += count - accepted  # sent beyond its credit
+            if payloads is None and (count == 1 or sub.handler is None or sub.inline):
+                payloads = split_run(blob, sizes)  # messages made here (not by a Run)
             if accepted == 1 and count == 1:  # the common case: one message, within credit
                 msg = incoming(subject, payloads[0], headers, peer_id, seq, array, req_id, self,
                                reply_to, (grant, peer_id, sizes[0]))
@@ -350,9 +355,9 @@ class Dispatcher:
                 continue
             if sub.handler is not None and not sub.inline:
                 # The common case of a batch: one Run for the dispatch thread, collected
-                # once per drain (engine/receive.py, compiled: no per-message credit).
-                queue_run(self._io_batch, sub, subject, payloads, headers, peer_id, seq, array,
-                          req_id, self, reply_to, grant, sizes, accepted)
+                # once per drain; it makes the messages (engine/receive.py, compiled).
+                queue_run(self._io_batch, sub, subject, payloads, blob, headers, peer_id, seq,
+                          array, req_id, self, reply_to, grant, sizes, accepted)
                 continue
             msgs = [incoming(subject, payloads[i], headers, peer_id, seq + i, array, req_id, self,
                              reply_to, (grant, peer_id, sizes[i])) for i in range(accepted)]

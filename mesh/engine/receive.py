@@ -37,45 +37,47 @@ _SEQ_TYPED = 1 << 62  # sequence numbers below this are counted in C
 
 
 class Run:
-    """Messages of one received run for one handler subscription (dispatch item)."""
+    """Messages of one received run for one handler subscription (dispatch item):
+    made into ``Message`` objects by the dispatch thread, one at a time, right before
+    its handler sees them."""
 
-    __slots__ = ("sub", "grant", "publisher", "msgs", "sizes")
+    __slots__ = ("sub", "grant", "publisher", "count", "payloads", "blob", "sizes", "subject",
+                 "headers", "seq", "array", "request_id", "node", "reply_to")
 
-    def __init__(self, sub: Any, grant: Any, publisher: Any, msgs: list, sizes: Any) -> None:
+    def __init__(self, sub: Any, grant: Any, publisher: Any, count: int, payloads: Any,
+                 blob: Any, sizes: Any, subject: Any, headers: Any, seq: Any, array: Any,
+                 request_id: Any, node: Any, reply_to: Any) -> None:
         self.sub = sub
         self.grant = grant  # the subscription's CreditGrant for this publisher
         self.publisher = publisher
-        self.msgs = msgs
-        self.sizes = sizes  # payload lengths, by message (what the credit counts)
+        self.count = count  # messages to hand out (those within credit)
+        # Their data: a list of payloads, or (a batch's run) None and ``blob``, their
+        # bytes one after the other, cut at ``sizes`` (payload lengths, what credit counts).
+        self.payloads = payloads
+        self.blob = blob
+        self.sizes = sizes
+        self.subject = subject  # what the run's messages share
+        self.headers = headers
+        self.seq = seq  # the first one's
+        self.array = array
+        self.request_id = request_id
+        self.node = node
+        self.reply_to = reply_to
 
 
 def queue_run(
-    out: list, sub: Any, subject: Any, payloads: Any, headers: Any, sender: Any, seq: Any,
-    array: Any, request_id: Any, node: Any, reply_to: Any, grant: Any, sizes: Any,
+    out: list, sub: Any, subject: Any, payloads: Any, blob: Any, headers: Any, sender: Any,
+    seq: Any, array: Any, request_id: Any, node: Any, reply_to: Any, grant: Any, sizes: Any,
     count: int,
 ) -> None:
     """Append the first ``count`` messages of a received run (consecutive seqs from
-    ``seq``) to ``out`` as one :class:`Run` for ``sub``'s handler: the I/O thread's
-    per-message work for a batch."""
-    msgs = []
-    typed = 0 <= seq < _SEQ_TYPED  # always, but for a peer that sends absurd seqs
-    first = seq if typed else 0  # a C integer in the compiled build: one int per message
-    for i in range(count):
-        # incoming()'s body, without a call per message (a Python call in the pure build)
-        msg = Message.__new__(Message)
-        msg.subject = subject
-        msg.data = payloads[i]
-        msg._headers = headers
-        msg.sender = sender
-        msg.seq = first + i if typed else seq + i
-        msg.request_id = request_id
-        msg._desc = None
-        msg._array = array
-        msg._node = node
-        msg._reply_to = reply_to
-        msg._credit = None  # the Run carries the credit
-        msgs.append(msg)
-    out.append(Run(sub, grant, sender, msgs, sizes))
+    ``seq``; ``payloads``, or None and ``blob``: see Run) to ``out`` as one
+    :class:`Run` for ``sub``'s handler. Nothing per message here, on the I/O thread:
+    the dispatch thread makes each message when it hands it out, so the memory of a
+    message is made and freed by the same thread (and reused while in its cache)."""
+    if count > 0:
+        out.append(Run(sub, grant, sender, count, payloads, blob, sizes, subject, headers, seq,
+                       array, request_id, node, reply_to))
 
 
 def _handler_failed(node: Any, sub: Any, msg: Any) -> None:
@@ -105,8 +107,20 @@ def run_list(node: Any, item: list) -> None:
             run = entry
             sub = run.sub
             grant = run.grant
-            msgs = run.msgs
             sizes = run.sizes
+            payloads = run.payloads
+            if payloads is None:
+                blob = run.blob
+                start = blob  # a C pointer in the compiled build (receive.pxd)
+            subject = run.subject
+            headers = run.headers
+            sender = run.publisher
+            seq = run.seq
+            typed = 0 <= seq < _SEQ_TYPED  # always, but for a peer that sends absurd seqs
+            first = seq if typed else 0  # a C integer in the compiled build
+            array = run.array
+            request_id = run.request_id
+            reply_to = run.reply_to
             handler = sub.handler
             threshold = grant.threshold
             tally = consumed.get(grant)
@@ -115,17 +129,35 @@ def run_list(node: Any, item: list) -> None:
             count = tally[2]
             nbytes = tally[3]
             done = 0
-            for i in range(len(msgs)):
+            pos = 0
+            for i in range(run.count):
                 if sub._closed:
                     break  # closed meanwhile (maybe by this handler): the rest is dropped
-                msg = msgs[i]
+                size = sizes[i]
+                # The message, made here (see queue_run): incoming()'s body, inline.
+                msg = Message.__new__(Message)
+                msg.subject = subject
+                if payloads is None:
+                    msg.data = start[pos : pos + size]
+                else:
+                    msg.data = payloads[i]
+                pos += size
+                msg._headers = headers
+                msg.sender = sender
+                msg.seq = first + i if typed else seq + i
+                msg.request_id = request_id
+                msg._desc = None
+                msg._array = array
+                msg._node = node
+                msg._reply_to = reply_to
+                msg._credit = None  # the Run carries the credit
                 try:
                     handler(msg)
                 except Exception:
                     _handler_failed(node, sub, msg)
+                msg = None  # freed now if the handler kept no reference (memory reused hot)
                 done += 1
                 count += 1
-                size = sizes[i]
                 nbytes += size
                 now = monotonic()
                 if count >= threshold:
