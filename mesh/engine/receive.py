@@ -1,17 +1,22 @@
 """The subscriber's per-message work for batches, written out in two functions:
-:func:`queue_run` (the I/O thread turns a received run into messages for a
-handler) and :func:`run_list` (the dispatch thread calls the handlers and gives
-the credit back). Compiled by Cython with receive.pxd (typed, C calls, Message
-made without a lookup); the pure build runs the same code.
+:func:`queue_run` (the I/O thread hands a received run to a handler's
+subscription as one item) and :func:`run_list` (the dispatch thread makes each
+message, calls the handler and gives the credit back). Compiled by Cython with
+receive.pxd (typed, C calls, Message made without a lookup); the pure build runs
+the same code.
 
 A run of a batch (consecutive messages of one publisher on one subject) goes to
-the dispatch thread as one :class:`Run`, not as a ``(sub, msg)`` tuple and a
-``(grant, publisher, nbytes)`` credit per message: its messages carry no credit
-of their own, the dispatch thread counts what it consumed per run and returns
-it once per (subscription, publisher) when the grant's threshold is reached, the
-batch is done, or handling it took longer than ``_CREDIT_HOLD``. The reference
-for both is mesh/engine/dispatch.py (``_accept_run``, ``_run_handler``), which
-handles everything else (single messages, inboxes, inline handlers).
+the dispatch thread as one :class:`Run`: the run's bytes and payload sizes, not a
+``Message``, a ``(sub, msg)`` tuple and a ``(grant, publisher, nbytes)`` credit
+per message. The dispatch thread cuts each payload and makes its ``Message`` right
+before the handler sees it, so a message's memory is made and freed by one thread
+and reused while still in that core's cache (made on the I/O thread and freed on
+the dispatch thread, each message cost the I/O thread several cache misses). It
+counts what it consumed and returns the credit once per (subscription,
+publisher) when the grant's threshold is reached, the drain is done, or handling
+took longer than ``_CREDIT_HOLD``. The reference for both is
+mesh/engine/dispatch.py (``_accept_run``, ``_run_handler``), which handles
+everything else (single messages, inboxes, inline handlers).
 
 Who owns what: a ``Run`` is built by the I/O thread and handed over in the
 drain's dispatch item; from then on only the dispatch thread (or a handler of it
