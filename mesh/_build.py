@@ -33,14 +33,16 @@ import warnings
 from typing import Any
 
 # The hot path: what the profile named (bench/hotpath.py) and compiling measurably
-# speeds up. Only typed code pays: the publish fast path and the C types it and the
-# receiver use (Link, CreditWindow, Counters, Message). The engine's mixins (node,
+# speeds up. Only typed code pays: the publish fast path, the receive path of batches
+# (engine/receive.py: runs to handlers, credit back) and the C types they use (Link,
+# CreditWindow, Counters, Message, Run). The engine's mixins (node,
 # loop, dispatch) and wire/routing/subjects, compiled without types, ran no faster
 # than CPython 3.11's specialising interpreter (bench/README.md, 2026-12-06): they
 # stay Python.
 COMPILED = (
     "mesh.engine.fastpath",
     "mesh.engine.link",
+    "mesh.engine.receive",
     "mesh.flow",
     "mesh.message",
     "mesh.stats",

@@ -2,6 +2,9 @@
 # .py is the source of both builds. CreditWindow becomes a C type whose counters
 # the hot path (engine/fastpath.py) reads and writes without a dict lookup.
 
+cimport cython
+
+
 cdef class CreditWindow:
     cdef public Py_ssize_t credits
     cdef public object credit_bytes  # int, or None: no byte limit
@@ -16,3 +19,12 @@ cdef class CreditWindow:
     cdef public Py_ssize_t cancelled
     cdef public Py_ssize_t excess_credit
     cdef public object closed_reason
+
+
+# The receiver's batch parser (one call per batch frame) and run cutter (a loop per message).
+@cython.locals(size=Py_ssize_t, off=Py_ssize_t, hsize=Py_ssize_t, count=Py_ssize_t,
+               total=Py_ssize_t, blob=bytes, runs=list)
+cpdef list decode_runs(object data)
+
+@cython.locals(pos=Py_ssize_t, end=Py_ssize_t, n=Py_ssize_t, start="const char *", payloads=list)
+cpdef list split_run(bytes blob, object sizes)

@@ -48,7 +48,9 @@ __all__ = [
     "CreditWindow",
     "Decision",
     "decode_batch",
+    "decode_runs",
     "encode_batch",
+    "split_run",
 ]
 
 T = TypeVar("T")
@@ -188,15 +190,27 @@ class CreditGrant:
             self.violations += 1
         return ok
 
-    def on_received_run(self, sizes: Sequence[int]) -> int:
+    def on_received_run(self, sizes: Sequence[int], total: int | None = None) -> int:
         """Count a run of messages that arrived together (``sizes``: their payload
         lengths). Returns how many of them, from the first, are within credit; the
         rest were sent beyond it and are dropped here already (counted in
         :attr:`violations` and :attr:`dropped`): after a violation the rest of a run
         is refused too. Same totals as :meth:`on_received` per message and
-        :meth:`on_dropped` for each refused one, in O(1) without a byte limit."""
+        :meth:`on_dropped` for each refused one, in O(1) when the whole run is within
+        credit (``total``: the sum of ``sizes``, if the caller has it)."""
         count = len(sizes)
-        if self.credit_bytes is None:
+        if total is None:
+            total = sum(sizes)
+        credit_bytes = self.credit_bytes
+        if self.outstanding + count <= self.credits and (
+                credit_bytes is None or self.outstanding_bytes + total <= credit_bytes):
+            # The common case: every message within credit (the totals only grow).
+            self.outstanding += count
+            self.outstanding_bytes += total
+            self.received += count
+            self.buffered += count
+            return count
+        if credit_bytes is None:
             accepted = min(count, max(0, self.credits - self.outstanding))
             self.outstanding += accepted
             self.outstanding_bytes += sum(sizes[:accepted]) if accepted < count else sum(sizes)
@@ -622,6 +636,28 @@ def encode_batch(runs: Sequence[BatchRun]) -> bytes:
 def decode_batch(data: bytes | bytearray | memoryview) -> list[tuple[bytes, list[bytes]]]:
     """The runs of a batch frame: ``(header, payloads)``. Malformed input raises
     ProtocolError only."""
+    return [(header, split_run(blob, sizes)) for header, blob, sizes, _total in decode_runs(data)]
+
+
+def split_run(blob: bytes, sizes: Any) -> list[bytes]:
+    """The payloads of a run: ``blob`` (their bytes, one after the other) cut at ``sizes``."""
+    # A C pointer in the compiled build (flow.pxd), whose slices are made at once
+    # (slicing the bytes object makes a slice object per message).
+    start = blob
+    payloads: list[bytes] = []
+    pos = 0
+    for n in sizes:
+        end = pos + n
+        payloads.append(start[pos:end])
+        pos = end
+    return payloads
+
+
+def decode_runs(data: bytes | bytearray | memoryview) -> list[tuple[bytes, bytes, Any, int]]:
+    """The runs of a batch frame, not yet cut into messages: ``(header, payload bytes
+    one after the other, payload lengths, their sum)`` (split_run cuts them; the
+    receiver cuts them on the thread that hands them out). Malformed input raises
+    ProtocolError only."""
     try:
         view = memoryview(data).cast("B")
     except (TypeError, ValueError):
@@ -640,7 +676,7 @@ def decode_batch(data: bytes | bytearray | memoryview) -> list[tuple[bytes, list
     if nruns > (size - off) // 8:
         raise ProtocolError(f"batch declares {nruns} runs in {size} bytes", "malformed")
     unpack = _U32.unpack_from
-    runs: list[tuple[bytes, list[bytes]]] = []
+    runs: list[tuple[bytes, bytes, Any, int]] = []
     for _ in range(nruns):
         if size - off < 4:
             raise ProtocolError("batch frame truncated in a run header", "malformed")
@@ -665,14 +701,7 @@ def decode_batch(data: bytes | bytearray | memoryview) -> list[tuple[bytes, list
             )
         blob = view[off : off + total].tobytes()
         off += total
-        payloads: list[bytes] = []
-        append = payloads.append
-        pos = 0
-        for n in sizes:
-            end = pos + n
-            append(blob[pos:end])
-            pos = end
-        runs.append((header, payloads))
+        runs.append((header, blob, sizes, total))
     if off != size:
         raise ProtocolError(f"{size - off} trailing bytes after the batch", "malformed")
     return runs

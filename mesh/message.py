@@ -126,20 +126,6 @@ def incoming(
     return msg
 
 
-def queue_run(
-    out: list, sub: Any, subject: str, payloads: Any, headers: dict | None, sender: str,
-    seq: int, array: Any, request_id: int | None, node: Any, reply_to: str | None,
-    grant: Any, sizes: Any, count: int,
-) -> None:
-    """Append ``(sub, message)`` to ``out`` for the first ``count`` messages of a
-    received run (consecutive seqs from ``seq``): the I/O thread's per-message work
-    for a batch, in one call."""
-    append = out.append
-    for i in range(count):
-        append((sub, incoming(subject, payloads[i], headers, sender, seq + i, array,
-                              request_id, node, reply_to, (grant, sender, sizes[i]))))
-
-
 _CLOSED = object()
 
 Handler = Callable[[Message], Any]

@@ -4,7 +4,8 @@
   hand-off); one that overruns ``inline_budget`` is logged once and moved here.
 - Ordinary handlers run on the dispatch thread (``mesh-dispatch-<node>``), which
   owns the dispatch queue: the I/O thread passes one item per drain (a list of
-  calls), other threads one call each.
+  calls: ``(sub, msg)`` for a lone message, a ``Run`` for a batch's run, see
+  engine/receive.py, compiled), other threads one call each.
 - Pull subscriptions (``next()``) and request replies go straight to the waiting
   thread (its inbox or its ``_Pending`` lock): one hand-off.
 - Credit goes back once the application consumed a message: on the data socket
@@ -27,15 +28,17 @@ import zmq
 from mesh import wire
 from mesh.channels import EARLY_MAX_MESSAGES, Channel, ChannelMessage
 from mesh.engine.common import _STOP, ZERO_COPY_BYTES
+from mesh.engine.receive import queue_run, run_list
 from mesh.errors import (
     MeshError,
     ProtocolError,
 )
 from mesh.flow import (
     CreditGrant,
-    decode_batch,
+    decode_runs,
+    split_run,
 )
-from mesh.message import Message, Subscription, incoming, queue_run
+from mesh.message import Message, Subscription, incoming
 from mesh.peers import Peer
 from mesh.tensor import array_from_frames
 
@@ -94,9 +97,6 @@ class _Pending:
             return True
         return self._lock.acquire(True, timeout) or self.done
 
-# The dispatch thread returns the credit of a batch of messages at its end, or as
-# soon as handling it has taken this long (seconds).
-_CREDIT_HOLD = 0.002
 
 def _credit_threshold(window: int) -> int:
     """Consumed messages that make a subscriber send credit back at once: a quarter
@@ -166,7 +166,7 @@ class Dispatcher:
         if type(item) is not list:
             self._run_handler(*item)
             return
-        if len(item) == 1:  # a drain of one message (a ping-pong): no tally to keep
+        if len(item) == 1 and type(item[0]) is tuple:  # one message (a ping-pong): no tally
             sub, msg = item[0]
             if sub.closed:
                 return
@@ -178,51 +178,9 @@ class Dispatcher:
             elif credit is not None:
                 self._consumed(sub, msg)
             return
-        # A drain's worth of messages: credits of remote publishers go back once
-        # per (subscription, publisher) after the batch, not once per message.
-        consumed: dict[tuple[Subscription, Any], list] = {}
-        monotonic = time.monotonic
-        since = monotonic()
-        call = self._call_handler
-        # The tally of the previous message's (subscription, grant): a drain is mostly
-        # runs of one subscription and publisher, so no key tuple and lookup per message.
-        last_sub = last_grant = tally = None
-        for sub, msg in item:
-            if consumed and monotonic() - since > _CREDIT_HOLD:
-                # Slow handlers: the credit of what they finished must not wait for
-                # the rest of the batch.
-                self._return_credits(consumed)
-                consumed = {}
-                last_sub = last_grant = tally = None
-                since = monotonic()
-            if sub.closed:
-                continue
-            call(sub, msg)
-            credit = getattr(msg, "_credit", None)  # on_peer callbacks get a PeerInfo
-            if type(credit) is tuple:
-                msg._credit = None
-                grant = credit[0]
-                if sub is not last_sub or grant is not last_grant or tally is None:
-                    key = (sub, grant)
-                    tally = consumed.get(key)
-                    if tally is None:
-                        tally = consumed[key] = [credit[1], 0, 0]
-                    last_sub, last_grant = sub, grant
-                tally[1] += 1
-                tally[2] += credit[2]
-                if tally[1] >= grant.threshold:
-                    # Enough for the publisher to act on: send it now, not after
-                    # the rest of the batch (the window keeps moving).
-                    del consumed[(sub, grant)]
-                    self._return_credit(sub, grant, tally[0], tally[1], tally[2])
-                    tally = None
-            elif credit is not None:
-                self._consumed(sub, msg)
-        self._return_credits(consumed)
-
-    def _return_credits(self, consumed: dict) -> None:
-        for (sub, grant), (publisher, count, nbytes) in consumed.items():
-            self._return_credit(sub, grant, publisher, count, nbytes)
+        # A drain's worth of messages (runs of a batch and single ones): compiled,
+        # credit back once per (subscription, publisher), not per message.
+        run_list(self, item)
 
     def _call_handler(self, sub: Subscription, msg: Message) -> None:
         try:
@@ -369,23 +327,23 @@ class Dispatcher:
         runs = []
         count = 0
         # Every run is checked before any is delivered: a bad batch is dropped whole.
-        for run_header, payloads in decode_batch(frames[2].buffer):
+        for run_header, blob, sizes, total in decode_runs(frames[2].buffer):
             fields = unpack(run_header)
             if fields[1] != wire.MSG:
                 raise ProtocolError("only data messages may be batched", "malformed")
             fields = check_msg(fields)
             if fields[3]:
                 raise ProtocolError("arrays are never batched", "malformed")
-            if len(payloads) > 1 and (fields[4] is not None or fields[5] is not None):
+            if len(sizes) > 1 and (fields[4] is not None or fields[5] is not None):
                 raise ProtocolError("a run of several messages cannot share headers or a "
                                     "request id", "malformed")
-            count += len(payloads)
-            runs.append((fields, payloads))
+            count += len(sizes)
+            runs.append((fields, blob, sizes, total))
         if header[2] != count or type(header[2]) is not int:
             raise ProtocolError(f"batch says {header[2]!r} messages, holds {count}", "malformed")
         accept = self._accept_run
-        for fields, payloads in runs:
-            accept(peer, fields, payloads, now)
+        for fields, blob, sizes, total in runs:
+            accept(peer, fields, None, now, None, None, sizes, total, blob)
 
     def _accept_msg(
         self, peer: Peer, fields: tuple, data: Any, array: Any, nbytes: int, now: float
@@ -395,13 +353,16 @@ class Dispatcher:
 
     def _accept_run(
         self, peer: Peer, fields: tuple, payloads: Any, now: float,
-        array: Any = None, nbytes: int | None = None,
+        array: Any = None, nbytes: int | None = None, sizes: Any = None, total: int = 0,
+        blob: bytes | None = None,
     ) -> None:
         """Deliver checked data messages from ``peer`` that share one header (a run of
         a batch: consecutive seqs from the header's) to the subscriptions it names.
-        ``nbytes``: the payload size of a one-message run whose data is not bytes."""
+        ``nbytes``: the payload size of a one-message run whose data is not bytes;
+        a batch's run: ``payloads`` None, ``blob`` their bytes one after the other,
+        ``sizes`` the payload lengths and ``total`` their sum."""
         subject, seq, ts, _flags, headers, req_id, sids = fields
-        count = len(payloads)
+        count = len(payloads) if payloads is not None else len(sizes)
         if self._policy is not None and not self._policy.may_publish(peer.name, subject):
             for _ in range(count):
                 self._denied(peer, "publish", subject)
@@ -412,7 +373,7 @@ class Dispatcher:
         if nbytes is not None:
             sizes = [nbytes]
             total = nbytes
-        else:
+        elif sizes is None:
             sizes = [len(data) for data in payloads]
             total = sum(sizes)
         counters = peer.counters
@@ -452,9 +413,11 @@ class Dispatcher:
                 grant = sub._grants[peer_id] = CreditGrant(
                     sub.credits, sub.credit_bytes, threshold=_credit_threshold(sub.credits))
             with sub._flow:
-                accepted = grant.on_received_run(sizes)
+                accepted = grant.on_received_run(sizes, total)
             if accepted < count:
                 drops["credit_violation"] += count - accepted  # sent beyond its credit
+            if payloads is None and (count == 1 or sub.handler is None or sub.inline):
+                payloads = split_run(blob, sizes)  # messages made here (not by a Run)
             if accepted == 1 and count == 1:  # the common case: one message, within credit
                 msg = incoming(subject, payloads[0], headers, peer_id, seq, array, req_id, self,
                                reply_to, (grant, peer_id, sizes[0]))
@@ -470,10 +433,10 @@ class Dispatcher:
             if sub.closed:
                 continue
             if sub.handler is not None and not sub.inline:
-                # The common case of a batch: handler calls for the dispatch thread,
-                # collected once per drain (message.queue_run: one call, compiled).
-                queue_run(self._io_batch, sub, subject, payloads, headers, peer_id, seq, array,
-                          req_id, self, reply_to, grant, sizes, accepted)
+                # The common case of a batch: one Run for the dispatch thread, collected
+                # once per drain; it makes the messages (engine/receive.py, compiled).
+                queue_run(self._io_batch, sub, subject, payloads, blob, headers, peer_id, seq,
+                          array, req_id, self, reply_to, grant, sizes, accepted)
                 continue
             msgs = [incoming(subject, payloads[i], headers, peer_id, seq + i, array, req_id, self,
                              reply_to, (grant, peer_id, sizes[i])) for i in range(accepted)]
