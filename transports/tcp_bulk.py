@@ -29,9 +29,10 @@ Who owns what:
   one per dial, short-lived); the table of connections and per-peer states
   (under ``_lock``; any thread reads it).
 * ``TcpBulkConn``: one connected socket. Its sender thread
-  (``mesh-tcpbulk-send``) is the only writer, its receiver thread
-  (``mesh-tcpbulk-recv``) the only reader; callers only queue sends and post
-  receives (under ``_cond``). ``close()`` (any thread) shuts the socket down,
+  (``mesh-tcpbulk-send``) writes queued sends; a caller writes a small one
+  itself while the stream is idle (``_send_inline``; ``_wlock`` keeps frames
+  whole). Its receiver thread (``mesh-tcpbulk-recv``) is the only reader;
+  callers post receives (under ``_cond``). ``close()`` (any thread) shuts the socket down,
   which wakes both threads, and fails whatever is still queued or posted.
 """
 
@@ -40,6 +41,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import select
 import socket
 import struct
 import threading
@@ -63,6 +65,14 @@ CONNECT_TIMEOUT = 3.0
 # A message whose receive is not posted yet waits this long (seconds) in the kernel
 # for its post before it is read into a buffer of its own.
 POST_WAIT = 0.05
+# Messages up to this size are written by the caller itself when the stream is idle
+# (one thread hand-off less per message: what a small collective waits on); larger
+# ones go through the sender thread, so that the caller reduces meanwhile.
+INLINE_SEND_MAX = 256 << 10
+# An inline send that the kernel took only in part finishes within this long (the
+# peer reads all the time: only a stuck or dead peer fills its buffer), else the
+# stream is declared broken.
+INLINE_SEND_WAIT = 10.0
 
 
 def _tuple(x: Any) -> Any:
@@ -80,6 +90,16 @@ def _recv_exact(sock: socket.socket, view: memoryview) -> None:
         if k == 0:
             raise ConnectionError("the peer closed the connection")
         got += k
+
+
+def _advance(views: list, sent: int) -> None:
+    """Drop the first ``sent`` bytes of a list of buffers about to be written."""
+    while sent and views:
+        if sent >= len(views[0]):
+            sent -= len(views.pop(0))
+        else:
+            views[0] = views[0][sent:]
+            sent = 0
 
 
 def _tune(sock: socket.socket) -> None:
@@ -158,6 +178,9 @@ class TcpBulkConn:
         self._reading: RecvRequest | None = None  # popped from _posted, being filled
         self._early: dict[Hashable, tuple[Any, np.ndarray]] = {}  # tag -> (meta, bytes)
         self._sendq: queue.SimpleQueue[SendRequest | None] = queue.SimpleQueue()
+        # Held while a message's bytes go into the socket, by the sender thread or by
+        # a caller writing a small one itself (_send_inline): frames never interleave.
+        self._wlock = threading.Lock()
         self.broken: str | None = None
         self.bytes_out = self.bytes_in = self.msgs_out = self.msgs_in = 0
         self.early_msgs = 0  # messages that came before their receive was posted (one copy more)
@@ -185,8 +208,51 @@ class TcpBulkConn:
             req.error = self._error(broken)
             req._event.set()
             return req
+        if req.nbytes <= INLINE_SEND_MAX and self._sendq.empty() and self._wlock.acquire(False):
+            try:
+                if self._send_inline(req):
+                    return req
+            finally:
+                self._wlock.release()
         self._sendq.put(req)
         return req
+
+    def _send_inline(self, req: SendRequest) -> bool:
+        """Write ``req`` from the caller's thread (``_wlock`` held), without blocking
+        while nothing went out; False when the kernel took nothing (the sender
+        thread sends it). Order with queued sends does not matter: receives
+        match by tag."""
+        views = [memoryview(req.header), req.data] if req.nbytes else [memoryview(req.header)]
+        deadline = 0.0
+        written = 0
+        try:
+            while views:
+                try:
+                    sent = self.sock.sendmsg(views, (), socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    sent = 0
+                written += sent
+                if sent == 0:
+                    if not written:
+                        return False  # nothing went out: the sender thread takes it
+                    if not deadline:
+                        deadline = time.monotonic() + INLINE_SEND_WAIT
+                    elif time.monotonic() > deadline:
+                        raise OSError("the peer took no data for "
+                                      f"{INLINE_SEND_WAIT:.0f} s")
+                    select.select([], [self.sock], [], 0.05)
+                    continue
+                _advance(views, sent)
+        except OSError as exc:
+            req.error = self._error(f"send: {exc}")
+            req._event.set()
+            self._fail(f"send: {exc}")
+            return True
+        self.bytes_out += req.nbytes
+        self.msgs_out += 1
+        req.data = None  # type: ignore[assignment]
+        req._event.set()
+        return True
 
     def post(self, tag: Hashable, dest: Any) -> RecvRequest:
         """Receive the message ``tag`` into ``dest`` (a writable C-contiguous array)."""
@@ -296,14 +362,9 @@ class TcpBulkConn:
                 # Header and data in one call (one packet less with TCP_NODELAY), the
                 # data from the caller's buffer; the GIL is released meanwhile.
                 views = [memoryview(req.header), req.data] if req.nbytes else [req.header]
-                while views:
-                    sent = sock.sendmsg(views)
-                    while sent and views:
-                        if sent >= len(views[0]):
-                            sent -= len(views.pop(0))
-                        else:
-                            views[0] = views[0][sent:]
-                            sent = 0
+                with self._wlock:
+                    while views:
+                        _advance(views, sock.sendmsg(views))
             except OSError as exc:
                 req.error = self._error(f"send: {exc}")
                 req._event.set()
