@@ -65,6 +65,8 @@ CONNECT_TIMEOUT = 3.0
 # A message whose receive is not posted yet waits this long (seconds) in the kernel
 # for its post before it is read into a buffer of its own.
 POST_WAIT = 0.05
+# The receiver's staging buffer (see _recv_loop): holds a small message whole.
+_STAGE = 64 << 10
 # Messages up to this size are written by the caller itself when the stream is idle
 # (one thread hand-off less per message: what a small collective waits on); larger
 # ones go through the sender thread, so that the caller reduces meanwhile.
@@ -193,10 +195,14 @@ class TcpBulkConn:
 
     # -- caller side ------------------------------------------------------------
 
-    def send(self, tag: Hashable, meta: Any, data: Any) -> SendRequest:
+    def send(self, tag: Hashable, meta: Any, data: Any, inline: bool = False) -> SendRequest:
         """Queue ``data`` (an array or bytes-like) for the peer under ``tag``. A
         C-contiguous one is not copied: keep it unchanged until the request is
-        ``done``; any other array is copied once (into C order)."""
+        ``done``; any other array is copied once (into C order).
+
+        Up to ``INLINE_SEND_MAX`` bytes, or any size with ``inline`` (a caller
+        with nothing else to do until it is sent), the calling thread writes it
+        itself when the stream is idle, instead of the sender thread."""
         head = msgpack.packb([tag, meta], use_bin_type=True)
         if isinstance(data, np.ndarray) and not data.flags.c_contiguous:
             data = np.ascontiguousarray(data)
@@ -208,7 +214,8 @@ class TcpBulkConn:
             req.error = self._error(broken)
             req._event.set()
             return req
-        if req.nbytes <= INLINE_SEND_MAX and self._sendq.empty() and self._wlock.acquire(False):
+        if ((inline or req.nbytes <= INLINE_SEND_MAX) and self._sendq.empty()
+                and self._wlock.acquire(False)):
             try:
                 if self._send_inline(req):
                     return req
@@ -235,13 +242,14 @@ class TcpBulkConn:
                 if sent == 0:
                     if not written:
                         return False  # nothing went out: the sender thread takes it
-                    if not deadline:
+                    if not deadline:  # (reset by any progress)
                         deadline = time.monotonic() + INLINE_SEND_WAIT
                     elif time.monotonic() > deadline:
                         raise OSError("the peer took no data for "
                                       f"{INLINE_SEND_WAIT:.0f} s")
                     select.select([], [self.sock], [], 0.05)
                     continue
+                deadline = 0.0
                 _advance(views, sent)
         except OSError as exc:
             req.error = self._error(f"send: {exc}")
@@ -376,21 +384,53 @@ class TcpBulkConn:
             req._event.set()
 
     def _recv_loop(self) -> None:
+        # Reads go through a small staging buffer: a small message (frame, header
+        # and data, written with one sendmsg) usually comes in one recv instead of
+        # three, and every recv drops and retakes the GIL, a thread switch when
+        # the caller runs meanwhile. A large payload is read straight into its
+        # destination after the few bytes the staging read took of it.
         sock = self.sock
-        fixed = bytearray(_FRAME.size)
-        fixed_view = memoryview(fixed)
+        stage = bytearray(_STAGE)
+        sv = memoryview(stage)
+        lo = hi = 0  # stage[lo:hi]: received, not yet consumed
+
+        def need(k: int) -> None:
+            """At least ``k`` (<= _STAGE) bytes in stage[lo:hi]."""
+            nonlocal lo, hi
+            if _STAGE - lo < k:  # no room behind: move the rest to the front
+                sv[: hi - lo] = sv[lo:hi]
+                lo, hi = 0, hi - lo
+            while hi - lo < k:
+                got = sock.recv_into(sv[hi:], _STAGE - hi)
+                if got == 0:
+                    raise ConnectionError("the peer closed the connection")
+                hi += got
+
+        def read_into(view: memoryview) -> None:
+            """Fill ``view``: from the staging buffer first, the rest from the socket."""
+            nonlocal lo, hi
+            k = min(hi - lo, len(view))
+            if k:
+                view[:k] = sv[lo:lo + k]
+                lo += k
+            if k < len(view):
+                _recv_exact(sock, view[k:])
+            if lo == hi:
+                lo = hi = 0
+
         try:
             while True:
-                _recv_exact(sock, fixed_view)
-                hlen, nbytes = _FRAME.unpack(fixed)
+                need(_FRAME.size)
+                hlen, nbytes = _FRAME.unpack_from(stage, lo)
+                lo += _FRAME.size
                 if hlen > _MAX_HEADER:
                     raise ConnectionError(f"malformed frame (header of {hlen} bytes)")
-                head = bytearray(hlen)
-                _recv_exact(sock, memoryview(head))
+                need(hlen)
                 try:
-                    tag, meta = msgpack.unpackb(head, raw=False, use_list=True)
+                    tag, meta = msgpack.unpackb(sv[lo:lo + hlen], raw=False, use_list=True)
                 except (ValueError, msgpack.exceptions.ExtraData) as exc:
                     raise ConnectionError(f"malformed frame header ({exc})") from None
+                lo += hlen
                 tag = _tuple(tag)
                 with self._cond:
                     req = self._posted.pop(tag, None)
@@ -409,11 +449,11 @@ class TcpBulkConn:
                         req = self._posted.pop(tag, None)
                     self._reading = req
                 if req is not None and len(req.dest) == nbytes:
-                    _recv_exact(sock, req.dest)  # straight into the caller's buffer
+                    read_into(req.dest)  # straight into the caller's buffer
                     req.data, req.into_dest = req.dest, True
                 else:
                     data = np.empty(nbytes, dtype=np.uint8)
-                    _recv_exact(sock, memoryview(data))
+                    read_into(memoryview(data))
                     if req is None:
                         with self._cond:
                             # Posted meanwhile? Then it is its data (one copy more).

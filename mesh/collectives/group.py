@@ -328,6 +328,7 @@ class Group:
         self._tcp = bulk.get("tcpbulk") if getattr(bulk.get("tcpbulk"), "endpoint", None) else None
         self._tcp_min = opts.get("tcp_bulk_threshold", 256 << 10)
         self._small_stream = True  # see _stream_min
+        self._inline_sends = True  # see _execute
         self._scratch: list[np.ndarray] | None = None
         # Members with whom both sides have a bulk tcp stream (agreed at formation),
         # and whether that is every other member (the same answer on every rank).
@@ -1288,13 +1289,19 @@ class Group:
             return conns[rank]
 
         posted_sends: set[int] = set()
+        # A rank that only sends (a broadcast's root), or copies what it receives
+        # in a group of 2, has nothing to do meanwhile: it writes its sends into
+        # the streams itself, one thread hand-off less per segment.
+        inline = self._inline_sends and ufunc is None and (
+            not compiled.recvs or self.size == 2)
 
         def post(t: sch.Transfer) -> None:
             a, b = t.send  # type: ignore[misc]
             data = buf[a:b] if written is None or t.send in written else src[a:b]  # type: ignore[index]
             c = stream(t.send_to, a, b)  # type: ignore[arg-type]
             if c is not None:
-                tr = self._send_bulk(c, t.send_to, base + t.tag, data, meta)  # type: ignore[arg-type]
+                tr = self._send_bulk(c, t.send_to, base + t.tag, data, meta,  # type: ignore[arg-type]
+                                     inline)
             else:
                 tr = send(t.send_to, base + t.tag, data, meta, seq, opname)  # type: ignore[arg-type]
             trackers.append(tr)
@@ -1474,8 +1481,8 @@ class Group:
                     pass
 
     def _send_bulk(self, conn: Any, rank: int, tag: Hashable, data: np.ndarray,
-                   meta: Any) -> Any:
-        tr = conn.send(tag, meta, data)
+                   meta: Any, inline: bool = False) -> Any:
+        tr = conn.send(tag, meta, data, inline)
         st = self._peer_stats[self._ids[rank]]
         st.msgs_out += 1
         st.bytes_out += data.nbytes
