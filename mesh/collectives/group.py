@@ -154,7 +154,7 @@ class _Compiled(NamedTuple):
     initial: tuple[sch.Transfer, ...]  # sends that carry the rank's own input
     deps: tuple[tuple[sch.Transfer, ...], ...]  # deps[i]: sends to post after receive i
     recvs: tuple[int, ...]  # indices of the transfers that receive, in plan order
-    guards: dict[int, sch.PostGuard]  # when a copying receive may be posted ahead
+    guards: dict[int, sch.PostGuard]  # when a receive may be posted ahead into its slice
     max_recv: int  # elements of the largest received slice
 
 
@@ -329,6 +329,7 @@ class Group:
         self._tcp_min = opts.get("tcp_bulk_threshold", 256 << 10)
         self._small_stream = True  # see _stream_min
         self._inline_sends = True  # see _execute
+        self._fold = True  # reducing receives on a stream: reduced as they arrive (_execute)
         self._scratch: list[np.ndarray] | None = None
         # Members with whom both sides have a bulk tcp stream (agreed at formation),
         # and whether that is every other member (the same answer on every rank).
@@ -1328,6 +1329,17 @@ class Group:
                         return False
             return True
 
+        fold = self._fold
+
+        def fold_of(t: sch.Transfer) -> tuple | None:
+            """A reducing receive posted into its slice is reduced there by the
+            stream's thread as it arrives, with the operand _execute would use."""
+            if not t.reduce:
+                return None
+            a, b = t.recv  # type: ignore[misc]
+            first = buf[a:b] if written is None or t.recv in written else src[a:b]  # type: ignore[index]
+            return (ufunc, first)
+
         def post_ahead(upto: int) -> None:
             while state["next"] < len(recvs) and state["next"] <= upto:
                 i = recvs[state["next"]]
@@ -1335,13 +1347,11 @@ class Group:
                 a, b = t.recv  # type: ignore[misc]
                 c = stream(t.recv_from, a, b)  # type: ignore[arg-type]
                 if c is not None:
-                    if t.reduce:
-                        if not scratch:
-                            return
+                    if (fold or not t.reduce) and may_post(i):
+                        posted[i] = (c.post(base + t.tag, buf[a:b], fold_of(t)), None)
+                    elif t.reduce and scratch:
                         sc = scratch.pop()
                         posted[i] = (c.post(base + t.tag, sc[: b - a]), sc)
-                    elif may_post(i):
-                        posted[i] = (c.post(base + t.tag, buf[a:b]), None)
                     else:
                         return  # in order: it is posted when consumed
                 state["next"] += 1
@@ -1362,9 +1372,12 @@ class Group:
                 if entry is None and c is not None:
                     if state["next"] == pos:
                         state["next"] += 1  # posted here, not ahead
-                    sc = (scratch.pop() if scratch else np.empty(compiled.max_recv, buf.dtype)
-                          ) if t.reduce else None
-                    entry = (c.post(base + t.tag, dst if sc is None else sc[: b - a]), sc)
+                    if fold or not t.reduce:
+                        # (nothing earlier needs the slice any more: reduce into it as it comes)
+                        entry = (c.post(base + t.tag, dst, fold_of(t)), None)
+                    else:
+                        sc = scratch.pop() if scratch else np.empty(compiled.max_recv, buf.dtype)
+                        entry = (c.post(base + t.tag, sc[: b - a]), sc)
                 if entry is not None:
                     req, sc = entry
                     incoming = self._recv_bulk(t.recv_from, c, req, base + t.tag, seq, opname,
@@ -1374,7 +1387,9 @@ class Group:
                     msg = self._recv(t.recv_from, base + t.tag, seq, opname, timeout)  # type: ignore[arg-type]
                     incoming = self._incoming(msg, t, meta, b - a, buf.dtype)
                     del msg
-                if not t.reduce:
+                if incoming is None:
+                    pass  # reduced into dst by the stream as it arrived (fold)
+                elif not t.reduce:
                     if incoming is not dst and not (incoming.ctypes.data == dst.ctypes.data):
                         np.copyto(dst, incoming)
                 elif written is None or t.recv in written:
@@ -1490,9 +1505,10 @@ class Group:
 
     def _recv_bulk(self, rank: int, conn: Any, req: Any, tag: Hashable, seq: int, opname: str,
                    timeout: float | None, t: sch.Transfer, meta: list, n: int,
-                   dtype: np.dtype) -> np.ndarray:
+                   dtype: np.dtype) -> np.ndarray | None:
         """Wait for a posted bulk receive (bounded like ``_recv``; a sender that fell
-        back to ZeroMQ meanwhile is found on the channel); its array, checked."""
+        back to ZeroMQ meanwhile is found on the channel); its array, checked, or
+        None when the stream already reduced it into its slice (``fold``)."""
         pid = self._ids[rank]
         st = self._peer_stats[pid]
         t0 = time.monotonic()
@@ -1550,6 +1566,8 @@ class Group:
                 f"{meta!r}: every rank must call the same collective with the same shape, "
                 "dtype and options"
             )
+        if req.folded:
+            return None  # already reduced into its slice
         if req.into_dest:
             return np.frombuffer(req.dest, dtype=dtype)
         try:
