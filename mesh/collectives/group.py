@@ -1290,11 +1290,14 @@ class Group:
             return conns[rank]
 
         posted_sends: set[int] = set()
-        # A rank that only sends (a broadcast's root), or copies what it receives
-        # in a group of 2, has nothing to do meanwhile: it writes its sends into
-        # the streams itself, one thread hand-off less per segment.
+        # A rank that only sends (a broadcast's root), or only copies what it
+        # receives in a group of 2, has nothing to do meanwhile: it writes its sends
+        # into the streams itself, one thread hand-off less per segment. The latter
+        # only when every receive is posted before (_POST_AHEAD): a caller blocked
+        # in a write posts nothing, and a stream whose next message has no posted
+        # receive waits for one (tcp_bulk.POST_WAIT) before it reads it aside.
         inline = self._inline_sends and ufunc is None and (
-            not compiled.recvs or self.size == 2)
+            not compiled.recvs or (self.size == 2 and len(compiled.recvs) <= _POST_AHEAD))
 
         def post(t: sch.Transfer) -> None:
             a, b = t.send  # type: ignore[misc]
@@ -1357,6 +1360,8 @@ class Group:
                 state["next"] += 1
 
         try:
+            if inline:
+                post_ahead(_POST_AHEAD)
             for t in compiled.initial:
                 post(t)
             for pos, i in enumerate(recvs):
