@@ -315,11 +315,13 @@ def test_collectives_over_the_bulk_stream(size):
         # every pair agreed on its stream at formation
         for w, stats in zip(cluster.workers, cluster.all("stats", group="tcpb"), strict=True):
             assert stats["tcp_streams"] == sorted(x.name for x in cluster.workers if x is not w)
-        # the large segments went over the streams, not ZeroMQ
+        # the large segments went over the streams, not ZeroMQ; the ring's reducing
+        # receives were reduced into place as they arrived
         for states in cluster.all("bulk_stats"):
             assert len(states) == size - 1
             for st in states.values():
                 assert st["state"] == "ready" and st["msgs_in"] > 0 and st["msgs_out"] > 0, st
+            assert sum(st["folded_msgs"] for st in states.values()) > 0, states
     finally:
         cluster.shutdown()
 

@@ -195,6 +195,7 @@ class TcpBulkConn:
         self.broken: str | None = None
         self.bytes_out = self.bytes_in = self.msgs_out = self.msgs_in = 0
         self.early_msgs = 0  # messages that came before their receive was posted (one copy more)
+        self.folded_msgs = 0  # messages reduced into place as they arrived (RecvRequest.fold)
         self._sender = threading.Thread(target=self._send_loop, daemon=True,
                                         name=f"mesh-tcpbulk-send-{peer_name}")
         self._receiver = threading.Thread(target=self._recv_loop, daemon=True,
@@ -331,7 +332,7 @@ class TcpBulkConn:
     def stats(self) -> dict:
         return {"bytes_out": self.bytes_out, "bytes_in": self.bytes_in,
                 "msgs_out": self.msgs_out, "msgs_in": self.msgs_in,
-                "early_msgs": self.early_msgs}
+                "early_msgs": self.early_msgs, "folded_msgs": self.folded_msgs}
 
     # -- threads ----------------------------------------------------------------
 
@@ -451,6 +452,7 @@ class TcpBulkConn:
                 ufunc(first[e0:e1], typed[: e1 - e0], out=dest[e0:e1])
                 done += k
             req.folded = True
+            self.folded_msgs += 1
 
         try:
             while True:

@@ -65,14 +65,21 @@ up to :data:`.schedule.ALLGATHER_CARRY_BYTES` rides with the shape exchange.
 
 Between members linked over tcp (other hosts, or ``shm=False``), segments of
 at least the node's ``tcp_bulk_threshold`` go over a plain TCP stream per pair
-instead (mesh/engine/bulk_tcp.py), agreed by both ends when the group forms.
-Its receives are posted ahead, up to ``_POST_AHEAD`` of them: a copying one
-(allgather half of the ring, broadcast, allgather) straight into its slice of
-the result, as soon as :func:`.schedule.post_guards` says nothing needs the
-slice's old content; a reducing one into a reusable scratch segment
-(``_SCRATCH_SEGMENTS``, kept between calls). The stream's receiver thread
-fills them while this thread reduces the previous segment, so the wire and
-the reduction overlap and no received byte is copied twice.
+instead (mesh/engine/bulk_tcp.py), agreed by both ends when the group forms;
+in a group of 2 and in a broadcast every segment does, however small
+(:meth:`Group._stream_min`: the caller writes a small one itself, and the
+peer's stream thread hands it over, one wake-up instead of ZeroMQ's three).
+Its receives are posted ahead, up to ``_POST_AHEAD`` of them, straight into
+their slice of the result as soon as :func:`.schedule.post_guards` says
+nothing needs the slice's old content: a copying one (allgather half of the
+ring, broadcast, allgather) is written there; a reducing one is reduced
+there by the stream's receiver thread, 128 KiB at a time as the bytes
+arrive, while they are still in that core's cache (``fold``); one that
+cannot be posted yet lands in a reusable scratch segment
+(``_SCRATCH_SEGMENTS``) this thread reduces from. So the wire and the
+reduction overlap and no received byte is copied twice. A rank with nothing
+else to do (a broadcast's root; a rank of 2 that only copies, once all its
+receives are posted) writes its segments into the streams itself.
 
 Faults
 ------
