@@ -114,23 +114,42 @@ def _tune(sock: socket.socket) -> None:
 
 
 class _Request:
-    """What a send and a receive have in common: done once the stream's thread set
-    ``_event``, with ``error`` set first when the connection broke."""
+    """What a send and a receive have in common: done once the stream's thread
+    called ``_set``, with ``error`` set first when the connection broke.
 
-    __slots__ = ("_event", "error")
+    A lock held from birth and released when done, not a ``threading.Event``
+    (which builds a Condition: two per message add up for small collectives)."""
+
+    __slots__ = ("_latch", "_done", "error")
 
     def __init__(self) -> None:
-        self._event = threading.Event()
+        self._latch = threading.Lock()
+        self._latch.acquire()
+        self._done = False
         self.error: BulkLinkError | None = None
+
+    def _set(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._latch.release()
+        except RuntimeError:  # set twice at once (a stream breaking as it completes)
+            pass
 
     @property
     def done(self) -> bool:
-        return self._event.is_set()
+        return self._done
 
     def wait(self, timeout: float | None = None) -> bool:
         """True once done; False on timeout; BulkLinkError if the connection broke."""
-        if not self._event.wait(timeout):
-            return False
+        if not self._done:
+            if not self._latch.acquire(True, -1 if timeout is None else max(0.0, timeout)):
+                return False
+            try:
+                self._latch.release()  # open for good: later waits return at once
+            except RuntimeError:
+                pass
         if self.error is not None:
             raise self.error
         return True
@@ -222,7 +241,7 @@ class TcpBulkConn:
             broken = self.broken
         if broken is not None:
             req.error = self._error(broken)
-            req._event.set()
+            req._set()
             return req
         if ((inline or req.nbytes <= INLINE_SEND_MAX) and self._sendq.empty()
                 and self._wlock.acquire(False)):
@@ -263,13 +282,13 @@ class TcpBulkConn:
                 _advance(views, sent)
         except OSError as exc:
             req.error = self._error(f"send: {exc}")
-            req._event.set()
+            req._set()
             self._fail(f"send: {exc}")
             return True
         self.bytes_out += req.nbytes
         self.msgs_out += 1
         req.data = None  # type: ignore[assignment]
-        req._event.set()
+        req._set()
         return True
 
     def post(self, tag: Hashable, dest: Any, fold: tuple | None = None) -> RecvRequest:
@@ -286,10 +305,10 @@ class TcpBulkConn:
             early = self._early.pop(tag, None)
             if early is not None:
                 req.meta, req.data = early
-                req._event.set()
+                req._set()
             elif self.broken is not None:
                 req.error = self._error(self.broken)
-                req._event.set()
+                req._set()
             else:
                 if tag in self._posted:
                     raise ValueError(f"a receive of tag {tag!r} is already posted")
@@ -361,7 +380,7 @@ class TcpBulkConn:
         err = self._error(why)
         for req in posted:
             req.error = err
-            req._event.set()
+            req._set()
         while True:  # queued sends fail too (the sender thread may be gone)
             try:
                 item = self._sendq.get_nowait()
@@ -369,7 +388,7 @@ class TcpBulkConn:
                 break
             if item is not None:
                 item.error = err
-                item._event.set()
+                item._set()
         if why != "closed" and self._on_broken is not None:
             self._on_broken(self, why)
 
@@ -381,7 +400,7 @@ class TcpBulkConn:
                 return
             if self.broken is not None:
                 req.error = self._error(self.broken)
-                req._event.set()
+                req._set()
                 continue
             try:
                 # Header and data in one call (one packet less with TCP_NODELAY), the
@@ -392,13 +411,13 @@ class TcpBulkConn:
                         _advance(views, sock.sendmsg(views))
             except OSError as exc:
                 req.error = self._error(f"send: {exc}")
-                req._event.set()
+                req._set()
                 self._fail(f"send: {exc}")
                 continue
             self.bytes_out += req.nbytes
             self.msgs_out += 1
             req.data = None  # type: ignore[assignment]
-            req._event.set()
+            req._set()
 
     def _recv_loop(self) -> None:
         # Reads go through a small staging buffer: a small message (frame, header
@@ -508,7 +527,7 @@ class TcpBulkConn:
                     self._reading = None
                 if req is not None:
                     req.meta = meta
-                    req._event.set()
+                    req._set()
         except (OSError, ValueError) as exc:
             why = str(exc) if isinstance(exc, ConnectionError) else f"recv: {exc}"
             self._fail(why)
