@@ -1367,8 +1367,10 @@ class Group:
                 state["next"] += 1
 
         try:
-            if inline:
-                post_ahead(_POST_AHEAD)
+            # Receives first: a small send is written by this thread itself (and any
+            # send when ``inline``), and a stream whose message has no posted receive
+            # waits for one (tcp_bulk.POST_WAIT) before it reads it aside.
+            post_ahead(_POST_AHEAD)
             for t in compiled.initial:
                 post(t)
             for pos, i in enumerate(recvs):
@@ -1624,17 +1626,6 @@ class Group:
                 return None
             return conns[r]
 
-        for t in compiled.initial:
-            a, b = t.send  # type: ignore[misc]
-            c = stream(t.send_to, a, b)  # type: ignore[arg-type]
-            if c is not None:
-                tr = self._send_bulk(c, t.send_to, base + t.tag, own[a:b], meta)  # type: ignore[arg-type]
-            else:
-                tr = self._send(t.send_to, base + t.tag, own[a:b], meta, seq, "allreduce")  # type: ignore[arg-type]
-            if own is src and not tr.done:  # (a private copy may stay in flight)
-                pending.append(tr)
-                if own is buf:
-                    guard.setdefault(t.send, []).append(tr)  # type: ignore[arg-type]
         # Bulk receives land in scratch segments, posted ahead while one is free.
         scratch = self._scratch_pool(buf.dtype, compiled.max_recv) if conns is not None else []
         posted: dict[int, tuple[Any, np.ndarray]] = {}
@@ -1656,6 +1647,20 @@ class Group:
         # writes both into buf, instead of a copy and then a reduction.
         first: dict[tuple[int, int], tuple[np.ndarray, np.ndarray | None]] = {}
         try:
+            # Receives first: a small send is written by this thread itself, and a
+            # stream whose message has no posted receive waits for one (bounded).
+            post_ahead()
+            for t in compiled.initial:
+                a, b = t.send  # type: ignore[misc]
+                c = stream(t.send_to, a, b)  # type: ignore[arg-type]
+                if c is not None:
+                    tr = self._send_bulk(c, t.send_to, base + t.tag, own[a:b], meta)  # type: ignore[arg-type]
+                else:
+                    tr = self._send(t.send_to, base + t.tag, own[a:b], meta, seq, "allreduce")  # type: ignore[arg-type]
+                if own is src and not tr.done:  # (a private copy may stay in flight)
+                    pending.append(tr)
+                    if own is buf:
+                        guard.setdefault(t.send, []).append(tr)  # type: ignore[arg-type]
             for t in compiled.plan:
                 if t.recv is None:
                     continue
