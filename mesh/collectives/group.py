@@ -1328,7 +1328,8 @@ class Group:
         # A reducing receive lands in a scratch segment (reused across calls), a
         # copying one in its own slice of buf once nothing needs the old content.
         posted: dict[int, tuple[Any, np.ndarray | None]] = {}
-        scratch = self._scratch_pool(buf.dtype, compiled.max_recv) if conns is not None else []
+        scratch = (self._scratch_pool(buf.dtype, compiled.max_recv)
+                   if conns is not None and ufunc is not None else [])
         recvs = compiled.recvs
         state = {"next": 0, "consumed": -1}
 
@@ -1496,10 +1497,14 @@ class Group:
     def _scratch_pool(self, dtype: np.dtype, elems: int) -> list[np.ndarray]:
         """Reusable receive segments for reducing receives: kept between calls, so
         their pages are faulted in once, not on every collective."""
-        key = (np.dtype(dtype).str, elems)
-        if self._scratch_key != key or self._scratch is None:
-            self._scratch_key = key
-            self._scratch = [np.empty(elems, dtype) for _ in range(_SCRATCH_SEGMENTS)]
+        dt = np.dtype(dtype)
+        # Big enough ones of the same dtype serve (receives use a prefix): a smaller
+        # collective in between must not throw away, and fault in again, the large
+        # ones every allreduce of the training loop uses.
+        if (self._scratch is None or self._scratch_key is None
+                or self._scratch_key[0] != dt.str or self._scratch_key[1] < elems):
+            self._scratch_key = (dt.str, elems)
+            self._scratch = [np.empty(elems, dt) for _ in range(_SCRATCH_SEGMENTS)]
         return self._scratch
 
     def _cancel_posted(self, posted: dict) -> None:
