@@ -266,7 +266,12 @@ def test_no_stream_means_zeromq_and_status_says_why(lab):
     off = spawn("off", tcp_bulk=False)
     broken = spawn("broken", broken=True)
     chan = node._bulk_named["tcpbulk"]
-    st = {p["name"]: p["tcpbulk"] for p in node.status()["peers"]}
+    deadline = time.monotonic() + 10
+    while True:  # a peer can be listed before its hello (with its offer) was handled
+        st = {p["name"]: p["tcpbulk"] for p in node.status()["peers"]}
+        if (st.get("broken") and st.get("off")) or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
     assert st["broken"]["state"] == "idle", st  # nothing connects before a group needs it
     broken.start("wait_conn", peer=node.id)
     chan.settle([off.id, broken.id], 15.0)
