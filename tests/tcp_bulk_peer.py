@@ -63,7 +63,7 @@ def peer_main(name: str, node_kwargs: dict, ctl: Any, out: Any, broken: bool = F
             if op == "exit":
                 break
             try:
-                value = _run(node, chan, op, args)
+                value = _run(node, chan, op, {**args, "_out": out})
             except Exception:
                 out.put((op, False, traceback.format_exc()))
             else:
@@ -90,6 +90,19 @@ def _run(node: Any, chan: Any, op: str, args: dict) -> Any:
                 raise TimeoutError(f"tag {tag} did not arrive")
             results.append((digest(dest), req.into_dest, req.meta))
             conn.send(("t", tag + 1), req.meta, dest).wait(30)
+        return results
+    if op == "post_all":
+        # Post every receive first, say so, then wait for all of them: the test
+        # sends them back to back, so that they reach the staging buffer together.
+        reqs = [(conn.post(("t", tag), np.empty(n, dtype)), n, dtype)
+                for tag, n, dtype in args["items"]]
+        out = args["_out"]
+        out.put(("posted", True, len(reqs)))
+        results = []
+        for req, _n, _dtype in reqs:
+            if not req.wait(30):
+                raise TimeoutError(f"tag {req.tag} did not arrive")
+            results.append((digest(req.data), req.into_dest))
         return results
     if op == "send":
         for tag, seed, n, dtype in args["items"]:

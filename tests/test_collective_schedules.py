@@ -923,18 +923,19 @@ def _any_plan(kind: str, n: int, rank: int, size: int, seg: int, root: int) -> l
 def test_post_guards_name_every_earlier_reader_and_writer(
     kind: str, size: int, rank: int, n: int, seg: int, root: int
 ) -> None:
-    """A copying receive posted ahead (the bulk tcp stream writes it in place) must
-    wait for every send of its slice that the executor posts before consuming it,
-    and for the last earlier receive into the slice (mesh/collectives/group.py)."""
+    """A receive posted ahead into its slice (the bulk tcp stream writes a copy in
+    place, or reduces into it as it arrives) must wait for every send of its slice
+    that the executor posts before consuming it, and for the last earlier receive
+    into the slice (mesh/collectives/group.py)."""
     plan = _any_plan(kind, n, rank % size, size, seg, root % size)
     guards = sch.post_guards(plan)
     slices = {s for t in plan for s in (t.send, t.recv) if s is not None}
     for a in slices:  # one segmentation: equal or disjoint
         for b in slices:
             assert a == b or a[1] <= b[0] or b[1] <= a[0]
-    copies = [t for t in plan if t.recv is not None and not t.reduce]
-    assert set(guards) == {t.index for t in copies}
-    for t in copies:
+    recvs = [t for t in plan if t.recv is not None]
+    assert set(guards) == {t.index for t in recvs}
+    for t in recvs:
         g = guards[t.index]
         early_reads = {j.index for j in plan if j.send == t.recv
                        and (j.send_after is None or j.send_after < t.index)}

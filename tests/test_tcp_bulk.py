@@ -151,6 +151,67 @@ def test_arrays_of_every_size_land_in_the_posted_buffer(lab):
     assert st["bytes_out"] == sum(a.nbytes for a in sent) == st["bytes_in"]
 
 
+# Around the receiver's 64 KiB staging buffer: messages that fit in it together,
+# one that ends exactly at its end, one that straddles it, a large one behind them.
+BURST = [(0, "int8"), (1, "int8"), (3, "int16"), (16 << 10, "float32"), ((64 << 10) - 77, "int8"),
+         ((64 << 10), "int8"), ((64 << 10) + 1, "int8"), (5, "float64"), ((300 << 10) + 1, "int8"),
+         (2, "int32"), ((4 << 20) + 4, "int8"), (1, "int8")]
+
+
+def test_back_to_back_messages_of_every_size_cross_the_staging_buffer_intact(lab):
+    node, spawn = lab
+    peer = spawn("p1")
+    conn = _conn(node, peer)
+    items = [(100 + i, n, dt) for i, (n, dt) in enumerate(BURST)]
+    peer.start("post_all", peer=node.id, items=items)
+    assert peer._get("posted", 30) == len(items)
+    arrays = [tp.make(tag, n, dt) for tag, n, dt in items]
+    # all queued at once, none awaited in between: they reach the peer coalesced
+    reqs = [conn.send(("t", tag), None, arr) for (tag, _, _), arr in zip(items, arrays, strict=True)]
+    assert all(r.wait(30) for r in reqs)
+    answers = peer._get("post_all", 60)
+    for (tag, n, dt), arr, (got, into_dest) in zip(items, arrays, answers, strict=True):
+        assert got == tp.digest(arr), f"tag {tag} ({n} x {dt}): other bytes arrived"
+        assert into_dest, f"tag {tag}: not received into the posted buffer"
+
+
+def test_an_inline_send_writes_from_the_caller_and_is_bounded(lab, monkeypatch):
+    """A send the caller writes itself (small, or inline=True) is done on return when
+    the stream was idle; one whose peer reads nothing fails within INLINE_SEND_WAIT
+    instead of blocking the caller for good."""
+    import signal
+
+    import transports.tcp_bulk as tb
+
+    node, spawn = lab
+    peer = spawn("p1")
+    conn = _conn(node, peer)
+    small = conn.send(("t", 1), None, np.ones(1000, np.float32))
+    assert small.done and small.error is None  # written by this thread, before returning
+    big = tp.make(3, 6 << 20, "int8")
+    peer.start("echo", peer=node.id, items=[(2, big.size, "int8")])
+    back = np.empty_like(big)
+    r = conn.post(("t", 3), back)
+    req = conn.send(("t", 2), ["m"], big, inline=True)
+    assert req.done  # inline: every byte is in the kernel on return
+    assert r.wait(30) and np.array_equal(back, big)
+    # (the peer may post its receive after the bytes came: into_dest is not asserted)
+    assert peer._get("echo", 30)[0][0] == tp.digest(big)
+    monkeypatch.setattr(tb, "INLINE_SEND_WAIT", 1.0)
+    os.kill(peer.proc.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        stuck = conn.send(("t", 4), None, np.zeros(256 << 20, np.int8), inline=True)
+        took = time.monotonic() - t0
+        assert stuck.done and took < 20, took
+        with pytest.raises(mesh.BulkLinkError) as info:
+            stuck.wait(0)
+        assert "took no data" in str(info.value)
+        assert conn.broken is not None  # later transfers take ZeroMQ
+    finally:
+        os.kill(peer.proc.pid, signal.SIGCONT)
+
+
 def test_a_message_before_its_post_is_kept_and_a_wrong_size_says_so(lab):
     node, spawn = lab
     peer = spawn("p1")
@@ -205,7 +266,12 @@ def test_no_stream_means_zeromq_and_status_says_why(lab):
     off = spawn("off", tcp_bulk=False)
     broken = spawn("broken", broken=True)
     chan = node._bulk_named["tcpbulk"]
-    st = {p["name"]: p["tcpbulk"] for p in node.status()["peers"]}
+    deadline = time.monotonic() + 10
+    while True:  # a peer can be listed before its hello (with its offer) was handled
+        st = {p["name"]: p["tcpbulk"] for p in node.status()["peers"]}
+        if (st.get("broken") and st.get("off")) or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
     assert st["broken"]["state"] == "idle", st  # nothing connects before a group needs it
     broken.start("wait_conn", peer=node.id)
     chan.settle([off.id, broken.id], 15.0)
@@ -255,11 +321,13 @@ def test_collectives_over_the_bulk_stream(size):
         # every pair agreed on its stream at formation
         for w, stats in zip(cluster.workers, cluster.all("stats", group="tcpb"), strict=True):
             assert stats["tcp_streams"] == sorted(x.name for x in cluster.workers if x is not w)
-        # the large segments went over the streams, not ZeroMQ
+        # the large segments went over the streams, not ZeroMQ; the ring's reducing
+        # receives were reduced into place as they arrived
         for states in cluster.all("bulk_stats"):
             assert len(states) == size - 1
             for st in states.values():
                 assert st["state"] == "ready" and st["msgs_in"] > 0 and st["msgs_out"] > 0, st
+            assert sum(st["folded_msgs"] for st in states.values()) > 0, states
     finally:
         cluster.shutdown()
 
@@ -349,7 +417,8 @@ def test_sigkill_mid_allreduce_over_the_streams_then_reform():
 def test_members_with_different_thresholds_still_agree_on_every_byte():
     """A segment one end sends over the stream and the other expects on ZeroMQ (their
     tcp_bulk_threshold differs) is found on the stream after a poll interval."""
-    cluster = _MixedCluster(2, prefix="th", last={"tcp_bulk_threshold": 4 << 20}, **TCP_ONLY)
+    # (3 members: in a group of 2 every segment takes the stream, whatever the threshold)
+    cluster = _MixedCluster(3, prefix="th", last={"tcp_bulk_threshold": 4 << 20}, **TCP_ONLY)
     try:
         cluster.start()
         cluster.form("thr", segment_bytes=1 << 20)
@@ -360,3 +429,48 @@ def test_members_with_different_thresholds_still_agree_on_every_byte():
         assert_all_ok(cluster.cases("thr", cases, timeout=60), cases)
     finally:
         cluster.shutdown()
+
+
+def _stream_msgs(cluster: Cluster) -> list[int]:
+    """Per worker: messages received over its bulk streams so far."""
+    return [sum(st["msgs_in"] for st in states.values() if st)
+            for states in cluster.all("bulk_stats")]
+
+
+def test_small_segments_take_the_stream_where_a_rank_hears_one_member_per_step():
+    """In a group of 2, and in a broadcast, even a 4 KiB collective goes over the
+    streams (the caller writes it, one wake-up less); a small allreduce of 3 stays
+    on ZeroMQ, whose one I/O thread hands over several arrivals at once."""
+    small = [{"kind": "allreduce", "op": "sum", "dtype": "float32", "shape": (1024,),
+              "algorithm": "auto", "seed": 90},
+             {"kind": "allgather", "dtype": "float32", "shapes": [(1000,), (1000,)], "seed": 91,
+              "out": "new"},
+             {"kind": "broadcast", "root": 1, "dtype": "int16", "shape": (77,), "seed": 92}]
+    pair = Cluster(2, prefix="sp", **TCP_ONLY)
+    try:
+        pair.start()
+        pair.form("pair")
+        before = _stream_msgs(pair)
+        assert_all_ok(pair.cases("pair", small, timeout=60), small)
+        after = _stream_msgs(pair)
+        # one message per collective over each rank's stream (the root of the
+        # broadcast receives nothing)
+        grew = sorted(a - b for a, b in zip(after, before, strict=True))
+        assert grew == [2, 3], (before, after)
+    finally:
+        pair.shutdown()
+    trio = Cluster(3, prefix="st", **TCP_ONLY)
+    try:
+        trio.start()
+        trio.form("trio")
+        reduce_only = [{**small[0], "seed": 93}]
+        before = _stream_msgs(trio)
+        assert_all_ok(trio.cases("trio", reduce_only, timeout=60), reduce_only)
+        assert _stream_msgs(trio) == before  # on ZeroMQ
+        bcast = [{"kind": "broadcast", "root": 0, "dtype": "float32", "shape": (1000,),
+                  "seed": 94}]
+        assert_all_ok(trio.cases("trio", bcast, timeout=60), bcast)
+        grew = [a - b for a, b in zip(_stream_msgs(trio), before, strict=True)]
+        assert sorted(grew) == [0, 1, 1], grew  # the root sent one to each other rank
+    finally:
+        trio.shutdown()

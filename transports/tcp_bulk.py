@@ -29,9 +29,10 @@ Who owns what:
   one per dial, short-lived); the table of connections and per-peer states
   (under ``_lock``; any thread reads it).
 * ``TcpBulkConn``: one connected socket. Its sender thread
-  (``mesh-tcpbulk-send``) is the only writer, its receiver thread
-  (``mesh-tcpbulk-recv``) the only reader; callers only queue sends and post
-  receives (under ``_cond``). ``close()`` (any thread) shuts the socket down,
+  (``mesh-tcpbulk-send``) writes queued sends; a caller writes a small one
+  itself while the stream is idle (``_send_inline``; ``_wlock`` keeps frames
+  whole). Its receiver thread (``mesh-tcpbulk-recv``) is the only reader;
+  callers post receives (under ``_cond``). ``close()`` (any thread) shuts the socket down,
   which wakes both threads, and fails whatever is still queued or posted.
 """
 
@@ -40,6 +41,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import select
 import socket
 import struct
 import threading
@@ -63,6 +65,19 @@ CONNECT_TIMEOUT = 3.0
 # A message whose receive is not posted yet waits this long (seconds) in the kernel
 # for its post before it is read into a buffer of its own.
 POST_WAIT = 0.05
+# The receiver's staging buffer (see _recv_loop): holds a small message whole.
+_STAGE = 64 << 10
+# A folded receive (RecvRequest.fold) reads and reduces this much at a time: well
+# inside the core's L2 cache, where the kernel's copy just put it.
+_FOLD_PIECE = 128 << 10
+# Messages up to this size are written by the caller itself when the stream is idle
+# (one thread hand-off less per message: what a small collective waits on); larger
+# ones go through the sender thread, so that the caller reduces meanwhile.
+INLINE_SEND_MAX = 256 << 10
+# An inline send that the kernel took only in part finishes within this long (the
+# peer reads all the time: only a stuck or dead peer fills its buffer), else the
+# stream is declared broken.
+INLINE_SEND_WAIT = 10.0
 
 
 def _tuple(x: Any) -> Any:
@@ -82,6 +97,16 @@ def _recv_exact(sock: socket.socket, view: memoryview) -> None:
         got += k
 
 
+def _advance(views: list, sent: int) -> None:
+    """Drop the first ``sent`` bytes of a list of buffers about to be written."""
+    while sent and views:
+        if sent >= len(views[0]):
+            sent -= len(views.pop(0))
+        else:
+            views[0] = views[0][sent:]
+            sent = 0
+
+
 def _tune(sock: socket.socket) -> None:
     # No SO_SNDBUF/SO_RCVBUF: setting them turns off the kernel's autotuning, which
     # grows the buffers further (tcp_rmem/tcp_wmem) than rmem_max/wmem_max allow.
@@ -89,23 +114,42 @@ def _tune(sock: socket.socket) -> None:
 
 
 class _Request:
-    """What a send and a receive have in common: done once the stream's thread set
-    ``_event``, with ``error`` set first when the connection broke."""
+    """What a send and a receive have in common: done once the stream's thread
+    called ``_set``, with ``error`` set first when the connection broke.
 
-    __slots__ = ("_event", "error")
+    A lock held from birth and released when done, not a ``threading.Event``
+    (which builds a Condition: two per message add up for small collectives)."""
+
+    __slots__ = ("_latch", "_done", "error")
 
     def __init__(self) -> None:
-        self._event = threading.Event()
+        self._latch = threading.Lock()
+        self._latch.acquire()
+        self._done = False
         self.error: BulkLinkError | None = None
+
+    def _set(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._latch.release()
+        except RuntimeError:  # set twice at once (a stream breaking as it completes)
+            pass
 
     @property
     def done(self) -> bool:
-        return self._event.is_set()
+        return self._done
 
     def wait(self, timeout: float | None = None) -> bool:
         """True once done; False on timeout; BulkLinkError if the connection broke."""
-        if not self._event.wait(timeout):
-            return False
+        if not self._done:
+            if not self._latch.acquire(True, -1 if timeout is None else max(0.0, timeout)):
+                return False
+            try:
+                self._latch.release()  # open for good: later waits return at once
+            except RuntimeError:
+                pass
         if self.error is not None:
             raise self.error
         return True
@@ -126,11 +170,15 @@ class SendRequest(_Request):
 class RecvRequest(_Request):
     """A posted receive. Once ``done``: ``meta`` (the sender's), and ``data``: the
     posted buffer, or a buffer of its own when the message came before the post or
-    its size differs from the posted buffer's (``into_dest`` False)."""
+    its size differs from the posted buffer's (``into_dest`` False). With ``fold``
+    (``(ufunc, first, dest array)``) the message is not stored but reduced into
+    the destination as it arrives, ``dest = ufunc(first, message)``; ``folded``
+    says it was (False: the caller reduces ``data`` itself)."""
 
-    __slots__ = ("conn", "tag", "dest", "meta", "data", "into_dest")
+    __slots__ = ("conn", "tag", "dest", "meta", "data", "into_dest", "fold", "folded")
 
-    def __init__(self, conn: TcpBulkConn, tag: Hashable, dest: memoryview) -> None:
+    def __init__(self, conn: TcpBulkConn, tag: Hashable, dest: memoryview,
+                 fold: tuple | None = None) -> None:
         super().__init__()
         self.conn = conn
         self.tag = tag
@@ -138,6 +186,8 @@ class RecvRequest(_Request):
         self.meta: Any = None
         self.data: Any = None
         self.into_dest = False
+        self.fold = fold
+        self.folded = False
 
     def cancel(self) -> None:
         """Withdraw the receive (a message of its tag that comes later is kept as early)."""
@@ -158,9 +208,13 @@ class TcpBulkConn:
         self._reading: RecvRequest | None = None  # popped from _posted, being filled
         self._early: dict[Hashable, tuple[Any, np.ndarray]] = {}  # tag -> (meta, bytes)
         self._sendq: queue.SimpleQueue[SendRequest | None] = queue.SimpleQueue()
+        # Held while a message's bytes go into the socket, by the sender thread or by
+        # a caller writing a small one itself (_send_inline): frames never interleave.
+        self._wlock = threading.Lock()
         self.broken: str | None = None
         self.bytes_out = self.bytes_in = self.msgs_out = self.msgs_in = 0
         self.early_msgs = 0  # messages that came before their receive was posted (one copy more)
+        self.folded_msgs = 0  # messages reduced into place as they arrived (RecvRequest.fold)
         self._sender = threading.Thread(target=self._send_loop, daemon=True,
                                         name=f"mesh-tcpbulk-send-{peer_name}")
         self._receiver = threading.Thread(target=self._recv_loop, daemon=True,
@@ -170,10 +224,14 @@ class TcpBulkConn:
 
     # -- caller side ------------------------------------------------------------
 
-    def send(self, tag: Hashable, meta: Any, data: Any) -> SendRequest:
+    def send(self, tag: Hashable, meta: Any, data: Any, inline: bool = False) -> SendRequest:
         """Queue ``data`` (an array or bytes-like) for the peer under ``tag``. A
         C-contiguous one is not copied: keep it unchanged until the request is
-        ``done``; any other array is copied once (into C order)."""
+        ``done``; any other array is copied once (into C order).
+
+        Up to ``INLINE_SEND_MAX`` bytes, or any size with ``inline`` (a caller
+        with nothing else to do until it is sent), the calling thread writes it
+        itself when the stream is idle, instead of the sender thread."""
         head = msgpack.packb([tag, meta], use_bin_type=True)
         if isinstance(data, np.ndarray) and not data.flags.c_contiguous:
             data = np.ascontiguousarray(data)
@@ -183,22 +241,74 @@ class TcpBulkConn:
             broken = self.broken
         if broken is not None:
             req.error = self._error(broken)
-            req._event.set()
+            req._set()
             return req
+        if ((inline or req.nbytes <= INLINE_SEND_MAX) and self._sendq.empty()
+                and self._wlock.acquire(False)):
+            try:
+                if self._send_inline(req):
+                    return req
+            finally:
+                self._wlock.release()
         self._sendq.put(req)
         return req
 
-    def post(self, tag: Hashable, dest: Any) -> RecvRequest:
-        """Receive the message ``tag`` into ``dest`` (a writable C-contiguous array)."""
-        req = RecvRequest(self, tag, memoryview(dest).cast("B"))
+    def _send_inline(self, req: SendRequest) -> bool:
+        """Write ``req`` from the caller's thread (``_wlock`` held), without blocking
+        while nothing went out; False when the kernel took nothing (the sender
+        thread sends it). Order with queued sends does not matter: receives
+        match by tag."""
+        views = [memoryview(req.header), req.data] if req.nbytes else [memoryview(req.header)]
+        deadline = 0.0
+        written = 0
+        try:
+            while views:
+                try:
+                    sent = self.sock.sendmsg(views, (), socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    sent = 0
+                written += sent
+                if sent == 0:
+                    if not written:
+                        return False  # nothing went out: the sender thread takes it
+                    if not deadline:  # (reset by any progress)
+                        deadline = time.monotonic() + INLINE_SEND_WAIT
+                    elif time.monotonic() > deadline:
+                        raise OSError("the peer took no data for "
+                                      f"{INLINE_SEND_WAIT:.0f} s")
+                    select.select([], [self.sock], [], 0.05)
+                    continue
+                deadline = 0.0
+                _advance(views, sent)
+        except OSError as exc:
+            req.error = self._error(f"send: {exc}")
+            req._set()
+            self._fail(f"send: {exc}")
+            return True
+        self.bytes_out += req.nbytes
+        self.msgs_out += 1
+        req.data = None  # type: ignore[assignment]
+        req._set()
+        return True
+
+    def post(self, tag: Hashable, dest: Any, fold: tuple | None = None) -> RecvRequest:
+        """Receive the message ``tag`` into ``dest`` (a writable C-contiguous array).
+
+        ``fold=(ufunc, first)``: reduce it into ``dest`` instead, ``ufunc(first,
+        message, out=dest)`` (``first`` the same shape and dtype as ``dest``, may be
+        ``dest`` itself), piece by piece as it arrives, each piece while the
+        receiver's core still has it in cache: no scratch buffer goes through
+        memory and back, and the caller's thread does not reduce."""
+        fold_spec = None if fold is None else (fold[0], fold[1], dest)
+        req = RecvRequest(self, tag, memoryview(dest).cast("B"), fold_spec)
         with self._cond:
             early = self._early.pop(tag, None)
             if early is not None:
                 req.meta, req.data = early
-                req._event.set()
+                req._set()
             elif self.broken is not None:
                 req.error = self._error(self.broken)
-                req._event.set()
+                req._set()
             else:
                 if tag in self._posted:
                     raise ValueError(f"a receive of tag {tag!r} is already posted")
@@ -241,7 +351,7 @@ class TcpBulkConn:
     def stats(self) -> dict:
         return {"bytes_out": self.bytes_out, "bytes_in": self.bytes_in,
                 "msgs_out": self.msgs_out, "msgs_in": self.msgs_in,
-                "early_msgs": self.early_msgs}
+                "early_msgs": self.early_msgs, "folded_msgs": self.folded_msgs}
 
     # -- threads ----------------------------------------------------------------
 
@@ -270,7 +380,7 @@ class TcpBulkConn:
         err = self._error(why)
         for req in posted:
             req.error = err
-            req._event.set()
+            req._set()
         while True:  # queued sends fail too (the sender thread may be gone)
             try:
                 item = self._sendq.get_nowait()
@@ -278,7 +388,7 @@ class TcpBulkConn:
                 break
             if item is not None:
                 item.error = err
-                item._event.set()
+                item._set()
         if why != "closed" and self._on_broken is not None:
             self._on_broken(self, why)
 
@@ -290,46 +400,92 @@ class TcpBulkConn:
                 return
             if self.broken is not None:
                 req.error = self._error(self.broken)
-                req._event.set()
+                req._set()
                 continue
             try:
                 # Header and data in one call (one packet less with TCP_NODELAY), the
                 # data from the caller's buffer; the GIL is released meanwhile.
                 views = [memoryview(req.header), req.data] if req.nbytes else [req.header]
-                while views:
-                    sent = sock.sendmsg(views)
-                    while sent and views:
-                        if sent >= len(views[0]):
-                            sent -= len(views.pop(0))
-                        else:
-                            views[0] = views[0][sent:]
-                            sent = 0
+                with self._wlock:
+                    while views:
+                        _advance(views, sock.sendmsg(views))
             except OSError as exc:
                 req.error = self._error(f"send: {exc}")
-                req._event.set()
+                req._set()
                 self._fail(f"send: {exc}")
                 continue
             self.bytes_out += req.nbytes
             self.msgs_out += 1
             req.data = None  # type: ignore[assignment]
-            req._event.set()
+            req._set()
 
     def _recv_loop(self) -> None:
+        # Reads go through a small staging buffer: a small message (frame, header
+        # and data, written with one sendmsg) usually comes in one recv instead of
+        # three, and every recv drops and retakes the GIL, a thread switch when
+        # the caller runs meanwhile. A large payload is read straight into its
+        # destination after the few bytes the staging read took of it.
         sock = self.sock
-        fixed = bytearray(_FRAME.size)
-        fixed_view = memoryview(fixed)
+        stage = bytearray(_STAGE)
+        sv = memoryview(stage)
+        lo = hi = 0  # stage[lo:hi]: received, not yet consumed
+
+        def need(k: int) -> None:
+            """At least ``k`` (<= _STAGE) bytes in stage[lo:hi]."""
+            nonlocal lo, hi
+            if _STAGE - lo < k:  # no room behind: move the rest to the front
+                sv[: hi - lo] = sv[lo:hi]
+                lo, hi = 0, hi - lo
+            while hi - lo < k:
+                got = sock.recv_into(sv[hi:], _STAGE - hi)
+                if got == 0:
+                    raise ConnectionError("the peer closed the connection")
+                hi += got
+
+        def read_into(view: memoryview) -> None:
+            """Fill ``view``: from the staging buffer first, the rest from the socket."""
+            nonlocal lo, hi
+            k = min(hi - lo, len(view))
+            if k:
+                view[:k] = sv[lo:lo + k]
+                lo += k
+            if k < len(view):
+                _recv_exact(sock, view[k:])
+            if lo == hi:
+                lo = hi = 0
+
+        piece = np.empty(_FOLD_PIECE, dtype=np.uint8)
+        pv = memoryview(piece)
+
+        def fold(req: RecvRequest, nbytes: int) -> None:
+            """Read the message a piece at a time and reduce each into place."""
+            ufunc, first, dest = req.fold
+            isz = dest.itemsize
+            step = _FOLD_PIECE // isz * isz
+            typed = piece[: step].view(dest.dtype)
+            done = 0
+            while done < nbytes:
+                k = min(step, nbytes - done)
+                read_into(pv[:k])
+                e0, e1 = done // isz, (done + k) // isz
+                ufunc(first[e0:e1], typed[: e1 - e0], out=dest[e0:e1])
+                done += k
+            req.folded = True
+            self.folded_msgs += 1
+
         try:
             while True:
-                _recv_exact(sock, fixed_view)
-                hlen, nbytes = _FRAME.unpack(fixed)
+                need(_FRAME.size)
+                hlen, nbytes = _FRAME.unpack_from(stage, lo)
+                lo += _FRAME.size
                 if hlen > _MAX_HEADER:
                     raise ConnectionError(f"malformed frame (header of {hlen} bytes)")
-                head = bytearray(hlen)
-                _recv_exact(sock, memoryview(head))
+                need(hlen)
                 try:
-                    tag, meta = msgpack.unpackb(head, raw=False, use_list=True)
+                    tag, meta = msgpack.unpackb(sv[lo:lo + hlen], raw=False, use_list=True)
                 except (ValueError, msgpack.exceptions.ExtraData) as exc:
                     raise ConnectionError(f"malformed frame header ({exc})") from None
+                lo += hlen
                 tag = _tuple(tag)
                 with self._cond:
                     req = self._posted.pop(tag, None)
@@ -348,11 +504,14 @@ class TcpBulkConn:
                         req = self._posted.pop(tag, None)
                     self._reading = req
                 if req is not None and len(req.dest) == nbytes:
-                    _recv_exact(sock, req.dest)  # straight into the caller's buffer
+                    if req.fold is not None:
+                        fold(req, nbytes)
+                    else:
+                        read_into(req.dest)  # straight into the caller's buffer
                     req.data, req.into_dest = req.dest, True
                 else:
                     data = np.empty(nbytes, dtype=np.uint8)
-                    _recv_exact(sock, memoryview(data))
+                    read_into(memoryview(data))
                     if req is None:
                         with self._cond:
                             # Posted meanwhile? Then it is its data (one copy more).
@@ -368,10 +527,12 @@ class TcpBulkConn:
                     self._reading = None
                 if req is not None:
                     req.meta = meta
-                    req._event.set()
+                    req._set()
         except (OSError, ValueError) as exc:
             why = str(exc) if isinstance(exc, ConnectionError) else f"recv: {exc}"
             self._fail(why)
+        except Exception as exc:  # a reduction that failed (fold): never a silent death
+            self._fail(f"reducing a received message: {type(exc).__name__}: {exc}")
 
 
 class TcpBulkEndpoint:

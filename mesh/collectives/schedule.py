@@ -289,9 +289,10 @@ class PostGuard:
     ``readers`` (indices of the sends of that slice the executor posts before
     it consumes this receive; they must have been posted and sent) and
     ``prev_writer`` (the last earlier receive into that slice, -1 if none;
-    it must have been consumed). Only for receives that copy (``reduce``
-    False); a reducing receive needs both operands and lands in a scratch
-    buffer instead.
+    it must have been consumed). The same holds for a reducing receive that
+    the transport reduces into the slice as it arrives (the bulk tcp
+    channel's ``fold``): it writes the slice, and reads its old content
+    (or the input's) as the first operand.
     """
 
     readers: tuple[int, ...]
@@ -299,7 +300,7 @@ class PostGuard:
 
 
 def post_guards(plan: Sequence[Transfer]) -> dict[int, PostGuard]:
-    """:class:`PostGuard` of every copying receive of ``plan``, by transfer index.
+    """:class:`PostGuard` of every receive of ``plan``, by transfer index.
 
     Slices of one plan are equal or disjoint (one segmentation), and a send
     with ``send_after = k`` is posted once receive ``k`` has been consumed.
@@ -313,12 +314,11 @@ def post_guards(plan: Sequence[Transfer]) -> dict[int, PostGuard]:
     for t in plan:
         if t.recv is None:
             continue
-        if not t.reduce:
-            readers = tuple(
-                j for j in sends.get(t.recv, ())
-                if plan[j].send_after is None or plan[j].send_after < t.index  # type: ignore[operator]
-            )
-            out[t.index] = PostGuard(readers, last.get(t.recv, -1))
+        readers = tuple(
+            j for j in sends.get(t.recv, ())
+            if plan[j].send_after is None or plan[j].send_after < t.index  # type: ignore[operator]
+        )
+        out[t.index] = PostGuard(readers, last.get(t.recv, -1))
         last[t.recv] = t.index
     return out
 
