@@ -1,6 +1,8 @@
 # C types for mesh/flow.py in the compiled build (Cython, pure-Python mode): the
 # .py is the source of both builds. CreditWindow becomes a C type whose counters
 # the hot path (engine/fastpath.py) reads and writes without a dict lookup.
+cimport cython
+
 
 cdef class CreditWindow:
     cdef public Py_ssize_t credits
@@ -16,3 +18,8 @@ cdef class CreditWindow:
     cdef public Py_ssize_t cancelled
     cdef public Py_ssize_t excess_credit
     cdef public object closed_reason
+
+
+@cython.locals(count=Py_ssize_t, size=Py_ssize_t, largest=Py_ssize_t, hsize=Py_ssize_t,
+               parts=list, sizes=list)
+cpdef bytes encode_batch(object runs)

@@ -21,11 +21,9 @@ cdef class HotPublisher:
     cdef Py_ssize_t max_size
     cdef object wall
 
-    @cython.locals(nbytes=Py_ssize_t, peers=dict, links=dict, link=Link, counters=Counters)
+    @cython.locals(nbytes=Py_ssize_t, links=dict, link=Link, counters=Counters,
+                   batch_max=Py_ssize_t, ts=double)
     cpdef bint publish(self, object subject, object data, object headers, object timeout) except -1
-
-    @cython.locals(batch=list, run=list)
-    cdef bint _fits(self, Link link, object sid, object subject, Py_ssize_t nbytes) except -1
 
     @cython.locals(batch=list, run=list, window=CreditWindow, in_flight=Py_ssize_t,
                    counters=Counters)

@@ -60,47 +60,34 @@ class HotPublisher:
         if counter is None:
             return False  # the first message on a subject
         links = self.links
-        # Every peer's link must take it here, checked before anything changes:
-        # then the message is one seq, sent to all, as the general path does.
-        peers = route.peers
-        for peer_id, sids in peers.items():
-            link = links.get(peer_id)
-            if link is None or len(sids) != 1 or not self._fits(link, sids[0], subject, nbytes):
-                return False
         seq = next(counter)  # (no clock: the run's header carries its first message's time)
         counters = self.counters
-        for peer_id, sids in peers.items():
-            link = links[peer_id]
-            sid = sids[0]
-            lock = link.lock
-            lock.acquire()
-            try:
-                if not self._append(link, sid, subject, seq, data, nbytes):
-                    # The link changed between the check and here (credit ran out, the
-                    # batch left): this peer takes the general path with this seq.
+        batch_max = self.batch_max
+        ts = 0.0
+        # Each peer's link extends its open batch run here, or takes the general path
+        # for this message (same seq), as _publish would: a fan-out whose links flush
+        # their batches at different times keeps the fast path on the others.
+        for peer_id, sids in route.peers.items():
+            link = links.get(peer_id)
+            if link is not None and len(sids) == 1:
+                lock = link.lock
+                lock.acquire()
+                try:
+                    if self._append(link, sids[0], subject, seq, data, nbytes):
+                        counters.msgs_out += 1
+                        counters.bytes_out += nbytes
+                        if link.batch_bytes >= batch_max or link.batch_count >= link.batch_cap:
+                            node._flush_batch(link, timeout)
+                        continue
+                finally:
                     lock.release()
-                    lock = None
-                    node._send_msg(peer_id, sids, (subject, seq, self.wall(), 0, None, None,
-                                                   [data], nbytes), timeout)
-                    continue
-                counters.msgs_out += 1
-                counters.bytes_out += nbytes
-                if link.batch_bytes >= self.batch_max or link.batch_count >= link.batch_cap:
-                    node._flush_batch(link, timeout)
-            finally:
-                if lock is not None:
-                    lock.release()
+            # No open run to extend (it left, credit ran out, the link changed or is
+            # gone, several subscriptions): the general path, with this seq.
+            if not ts:
+                ts = self.wall()  # one timestamp for every peer, as _publish
+            node._send_msg(peer_id, sids, (subject, seq, ts, 0, None, None, [data], nbytes),
+                           timeout)
         return True
-
-    def _fits(self, link: Any, sid: int, subject: str, nbytes: int) -> bool:
-        """Would this message extend the link's open batch run within credit? (No lock:
-        a hint only, ``_append`` decides under the lock.)"""
-        batch = link.batch
-        if not batch or link.closed or link.credit_in:
-            return False
-        run = batch[-1]
-        return run[1] == subject and len(run[3]) == 1 and run[3][0] == sid and \
-            link.windows.get(sid) is not None
 
     def _append(self, link: Any, sid: int, subject: str, seq: int, data: bytes,
                 nbytes: int) -> bool:
