@@ -5,7 +5,9 @@ credit, and a burst under way whose batch run this message extends.
 That is nearly every message of a publishing loop (all but the first of each
 batch); ``Node.publish`` asks :meth:`HotPublisher.publish` first and takes the
 general path (mesh/engine/link.py) whenever it answers False, with nothing
-changed. The same steps as ``_route`` -> ``_publish`` -> ``_send_msg`` ->
+changed. Per link of a fan-out: a link whose run cannot take the message (its
+batch just left, credit ran out) gets it through ``_send_msg`` with the same seq,
+while the other links stay on this path. The same steps as ``_route`` -> ``_publish`` -> ``_send_msg`` ->
 ``CreditWindow.offer`` -> ``_send_locked`` (which stay the reference), without
 five calls, the item tuple and the attribute lookups between them. Compiled by
 Cython with fastpath.pxd (typed attributes, C calls); the pure build runs the
