@@ -26,6 +26,6 @@ cdef class HotPublisher:
     cpdef bint publish(self, object subject, object data, object headers, object timeout) except -1
 
     @cython.locals(batch=list, run=list, window=CreditWindow, in_flight=Py_ssize_t,
-                   counters=Counters)
+                   counters=Counters, last=Py_ssize_t, this=Py_ssize_t, limit=Py_ssize_t)
     cdef bint _append(self, Link link, object sid, object subject, object seq, object data,
                       Py_ssize_t nbytes) except -1

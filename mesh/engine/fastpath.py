@@ -101,7 +101,9 @@ class HotPublisher:
         if not batch:
             return False
         run = batch[-1]
-        if run[2] != seq - 1 or run[1] != subject or len(run[3]) != 1 or run[3][0] != sid:
+        last = run[2]  # C integers in the compiled build: no int object made to compare
+        this = seq
+        if last + 1 != this or run[1] != subject or len(run[3]) != 1 or run[3][0] != sid:
             return False
         window = link.windows.get(sid)
         if window is None or window._pending or window.closed_reason is not None:
@@ -111,9 +113,10 @@ class HotPublisher:
         if in_flight >= window.credits:
             return False
         credit_bytes = window.credit_bytes
-        if credit_bytes is not None and in_flight and \
-                window.in_flight_bytes + nbytes > credit_bytes:
-            return False
+        if credit_bytes is not None and in_flight:
+            limit = credit_bytes
+            if window.in_flight_bytes + nbytes > limit:
+                return False
         window.in_flight = in_flight + 1
         window.in_flight_bytes += nbytes
         window.sent += 1
