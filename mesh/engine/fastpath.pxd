@@ -20,9 +20,10 @@ cdef class HotPublisher:
     cdef Py_ssize_t batch_max
     cdef Py_ssize_t max_size
     cdef object wall
+    cdef tuple last
 
     @cython.locals(nbytes=Py_ssize_t, links=dict, link=Link, counters=Counters,
-                   batch_max=Py_ssize_t, ts=double)
+                   batch_max=Py_ssize_t, ts=double, last=tuple, peers=dict)
     cpdef bint publish(self, object subject, object data, object headers, object timeout) except -1
 
     @cython.locals(batch=list, run=list, window=CreditWindow, in_flight=Py_ssize_t,

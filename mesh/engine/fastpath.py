@@ -42,6 +42,8 @@ class HotPublisher:
         self.batch_max = node._batch_max
         self.max_size = node._max_size
         self.wall = time.time
+        # (route, its peers, its subject's counter) of the last fast publish.
+        self.last: tuple = (None, None, None)
 
     def publish(self, subject: Any, data: Any, headers: Any, timeout: Any) -> bool:
         """Publish ``data`` on ``subject`` if this is the common case; False (nothing
@@ -53,23 +55,33 @@ class HotPublisher:
         if nbytes > _BATCH_SMALL or nbytes > self.max_size:
             return False
         route = self.routing._cache.get(subject)
-        if route is None or route.local or route.local_groups or route.peer_groups:
-            return False
+        if route is None:
+            return False  # not routed yet: the general path computes it
+        last = self.last  # read once: publishers on other threads may replace it
+        if route is not last[0]:
+            # Checked once per route: a Route is immutable and made for one subject (the
+            # table makes a new one on every change), so the same object means the same
+            # subject, subscriptions and counter as the last publish that passed here.
+            if route.local or route.local_groups or route.peer_groups:
+                return False
+            if self.node._policy is not None or subject.startswith(_RESERVED):
+                return False  # policy checks and reserved subjects: the general path
+            counter = self.seqs.get(subject)
+            if counter is None:
+                return False  # the first message on a subject
+            last = (route, route.peers, counter)
+            self.last = last  # one assignment: never a mix of two publishes' routes
         node = self.node
-        if node._policy is not None or subject.startswith(_RESERVED):
-            return False  # policy checks and reserved subjects: the general path
-        counter = self.seqs.get(subject)
-        if counter is None:
-            return False  # the first message on a subject
         links = self.links
-        seq = next(counter)  # (no clock: the run's header carries its first message's time)
+        seq = next(last[2])  # (no clock: the run's header carries its first message's time)
         counters = self.counters
         batch_max = self.batch_max
         ts = 0.0
         # Each peer's link extends its open batch run here, or takes the general path
         # for this message (same seq), as _publish would: a fan-out whose links flush
         # their batches at different times keeps the fast path on the others.
-        for peer_id, sids in route.peers.items():
+        peers = last[1]
+        for peer_id, sids in peers.items():
             link = links.get(peer_id)
             if link is not None and len(sids) == 1:
                 lock = link.lock
