@@ -1,7 +1,6 @@
 # C types for mesh/flow.py in the compiled build (Cython, pure-Python mode): the
 # .py is the source of both builds. CreditWindow becomes a C type whose counters
 # the hot path (engine/fastpath.py) reads and writes without a dict lookup.
-
 cimport cython
 
 
@@ -28,3 +27,7 @@ cpdef list decode_runs(object data)
 
 @cython.locals(pos=Py_ssize_t, end=Py_ssize_t, n=Py_ssize_t, start="const char *", payloads=list)
 cpdef list split_run(bytes blob, object sizes)
+
+@cython.locals(count=Py_ssize_t, size=Py_ssize_t, largest=Py_ssize_t, hsize=Py_ssize_t,
+               parts=list, sizes=list)
+cpdef bytes encode_batch(object runs)

@@ -31,6 +31,8 @@ from __future__ import annotations
 import enum
 import math
 import struct
+import sys
+from array import array as _array
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -607,6 +609,9 @@ class CreditWindow:
 BATCH_VERSION = 2
 _U32 = struct.Struct("<I")
 _HEAD = struct.Struct("<BI")
+# array("I") is the batch's u32 size list byte for byte on little-endian hosts with
+# 4-byte unsigned ints (all the usual ones); elsewhere struct packs it.
+_SIZES_NATIVE = sys.byteorder == "little" and _array("I").itemsize == 4
 _U32_MAX = 0xFFFFFFFF
 
 BatchRun = tuple[bytes | bytearray | memoryview, Sequence[bytes | bytearray | memoryview]]
@@ -621,14 +626,23 @@ def encode_batch(runs: Sequence[BatchRun]) -> bytes:
     for header, payloads in runs:
         count = len(payloads)
         # len() is the byte count of bytes (the usual case); others may hold wider items.
-        sizes = [len(p) if type(p) is bytes else memoryview(p).nbytes for p in payloads]
+        # One pass: the sizes and the largest (no max(), no per-run struct format).
+        sizes = []
+        largest = 0
+        for p in payloads:
+            size = len(p) if type(p) is bytes else memoryview(p).nbytes
+            if size > largest:
+                largest = size
+            sizes.append(size)
         hsize = len(header) if type(header) is bytes else memoryview(header).nbytes
-        if hsize > _U32_MAX or count > _U32_MAX or max(sizes, default=0) > _U32_MAX:
+        if hsize > _U32_MAX or count > _U32_MAX or largest > _U32_MAX:
             raise MessageTooLarge("a frame over 4 GiB cannot be batched; send it on its own")
         parts.append(pack(hsize))
         parts.append(header)
         parts.append(pack(count))
-        parts.append(struct.pack(f"<{count}I", *sizes))
+        # The sizes as little-endian u32s: array's C loop where that is the native layout.
+        parts.append(_array("I", sizes).tobytes() if _SIZES_NATIVE else
+                     struct.pack(f"<{count}I", *sizes))
         parts.extend(payloads)
     return b"".join(parts)
 

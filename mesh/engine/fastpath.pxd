@@ -21,18 +21,17 @@ cdef class HotPublisher:
     cdef Py_ssize_t batch_max
     cdef Py_ssize_t max_size
     cdef object wall
+    cdef tuple last
 
-    @cython.locals(nbytes=Py_ssize_t, peers=dict, links=dict, link=Link, counters=Counters)
+    @cython.locals(nbytes=Py_ssize_t, links=dict, link=Link, counters=Counters,
+                   batch_max=Py_ssize_t, ts=double, last=tuple, peers=dict)
     cpdef bint publish(self, object subject, object data, object headers, object timeout) except -1
 
     @cython.locals(window=CreditWindow, in_flight=Py_ssize_t, now=double)
     cdef bint _lone(self, Link link, object peer_id, object sid, object subject, object counter,
                     object data, Py_ssize_t nbytes, object timeout) except -1
 
-    @cython.locals(batch=list, run=list)
-    cdef bint _fits(self, Link link, object sid, object subject, Py_ssize_t nbytes) except -1
-
     @cython.locals(batch=list, run=list, window=CreditWindow, in_flight=Py_ssize_t,
-                   counters=Counters)
+                   counters=Counters, last=Py_ssize_t, this=Py_ssize_t, limit=Py_ssize_t)
     cdef bint _append(self, Link link, object sid, object subject, object seq, object data,
                       Py_ssize_t nbytes) except -1

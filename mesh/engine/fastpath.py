@@ -5,7 +5,9 @@ credit, and a burst under way whose batch run this message extends.
 That is nearly every message of a publishing loop (all but the first of each
 batch); ``Node.publish`` asks :meth:`HotPublisher.publish` first and takes the
 general path (mesh/engine/link.py) whenever it answers False, with nothing
-changed. The same steps as ``_route`` -> ``_publish`` -> ``_send_msg`` ->
+changed. Per link of a fan-out: a link whose run cannot take the message (its
+batch just left, credit ran out) gets it through ``_send_msg`` with the same seq,
+while the other links stay on this path. The same steps as ``_route`` -> ``_publish`` -> ``_send_msg`` ->
 ``CreditWindow.offer`` -> ``_send_locked`` (which stay the reference), without
 five calls, the item tuple and the attribute lookups between them. Compiled by
 Cython with fastpath.pxd (typed attributes, C calls); the pure build runs the
@@ -43,6 +45,8 @@ class HotPublisher:
         self.batch_max = node._batch_max
         self.max_size = node._max_size
         self.wall = time.time
+        # (route, its peers, its subject's counter) of the last fast publish.
+        self.last: tuple = (None, None, None)
 
     def publish(self, subject: Any, data: Any, headers: Any, timeout: Any) -> bool:
         """Publish ``data`` on ``subject`` if this is the common case; False (nothing
@@ -54,52 +58,59 @@ class HotPublisher:
         if nbytes > _BATCH_SMALL or nbytes > self.max_size:
             return False
         route = self.routing._cache.get(subject)
-        if route is None or route.local or route.local_groups or route.peer_groups:
-            return False
+        if route is None:
+            return False  # not routed yet: the general path computes it
+        last = self.last  # read once: publishers on other threads may replace it
+        if route is not last[0]:
+            # Checked once per route: a Route is immutable and made for one subject (the
+            # table makes a new one on every change), so the same object means the same
+            # subject, subscriptions and counter as the last publish that passed here.
+            if route.local or route.local_groups or route.peer_groups:
+                return False
+            if self.node._policy is not None or subject.startswith(_RESERVED):
+                return False  # policy checks and reserved subjects: the general path
+            counter = self.seqs.get(subject)
+            if counter is None:
+                return False  # the first message on a subject
+            last = (route, route.peers, counter)
+            self.last = last  # one assignment: never a mix of two publishes' routes
         node = self.node
-        if node._policy is not None or subject.startswith(_RESERVED):
-            return False  # policy checks and reserved subjects: the general path
-        counter = self.seqs.get(subject)
-        if counter is None:
-            return False  # the first message on a subject
         links = self.links
-        peers = route.peers
+        peers = last[1]
         if len(peers) == 1:
             for peer_id, sids in peers.items():
                 link = links.get(peer_id)
                 if link is not None and len(sids) == 1 and not link.batch:
                     # Not in a burst: it may go alone, in one frame (the latency case).
-                    return self._lone(link, peer_id, sids[0], subject, counter, data, nbytes,
+                    return self._lone(link, peer_id, sids[0], subject, last[2], data, nbytes,
                                       timeout)
-        # Every peer's link must take it here, checked before anything changes:
-        # then the message is one seq, sent to all, as the general path does.
+        seq = next(last[2])  # (no clock: the run's header carries its first message's time)
+        counters = self.counters
+        batch_max = self.batch_max
+        ts = 0.0
+        # Each peer's link extends its open batch run here, or takes the general path
+        # for this message (same seq), as _publish would: a fan-out whose links flush
+        # their batches at different times keeps the fast path on the others.
         for peer_id, sids in peers.items():
             link = links.get(peer_id)
-            if link is None or len(sids) != 1 or not self._fits(link, sids[0], subject, nbytes):
-                return False
-        seq = next(counter)  # (no clock: the run's header carries its first message's time)
-        counters = self.counters
-        for peer_id, sids in peers.items():
-            link = links[peer_id]
-            sid = sids[0]
-            lock = link.lock
-            lock.acquire()
-            try:
-                if not self._append(link, sid, subject, seq, data, nbytes):
-                    # The link changed between the check and here (credit ran out, the
-                    # batch left): this peer takes the general path with this seq.
+            if link is not None and len(sids) == 1:
+                lock = link.lock
+                lock.acquire()
+                try:
+                    if self._append(link, sids[0], subject, seq, data, nbytes):
+                        counters.msgs_out += 1
+                        counters.bytes_out += nbytes
+                        if link.batch_bytes >= batch_max or link.batch_count >= link.batch_cap:
+                            node._flush_batch(link, timeout)
+                        continue
+                finally:
                     lock.release()
-                    lock = None
-                    node._send_msg(peer_id, sids, (subject, seq, self.wall(), 0, None, None,
-                                                   [data], nbytes), timeout)
-                    continue
-                counters.msgs_out += 1
-                counters.bytes_out += nbytes
-                if link.batch_bytes >= self.batch_max or link.batch_count >= link.batch_cap:
-                    node._flush_batch(link, timeout)
-            finally:
-                if lock is not None:
-                    lock.release()
+            # No open run to extend (it left, credit ran out, the link changed or is
+            # gone, several subscriptions): the general path, with this seq.
+            if not ts:
+                ts = self.wall()  # one timestamp for every peer, as _publish
+            node._send_msg(peer_id, sids, (subject, seq, ts, 0, None, None, [data], nbytes),
+                           timeout)
         return True
 
     def _lone(self, link: Any, peer_id: str, sid: int, subject: str, counter: Any, data: bytes,
@@ -137,16 +148,6 @@ class HotPublisher:
         finally:
             lock.release()
 
-    def _fits(self, link: Any, sid: int, subject: str, nbytes: int) -> bool:
-        """Would this message extend the link's open batch run within credit? (No lock:
-        a hint only, ``_append`` decides under the lock.)"""
-        batch = link.batch
-        if not batch or link.closed or link.credit_in:
-            return False
-        run = batch[-1]
-        return run[1] == subject and len(run[3]) == 1 and run[3][0] == sid and \
-            link.windows.get(sid) is not None
-
     def _append(self, link: Any, sid: int, subject: str, seq: int, data: bytes,
                 nbytes: int) -> bool:
         """Take the window's credit and extend the batch's last run (link lock held);
@@ -157,7 +158,9 @@ class HotPublisher:
         if not batch:
             return False
         run = batch[-1]
-        if run[2] != seq - 1 or run[1] != subject or len(run[3]) != 1 or run[3][0] != sid:
+        last = run[2]  # C integers in the compiled build: no int object made to compare
+        this = seq
+        if last + 1 != this or run[1] != subject or len(run[3]) != 1 or run[3][0] != sid:
             return False
         window = link.windows.get(sid)
         if window is None or window._pending or window.closed_reason is not None:
@@ -167,9 +170,10 @@ class HotPublisher:
         if in_flight >= window.credits:
             return False
         credit_bytes = window.credit_bytes
-        if credit_bytes is not None and in_flight and \
-                window.in_flight_bytes + nbytes > credit_bytes:
-            return False
+        if credit_bytes is not None and in_flight:
+            limit = credit_bytes
+            if window.in_flight_bytes + nbytes > limit:
+                return False
         window.in_flight = in_flight + 1
         window.in_flight_bytes += nbytes
         window.sent += 1
