@@ -139,6 +139,16 @@ class Dispatcher:
         else:
             self._dispatch.put((sub, msg))
 
+    def _hand_over(self, sub: Subscription, msg: Message) -> None:
+        """Hand a message the I/O thread read to its open subscription: the inbox, the
+        inline handler right here, or the dispatch thread's next item."""
+        if sub.handler is None:
+            sub._inbox.put(msg)
+        elif sub.inline:
+            self._run_inline(sub, msg)
+        else:
+            self._io_batch.append((sub, msg))
+
     def _io_deliver(self, sub: Subscription, msg: Message) -> None:
         """Hand a message to a subscription from the I/O thread: handler calls are
         collected and passed to the dispatch thread once per drain."""
@@ -295,14 +305,9 @@ class Dispatcher:
         if not accepted:
             counters.drops["credit_violation"] += 1
             return
-        msg = incoming(subject, data, None, peer_id, seq, None, req_id, self,
-                       None if req_id is None else peer_id, (grant, peer_id, nbytes))
-        if sub.handler is None:
-            sub._inbox.put(msg)
-        elif sub.inline:
-            self._run_inline(sub, msg)
-        else:
-            self._io_batch.append((sub, msg))
+        self._hand_over(sub, incoming(subject, data, None, peer_id, seq, None, req_id, self,
+                                      None if req_id is None else peer_id,
+                                      (grant, peer_id, nbytes)))
 
     def _on_msg_fields(self, ident: bytes, fields: tuple, frames: list) -> None:
         peer = self._peers.get(self._ident_ids.get(ident, ""))
@@ -421,14 +426,8 @@ class Dispatcher:
             if accepted == 1 and count == 1:  # the common case: one message, within credit
                 msg = incoming(subject, payloads[0], headers, peer_id, seq, array, req_id, self,
                                reply_to, (grant, peer_id, sizes[0]))
-                if sub.closed:
-                    continue
-                if sub.handler is None:
-                    sub._inbox.put(msg)
-                elif sub.inline:
-                    self._run_inline(sub, msg)
-                else:
-                    self._io_batch.append((sub, msg))
+                if not sub.closed:
+                    self._hand_over(sub, msg)
                 continue
             if sub.closed:
                 continue

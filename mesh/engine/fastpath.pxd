@@ -27,11 +27,14 @@ cdef class HotPublisher:
                    batch_max=Py_ssize_t, ts=double, last=tuple, peers=dict)
     cpdef bint publish(self, object subject, object data, object headers, object timeout) except -1
 
-    @cython.locals(window=CreditWindow, in_flight=Py_ssize_t, now=double)
+    @cython.locals(now=double)
     cdef bint _lone(self, Link link, object peer_id, object sid, object subject, object counter,
                     object data, Py_ssize_t nbytes, object timeout) except -1
 
-    @cython.locals(batch=list, run=list, window=CreditWindow, in_flight=Py_ssize_t,
-                   counters=Counters, last=Py_ssize_t, this=Py_ssize_t, limit=Py_ssize_t)
+    @cython.locals(batch=list, run=list, counters=Counters, last=Py_ssize_t, this=Py_ssize_t)
     cdef bint _append(self, Link link, object sid, object subject, object seq, object data,
                       Py_ssize_t nbytes) except -1
+
+
+@cython.locals(in_flight=Py_ssize_t, limit=Py_ssize_t)
+cdef inline bint _take_credit(CreditWindow window, Py_ssize_t nbytes) except -1

@@ -127,20 +127,8 @@ class HotPublisher:
             now = time.monotonic()
             if now - link.last_send < _BURST_GAP:
                 return False  # a burst: the general path starts a batch
-            window = link.windows.get(sid)
-            if window is None or window._pending or window.closed_reason is not None:
+            if not _take_credit(link.windows.get(sid), nbytes):
                 return False
-            # CreditWindow.offer's SEND case, written out.
-            in_flight = window.in_flight
-            if in_flight >= window.credits:
-                return False
-            credit_bytes = window.credit_bytes
-            if credit_bytes is not None and in_flight and \
-                    window.in_flight_bytes + nbytes > credit_bytes:
-                return False
-            window.in_flight = in_flight + 1
-            window.in_flight_bytes += nbytes
-            window.sent += 1
             link.last_send = now
             frames = wire.lone_frames(subject, next(counter), self.wall(), None, sid, [data])
             self.node._put_frames(link, peer_id, frames, nbytes, timeout)
@@ -162,21 +150,8 @@ class HotPublisher:
         this = seq
         if last + 1 != this or run[1] != subject or len(run[3]) != 1 or run[3][0] != sid:
             return False
-        window = link.windows.get(sid)
-        if window is None or window._pending or window.closed_reason is not None:
+        if not _take_credit(link.windows.get(sid), nbytes):
             return False
-        # CreditWindow.offer's SEND case, written out.
-        in_flight = window.in_flight
-        if in_flight >= window.credits:
-            return False
-        credit_bytes = window.credit_bytes
-        if credit_bytes is not None and in_flight:
-            limit = credit_bytes
-            if window.in_flight_bytes + nbytes > limit:
-                return False
-        window.in_flight = in_flight + 1
-        window.in_flight_bytes += nbytes
-        window.sent += 1
         run[2] = seq
         run[4].append(data)
         link.batch_bytes += nbytes + 4
@@ -185,3 +160,22 @@ class HotPublisher:
         counters.msgs_out += 1
         counters.bytes_out += nbytes
         return True
+
+
+def _take_credit(window: Any, nbytes: int) -> bool:
+    """CreditWindow.offer's SEND case, written out (link lock held): take one
+    message's credit, or False, with nothing changed, when the window has none."""
+    if window is None or window._pending or window.closed_reason is not None:
+        return False
+    in_flight = window.in_flight
+    if in_flight >= window.credits:
+        return False
+    credit_bytes = window.credit_bytes
+    if credit_bytes is not None and in_flight:
+        limit = credit_bytes  # a C integer in the compiled build: no int object made
+        if window.in_flight_bytes + nbytes > limit:
+            return False
+    window.in_flight = in_flight + 1
+    window.in_flight_bytes += nbytes
+    window.sent += 1
+    return True
