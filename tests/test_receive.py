@@ -8,15 +8,10 @@ import threading
 import time
 
 import pytest
+from test_batching import two_nodes
 
 pytestmark = pytest.mark.timeout(60)
 
-
-def two_nodes(make_node, **options):
-    a = make_node("a", transports=("ipc",), **options)
-    b = make_node("b", transports=("ipc",), seeds=[a.endpoints[0]], **options)
-    b.wait_for_peers(1, timeout=10)
-    return a, b
 
 
 def _wait_until(check, timeout: float = 10.0, step: float = 0.002) -> bool:
