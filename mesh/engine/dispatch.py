@@ -255,13 +255,12 @@ class Dispatcher:
         self._on_msg_fields(ident, wire.check_msg(header), frames)
 
     def _data_peer(self, ident: bytes) -> Peer:
-        """The peer behind a data message's ROUTER identity (raises for a stranger)."""
-        peer = self._peers.get(self._ident_ids.get(ident, ""))
-        if peer is None or peer.state not in _KNOWN:
-            peer = self._known_peer(ident)  # raises for a stranger
-            if len(self._ident_ids) >= 4096:  # identities are the network's to choose
-                self._ident_ids.clear()
-            self._ident_ids[ident] = peer.id
+        """The peer behind a data message's ROUTER identity when the identity cache
+        (which callers look at first) has no live one; remembered (raises for a stranger)."""
+        peer = self._known_peer(ident)  # raises for a stranger
+        if len(self._ident_ids) >= 4096:  # identities are the network's to choose
+            self._ident_ids.clear()
+        self._ident_ids[ident] = peer.id
         return peer
 
     def _on_msg_one(self, ident: bytes, fields: tuple, data: bytes) -> None:
@@ -574,23 +573,23 @@ class Dispatcher:
             array = None
         else:
             data, array, _nbytes = self._payload_of(flags, frames, "reply", peer)
-        pending = self._pending.get(req_id)
-        if pending is None or pending.reply is not None:
-            self.counters.drops["late_reply"] += 1
-            return
-        pending.reply = Message("", data, headers, peer.id, 0, array=array, request_id=req_id)
-        pending.set()
+        self._settle_reply(req_id, data, headers, peer.id, array)
 
     def _on_reply_one(self, ident: bytes, req_id: int, data: bytes) -> None:
         """A small plain reply that came in one frame (wire.unpack_one)."""
         peer = self._peers.get(self._ident_ids.get(ident, ""))
         if peer is None or peer.state not in _KNOWN:
             peer = self._data_peer(ident)
+        self._settle_reply(req_id, data, None, peer.id, None)
+
+    def _settle_reply(self, req_id: int, data: Any, headers: dict | None, sender: str,
+                      array: Any) -> None:
+        """Hand a reply to the request waiting for it; a late or second one is counted."""
         pending = self._pending.get(req_id)
         if pending is None or pending.reply is not None:
             self.counters.drops["late_reply"] += 1
             return
-        pending.reply = Message("", data, None, peer.id, 0, request_id=req_id)
+        pending.reply = Message("", data, headers, sender, 0, array=array, request_id=req_id)
         pending.set()
 
     def _payload_of(self, flags: int, frames: list, what: str, peer: Peer) -> tuple[Any, Any, int]:
