@@ -231,6 +231,59 @@ def test_a_message_before_its_post_is_kept_and_a_wrong_size_says_so(lab):
     assert conn.stats()["early_msgs"] == 2
 
 
+def test_one_receiver_thread_reads_every_stream_of_a_node(lab):
+    """Not a thread per stream: the node's streams to two peers share one reader,
+    and messages from both, arriving together, all land in place."""
+    import threading
+
+    node, spawn = lab
+    peers = [spawn("p1"), spawn("p2")]
+    conns = [_conn(node, p) for p in peers]
+    readers = [t for t in threading.enumerate() if t.name.startswith("mesh-tcpbulk-recv")]
+    assert len(readers) == 1, [t.name for t in threading.enumerate()]
+    items = [(20 + i, n, "float32") for i, n in enumerate((1000, 70_000, 1 << 20))]
+    reqs = [(c.post(("t", tag), np.empty(n, "float32")), p, tag, n)
+            for c, p in zip(conns, peers, strict=True) for tag, n, _ in items]
+    for p in peers:
+        p.start("send", peer=node.id, items=[(tag, tag, n, dt) for tag, n, dt in items])
+    for p in peers:
+        assert p._get("send", 60)
+    for req, _p, tag, n in reqs:
+        assert req.wait(30) and req.into_dest, tag
+        assert np.array_equal(np.frombuffer(req.data, "float32"), tp.make(tag, n, "float32"))
+
+
+def test_a_folded_reduction_runs_under_the_posters_numpy_error_state(lab):
+    """The stream's thread reduces a folded receive under the np.seterr of the thread
+    that posted it (numpy's error state is per thread): an overflow raises for a
+    poster with over="raise" (handed to it, the stream reads on in step), and
+    passes silently for one with over="ignore"."""
+    import warnings
+
+    node, spawn = lab
+    peer = spawn("p1")
+    conn = _conn(node, peer)
+    n = 300_001  # several fold pieces (tcp_bulk._FOLD_PIECE)
+    huge = np.full(n, 3e38, np.float32)  # times the peer's values (-100..99): overflow
+    with np.errstate(over="raise"):
+        r1 = conn.post(("t", 1), np.empty(n, np.float32), fold=(np.multiply, huge))
+    quiet = np.empty(n, np.float32)
+    with np.errstate(over="ignore"):
+        r2 = conn.post(("t", 2), quiet, fold=(np.multiply, huge))
+    ok = np.empty(n, np.float32)
+    r3 = conn.post(("t", 3), ok, fold=(np.add, np.ones(n, np.float32)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peer.call("send", peer=node.id, items=[(1, 5, n, "float32"), (2, 5, n, "float32"),
+                                               (3, 6, n, "float32")])
+        assert r1.wait(30) and r2.wait(30) and r3.wait(30)
+    assert r1.folded and isinstance(r1.fold_error, FloatingPointError), r1.fold_error
+    assert r2.folded and r2.fold_error is None and np.isinf(quiet).any()
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], caught
+    assert r3.fold_error is None and np.array_equal(ok, tp.make(6, n, "float32") + 1)
+    assert conn.broken is None
+
+
 def test_a_peer_that_dies_mid_transfer_fails_only_that_transfer(lab):
     node, spawn = lab
     victim, other = spawn("victim"), spawn("other")
@@ -437,10 +490,11 @@ def _stream_msgs(cluster: Cluster) -> list[int]:
             for states in cluster.all("bulk_stats")]
 
 
-def test_small_segments_take_the_stream_where_a_rank_hears_one_member_per_step():
-    """In a group of 2, and in a broadcast, even a 4 KiB collective goes over the
-    streams (the caller writes it, one wake-up less); a small allreduce of 3 stays
-    on ZeroMQ, whose one I/O thread hands over several arrivals at once."""
+def test_small_segments_take_the_stream_in_groups_of_every_size():
+    """Even a 4 KiB collective goes over the streams (the caller writes it, the
+    node's one receiver thread hands it over): in a group of 2, in a broadcast,
+    and in an allreduce or allgather of 3, where a rank hears from several members
+    at once."""
     small = [{"kind": "allreduce", "op": "sum", "dtype": "float32", "shape": (1024,),
               "algorithm": "auto", "seed": 90},
              {"kind": "allgather", "dtype": "float32", "shapes": [(1000,), (1000,)], "seed": 91,
@@ -466,7 +520,15 @@ def test_small_segments_take_the_stream_where_a_rank_hears_one_member_per_step()
         reduce_only = [{**small[0], "seed": 93}]
         before = _stream_msgs(trio)
         assert_all_ok(trio.cases("trio", reduce_only, timeout=60), reduce_only)
-        assert _stream_msgs(trio) == before  # on ZeroMQ
+        grew = [a - b for a, b in zip(_stream_msgs(trio), before, strict=True)]
+        assert grew == [2, 2, 2], grew  # direct: each rank's input from both others
+        gather = [{"kind": "allgather", "dtype": "float32", "shapes": [(1000,)] * 3,
+                   "seed": 95, "out": "new"}]
+        before = _stream_msgs(trio)
+        assert_all_ok(trio.cases("trio", gather, timeout=60), gather)
+        grew = [a - b for a, b in zip(_stream_msgs(trio), before, strict=True)]
+        assert grew == [2, 2, 2], grew
+        before = _stream_msgs(trio)
         bcast = [{"kind": "broadcast", "root": 0, "dtype": "float32", "shape": (1000,),
                   "seed": 94}]
         assert_all_ok(trio.cases("trio", bcast, timeout=60), bcast)

@@ -334,7 +334,7 @@ class Group:
         bulk = getattr(node, "_bulk_named", {})
         self._tcp = bulk.get("tcpbulk") if getattr(bulk.get("tcpbulk"), "endpoint", None) else None
         self._tcp_min = opts.get("tcp_bulk_threshold", 256 << 10)
-        self._small_stream = True  # see _stream_min
+        self._small_stream = "all"  # see _stream_min ("pairs": the 2-rank rule; "": off)
         self._inline_sends = True  # see _execute
         self._fold = True  # reducing receives on a stream: reduced as they arrive (_execute)
         self._scratch: list[np.ndarray] | None = None
@@ -1472,17 +1472,20 @@ class Group:
     def _stream_min(self, opname: str) -> int:
         """Smallest slice (bytes) that goes over a bulk tcp stream in ``opname``.
 
-        Large ones always (``tcp_bulk_threshold``). Small ones too where a rank
-        receives one message per step (2 members, or a broadcast): the caller
-        writes a small one into the stream itself and the peer's stream thread
-        hands it over, one wake-up instead of ZeroMQ's three (its I/O threads and
-        the node's), 0.7-0.9x the time of a 4-64 KiB broadcast, allgather or
-        allreduce (2 ranks, tcp loopback, 2026-12-06). Where a rank receives
-        from several members at once (a direct allreduce or allgather of 4), one
-        stream thread per sender wakes it several times, while ZeroMQ's one I/O
-        thread hands all of them over in one go: 1.2x slower on the streams.
+        Large ones always (``tcp_bulk_threshold``), small ones too: the caller
+        writes a small one into the stream itself and the node's one stream
+        receiver thread (transports/tcp_bulk.py) hands it over, one wake-up
+        instead of ZeroMQ's three (its I/O threads and the node's): 0.7-0.9x the
+        time of a 4-64 KiB broadcast, allgather or allreduce of 2 ranks (tcp
+        loopback, 2026-12-06). Where a rank receives from several members at once
+        (a direct allreduce or allgather of 4), the messages that arrived
+        together are handed over in one pass of that thread (when each stream had
+        a thread of its own, each woke the caller: 1.2x slower than ZeroMQ).
+        ``_small_stream == "pairs"``: only where a rank hears one member per step
+        (2 members, or a broadcast), as before.
         """
-        if self._small_stream and (self.size == 2 or opname == "broadcast"):
+        if self._small_stream == "all" or (
+                self._small_stream and (self.size == 2 or opname == "broadcast")):
             return 1
         return self._tcp_min
 
@@ -1591,6 +1594,8 @@ class Group:
                 "dtype and options"
             )
         if req.folded:
+            if req.fold_error is not None:  # under this thread's np.seterr (tcp_bulk.post)
+                raise req.fold_error
             return None  # already reduced into its slice
         if req.into_dest:
             return np.frombuffer(req.dest, dtype=dtype)
