@@ -1018,6 +1018,7 @@ def _tcp_compare(quick: bool, worlds: tuple[int, ...], sizes: list[int] | None,
                 "ratio": (t_mesh / t_gloo) if t_gloo else None, "ratio_paired": paired,
                 # the middle half of the per-repetition ratios: the cell's noise
                 "ratio_iqr": _spread(ratios) if ratios else None, "reps": len(reps),
+                "ratio_ci": _median_ci(ratios) if ratios else None,
                 "mesh_iqr_s": _spread(reps), "gloo_iqr_s": _spread(gl) if gl else None,
                 "mesh_busbw": bus / t_mesh, "gloo_busbw": (bus / t_gloo) if t_gloo else None,
                 "mesh_wire_share": bus / t_mesh / wire,
@@ -1036,7 +1037,11 @@ def _tcp_compare(quick: bool, worlds: tuple[int, ...], sizes: list[int] | None,
 def _tcp_reps(nbytes: int, quick: bool, lan_rate: str | None = None) -> tuple[int, int]:
     """(warmup, timed) repetitions of one size in ``--tcp``: enough that the spread of
     the paired ratios (IQR) tells a real loss from the machine's noise, fewer where
-    one repetition takes long (large sizes; a rate-limited link)."""
+    one repetition takes long (large sizes; a rate-limited link). ``--reps N``
+    (env ``ZMESH_BENCH_REPS``, read in the ranks) sets the timed ones: to look
+    closer at a few cells."""
+    if os.environ.get("ZMESH_BENCH_REPS"):
+        return 2, int(os.environ["ZMESH_BENCH_REPS"])
     if quick:
         return (2, 7) if nbytes <= MiB else (1, 3)
     if lan_rate is not None and nbytes >= 16 * MiB:
@@ -1060,11 +1065,22 @@ def _spread(values: list[float]) -> tuple[float, float]:
     return q[0], q[2]
 
 
+def _median_ci(values: list[float]) -> tuple[float, float]:
+    """A distribution-free 95 % confidence interval of the median: the order
+    statistics n/2 -+ 0.98 sqrt(n) (the sign test's), whatever the noise's shape."""
+    v = sorted(values)
+    n = len(v)
+    k = int(n / 2 - 0.98 * n ** 0.5)
+    if k < 0 or n < 6:
+        return v[0], v[-1]
+    return v[k], v[n - 1 - k]
+
+
 def verdict(row: dict) -> str:
-    """``loss`` when mesh was slower than Gloo in at least 3 of 4 repetitions (the
-    25th percentile of the paired ratios above 1), ``win`` when faster in 3 of 4,
-    else ``~`` (within the noise of this machine)."""
-    lo, hi = row.get("ratio_iqr") or (None, None)
+    """``loss`` when the 95 % confidence interval of the median paired ratio (mesh /
+    Gloo, same repetition) lies above 1, ``win`` below 1, else ``~``: within the
+    noise of this machine at this many repetitions (``--reps`` for more)."""
+    lo, hi = row.get("ratio_ci") or (None, None)
     if lo is None:
         return "-"
     if lo > 1.0:
@@ -1156,10 +1172,11 @@ def tcp_summary(result: dict) -> str:
         f"load avg {result['load_avg_before'][0]:.1f} before",
     ]
     lines.append("paired = median of the per-repetition ratios, iqr = their middle half "
-                 "(25th-75th percentile), n = repetitions; verdict: loss when mesh was "
-                 "slower in >= 3 of 4 repetitions, win when faster in >= 3 of 4, ~ noise")
+                 "(25th-75th percentile: the noise), ci = 95 % confidence interval of that "
+                 "median, n = repetitions; verdict: loss when the ci is above 1, win below, "
+                 "~ within the noise")
     head = (f"{'op':>9} {'algo':>6} {'world':>5} {'size':>7}  {'mesh':>9} {'gloo':>9} "
-            f"{'ratio':>6} {'paired':>6} {'iqr':>11} {'n':>3} {'verdict':>7}  "
+            f"{'ratio':>6} {'paired':>6} {'iqr':>11} {'ci':>11} {'n':>3} {'verdict':>7}  "
             f"{'mesh busbw':>10} {'gloo busbw':>10} "
             f"{'mesh/wire':>9} {'gloo/wire':>9} {'floor':>9} {'mesh/2way':>9} {'gloo/2way':>9} "
             f"{'mesh cpu':>9} {'gloo cpu':>9}")
@@ -1184,6 +1201,7 @@ def tcp_summary(result: dict) -> str:
             f"{row['op']:>9} {row['algo']:>6} {row['world']:>5} {_fmt_bytes(row['bytes']):>7}  "
             f"{ms(row['mesh_s']):>9} {ms(row['gloo_s']):>9} {x(row['ratio']):>6} "
             f"{x(row['ratio_paired']):>6} {iqr(row.get('ratio_iqr')):>11} "
+            f"{iqr(row.get('ratio_ci')):>11} "
             f"{row.get('reps', 0):>3} {verdict(row):>7}  {row['mesh_busbw'] / 1e9:>6.3f}GB/s "
             f"{(f'{gbw / 1e9:6.3f}GB/s' if gbw else '-'):>10} "
             f"{pct(row['mesh_wire_share']):>9} {pct(row['gloo_wire_share']):>9} "
@@ -1459,8 +1477,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --tcp: which collectives (default: all three)")
     parser.add_argument("--algos", default="auto",
                         help="with --tcp: the mesh allreduce algorithms to time (default: auto)")
+    parser.add_argument("--reps", type=int, default=0,
+                        help="with --tcp: timed repetitions of every cell (default: by size, "
+                        "41 small .. 5 at 256 MiB); more to tell a small loss from noise")
     parser.add_argument("--json", default="", help="also write the results to this file")
     args = parser.parse_args(argv)
+    if args.reps > 0:
+        os.environ["ZMESH_BENCH_REPS"] = str(args.reps)  # (inherited by the spawned ranks)
     if args.lan_rate:
         parse_rate(args.lan_rate)  # a typo fails before the lab is built
     if args.tcp or args.lan or args.lan_rate:
