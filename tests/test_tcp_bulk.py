@@ -536,3 +536,68 @@ def test_small_segments_take_the_stream_in_groups_of_every_size():
         assert sorted(grew) == [0, 1, 1], grew  # the root sent one to each other rank
     finally:
         trio.shutdown()
+
+
+def test_allreduce_honours_the_callers_numpy_error_state_on_the_stream(make_node):
+    """A ring allreduce of 2 folds its reductions on the stream's thread: an overflow
+    there raises FloatingPointError in a caller running under np.errstate(over=
+    "raise"), is silent under over="ignore" (inf, no warning), and the group goes on."""
+    import threading
+    import warnings
+
+    tcp = {**TCP_ONLY, "transports": ("tcp",)}  # (in one process: not inproc)
+    a = make_node("fp-a", **tcp)
+    b = make_node("fp-b", seeds=[a.endpoints[0]], **tcp)
+    a.wait_for_peers(1, timeout=10.0)
+    b.wait_for_peers(1, timeout=10.0)
+    groups: dict[str, Any] = {}
+    forming = [threading.Thread(target=lambda n=n: groups.__setitem__(n.name, n.group("fp", 2, timeout=20)))
+               for n in (a, b)]
+    for t in forming:
+        t.start()
+    for t in forming:
+        t.join(30)
+    assert len(groups) == 2
+    x = np.full(1 << 18, 3e38, np.float32)  # 1 MiB: two segments of the ring, summed: inf
+
+    def both(over: str) -> dict[str, Any]:
+        got: dict[str, Any] = {}
+
+        def rank(name: str) -> None:
+            try:
+                with np.errstate(over=over):
+                    got[name] = groups[name].allreduce(x, algorithm="ring")
+            except Exception as exc:
+                got[name] = exc
+        ts = [threading.Thread(target=rank, args=(n,)) for n in groups]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(30)
+        assert len(got) == 2, got
+        return got
+
+    assert groups["fp-a"]._tcp_all and groups["fp-b"]._tcp_all  # the streams carry it
+    raised = both("raise")
+    assert any(isinstance(v, FloatingPointError) for v in raised.values()), raised
+    assert all(isinstance(v, (FloatingPointError, mesh.CollectiveAborted))
+               for v in raised.values()), raised
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet = both("ignore")
+    for v in quiet.values():
+        assert isinstance(v, np.ndarray) and np.isinf(v).all(), v
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], caught
+    y = np.ones(1 << 18, np.float32)
+    ones = {}
+
+    def rank1(name: str) -> None:
+        ones[name] = groups[name].allreduce(y, algorithm="ring")
+    ts = [threading.Thread(target=rank1, args=(n,)) for n in groups]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(30)
+    assert all(np.array_equal(v, 2 * y) for v in ones.values()), ones
+    for g in groups.values():
+        g.close()
