@@ -834,6 +834,9 @@ def _tcp_rank_body(rank: int, world: int, cluster: str, seed_q: Any, gloo_port: 
                    segment_bytes: int | None, hosts: list[str] | None = None,
                    lan_rate: str | None = None) -> dict:
 
+    # The allreduces sum in place over and over: float32 overflows to inf, on purpose
+    # of no one (Gloo's too); the mesh's folded reductions follow this thread's state.
+    np.seterr(over="ignore", invalid="ignore")
     # On the namespace LAN each rank is its own host (eth0); else tcp loopback.
     me, first = (hosts[rank], hosts[0]) if hosts else ("127.0.0.1", "127.0.0.1")
     dist = torch = None

@@ -25,6 +25,7 @@ import tcp_bulk_peer as tp  # noqa: E402
 from test_collectives import Cluster, Worker, assert_all_ok  # noqa: E402
 
 import mesh  # noqa: E402
+from mesh.collectives import schedule  # noqa: E402
 
 _SPAWN = mp.get_context("spawn")
 TCP_ONLY = {"listen": ("tcp://127.0.0.1:0",), "shm": False}
@@ -360,6 +361,9 @@ def _cases(size: int) -> list[dict]:
     ]
     cases += [{"kind": "broadcast", "root": r, "dtype": "float32", "shape": (5 * mib // 4 + 1,),
                "seed": 30 + r} for r in range(size)]
+    # from schedule.TCP_BROADCAST_CHAIN_BYTES down the chain (4 ranks), uneven segments
+    cases.append({"kind": "broadcast", "root": size - 1, "dtype": "float32",
+                  "shape": (schedule.TCP_BROADCAST_CHAIN_BYTES // 4 + 3,), "seed": 40})
     return cases
 
 

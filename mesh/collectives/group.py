@@ -181,6 +181,8 @@ def _compiled(kind: str, n: int, rank: int, size: int, seg: int, extra: Any = No
         plan = sch.allgather_plan(list(extra), rank, seg)
     elif kind == "broadcast_direct":
         plan = sch.direct_broadcast_plan(n, rank, size, extra, seg)
+    elif kind == "broadcast_chain":
+        plan = sch.chain_broadcast_plan(n, rank, size, extra, seg)
     elif kind == "allgather_direct":
         plan = sch.direct_allgather_plan(list(extra), rank, seg)
     else:  # pragma: no cover - internal
@@ -336,6 +338,7 @@ class Group:
         self._tcp_min = opts.get("tcp_bulk_threshold", 256 << 10)
         self._small_stream = "all"  # see _stream_min ("pairs": the 2-rank rule; "": off)
         self._inline_sends = True  # see _execute
+        self._bcast_algo = ""  # (measurements: force "direct", "chain" or "tree" over tcp)
         self._fold = True  # reducing receives on a stream: reduced as they arrive (_execute)
         self._scratch: list[np.ndarray] | None = None
         # Members with whom both sides have a bulk tcp stream (agreed at formation),
@@ -533,10 +536,13 @@ class Group:
             n = buf.size
             algo = algorithm
             if algo == "auto":
-                direct = self.direct_bytes
-                if direct is None and self._tcp_all:  # (agreed by every member alike)
-                    direct = sch.direct_bytes_over_tcp(self.size)
-                algo = sch.choose_algorithm(buf.nbytes, self.size, self.crossover_bytes, direct)
+                direct, cross = self.direct_bytes, self.crossover_bytes
+                if self._tcp_all:  # (agreed by every member alike)
+                    if direct is None:
+                        direct = sch.direct_bytes_over_tcp(self.size)
+                    if cross is None:
+                        cross = sch.crossover_bytes_over_tcp(self.size)
+                algo = sch.choose_algorithm(buf.nbytes, self.size, cross, direct)
             if src is not None and algo == "direct":
                 seg = sch.segment_elems_for(buf.itemsize, self.segment_bytes)
                 plan = _compiled(algo, n, self._rank, self.size, seg)
@@ -716,14 +722,19 @@ class Group:
             else:
                 buf = np.empty(n, dtype=arr.dtype)
             seg = sch.segment_elems_for(max(1, buf.itemsize), self.segment_bytes)
-            kind = sch.broadcast_algorithm(buf.nbytes, self.size)
-            if kind == "direct" and self._tcp_all:
+            kind: str = sch.broadcast_algorithm(buf.nbytes, self.size)
+            if self._tcp_all:
+                kind = self._bcast_algo or sch.broadcast_algorithm_over_tcp(buf.nbytes, self.size)
+            if kind == "chain":
+                seg = sch.segment_elems_for(
+                    max(1, buf.itemsize), sch.chain_segment_bytes(buf.nbytes, self.segment_bytes))
+            elif kind == "direct" and self._tcp_all:
                 # Nothing is forwarded or reduced, and every pair has a stream (the
                 # same answer on every rank): one message per rank, received in place,
                 # costs no per-segment hand-offs. 2 ranks, 64 MiB: 0.84x the time.
                 seg = max(1, n)
-            plan = _compiled("broadcast_direct" if kind == "direct" else "broadcast",
-                             n, self._rank, self.size, seg, rt)
+            plan = _compiled({"direct": "broadcast_direct", "chain": "broadcast_chain"}.get(
+                kind, "broadcast"), n, self._rank, self.size, seg, rt)
             meta = ["broadcast", list(arr.shape), arr.dtype.str, rt]
             self._execute(plan, buf, seq, "broadcast", None, meta, timeout)
             if is_root or inplace:
