@@ -8,6 +8,15 @@
                                            # vs Gloo, busbw, share of the raw tcp rate
     python -m bench.collectives --tcp --lan   # the same, each rank in a network namespace
                                               # of its own (root; tests/harness/netns_lab.sh)
+    python -m bench.collectives --tcp --lan-rate 1gbit   # ... each host's link limited to
+                                              # 1 Gbit/s (tc tbf): the wire, not the cores,
+                                              # is the limit, as between real hosts
+    python -m bench.collectives --tcp --worlds 2 --sizes 4K --reps 201   # a closer look
+
+Every ``--tcp`` cell is the median of interleaved repetitions (mesh and Gloo in a
+new random order each repetition), printed with the spread of the per-repetition
+ratios (iqr) and a 95 % confidence interval of their median (ci, sign test); the
+verdict says loss / win only when that interval excludes 1.
 
 From ``bench/__main__.py``: ``from bench import collectives`` then
 ``collectives.run(quick=args.quick)``; it prints its own table and returns a

@@ -66,9 +66,13 @@ up to :data:`.schedule.ALLGATHER_CARRY_BYTES` rides with the shape exchange.
 Between members linked over tcp (other hosts, or ``shm=False``), segments of
 at least the node's ``tcp_bulk_threshold`` go over a plain TCP stream per pair
 instead (mesh/engine/bulk_tcp.py), agreed by both ends when the group forms;
-in a group of 2 and in a broadcast every segment does, however small
-(:meth:`Group._stream_min`: the caller writes a small one itself, and the
-peer's stream thread hands it over, one wake-up instead of ZeroMQ's three).
+every segment does, however small (:meth:`Group._stream_min`: the caller
+writes a small one itself, and the peer's one stream receiver thread hands it
+over, one wake-up instead of ZeroMQ's three). In such a group of 3 or more,
+``auto`` takes the ring right after the direct plan (the tree's root carries
+twice the array each way, the ring's links 2 (n - 1) / n of it) and a
+broadcast of 32 MiB or more goes down a chain (each link carries it once);
+see :data:`.schedule.TCP_BROADCAST_CHAIN_BYTES`.
 Its receives are posted ahead, up to ``_POST_AHEAD`` of them, straight into
 their slice of the result as soon as :func:`.schedule.post_guards` says
 nothing needs the slice's old content: a copying one (allgather half of the
