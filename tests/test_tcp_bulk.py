@@ -285,6 +285,35 @@ def test_a_folded_reduction_runs_under_the_posters_numpy_error_state(lab):
     assert conn.broken is None
 
 
+def test_a_small_early_message_is_read_aside_at_once_a_large_one_waits_for_its_post(
+        lab, monkeypatch):
+    """Nothing posted: a small message (<= PARK_MIN) is read aside at once, so that its
+    post completes on the caller's thread without waking the stream's; a large one
+    stays in the kernel for up to POST_WAIT and lands in place when posted."""
+    import transports.tcp_bulk as tb
+
+    monkeypatch.setattr(tb, "POST_WAIT", 20.0)  # (read by the receiver when it parks)
+    node, spawn = lab
+    peer = spawn("p1")
+    conn = _conn(node, peer)
+    small, large = tb.PARK_MIN // 4, tb.PARK_MIN + 4096  # float32 elements: bytes / 4
+    peer.call("send", peer=node.id, items=[(1, 3, small, "float32")])
+    deadline = time.monotonic() + 10
+    while conn.stats()["early_msgs"] < 1:  # read aside well before POST_WAIT
+        assert time.monotonic() < deadline, conn.stats()
+        time.sleep(0.01)
+    req = conn.post(("t", 1), np.empty(small, np.float32))
+    assert req.done and not req.into_dest  # completed by post() itself
+    assert np.array_equal(np.frombuffer(req.data, np.float32), tp.make(3, small, "float32"))
+    peer.call("send", peer=node.id, items=[(2, 4, large, "float32")])
+    time.sleep(0.3)
+    assert conn.stats()["early_msgs"] == 1  # the large one waits for its post
+    dest = np.empty(large, np.float32)
+    req = conn.post(("t", 2), dest)
+    assert req.wait(10) and req.into_dest
+    assert np.array_equal(dest, tp.make(4, large, "float32"))
+
+
 def test_a_peer_that_dies_mid_transfer_fails_only_that_transfer(lab):
     node, spawn = lab
     victim, other = spawn("victim"), spawn("other")

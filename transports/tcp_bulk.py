@@ -66,7 +66,12 @@ CONNECT_TIMEOUT = 3.0
 # A message whose receive is not posted yet waits this long (seconds) in the kernel
 # for its post before it is read into a buffer of its own.
 POST_WAIT = 0.05
-# The receiver's staging buffer (see _recv_loop): holds a small message whole.
+# A message of up to this size that comes before its receive is posted is read
+# aside at once (a copy of a few microseconds), not waited for: the post then finds
+# it and completes on the caller's thread, where waking the receiver thread for it
+# (a socket write, then the GIL passed to and fro) cost ~50 us per small collective.
+PARK_MIN = 128 << 10
+# The receiver's staging buffer (see _pump): holds a small message whole.
 _STAGE = 64 << 10
 # A folded receive (RecvRequest.fold) reads and reduces this much at a time: well
 # inside the core's L2 cache, where the kernel's copy just put it.
@@ -530,7 +535,7 @@ class TcpBulkConn:
         tag, meta, nbytes = self._head  # type: ignore[misc]
         with self._cond:
             req = self._posted.pop(tag, None)
-            if req is None and not self._posted and self.broken is None:
+            if req is None and not self._posted and self.broken is None and nbytes > PARK_MIN:
                 # Nothing posted yet: the caller is most likely still busy with earlier
                 # segments and posts this one soon. Waiting (bounded) leaves the bytes in
                 # the kernel, which also holds the sender back, instead of an extra
