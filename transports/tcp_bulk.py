@@ -7,12 +7,14 @@ connection beside its ZeroMQ link: the sender writes the array's bytes from
 the caller's buffer (``sendall`` of a memoryview: no copy in user space), and
 the receiver reads them with ``recv_into`` straight into a buffer the caller
 posted in advance (a slice of the collective's result, or a reusable scratch
-segment it reduces from).
+segment it reduces from), or reduces them into place as they arrive (``fold``,
+under the numpy error state of the thread that posted).
 
 Framing, on each direction of the stream: ``!IQ`` (header length, data length),
 a msgpack header ``[tag, meta]``, then the data bytes. Messages are matched to
 posted receives by ``tag``; one that arrives before its receive is posted is
-read into a fresh buffer and kept until asked for (correct, one copy more).
+read into a fresh buffer and kept until asked for (correct, one copy more): at
+once up to PARK_MIN bytes, a larger one after POST_WAIT unless posted meanwhile.
 
 Connecting: each node listens on its tcp host, port chosen by the OS, and
 offers ``[port, token]`` in its hello (mesh.engine.bulk_tcp). When a group
@@ -28,12 +30,16 @@ Who owns what:
   hands finished connections over; connector threads (``mesh-tcpbulk-connect``,
   one per dial, short-lived); the table of connections and per-peer states
   (under ``_lock``; any thread reads it).
+* ``_Receiver``: the endpoint's one receiver thread (``mesh-tcpbulk-recv``,
+  started with the first connection), the only reader of every stream's socket
+  (epoll; non-blocking reads; each stream's receive state is touched by it alone).
 * ``TcpBulkConn``: one connected socket. Its sender thread
   (``mesh-tcpbulk-send``) writes queued sends; a caller writes a small one
   itself while the stream is idle (``_send_inline``; ``_wlock`` keeps frames
-  whole). Its receiver thread (``mesh-tcpbulk-recv``) is the only reader;
-  callers post receives (under ``_cond``). ``close()`` (any thread) shuts the socket down,
-  which wakes both threads, and fails whatever is still queued or posted.
+  whole). Callers post receives (under ``_cond``); a post that a parked stream
+  waits for wakes the receiver (``_Receiver.resume``). ``close()`` (any thread)
+  shuts the socket down, which wakes the sender and the receiver, fails whatever is
+  still queued or posted, and closes the socket once the receiver let go of it.
 """
 
 from __future__ import annotations
