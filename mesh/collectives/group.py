@@ -729,7 +729,7 @@ class Group:
             kind: str = sch.broadcast_algorithm(buf.nbytes, self.size)
             if self._tcp_all:
                 kind = self._bcast_algo or sch.broadcast_algorithm_over_tcp(buf.nbytes, self.size)
-            if kind == "chain" or (kind == "tree" and self._tcp_all):
+            if kind == "chain":
                 seg = sch.segment_elems_for(
                     max(1, buf.itemsize), sch.chain_segment_bytes(buf.nbytes, self.segment_bytes))
             elif kind == "direct" and self._tcp_all:
