@@ -26,6 +26,7 @@ from test_collectives import Cluster, Worker, assert_all_ok  # noqa: E402
 
 import mesh  # noqa: E402
 from mesh.collectives import schedule  # noqa: E402
+from transports.tcp_bulk import PARK_MIN  # noqa: E402
 
 _SPAWN = mp.get_context("spawn")
 TCP_ONLY = {"listen": ("tcp://127.0.0.1:0",), "shm": False}
@@ -143,7 +144,9 @@ def test_arrays_of_every_size_land_in_the_posted_buffer(lab):
     for (digest, into_dest, meta), arr, back, req, (tag, _, _) in zip(
             answers, sent, backs, reqs, items, strict=True):
         assert digest == tp.digest(arr), f"tag {tag}: the peer got other bytes"
-        assert into_dest, f"tag {tag}: the peer's posted buffer was not filled in place"
+        # (a small one that came before the peer's post is read aside at once: PARK_MIN)
+        assert into_dest or arr.nbytes <= PARK_MIN, (
+            f"tag {tag}: the peer's posted buffer was not filled in place")
         assert meta == ["meta", tag]
         assert req.wait(30) and req.into_dest
         assert np.array_equal(back, arr), f"tag {tag}: the echo differs"
