@@ -8,6 +8,15 @@
                                            # vs Gloo, busbw, share of the raw tcp rate
     python -m bench.collectives --tcp --lan   # the same, each rank in a network namespace
                                               # of its own (root; tests/harness/netns_lab.sh)
+    python -m bench.collectives --tcp --lan-rate 1gbit   # ... each host's link limited to
+                                              # 1 Gbit/s (tc tbf): the wire, not the cores,
+                                              # is the limit, as between real hosts
+    python -m bench.collectives --tcp --worlds 2 --sizes 4K --reps 201   # a closer look
+
+Every ``--tcp`` cell is the median of interleaved repetitions (mesh and Gloo in a
+new random order each repetition), printed with the spread of the per-repetition
+ratios (iqr) and a 95 % confidence interval of their median (ci, sign test); the
+verdict says loss / win only when that interval excludes 1.
 
 From ``bench/__main__.py``: ``from bench import collectives`` then
 ``collectives.run(quick=args.quick)``; it prints its own table and returns a
@@ -620,6 +629,40 @@ def _lab(*args: str) -> None:
                    capture_output=True)
 
 
+_RATE_UNITS = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bit": 1.0}
+
+
+def parse_rate(text: str) -> float:
+    """``"1gbit"``, ``"500mbit"``, ``"10gbit"`` (tc's units) -> bits per second."""
+    t = text.strip().lower()
+    for unit in ("kbit", "mbit", "gbit", "bit"):
+        if t.endswith(unit):
+            try:
+                value = float(t[: -len(unit)])
+            except ValueError:
+                break
+            if value > 0:
+                return value * _RATE_UNITS[unit]
+    raise ValueError(f"a link rate as tc writes it, e.g. 1gbit, 10gbit, 500mbit: not {text!r}")
+
+
+def limit_rate(netns: str, rate: str) -> None:
+    """Host ``netns`` sends at most ``rate`` on eth0 (tc tbf): what a real NIC allows.
+
+    The lab's own ``rate`` command (tests/harness/netns_lab.sh) is for slow links
+    (a 4 KB burst); at Gbit/s the bucket must hold what the link carries in a
+    timer tick or two (1 ms here, at least a 64 KiB TSO segment) or tbf, not the
+    rate, sets the pace. Every host's egress limited: each direction of each
+    pair is, once; a host sends and receives at the rate at once (full duplex)."""
+    import subprocess
+
+    bits = parse_rate(rate)
+    burst = max(64 * KiB, int(bits / 8 / 1000))
+    subprocess.run(["tc", "-n", netns, "qdisc", "replace", "dev", "eth0", "root", "tbf",
+                    "rate", rate, "burst", str(burst), "latency", "100ms"],
+                   check=True, timeout=30, capture_output=True)
+
+
 @contextlib.contextmanager
 def namespace_lab(hosts: int) -> Any:
     """``hosts`` namespace hosts (LAB_NET.1 ..), always torn down afterwards."""
@@ -784,20 +827,25 @@ _RAW_CPU: dict[str, float] = {}
 def _tcp_rank_main(out: Any, rank: int, world: int, cluster: str, seed_q: Any, gloo_port: int,
                    sizes: list[int], quick: bool, ops: tuple[str, ...], algos: tuple[str, ...],
                    segment_bytes: int | None, netns: str | None = None,
-                   hosts: list[str] | None = None) -> None:
+                   hosts: list[str] | None = None, lan_rate: str | None = None) -> None:
     _quiet_threads()
     try:
         _enter_netns(netns)
         out.put((rank, True, _tcp_rank_body(rank, world, cluster, seed_q, gloo_port, sizes,
-                                            quick, ops, algos, segment_bytes, hosts)))
+                                            quick, ops, algos, segment_bytes, hosts,
+                                            lan_rate)))
     except BaseException:
         out.put((rank, False, traceback.format_exc()))
 
 
 def _tcp_rank_body(rank: int, world: int, cluster: str, seed_q: Any, gloo_port: int | None,
                    sizes: list[int], quick: bool, ops: tuple[str, ...], algos: tuple[str, ...],
-                   segment_bytes: int | None, hosts: list[str] | None = None) -> dict:
+                   segment_bytes: int | None, hosts: list[str] | None = None,
+                   lan_rate: str | None = None) -> dict:
 
+    # The allreduces sum in place over and over: float32 overflows to inf, on purpose
+    # of no one (Gloo's too); the mesh's folded reductions follow this thread's state.
+    np.seterr(over="ignore", invalid="ignore")
     # On the namespace LAN each rank is its own host (eth0); else tcp loopback.
     me, first = (hosts[rank], hosts[0]) if hosts else ("127.0.0.1", "127.0.0.1")
     dist = torch = None
@@ -869,9 +917,7 @@ def _tcp_rank_body(rank: int, world: int, cluster: str, seed_q: Any, gloo_port: 
                 if dist:
                     cases[f"{nbytes}:allgather:gloo"] = timed(
                         lambda tg=tg, touts=touts: dist.all_gather(touts, tg), dist.barrier)
-            warm, reps = _reps(nbytes, quick)
-            if nbytes > 64 * MiB:
-                warm, reps = 1, 3 if quick else 5
+            warm, reps = _tcp_reps(nbytes, quick, lan_rate)
             keys = list(cases)
             for key in keys:
                 times[key] = []
@@ -899,24 +945,34 @@ def _tcp_rank_body(rank: int, world: int, cluster: str, seed_q: Any, gloo_port: 
 def tcp_compare(quick: bool = False, *, worlds: tuple[int, ...] = WORLDS,
                 sizes: list[int] | None = None, ops: tuple[str, ...] = TCP_OPS,
                 algos: tuple[str, ...] = ("auto",), segment_bytes: int | None = None,
-                lan: bool = False) -> dict:
+                lan: bool = False, lan_rate: str | None = None) -> dict:
     """The mesh on tcp only with shm=False against Gloo, and the raw wire rate, in one
     run; prints its table and returns every number. Over tcp loopback, or with
-    ``lan`` between network-namespace hosts (:func:`namespace_lab`)."""
-    if lan:
+    ``lan`` between network-namespace hosts (:func:`namespace_lab`); ``lan_rate``
+    (e.g. ``"1gbit"``, implies ``lan``): each host sends at most that rate
+    (:func:`limit_rate`), the raw rate measured through the same limit."""
+    if lan or lan_rate:
         with namespace_lab(max(worlds)) as hosts:
-            return _tcp_compare(quick, worlds, sizes, ops, algos, segment_bytes, hosts)
+            if lan_rate:
+                for i in range(len(hosts)):
+                    limit_rate(f"{LAB_PREFIX}h{i + 1}", lan_rate)
+            return _tcp_compare(quick, worlds, sizes, ops, algos, segment_bytes, hosts,
+                                lan_rate)
     return _tcp_compare(quick, worlds, sizes, ops, algos, segment_bytes, None)
 
 
 def _tcp_compare(quick: bool, worlds: tuple[int, ...], sizes: list[int] | None,
                  ops: tuple[str, ...], algos: tuple[str, ...], segment_bytes: int | None,
-                 hosts: list[str] | None) -> dict:
+                 hosts: list[str] | None, lan_rate: str | None = None) -> dict:
     started = time.monotonic()
     gloo_reason = torch_available()
     if gloo_reason:
         print(f"collectives --tcp: Gloo reference skipped: {gloo_reason}")
     sizes = sorted(sizes or (TCP_QUICK_SIZES if quick else TCP_SIZES))
+    if lan_rate and not quick:
+        # What a rate-limited wire adds is at the large sizes; 256 MiB at 1 Gbit/s
+        # takes seconds per op: up to 64 MiB unless --sizes asks for more.
+        sizes = [n for n in sizes if n <= TCP_GATHER_MAX] if sizes == sorted(TCP_SIZES) else sizes
     netns = [f"{LAB_PREFIX}h{i + 1}" for i in range(len(hosts))] if hosts else None
     # The wire floor: plain sockets between the ranks' own endpoints (rank 0 -> 1).
     raw = (socket_rate(host=hosts[1], src_ns=netns[0], dst_ns=netns[1]) if hosts and netns
@@ -926,7 +982,8 @@ def _tcp_compare(quick: bool, worlds: tuple[int, ...], sizes: list[int] | None,
     zmq_wire = None if hosts else wire_rate()
     wire = raw
     result: dict[str, Any] = {"bench": "collectives-tcp", "mode": "quick" if quick else "full",
-                              "lan": bool(hosts), "wire_bytes_per_s": wire,
+                              "lan": bool(hosts), "lan_rate": lan_rate,
+                              "wire_bytes_per_s": wire,
                               "wire_both_ways_bytes_per_s": both,
                               "raw_both_ways_cpu_s_per_byte": _RAW_CPU.get(
                                   "both_ways_cpu_s_per_byte"),
@@ -943,7 +1000,7 @@ def _tcp_compare(quick: bool, worlds: tuple[int, ...], sizes: list[int] | None,
                 _tcp_rank_main, world,
                 lambda r, w=world, c=cluster, q=seed_q, p=port: (
                     w, c, q, p, sizes, quick, ops, algos, segment_bytes,
-                    netns[r] if netns else None, hosts))
+                    netns[r] if netns else None, hosts, lan_rate))
         finally:
             seed_q.cancel_join_thread()
             seed_q.close()
@@ -962,8 +1019,8 @@ def _tcp_compare(quick: bool, worlds: tuple[int, ...], sizes: list[int] | None,
             t_mesh = statistics.median(reps)
             gl = span.get(f"{nbytes}:{opname}:gloo")
             t_gloo = statistics.median(gl) if gl else None
-            paired = (statistics.median(m / g for m, g in zip(reps, gl, strict=True))
-                      if gl else None)
+            ratios = [m / g for m, g in zip(reps, gl, strict=True)] if gl else []
+            paired = statistics.median(ratios) if ratios else None
             bus = factor * nbytes
             result["rows"].append({
                 "mesh_cpu_s": _cpu_per_op(answers, key),
@@ -971,6 +1028,10 @@ def _tcp_compare(quick: bool, worlds: tuple[int, ...], sizes: list[int] | None,
                 "world": world, "op": opname, "algo": who, "bytes": nbytes,
                 "mesh_s": t_mesh, "gloo_s": t_gloo,
                 "ratio": (t_mesh / t_gloo) if t_gloo else None, "ratio_paired": paired,
+                # the middle half of the per-repetition ratios: the cell's noise
+                "ratio_iqr": _spread(ratios) if ratios else None, "reps": len(reps),
+                "ratio_ci": _median_ci(ratios) if ratios else None,
+                "mesh_iqr_s": _spread(reps), "gloo_iqr_s": _spread(gl) if gl else None,
                 "mesh_busbw": bus / t_mesh, "gloo_busbw": (bus / t_gloo) if t_gloo else None,
                 "mesh_wire_share": bus / t_mesh / wire,
                 "mesh_both_ways_share": bus / t_mesh / both,
@@ -983,6 +1044,62 @@ def _tcp_compare(quick: bool, worlds: tuple[int, ...], sizes: list[int] | None,
     result["wall_seconds"] = round(time.monotonic() - started, 1)
     print(tcp_summary(result))
     return result
+
+
+def _tcp_reps(nbytes: int, quick: bool, lan_rate: str | None = None) -> tuple[int, int]:
+    """(warmup, timed) repetitions of one size in ``--tcp``: enough that the spread of
+    the paired ratios (IQR) tells a real loss from the machine's noise, fewer where
+    one repetition takes long (large sizes; a rate-limited link). ``--reps N``
+    (env ``ZMESH_BENCH_REPS``, read in the ranks) sets the timed ones: to look
+    closer at a few cells."""
+    if os.environ.get("ZMESH_BENCH_REPS"):
+        return 2, int(os.environ["ZMESH_BENCH_REPS"])
+    if quick:
+        return (2, 7) if nbytes <= MiB else (1, 3)
+    if lan_rate is not None and nbytes >= 16 * MiB:
+        return 1, 5  # a 64 MiB allgather of 4 at 1 Gbit/s takes ~1.6 s
+    if nbytes <= 256 * KiB:
+        return 5, 41
+    if nbytes <= 4 * MiB:
+        return 3, 21
+    if nbytes <= 16 * MiB:
+        return 2, 11
+    if nbytes <= 64 * MiB:
+        return 1, 9
+    return 1, 5
+
+
+def _spread(values: list[float]) -> tuple[float, float]:
+    """(25th, 75th) percentile: the middle half of the repetitions."""
+    if len(values) < 2:
+        return (values[0], values[0]) if values else (float("nan"), float("nan"))
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def _median_ci(values: list[float]) -> tuple[float, float]:
+    """A distribution-free 95 % confidence interval of the median: the order
+    statistics n/2 -+ 0.98 sqrt(n) (the sign test's), whatever the noise's shape."""
+    v = sorted(values)
+    n = len(v)
+    k = int(n / 2 - 0.98 * n ** 0.5)
+    if k < 0 or n < 6:
+        return v[0], v[-1]
+    return v[k], v[n - 1 - k]
+
+
+def verdict(row: dict) -> str:
+    """``loss`` when the 95 % confidence interval of the median paired ratio (mesh /
+    Gloo, same repetition) lies above 1, ``win`` below 1, else ``~``: within the
+    noise of this machine at this many repetitions (``--reps`` for more)."""
+    lo, hi = row.get("ratio_ci") or (None, None)
+    if lo is None:
+        return "-"
+    if lo > 1.0:
+        return "loss"
+    if hi < 1.0:
+        return "win"
+    return "~"
 
 
 def _cpu_per_op(answers: list[dict], key: str) -> float | None:
@@ -1003,6 +1120,15 @@ def tcp_floor(result: dict, nbytes: int = 64 * MiB) -> list[str]:
     raw_cpu = result.get("raw_both_ways_cpu_s_per_byte")
     lines = []
     for row in result["rows"]:
+        if row["op"] != "allreduce" and row["bytes"] == nbytes:
+            # busbytes / one-way rate: what the busiest link must carry at the least
+            fl = row["wire_floor_s"]
+            lines.append(
+                f"{row['op']} {row['world']} ranks {_fmt_bytes(nbytes)}: wire floor "
+                f"{fl * 1e3:.1f} ms; mesh {row['mesh_s'] * 1e3:.1f} ms = "
+                f"{row['mesh_s'] / fl:.2f}x" + (
+                    f"; Gloo {row['gloo_s'] * 1e3:.1f} ms = {row['gloo_s'] / fl:.2f}x"
+                    if row.get("gloo_s") else ""))
         if row["op"] != "allreduce" or row["bytes"] != nbytes:
             continue
         w = row["world"]
@@ -1039,6 +1165,9 @@ def tcp_summary(result: dict) -> str:
     where = ("LAN: each rank in a network namespace of its own on one bridge "
              f"({LAB_NET}.x, tests/harness/netns_lab.sh)" if result.get("lan")
              else "tcp loopback")
+    if result.get("lan_rate"):
+        where += (f", every host's egress limited to {result['lan_rate']} (tc tbf): the "
+                  "wire, not the CPU, is the limit, as between real hosts")
     lines = [
         "",
         f"=== tcp only, {where} (mesh: tcp listen endpoints, shm=False; Gloo: tcp), float32, "
@@ -1054,8 +1183,13 @@ def tcp_summary(result: dict) -> str:
         f"bulk tcp stream {','.join(result.get('tcpbulk', []))}; {result['cpus']} cpus, "
         f"load avg {result['load_avg_before'][0]:.1f} before",
     ]
+    lines.append("paired = median of the per-repetition ratios, iqr = their middle half "
+                 "(25th-75th percentile: the noise), ci = 95 % confidence interval of that "
+                 "median, n = repetitions; verdict: loss when the ci is above 1, win below, "
+                 "~ within the noise")
     head = (f"{'op':>9} {'algo':>6} {'world':>5} {'size':>7}  {'mesh':>9} {'gloo':>9} "
-            f"{'ratio':>6} {'paired':>6}  {'mesh busbw':>10} {'gloo busbw':>10} "
+            f"{'ratio':>6} {'paired':>6} {'iqr':>11} {'ci':>11} {'n':>3} {'verdict':>7}  "
+            f"{'mesh busbw':>10} {'gloo busbw':>10} "
             f"{'mesh/wire':>9} {'gloo/wire':>9} {'floor':>9} {'mesh/2way':>9} {'gloo/2way':>9} "
             f"{'mesh cpu':>9} {'gloo cpu':>9}")
     lines += [head, "-" * len(head)]
@@ -1069,13 +1203,18 @@ def tcp_summary(result: dict) -> str:
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{v:.0%}"
 
+    def iqr(v: Any) -> str:
+        return "-" if not v else f"{v[0]:.2f}-{v[1]:.2f}"
+
     for row in sorted(result["rows"], key=lambda r: (TCP_OPS.index(r["op"]), r["algo"],
                                                       r["world"], r["bytes"])):
         gbw = row["gloo_busbw"]
         lines.append(
             f"{row['op']:>9} {row['algo']:>6} {row['world']:>5} {_fmt_bytes(row['bytes']):>7}  "
             f"{ms(row['mesh_s']):>9} {ms(row['gloo_s']):>9} {x(row['ratio']):>6} "
-            f"{x(row['ratio_paired']):>6}  {row['mesh_busbw'] / 1e9:>6.3f}GB/s "
+            f"{x(row['ratio_paired']):>6} {iqr(row.get('ratio_iqr')):>11} "
+            f"{iqr(row.get('ratio_ci')):>11} "
+            f"{row.get('reps', 0):>3} {verdict(row):>7}  {row['mesh_busbw'] / 1e9:>6.3f}GB/s "
             f"{(f'{gbw / 1e9:6.3f}GB/s' if gbw else '-'):>10} "
             f"{pct(row['mesh_wire_share']):>9} {pct(row['gloo_wire_share']):>9} "
             f"{ms(row['wire_floor_s']):>9} {pct(row.get('mesh_both_ways_share')):>9} "
@@ -1083,7 +1222,16 @@ def tcp_summary(result: dict) -> str:
             f"{ms(row.get('gloo_cpu_s')):>9}")
     floor = tcp_floor(result)
     if floor:
-        lines += ["", "Floors (issue #17 goal: within 1.3x of the wire floor at 64 MiB):", *floor]
+        what = (f"the wire is the {result['lan_rate']} limit" if result.get("lan_rate")
+                else "unlimited: loopback/veth 'wire' is the kernel's memcpy on the same "
+                "cores that reduce, so the CPU, not a wire, sets this floor")
+        lines += ["", f"Floors (issue #17 goal: within 1.3x of the wire floor at 64 MiB; "
+                  f"{what}):", *floor]
+    wins = {v: sum(1 for r in result["rows"] if verdict(r) == v) for v in ("win", "~", "loss")}
+    lines.append(f"verdicts: {wins['win']} win, {wins['~']} within noise, {wins['loss']} loss"
+                 + ("" if not wins["loss"] else ": " + ", ".join(
+                     f"{r['op']} {r['world']}r {_fmt_bytes(r['bytes'])}"
+                     for r in result["rows"] if verdict(r) == "loss")))
     if result["gloo_skipped"]:
         lines.append(f"Gloo skipped: {result['gloo_skipped']}")
     lines.append(f"wall time {result['wall_seconds']:.1f} s ({result['mode']} run)")
@@ -1333,18 +1481,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lan", action="store_true",
                         help="with --tcp: every rank in a network namespace of its own "
                         "(tests/harness/netns_lab.sh; root), mesh and Gloo alike")
+    parser.add_argument("--lan-rate", default="",
+                        help="with --tcp (implies --lan): every namespace host sends at most "
+                        "this rate (tc tbf, e.g. 1gbit, 10gbit): the regime of real hosts, "
+                        "where the wire, not this machine's cores, is the limit")
     parser.add_argument("--ops", default=",".join(TCP_OPS),
                         help="with --tcp: which collectives (default: all three)")
     parser.add_argument("--algos", default="auto",
                         help="with --tcp: the mesh allreduce algorithms to time (default: auto)")
+    parser.add_argument("--reps", type=int, default=0,
+                        help="with --tcp: timed repetitions of every cell (default: by size, "
+                        "41 small .. 5 at 256 MiB); more to tell a small loss from noise")
     parser.add_argument("--json", default="", help="also write the results to this file")
     args = parser.parse_args(argv)
-    if args.tcp or args.lan:
+    if args.reps > 0:
+        os.environ["ZMESH_BENCH_REPS"] = str(args.reps)  # (inherited by the spawned ranks)
+    if args.lan_rate:
+        parse_rate(args.lan_rate)  # a typo fails before the lab is built
+    if args.tcp or args.lan or args.lan_rate:
         result = tcp_compare(args.quick, worlds=tuple(int(w) for w in args.worlds.split(",")),
                              sizes=parse_sizes(args.sizes) or None,
                              ops=tuple(o for o in args.ops.split(",") if o),
                              algos=tuple(a for a in args.algos.split(",") if a),
-                             segment_bytes=args.segment_bytes, lan=args.lan)
+                             segment_bytes=args.segment_bytes, lan=args.lan,
+                             lan_rate=args.lan_rate or None)
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump(result, fh, indent=1, default=str)

@@ -88,8 +88,10 @@ def _run(node: Any, chan: Any, op: str, args: dict) -> Any:
             req = conn.post(("t", tag), dest)
             if not req.wait(30):
                 raise TimeoutError(f"tag {tag} did not arrive")
-            results.append((digest(dest), req.into_dest, req.meta))
-            conn.send(("t", tag + 1), req.meta, dest).wait(30)
+            # (one that came before the post is in a buffer of its own: req.data)
+            got = dest if req.into_dest else np.frombuffer(req.data, dtype)
+            results.append((digest(got), req.into_dest, req.meta))
+            conn.send(("t", tag + 1), req.meta, got).wait(30)
         return results
     if op == "post_all":
         # Post every receive first, say so, then wait for all of them: the test

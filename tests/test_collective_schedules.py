@@ -549,7 +549,7 @@ def test_broadcast_from_any_root(size: int, n: int, root: int, seg: int | None, 
     def check(r: int, t: Transfer, sent: np.ndarray) -> None:
         assert (sent != -1).all()  # only forwards what it has received
 
-    for plan_for in (sch.broadcast_plan, sch.direct_broadcast_plan):
+    for plan_for in (sch.broadcast_plan, sch.direct_broadcast_plan, sch.chain_broadcast_plan):
         bufs = [data.copy() if r == root else np.full(n, -1, dtype=np.int64)
                 for r in range(size)]
         plans = [plan_for(n, r, size, root, seg) for r in range(size)]
@@ -562,6 +562,13 @@ def test_broadcast_from_any_root(size: int, n: int, root: int, seg: int | None, 
         else:
             assert all(t.recv is None for t in plan)
             assert len(plan) == (size - 1) * len(sch.segment_bounds(0, n, seg or max(n, 1)))
+    nseg = len(sch.segment_bounds(0, n, seg or max(n, 1)))
+    for r in range(size):  # chain: each rank hears its predecessor, sends to its successor
+        plan = sch.chain_broadcast_plan(n, r, size, root, seg)
+        v = (r - root) % size
+        assert sum(t.send is not None for t in plan) == (nseg if v + 1 < size else 0)
+        assert all(t.send_to == (r + 1) % size for t in plan if t.send is not None)
+        assert all(t.recv_from == (r - 1) % size for t in plan if t.recv is not None)
 
 
 @FAST
@@ -608,6 +615,21 @@ def test_broadcast_and_allgather_choosers() -> None:
     assert sch.allgather_algorithm(4, sch.DIRECT_MAX_GROUP + 1) == "ring"
     with pytest.raises(ConfigError):
         sch.broadcast_algorithm(-1, 4)
+    # over tcp streams: large ones down the chain (each link carries S once)
+    assert sch.broadcast_algorithm_over_tcp(1 << 30, 2) == "direct"
+    assert sch.broadcast_algorithm_over_tcp(sch.BROADCAST_DIRECT_BYTES, 4) == "direct"
+    assert sch.broadcast_algorithm_over_tcp(sch.BROADCAST_DIRECT_BYTES + 1, 3) == "tree"
+    assert sch.broadcast_algorithm_over_tcp(sch.TCP_BROADCAST_CHAIN_BYTES, 4) == "chain"
+    assert sch.broadcast_algorithm_over_tcp(sch.TCP_BROADCAST_CHAIN_BYTES, 9) == "chain"
+    assert sch.chain_segment_bytes(64 * mib) == 2 * mib
+    assert sch.chain_segment_bytes(16 << 20) == sch.CHAIN_SEGMENT_MIN
+    assert sch.chain_segment_bytes(1 << 34) == sch.DEFAULT_SEGMENT_BYTES
+    # allreduce over tcp, 3+ ranks: the ring right after the direct plan, never the tree
+    for size in (3, 4, 8):
+        cross = sch.crossover_bytes_over_tcp(size)
+        assert sch.choose_algorithm(cross - 1, size, cross) == "direct"
+        assert sch.choose_algorithm(cross, size, cross) == "ring"
+    assert sch.crossover_bytes_over_tcp(2) is None
 
 
 @FAST
@@ -908,6 +930,8 @@ def _any_plan(kind: str, n: int, rank: int, size: int, seg: int, root: int) -> l
         return sch.broadcast_plan(n, rank, size, root, seg)
     if kind == "broadcast_direct":
         return sch.direct_broadcast_plan(n, rank, size, root, seg)
+    if kind == "broadcast_chain":
+        return sch.chain_broadcast_plan(n, rank, size, root, seg)
     if kind == "allgather":
         return sch.allgather_plan([n + r for r in range(size)], rank, seg)
     if kind == "allgather_direct":
@@ -916,7 +940,8 @@ def _any_plan(kind: str, n: int, rank: int, size: int, seg: int, root: int) -> l
 
 
 @FAST
-@given(kind=st.sampled_from(["ring", "tree", "broadcast", "broadcast_direct", "allgather",
+@given(kind=st.sampled_from(["ring", "tree", "broadcast", "broadcast_direct", "broadcast_chain",
+                             "allgather",
                              "allgather_direct", "reduce_scatter"]),
        size=st.integers(1, 9), rank=st.integers(0, 8), n=st.integers(0, 60),
        seg=st.integers(1, 9), root=st.integers(0, 8))

@@ -25,6 +25,8 @@ import tcp_bulk_peer as tp  # noqa: E402
 from test_collectives import Cluster, Worker, assert_all_ok  # noqa: E402
 
 import mesh  # noqa: E402
+from mesh.collectives import schedule  # noqa: E402
+from transports.tcp_bulk import PARK_MIN  # noqa: E402
 
 _SPAWN = mp.get_context("spawn")
 TCP_ONLY = {"listen": ("tcp://127.0.0.1:0",), "shm": False}
@@ -142,7 +144,9 @@ def test_arrays_of_every_size_land_in_the_posted_buffer(lab):
     for (digest, into_dest, meta), arr, back, req, (tag, _, _) in zip(
             answers, sent, backs, reqs, items, strict=True):
         assert digest == tp.digest(arr), f"tag {tag}: the peer got other bytes"
-        assert into_dest, f"tag {tag}: the peer's posted buffer was not filled in place"
+        # (a small one that came before the peer's post is read aside at once: PARK_MIN)
+        assert into_dest or arr.nbytes <= PARK_MIN, (
+            f"tag {tag}: the peer's posted buffer was not filled in place")
         assert meta == ["meta", tag]
         assert req.wait(30) and req.into_dest
         assert np.array_equal(back, arr), f"tag {tag}: the echo differs"
@@ -231,6 +235,88 @@ def test_a_message_before_its_post_is_kept_and_a_wrong_size_says_so(lab):
     assert conn.stats()["early_msgs"] == 2
 
 
+def test_one_receiver_thread_reads_every_stream_of_a_node(lab):
+    """Not a thread per stream: the node's streams to two peers share one reader,
+    and messages from both, arriving together, all land in place."""
+    import threading
+
+    node, spawn = lab
+    peers = [spawn("p1"), spawn("p2")]
+    conns = [_conn(node, p) for p in peers]
+    readers = [t for t in threading.enumerate() if t.name.startswith("mesh-tcpbulk-recv")]
+    assert len(readers) == 1, [t.name for t in threading.enumerate()]
+    items = [(20 + i, n, "float32") for i, n in enumerate((1000, 70_000, 1 << 20))]
+    reqs = [(c.post(("t", tag), np.empty(n, "float32")), p, tag, n)
+            for c, p in zip(conns, peers, strict=True) for tag, n, _ in items]
+    for p in peers:
+        p.start("send", peer=node.id, items=[(tag, tag, n, dt) for tag, n, dt in items])
+    for p in peers:
+        assert p._get("send", 60)
+    for req, _p, tag, n in reqs:
+        assert req.wait(30) and req.into_dest, tag
+        assert np.array_equal(np.frombuffer(req.data, "float32"), tp.make(tag, n, "float32"))
+
+
+def test_a_folded_reduction_runs_under_the_posters_numpy_error_state(lab):
+    """The stream's thread reduces a folded receive under the np.seterr of the thread
+    that posted it (numpy's error state is per thread): an overflow raises for a
+    poster with over="raise" (handed to it, the stream reads on in step), and
+    passes silently for one with over="ignore"."""
+    import warnings
+
+    node, spawn = lab
+    peer = spawn("p1")
+    conn = _conn(node, peer)
+    n = 300_001  # several fold pieces (tcp_bulk._FOLD_PIECE)
+    huge = np.full(n, 3e38, np.float32)  # times the peer's values (-100..99): overflow
+    with np.errstate(over="raise"):
+        r1 = conn.post(("t", 1), np.empty(n, np.float32), fold=(np.multiply, huge))
+    quiet = np.empty(n, np.float32)
+    with np.errstate(over="ignore"):
+        r2 = conn.post(("t", 2), quiet, fold=(np.multiply, huge))
+    ok = np.empty(n, np.float32)
+    r3 = conn.post(("t", 3), ok, fold=(np.add, np.ones(n, np.float32)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peer.call("send", peer=node.id, items=[(1, 5, n, "float32"), (2, 5, n, "float32"),
+                                               (3, 6, n, "float32")])
+        assert r1.wait(30) and r2.wait(30) and r3.wait(30)
+    assert r1.folded and isinstance(r1.fold_error, FloatingPointError), r1.fold_error
+    assert r2.folded and r2.fold_error is None and np.isinf(quiet).any()
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], caught
+    assert r3.fold_error is None and np.array_equal(ok, tp.make(6, n, "float32") + 1)
+    assert conn.broken is None
+
+
+def test_a_small_early_message_is_read_aside_at_once_a_large_one_waits_for_its_post(
+        lab, monkeypatch):
+    """Nothing posted: a small message (<= PARK_MIN) is read aside at once, so that its
+    post completes on the caller's thread without waking the stream's; a large one
+    stays in the kernel for up to POST_WAIT and lands in place when posted."""
+    import transports.tcp_bulk as tb
+
+    monkeypatch.setattr(tb, "POST_WAIT", 20.0)  # (read by the receiver when it parks)
+    node, spawn = lab
+    peer = spawn("p1")
+    conn = _conn(node, peer)
+    small, large = tb.PARK_MIN // 4, tb.PARK_MIN + 4096  # float32 elements: bytes / 4
+    peer.call("send", peer=node.id, items=[(1, 3, small, "float32")])
+    deadline = time.monotonic() + 10
+    while conn.stats()["early_msgs"] < 1:  # read aside well before POST_WAIT
+        assert time.monotonic() < deadline, conn.stats()
+        time.sleep(0.01)
+    req = conn.post(("t", 1), np.empty(small, np.float32))
+    assert req.done and not req.into_dest  # completed by post() itself
+    assert np.array_equal(np.frombuffer(req.data, np.float32), tp.make(3, small, "float32"))
+    peer.call("send", peer=node.id, items=[(2, 4, large, "float32")])
+    time.sleep(0.3)
+    assert conn.stats()["early_msgs"] == 1  # the large one waits for its post
+    dest = np.empty(large, np.float32)
+    req = conn.post(("t", 2), dest)
+    assert req.wait(10) and req.into_dest
+    assert np.array_equal(dest, tp.make(4, large, "float32"))
+
+
 def test_a_peer_that_dies_mid_transfer_fails_only_that_transfer(lab):
     node, spawn = lab
     victim, other = spawn("victim"), spawn("other")
@@ -307,6 +393,9 @@ def _cases(size: int) -> list[dict]:
     ]
     cases += [{"kind": "broadcast", "root": r, "dtype": "float32", "shape": (5 * mib // 4 + 1,),
                "seed": 30 + r} for r in range(size)]
+    # from schedule.TCP_BROADCAST_CHAIN_BYTES down the chain (4 ranks), uneven segments
+    cases.append({"kind": "broadcast", "root": size - 1, "dtype": "float32",
+                  "shape": (schedule.TCP_BROADCAST_CHAIN_BYTES // 4 + 3,), "seed": 40})
     return cases
 
 
@@ -437,10 +526,11 @@ def _stream_msgs(cluster: Cluster) -> list[int]:
             for states in cluster.all("bulk_stats")]
 
 
-def test_small_segments_take_the_stream_where_a_rank_hears_one_member_per_step():
-    """In a group of 2, and in a broadcast, even a 4 KiB collective goes over the
-    streams (the caller writes it, one wake-up less); a small allreduce of 3 stays
-    on ZeroMQ, whose one I/O thread hands over several arrivals at once."""
+def test_small_segments_take_the_stream_in_groups_of_every_size():
+    """Even a 4 KiB collective goes over the streams (the caller writes it, the
+    node's one receiver thread hands it over): in a group of 2, in a broadcast,
+    and in an allreduce or allgather of 3, where a rank hears from several members
+    at once."""
     small = [{"kind": "allreduce", "op": "sum", "dtype": "float32", "shape": (1024,),
               "algorithm": "auto", "seed": 90},
              {"kind": "allgather", "dtype": "float32", "shapes": [(1000,), (1000,)], "seed": 91,
@@ -466,7 +556,15 @@ def test_small_segments_take_the_stream_where_a_rank_hears_one_member_per_step()
         reduce_only = [{**small[0], "seed": 93}]
         before = _stream_msgs(trio)
         assert_all_ok(trio.cases("trio", reduce_only, timeout=60), reduce_only)
-        assert _stream_msgs(trio) == before  # on ZeroMQ
+        grew = [a - b for a, b in zip(_stream_msgs(trio), before, strict=True)]
+        assert grew == [2, 2, 2], grew  # direct: each rank's input from both others
+        gather = [{"kind": "allgather", "dtype": "float32", "shapes": [(1000,)] * 3,
+                   "seed": 95, "out": "new"}]
+        before = _stream_msgs(trio)
+        assert_all_ok(trio.cases("trio", gather, timeout=60), gather)
+        grew = [a - b for a, b in zip(_stream_msgs(trio), before, strict=True)]
+        assert grew == [2, 2, 2], grew
+        before = _stream_msgs(trio)
         bcast = [{"kind": "broadcast", "root": 0, "dtype": "float32", "shape": (1000,),
                   "seed": 94}]
         assert_all_ok(trio.cases("trio", bcast, timeout=60), bcast)
@@ -474,3 +572,68 @@ def test_small_segments_take_the_stream_where_a_rank_hears_one_member_per_step()
         assert sorted(grew) == [0, 1, 1], grew  # the root sent one to each other rank
     finally:
         trio.shutdown()
+
+
+def test_allreduce_honours_the_callers_numpy_error_state_on_the_stream(make_node):
+    """A ring allreduce of 2 folds its reductions on the stream's thread: an overflow
+    there raises FloatingPointError in a caller running under np.errstate(over=
+    "raise"), is silent under over="ignore" (inf, no warning), and the group goes on."""
+    import threading
+    import warnings
+
+    tcp = {**TCP_ONLY, "transports": ("tcp",)}  # (in one process: not inproc)
+    a = make_node("fp-a", **tcp)
+    b = make_node("fp-b", seeds=[a.endpoints[0]], **tcp)
+    a.wait_for_peers(1, timeout=10.0)
+    b.wait_for_peers(1, timeout=10.0)
+    groups: dict[str, Any] = {}
+    forming = [threading.Thread(target=lambda n=n: groups.__setitem__(n.name, n.group("fp", 2, timeout=20)))
+               for n in (a, b)]
+    for t in forming:
+        t.start()
+    for t in forming:
+        t.join(30)
+    assert len(groups) == 2
+    x = np.full(1 << 18, 3e38, np.float32)  # 1 MiB: two segments of the ring, summed: inf
+
+    def both(over: str) -> dict[str, Any]:
+        got: dict[str, Any] = {}
+
+        def rank(name: str) -> None:
+            try:
+                with np.errstate(over=over):
+                    got[name] = groups[name].allreduce(x, algorithm="ring")
+            except Exception as exc:
+                got[name] = exc
+        ts = [threading.Thread(target=rank, args=(n,)) for n in groups]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(30)
+        assert len(got) == 2, got
+        return got
+
+    assert groups["fp-a"]._tcp_all and groups["fp-b"]._tcp_all  # the streams carry it
+    raised = both("raise")
+    assert any(isinstance(v, FloatingPointError) for v in raised.values()), raised
+    assert all(isinstance(v, (FloatingPointError, mesh.CollectiveAborted))
+               for v in raised.values()), raised
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet = both("ignore")
+    for v in quiet.values():
+        assert isinstance(v, np.ndarray) and np.isinf(v).all(), v
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], caught
+    y = np.ones(1 << 18, np.float32)
+    ones = {}
+
+    def rank1(name: str) -> None:
+        ones[name] = groups[name].allreduce(y, algorithm="ring")
+    ts = [threading.Thread(target=rank1, args=(n,)) for n in groups]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(30)
+    assert all(np.array_equal(v, 2 * y) for v in ones.values()), ones
+    for g in groups.values():
+        g.close()

@@ -7,12 +7,14 @@ connection beside its ZeroMQ link: the sender writes the array's bytes from
 the caller's buffer (``sendall`` of a memoryview: no copy in user space), and
 the receiver reads them with ``recv_into`` straight into a buffer the caller
 posted in advance (a slice of the collective's result, or a reusable scratch
-segment it reduces from).
+segment it reduces from), or reduces them into place as they arrive (``fold``,
+under the numpy error state of the thread that posted).
 
 Framing, on each direction of the stream: ``!IQ`` (header length, data length),
 a msgpack header ``[tag, meta]``, then the data bytes. Messages are matched to
 posted receives by ``tag``; one that arrives before its receive is posted is
-read into a fresh buffer and kept until asked for (correct, one copy more).
+read into a fresh buffer and kept until asked for (correct, one copy more): at
+once up to PARK_MIN bytes, a larger one after POST_WAIT unless posted meanwhile.
 
 Connecting: each node listens on its tcp host, port chosen by the OS, and
 offers ``[port, token]`` in its hello (mesh.engine.bulk_tcp). When a group
@@ -28,12 +30,16 @@ Who owns what:
   hands finished connections over; connector threads (``mesh-tcpbulk-connect``,
   one per dial, short-lived); the table of connections and per-peer states
   (under ``_lock``; any thread reads it).
+* ``_Receiver``: the endpoint's one receiver thread (``mesh-tcpbulk-recv``,
+  started with the first connection), the only reader of every stream's socket
+  (epoll; non-blocking reads; each stream's receive state is touched by it alone).
 * ``TcpBulkConn``: one connected socket. Its sender thread
   (``mesh-tcpbulk-send``) writes queued sends; a caller writes a small one
   itself while the stream is idle (``_send_inline``; ``_wlock`` keeps frames
-  whole). Its receiver thread (``mesh-tcpbulk-recv``) is the only reader;
-  callers post receives (under ``_cond``). ``close()`` (any thread) shuts the socket down,
-  which wakes both threads, and fails whatever is still queued or posted.
+  whole). Callers post receives (under ``_cond``); a post that a parked stream
+  waits for wakes the receiver (``_Receiver.resume``). ``close()`` (any thread)
+  shuts the socket down, which wakes the sender and the receiver, fails whatever is
+  still queued or posted, and closes the socket once the receiver let go of it.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import logging
 import os
 import queue
 import select
+import selectors
 import socket
 import struct
 import threading
@@ -65,7 +72,12 @@ CONNECT_TIMEOUT = 3.0
 # A message whose receive is not posted yet waits this long (seconds) in the kernel
 # for its post before it is read into a buffer of its own.
 POST_WAIT = 0.05
-# The receiver's staging buffer (see _recv_loop): holds a small message whole.
+# A message of up to this size that comes before its receive is posted is read
+# aside at once (a copy of a few microseconds), not waited for: the post then finds
+# it and completes on the caller's thread, where waking the receiver thread for it
+# (a socket write, then the GIL passed to and fro) cost ~50 us per small collective.
+PARK_MIN = 128 << 10
+# The receiver's staging buffer (see _pump): holds a small message whole.
 _STAGE = 64 << 10
 # A folded receive (RecvRequest.fold) reads and reduces this much at a time: well
 # inside the core's L2 cache, where the kernel's copy just put it.
@@ -175,7 +187,8 @@ class RecvRequest(_Request):
     the destination as it arrives, ``dest = ufunc(first, message)``; ``folded``
     says it was (False: the caller reduces ``data`` itself)."""
 
-    __slots__ = ("conn", "tag", "dest", "meta", "data", "into_dest", "fold", "folded")
+    __slots__ = ("conn", "tag", "dest", "meta", "data", "into_dest", "fold", "folded",
+                 "fold_error")
 
     def __init__(self, conn: TcpBulkConn, tag: Hashable, dest: memoryview,
                  fold: tuple | None = None) -> None:
@@ -188,6 +201,9 @@ class RecvRequest(_Request):
         self.into_dest = False
         self.fold = fold
         self.folded = False
+        # an error of the folded reduction (e.g. FloatingPointError under the poster's
+        # np.seterr(all="raise")): the caller raises it; the stream read on
+        self.fold_error: Exception | None = None
 
     def cancel(self) -> None:
         """Withdraw the receive (a message of its tag that comes later is kept as early)."""
@@ -198,7 +214,8 @@ class TcpBulkConn:
     """One connected stream to one peer (see the module docstring for its threads)."""
 
     def __init__(self, sock: socket.socket, peer_id: str, peer_name: str,
-                 on_broken: Callable[[TcpBulkConn, str], None] | None = None) -> None:
+                 on_broken: Callable[[TcpBulkConn, str], None] | None = None,
+                 receiver: _Receiver | None = None) -> None:
         self.sock = sock
         self.peer_id = peer_id
         self.peer_name = peer_name
@@ -215,12 +232,23 @@ class TcpBulkConn:
         self.bytes_out = self.bytes_in = self.msgs_out = self.msgs_in = 0
         self.early_msgs = 0  # messages that came before their receive was posted (one copy more)
         self.folded_msgs = 0  # messages reduced into place as they arrived (RecvRequest.fold)
+        # The receiving side's state (only the receiver thread touches it, see _pump):
+        # the staging buffer and what of it is unread, the frame header read and not
+        # yet matched, the message being read, SO_RCVLOWAT as last set.
+        self._stage = bytearray(_STAGE)
+        self._sv = memoryview(self._stage)
+        self._lo = self._hi = 0
+        self._head: tuple | None = None
+        self._cur: _Incoming | None = None
+        self._lowat = 1
+        self._parked = False  # its next message waits for a post (under _cond)
+        self._park_until = 0.0
+        self._own_rx = receiver is None  # (a conn on its own: tests)
+        self._rx = receiver if receiver is not None else _Receiver()
         self._sender = threading.Thread(target=self._send_loop, daemon=True,
                                         name=f"mesh-tcpbulk-send-{peer_name}")
-        self._receiver = threading.Thread(target=self._recv_loop, daemon=True,
-                                          name=f"mesh-tcpbulk-recv-{peer_name}")
         self._sender.start()
-        self._receiver.start()
+        self._rx.add(self)
 
     # -- caller side ------------------------------------------------------------
 
@@ -299,7 +327,8 @@ class TcpBulkConn:
         ``dest`` itself), piece by piece as it arrives, each piece while the
         receiver's core still has it in cache: no scratch buffer goes through
         memory and back, and the caller's thread does not reduce."""
-        fold_spec = None if fold is None else (fold[0], fold[1], dest)
+        fold_spec = None if fold is None else (
+            fold[0], fold[1], dest, (tuple(sorted(np.geterr().items())), np.geterrcall()))
         req = RecvRequest(self, tag, memoryview(dest).cast("B"), fold_spec)
         with self._cond:
             early = self._early.pop(tag, None)
@@ -313,7 +342,9 @@ class TcpBulkConn:
                 if tag in self._posted:
                     raise ValueError(f"a receive of tag {tag!r} is already posted")
                 self._posted[tag] = req
-                self._cond.notify_all()
+                if self._parked:  # its next message waits for a post: this may be it
+                    self._parked = False
+                    self._rx.resume(self)
         return req
 
     def cancel(self, req: RecvRequest) -> None:
@@ -340,9 +371,11 @@ class TcpBulkConn:
             self._cond.notify_all()
         self._fail(why)
         self._sendq.put(None)
-        for th in (self._sender, self._receiver):
-            if th is not threading.current_thread():
-                th.join(timeout=2.0)
+        if self._sender is not threading.current_thread():
+            self._sender.join(timeout=2.0)
+        self._rx.remove(self)  # (then no thread reads the socket any more)
+        if self._own_rx:
+            self._rx.close()
         try:
             self.sock.close()
         except OSError:
@@ -419,120 +452,380 @@ class TcpBulkConn:
             req.data = None  # type: ignore[assignment]
             req._set()
 
-    def _recv_loop(self) -> None:
-        # Reads go through a small staging buffer: a small message (frame, header
-        # and data, written with one sendmsg) usually comes in one recv instead of
-        # three, and every recv drops and retakes the GIL, a thread switch when
-        # the caller runs meanwhile. A large payload is read straight into its
-        # destination after the few bytes the staging read took of it.
-        sock = self.sock
-        stage = bytearray(_STAGE)
-        sv = memoryview(stage)
-        lo = hi = 0  # stage[lo:hi]: received, not yet consumed
+    # -- the receiving side: driven by the endpoint's one receiver thread ---------------
+    #
+    # Reads go through a small staging buffer: a small message (frame, header and
+    # data, written with one sendmsg) usually comes in one recv instead of three, and
+    # every recv drops and retakes the GIL. A large payload is read straight into its
+    # destination (or, folded, a piece at a time into a cache-sized buffer) after the
+    # few bytes the staging read took of it. Every read is MSG_DONTWAIT: when the
+    # socket has nothing more, ``_pump`` returns and the receiver thread serves the
+    # node's other streams; in the middle of a large payload SO_RCVLOWAT makes the
+    # next wake-up wait for a good piece of it (one wake-up per _LOWAT bytes, not per
+    # arriving packet).
 
-        def need(k: int) -> None:
-            """At least ``k`` (<= _STAGE) bytes in stage[lo:hi]."""
-            nonlocal lo, hi
-            if _STAGE - lo < k:  # no room behind: move the rest to the front
-                sv[: hi - lo] = sv[lo:hi]
-                lo, hi = 0, hi - lo
-            while hi - lo < k:
-                got = sock.recv_into(sv[hi:], _STAGE - hi)
-                if got == 0:
-                    raise ConnectionError("the peer closed the connection")
-                hi += got
-
-        def read_into(view: memoryview) -> None:
-            """Fill ``view``: from the staging buffer first, the rest from the socket."""
-            nonlocal lo, hi
-            k = min(hi - lo, len(view))
-            if k:
-                view[:k] = sv[lo:lo + k]
-                lo += k
-            if k < len(view):
-                _recv_exact(sock, view[k:])
-            if lo == hi:
-                lo = hi = 0
-
-        piece = np.empty(_FOLD_PIECE, dtype=np.uint8)
-        pv = memoryview(piece)
-
-        def fold(req: RecvRequest, nbytes: int) -> None:
-            """Read the message a piece at a time and reduce each into place."""
-            ufunc, first, dest = req.fold
-            isz = dest.itemsize
-            step = _FOLD_PIECE // isz * isz
-            typed = piece[: step].view(dest.dtype)
-            done = 0
-            while done < nbytes:
-                k = min(step, nbytes - done)
-                read_into(pv[:k])
-                e0, e1 = done // isz, (done + k) // isz
-                ufunc(first[e0:e1], typed[: e1 - e0], out=dest[e0:e1])
-                done += k
-            req.folded = True
-            self.folded_msgs += 1
-
+    def _pump(self) -> int:
+        """Read and hand over whatever the socket holds (receiver thread only).
+        Returns _MORE (wait for the socket), _PARKED (a message waits for its post:
+        do not read this stream until ``post`` or the deadline) or _DEAD."""
         try:
             while True:
-                need(_FRAME.size)
-                hlen, nbytes = _FRAME.unpack_from(stage, lo)
-                lo += _FRAME.size
-                if hlen > _MAX_HEADER:
-                    raise ConnectionError(f"malformed frame (header of {hlen} bytes)")
-                need(hlen)
-                try:
-                    tag, meta = msgpack.unpackb(sv[lo:lo + hlen], raw=False, use_list=True)
-                except (ValueError, msgpack.exceptions.ExtraData) as exc:
-                    raise ConnectionError(f"malformed frame header ({exc})") from None
-                lo += hlen
-                tag = _tuple(tag)
-                with self._cond:
-                    req = self._posted.pop(tag, None)
-                    if req is None and not self._posted and self.broken is None:
-                        # Nothing posted yet: the caller is most likely still busy with
-                        # earlier segments and posts this one soon. Waiting (bounded)
-                        # leaves the bytes in the kernel, which also holds the sender
-                        # back, instead of an extra allocation and copy. If it posts
-                        # another tag, this message was skipped: read it aside now.
-                        deadline = time.monotonic() + POST_WAIT
-                        while not self._posted and self.broken is None:
-                            left = deadline - time.monotonic()
-                            if left <= 0:
-                                break
-                            self._cond.wait(left)
-                        req = self._posted.pop(tag, None)
-                    self._reading = req
-                if req is not None and len(req.dest) == nbytes:
-                    if req.fold is not None:
-                        fold(req, nbytes)
-                    else:
-                        read_into(req.dest)  # straight into the caller's buffer
-                    req.data, req.into_dest = req.dest, True
-                else:
-                    data = np.empty(nbytes, dtype=np.uint8)
-                    read_into(memoryview(data))
-                    if req is None:
-                        with self._cond:
-                            # Posted meanwhile? Then it is its data (one copy more).
-                            req = self._posted.pop(tag, None)
-                            if req is None:
-                                self._early[tag] = (meta, data)
-                                self.early_msgs += 1
-                    if req is not None:
-                        req.data = data
-                self.bytes_in += nbytes
-                self.msgs_in += 1
-                with self._cond:
-                    self._reading = None
-                if req is not None:
-                    req.meta = meta
-                    req._set()
+                cur = self._cur
+                if cur is None:
+                    if self._head is None and not self._parse_head():
+                        if not self._fill():
+                            self._set_lowat(1)
+                            return _MORE
+                        continue
+                    if not self._start():
+                        return _PARKED
+                    continue
+                if not self._payload(cur):
+                    rest = cur.nbytes - cur.got
+                    self._set_lowat(min(rest, _LOWAT) if rest > _LOWAT_FROM else 1)
+                    return _MORE
         except (OSError, ValueError) as exc:
             why = str(exc) if isinstance(exc, ConnectionError) else f"recv: {exc}"
             self._fail(why)
-        except Exception as exc:  # a reduction that failed (fold): never a silent death
-            self._fail(f"reducing a received message: {type(exc).__name__}: {exc}")
+        except Exception as exc:  # pragma: no cover - never a silent death
+            self._fail(f"receiving: {type(exc).__name__}: {exc}")
+        return _DEAD
+
+    def _set_lowat(self, k: int) -> None:
+        if k != self._lowat:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, k)
+            self._lowat = k
+
+    def _fill(self) -> bool:
+        """Read what the socket has into the staging buffer; False when it had nothing."""
+        lo, hi = self._lo, self._hi
+        if lo == hi:
+            lo = hi = self._lo = self._hi = 0
+        elif _STAGE - lo < _FRAME.size + _MAX_HEADER // 4 and lo:
+            self._sv[: hi - lo] = self._sv[lo:hi]  # no room behind: the rest to the front
+            lo, hi = 0, hi - lo
+            self._lo, self._hi = lo, hi
+        if hi == _STAGE:
+            raise ConnectionError("malformed frame (header larger than the staging buffer)")
+        try:
+            got = self.sock.recv_into(self._sv[hi:], _STAGE - hi, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False
+        if got == 0:
+            raise ConnectionError("the peer closed the connection")
+        self._hi = hi + got
+        return True
+
+    def _parse_head(self) -> bool:
+        """A whole frame header in the staging buffer: consume it into ``_head``."""
+        lo, avail = self._lo, self._hi - self._lo
+        if avail < _FRAME.size:
+            return False
+        hlen, nbytes = _FRAME.unpack_from(self._stage, lo)
+        if hlen > _MAX_HEADER:
+            raise ConnectionError(f"malformed frame (header of {hlen} bytes)")
+        if avail < _FRAME.size + hlen:
+            return False
+        lo += _FRAME.size
+        try:
+            tag, meta = msgpack.unpackb(self._sv[lo:lo + hlen], raw=False, use_list=True)
+        except (ValueError, TypeError, msgpack.exceptions.ExtraData) as exc:
+            raise ConnectionError(f"malformed frame header ({exc})") from None
+        self._lo = lo + hlen
+        self._head = (_tuple(tag), meta, nbytes)
+        self._park_until = 0.0
+        return True
+
+    def _start(self) -> bool:
+        """Match the message in ``_head`` to its posted receive; False: park (see below)."""
+        tag, meta, nbytes = self._head  # type: ignore[misc]
+        with self._cond:
+            req = self._posted.pop(tag, None)
+            if req is None and not self._posted and self.broken is None and nbytes > PARK_MIN:
+                # Nothing posted yet: the caller is most likely still busy with earlier
+                # segments and posts this one soon. Waiting (bounded) leaves the bytes in
+                # the kernel, which also holds the sender back, instead of an extra
+                # allocation and copy. If it posts another tag, this message was
+                # skipped: read it aside then.
+                if not self._park_until:
+                    self._park_until = time.monotonic() + POST_WAIT
+                    self._parked = True
+                    return False
+                if self._parked and time.monotonic() < self._park_until:
+                    return False
+            self._parked = False
+            self._reading = req
+        self._head = None
+        if req is not None and len(req.dest) == nbytes:
+            if req.fold is not None:
+                cur = _Incoming(req, tag, meta, nbytes, _FOLD, self._rx.piece_view)
+                self._rx.use_errstate(req.fold[3])
+            else:
+                cur = _Incoming(req, tag, meta, nbytes, _DEST, req.dest)
+        else:
+            data = np.empty(nbytes, dtype=np.uint8)
+            cur = _Incoming(req, tag, meta, nbytes, _ASIDE, memoryview(data))
+            cur.data = data
+        self._cur = cur
+        return True
+
+    def _payload(self, cur: _Incoming) -> bool:
+        """Read more of the current message; True when it is complete (handed over)."""
+        sock = self.sock
+        while cur.got < cur.nbytes:
+            if cur.mode == _FOLD:
+                # into the piece buffer, reduced into place each time it is full
+                step = self._rx.fold_step(cur.req.fold[2].itemsize)  # type: ignore[union-attr]
+                want = min(step - cur.fill, cur.nbytes - cur.got)
+                view = cur.view[cur.fill:cur.fill + want]
+            else:
+                want = cur.nbytes - cur.got
+                view = cur.view[cur.got:]
+            k = self._hi - self._lo
+            if k:  # what the staging read took of it first
+                k = min(k, want)
+                view[:k] = self._sv[self._lo:self._lo + k]
+                self._lo += k
+            else:
+                try:
+                    k = sock.recv_into(view, want, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    return False
+                if k == 0:
+                    raise ConnectionError("the peer closed the connection")
+            cur.got += k
+            if cur.mode == _FOLD:
+                cur.fill += k
+                if cur.fill == step or cur.got == cur.nbytes:
+                    self._fold_piece(cur)
+        self._finish(cur)
+        return True
+
+    def _fold_piece(self, cur: _Incoming) -> None:
+        """Reduce the piece buffer into its place: ``dest = ufunc(first, piece)``."""
+        req = cur.req
+        ufunc, first, dest, _err = req.fold  # type: ignore[union-attr, misc]
+        isz = dest.itemsize
+        start = cur.got - cur.fill
+        e0, e1 = start // isz, cur.got // isz
+        cur.fill = 0
+        if cur.error is not None:
+            return  # the message is drained, not reduced any further
+        typed = self._rx.piece[: (e1 - e0) * isz].view(dest.dtype)
+        try:
+            ufunc(first[e0:e1], typed, out=dest[e0:e1])
+        except Exception as exc:  # e.g. FloatingPointError under np.seterr(all="raise")
+            cur.error = exc  # the caller raises it; the stream stays in step
+
+    def _finish(self, cur: _Incoming) -> None:
+        req = cur.req
+        self.bytes_in += cur.nbytes
+        self.msgs_in += 1
+        self._cur = None
+        if cur.mode == _ASIDE and req is None:
+            with self._cond:
+                # Posted meanwhile? Then it is its data (one copy more).
+                req = self._posted.pop(cur.tag, None)
+                if req is None:
+                    self._early[cur.tag] = (cur.meta, cur.data)
+                    self.early_msgs += 1
+        with self._cond:
+            self._reading = None
+        if req is None:
+            return
+        if cur.mode == _ASIDE:
+            req.data = cur.data
+        else:
+            req.data, req.into_dest = req.dest, True
+            if cur.mode == _FOLD:
+                req.folded = True
+                req.fold_error = cur.error
+                self.folded_msgs += 1
+        req.meta = cur.meta
+        req._set()
+
+
+_MORE, _PARKED, _DEAD = 0, 1, 2
+_DEST, _FOLD, _ASIDE = 0, 1, 2
+# Mid-payload with more than _LOWAT_FROM bytes to come, the receiver is woken only
+# once this much (or the rest) has arrived (SO_RCVLOWAT).
+_LOWAT, _LOWAT_FROM = 256 << 10, 64 << 10
+
+
+class _Incoming:
+    """The message a stream is reading: its receive (None: read aside), where its bytes
+    go (``mode``: the posted buffer, folded through the piece buffer, or aside)."""
+
+    __slots__ = ("req", "tag", "meta", "nbytes", "mode", "view", "got", "fill", "data",
+                 "error")
+
+    def __init__(self, req: RecvRequest | None, tag: Hashable, meta: Any, nbytes: int,
+                 mode: int, view: memoryview) -> None:
+        self.req = req
+        self.tag = tag
+        self.meta = meta
+        self.nbytes = nbytes
+        self.mode = mode
+        self.view = view
+        self.got = 0
+        self.fill = 0
+        self.data: Any = None
+        self.error: Exception | None = None
+
+
+class _Receiver:
+    """The one thread (``mesh-tcpbulk-recv``) that reads every stream of an endpoint.
+
+    One thread for all of a node's streams, not one per stream: where a rank hears
+    from several members at once (a direct allreduce or allgather of 4), the
+    messages that arrived together are handed over in one pass, one wake-up of the
+    caller instead of one per sender thread. The streams' sockets are watched with
+    a selector (epoll); other threads talk to it through ``_wake`` (a socketpair)."""
+
+    def __init__(self) -> None:
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        for s in (self._wake_r, self._wake_w):
+            s.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._lock = threading.Lock()
+        self._add: list[TcpBulkConn] = []
+        self._remove: list[tuple[TcpBulkConn, threading.Event]] = []
+        self._resume: set[TcpBulkConn] = set()
+        self._closed = False
+        self._watched: set[TcpBulkConn] = set()
+        self._parked: dict[TcpBulkConn, float] = {}  # conn -> when it reads aside
+        self.piece = np.empty(_FOLD_PIECE, dtype=np.uint8)
+        self.piece_view = memoryview(self.piece)
+        self._err: tuple | None = None  # the np.errstate this thread runs under now
+        self._thread = threading.Thread(target=self._run, daemon=True, name="mesh-tcpbulk-recv")
+        self._thread.start()
+
+    @staticmethod
+    def fold_step(itemsize: int) -> int:
+        return _FOLD_PIECE // itemsize * itemsize
+
+    def use_errstate(self, err: tuple) -> None:
+        """Run the next reductions under the poster's floating-point error state
+        (``np.seterr`` is per thread: this one's would ignore the caller's)."""
+        if err != self._err:
+            np.seterr(**dict(err[0]))
+            np.seterrcall(err[1])
+            self._err = err
+
+    # -- any thread ------------------------------------------------------------
+
+    def _poke(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # already poked (buffer full) or closing
+
+    def add(self, conn: TcpBulkConn) -> None:
+        with self._lock:
+            self._add.append(conn)
+        self._poke()
+
+    def remove(self, conn: TcpBulkConn, timeout: float = 2.0) -> None:
+        """Stop watching ``conn``; returns once the thread no longer touches its socket."""
+        if threading.current_thread() is self._thread:
+            self._drop(conn)
+            return
+        done = threading.Event()
+        with self._lock:
+            if self._closed:
+                return
+            self._remove.append((conn, done))
+        self._poke()
+        done.wait(timeout)
+
+    def resume(self, conn: TcpBulkConn) -> None:
+        """A receive was posted on a parked stream: read it again."""
+        with self._lock:
+            self._resume.add(conn)
+        self._poke()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._poke()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=2.0)
+
+    # -- the receiver thread ---------------------------------------------------
+
+    def _drop(self, conn: TcpBulkConn) -> None:
+        self._parked.pop(conn, None)
+        if conn in self._watched:
+            self._watched.discard(conn)
+            try:
+                self._sel.unregister(conn.sock)
+            except (KeyError, ValueError, OSError):
+                pass
+
+    def _serve(self, conn: TcpBulkConn) -> None:
+        """Pump ``conn``; park it (unwatched) or drop it as its state says."""
+        state = conn._pump()
+        if state == _MORE:
+            if conn not in self._watched:
+                self._watched.add(conn)
+                self._sel.register(conn.sock, selectors.EVENT_READ, conn)
+            return
+        if state == _PARKED:
+            self._parked[conn] = conn._park_until
+        else:
+            self._parked.pop(conn, None)
+        if conn in self._watched:
+            self._watched.discard(conn)
+            self._sel.unregister(conn.sock)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                timeout = None
+                if self._parked:
+                    timeout = max(0.0, min(self._parked.values()) - time.monotonic())
+                events = self._sel.select(timeout)
+                for key, _ in events:
+                    conn = key.data
+                    if conn is None:
+                        try:
+                            while self._wake_r.recv(4096):
+                                pass
+                        except (BlockingIOError, OSError):
+                            pass
+                        continue
+                    if conn in self._watched:
+                        self._serve(conn)
+                with self._lock:
+                    add, self._add = self._add, []
+                    remove, self._remove = self._remove, []
+                    resume, self._resume = self._resume, set()
+                    closed = self._closed
+                for conn, done in remove:
+                    self._drop(conn)
+                    resume.discard(conn)
+                    done.set()
+                if closed:
+                    return
+                for conn in add:
+                    if conn.broken is None:
+                        self._serve(conn)  # (it may hold data already)
+                now = time.monotonic()
+                for conn in [c for c, t in self._parked.items() if c in resume or t <= now]:
+                    del self._parked[conn]
+                    conn._parked = False  # posted, or waited long enough: read on
+                    self._serve(conn)
+        except Exception:  # pragma: no cover - a bug here must not pass silently
+            log.exception("tcpbulk: the receiver thread failed")
+            for conn in list(self._watched) + list(self._parked):
+                conn._fail("the receiver thread failed")
+        finally:
+            for s in (self._wake_r, self._wake_w):
+                s.close()
+            self._sel.close()
 
 
 class TcpBulkEndpoint:
@@ -550,6 +843,7 @@ class TcpBulkEndpoint:
         self._state: dict[str, tuple[str, str]] = {}
         self._names: dict[str, str] = {}
         self._offers: dict[str, tuple] = {}  # peer id -> (name, we dial?, host, port, token)
+        self._rx: _Receiver | None = None  # started with the first connection
         self._closed = False
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._lsock = socket.socket(family, socket.SOCK_STREAM)
@@ -689,6 +983,8 @@ class TcpBulkEndpoint:
         self._lsock.close()
         for c in conns:
             c.close("closed")
+        if self._rx is not None:
+            self._rx.close()
         self._acceptor.join(timeout=2.0)
 
     # -- threads ----------------------------------------------------------------
@@ -705,7 +1001,9 @@ class TcpBulkEndpoint:
             if self._closed or peer_id in self._conns:
                 return False
             name = self._names.get(peer_id, peer_id[:8])
-            self._conns[peer_id] = TcpBulkConn(sock, peer_id, name, self._broken)
+            if self._rx is None:
+                self._rx = _Receiver()
+            self._conns[peer_id] = TcpBulkConn(sock, peer_id, name, self._broken, self._rx)
             self._state[peer_id] = ("ready", "")
             self._changed.notify_all()
         self._notify()

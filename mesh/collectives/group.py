@@ -66,9 +66,13 @@ up to :data:`.schedule.ALLGATHER_CARRY_BYTES` rides with the shape exchange.
 Between members linked over tcp (other hosts, or ``shm=False``), segments of
 at least the node's ``tcp_bulk_threshold`` go over a plain TCP stream per pair
 instead (mesh/engine/bulk_tcp.py), agreed by both ends when the group forms;
-in a group of 2 and in a broadcast every segment does, however small
-(:meth:`Group._stream_min`: the caller writes a small one itself, and the
-peer's stream thread hands it over, one wake-up instead of ZeroMQ's three).
+every segment does, however small (:meth:`Group._stream_min`: the caller
+writes a small one itself, and the peer's one stream receiver thread hands it
+over, one wake-up instead of ZeroMQ's three). In such a group of 3 or more,
+``auto`` takes the ring right after the direct plan (the tree's root carries
+twice the array each way, the ring's links 2 (n - 1) / n of it) and a
+broadcast of 32 MiB or more goes down a chain (each link carries it once);
+see :data:`.schedule.TCP_BROADCAST_CHAIN_BYTES`.
 Its receives are posted ahead, up to ``_POST_AHEAD`` of them, straight into
 their slice of the result as soon as :func:`.schedule.post_guards` says
 nothing needs the slice's old content: a copying one (allgather half of the
@@ -181,6 +185,8 @@ def _compiled(kind: str, n: int, rank: int, size: int, seg: int, extra: Any = No
         plan = sch.allgather_plan(list(extra), rank, seg)
     elif kind == "broadcast_direct":
         plan = sch.direct_broadcast_plan(n, rank, size, extra, seg)
+    elif kind == "broadcast_chain":
+        plan = sch.chain_broadcast_plan(n, rank, size, extra, seg)
     elif kind == "allgather_direct":
         plan = sch.direct_allgather_plan(list(extra), rank, seg)
     else:  # pragma: no cover - internal
@@ -334,8 +340,9 @@ class Group:
         bulk = getattr(node, "_bulk_named", {})
         self._tcp = bulk.get("tcpbulk") if getattr(bulk.get("tcpbulk"), "endpoint", None) else None
         self._tcp_min = opts.get("tcp_bulk_threshold", 256 << 10)
-        self._small_stream = True  # see _stream_min
+        self._small_stream = "all"  # see _stream_min ("pairs": the 2-rank rule; "": off)
         self._inline_sends = True  # see _execute
+        self._bcast_algo = ""  # (measurements: force "direct", "chain" or "tree" over tcp)
         self._fold = True  # reducing receives on a stream: reduced as they arrive (_execute)
         self._scratch: list[np.ndarray] | None = None
         # Members with whom both sides have a bulk tcp stream (agreed at formation),
@@ -533,10 +540,13 @@ class Group:
             n = buf.size
             algo = algorithm
             if algo == "auto":
-                direct = self.direct_bytes
-                if direct is None and self._tcp_all:  # (agreed by every member alike)
-                    direct = sch.direct_bytes_over_tcp(self.size)
-                algo = sch.choose_algorithm(buf.nbytes, self.size, self.crossover_bytes, direct)
+                direct, cross = self.direct_bytes, self.crossover_bytes
+                if self._tcp_all:  # (agreed by every member alike)
+                    if direct is None:
+                        direct = sch.direct_bytes_over_tcp(self.size)
+                    if cross is None:
+                        cross = sch.crossover_bytes_over_tcp(self.size)
+                algo = sch.choose_algorithm(buf.nbytes, self.size, cross, direct)
             if src is not None and algo == "direct":
                 seg = sch.segment_elems_for(buf.itemsize, self.segment_bytes)
                 plan = _compiled(algo, n, self._rank, self.size, seg)
@@ -716,14 +726,19 @@ class Group:
             else:
                 buf = np.empty(n, dtype=arr.dtype)
             seg = sch.segment_elems_for(max(1, buf.itemsize), self.segment_bytes)
-            kind = sch.broadcast_algorithm(buf.nbytes, self.size)
-            if kind == "direct" and self._tcp_all:
+            kind: str = sch.broadcast_algorithm(buf.nbytes, self.size)
+            if self._tcp_all:
+                kind = self._bcast_algo or sch.broadcast_algorithm_over_tcp(buf.nbytes, self.size)
+            if kind == "chain":
+                seg = sch.segment_elems_for(
+                    max(1, buf.itemsize), sch.chain_segment_bytes(buf.nbytes, self.segment_bytes))
+            elif kind == "direct" and self._tcp_all:
                 # Nothing is forwarded or reduced, and every pair has a stream (the
                 # same answer on every rank): one message per rank, received in place,
                 # costs no per-segment hand-offs. 2 ranks, 64 MiB: 0.84x the time.
                 seg = max(1, n)
-            plan = _compiled("broadcast_direct" if kind == "direct" else "broadcast",
-                             n, self._rank, self.size, seg, rt)
+            plan = _compiled({"direct": "broadcast_direct", "chain": "broadcast_chain"}.get(
+                kind, "broadcast"), n, self._rank, self.size, seg, rt)
             meta = ["broadcast", list(arr.shape), arr.dtype.str, rt]
             self._execute(plan, buf, seq, "broadcast", None, meta, timeout)
             if is_root or inplace:
@@ -1472,17 +1487,20 @@ class Group:
     def _stream_min(self, opname: str) -> int:
         """Smallest slice (bytes) that goes over a bulk tcp stream in ``opname``.
 
-        Large ones always (``tcp_bulk_threshold``). Small ones too where a rank
-        receives one message per step (2 members, or a broadcast): the caller
-        writes a small one into the stream itself and the peer's stream thread
-        hands it over, one wake-up instead of ZeroMQ's three (its I/O threads and
-        the node's), 0.7-0.9x the time of a 4-64 KiB broadcast, allgather or
-        allreduce (2 ranks, tcp loopback, 2026-12-06). Where a rank receives
-        from several members at once (a direct allreduce or allgather of 4), one
-        stream thread per sender wakes it several times, while ZeroMQ's one I/O
-        thread hands all of them over in one go: 1.2x slower on the streams.
+        Large ones always (``tcp_bulk_threshold``), small ones too: the caller
+        writes a small one into the stream itself and the node's one stream
+        receiver thread (transports/tcp_bulk.py) hands it over, one wake-up
+        instead of ZeroMQ's three (its I/O threads and the node's): 0.7-0.9x the
+        time of a 4-64 KiB broadcast, allgather or allreduce of 2 ranks (tcp
+        loopback, 2026-12-06). Where a rank receives from several members at once
+        (a direct allreduce or allgather of 4), the messages that arrived
+        together are handed over in one pass of that thread (when each stream had
+        a thread of its own, each woke the caller: 1.2x slower than ZeroMQ).
+        ``_small_stream == "pairs"``: only where a rank hears one member per step
+        (2 members, or a broadcast), as before.
         """
-        if self._small_stream and (self.size == 2 or opname == "broadcast"):
+        if self._small_stream == "all" or (
+                self._small_stream and (self.size == 2 or opname == "broadcast")):
             return 1
         return self._tcp_min
 
@@ -1591,6 +1609,8 @@ class Group:
                 "dtype and options"
             )
         if req.folded:
+            if req.fold_error is not None:  # under this thread's np.seterr (tcp_bulk.post)
+                raise req.fold_error
             return None  # already reduced into its slice
         if req.into_dest:
             return np.frombuffer(req.dest, dtype=dtype)

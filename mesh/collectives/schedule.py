@@ -561,6 +561,29 @@ def direct_broadcast_plan(
     return builder.transfers
 
 
+def chain_broadcast_plan(
+    n_elems: int, rank: int, size: int, root: int = 0, segment_elems: int | None = None
+) -> list[Transfer]:
+    """Broadcast along the chain ``root -> root + 1 -> ... -> root - 1`` (copies,
+    segmented): each rank forwards a segment as soon as it has it.
+
+    Every link carries the array once, the root's too (the tree's root sends it
+    twice, the direct root ``size - 1`` times): where the wire is the limit the
+    time is ``S / rate`` plus one segment per hop of pipeline fill.
+    """
+    rank, size = _rank(rank, size)
+    root, _ = _rank(root, size, "root")
+    segs = _segments(n_elems, segment_elems)
+    v = (rank - root) % size
+    builder = _PlanBuilder()
+    for k, seg in enumerate(segs):
+        if v > 0:  # the edge v - 1 -> v runs at step v - 1
+            builder.add("broadcast", v - 1, k, None, None, (rank - 1) % size, seg, False)
+        if v + 1 < size:
+            builder.add("broadcast", v, k, (rank + 1) % size, seg, None, None, False)
+    return builder.transfers
+
+
 def direct_allgather_plan(sizes: Sequence[int], rank: int, segment_elems: int) -> list[Transfer]:
     """Allgather in one step: every rank sends its part to every other rank itself.
 
@@ -797,6 +820,48 @@ def allgather_algorithm(nbytes: int, size: int) -> Literal["direct", "ring"]:
     if size <= 2 or (size <= DIRECT_MAX_GROUP and nbytes <= ALLGATHER_DIRECT_BYTES):
         return "direct"
     return "ring"
+
+
+# Over tcp (every pair of the group on a bulk tcp stream: other hosts, where the
+# wire is what limits a large collective), groups of 3 or more: a broadcast from
+# TCP_BROADCAST_CHAIN_BYTES goes down a chain in segments (chain_broadcast_plan),
+# below that as broadcast_algorithm() says; allreduce takes the ring from where it
+# stops taking the direct plan. Measured 2026-12-06 between namespace hosts whose
+# links were limited to 1 Gbit/s (bench/collectives.py --tcp --lan-rate 1gbit), 4
+# ranks: the tree broadcast's root sends 2 S (2.0x the wire floor at 64 MiB), the
+# tree allreduce moved 2-3x the ring's bytes through its root (2.8x Gloo's time at
+# 1-4 MiB). On tcp loopback (the 2 cores, not a wire, the limit) the ring is still
+# 0.55-0.8x Gloo's time at 256 KiB-4 MiB, while the chain (and a scatter +
+# allgather broadcast, tried too) took 1.3-1.5x the direct plan's time up to 4 MiB:
+# a direct broadcast's root sends 3 S, which on a slow wire costs 1.07-1.24x Gloo's
+# time at 256 KiB-1 MiB (4 ranks, 1 Gbit/s), a loss kept for the loopback's sake.
+TCP_BROADCAST_CHAIN_BYTES = 32 * _MiB
+# A chain segment: small enough that the pipeline fills quickly (S / 32), large
+# enough that per-message costs stay small.
+CHAIN_SEGMENT_MIN = 1 * _MiB
+
+
+def broadcast_algorithm_over_tcp(nbytes: int, size: int) -> Literal["direct", "tree", "chain"]:
+    """:func:`broadcast_algorithm` for a group whose pairs all have bulk tcp streams:
+    the chain (:func:`chain_broadcast_plan`) from TCP_BROADCAST_CHAIN_BYTES."""
+    nbytes = _count(nbytes, "nbytes")
+    size = _count(size, "group size", 1)
+    if size > 2 and nbytes >= TCP_BROADCAST_CHAIN_BYTES:
+        return "chain"
+    return broadcast_algorithm(nbytes, size)
+
+
+def chain_segment_bytes(nbytes: int, segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> int:
+    """Segment of a chain broadcast of ``nbytes``: S / 32 within [1 MiB, segment_bytes]."""
+    return max(1, min(segment_bytes, max(CHAIN_SEGMENT_MIN, nbytes // 32)))
+
+
+def crossover_bytes_over_tcp(size: int) -> int | None:
+    """``crossover_bytes`` for a group whose pairs all have bulk tcp streams: with 3 or
+    more ranks the ring from where the direct plan stops (never the tree, whose root
+    carries 2 S each way); None (the ordinary default) for 2."""
+    size = _count(size, "group size", 1)
+    return direct_bytes_for(size) if size >= 3 else None
 
 
 # With every pair of the group on a bulk tcp stream (received straight into
