@@ -950,6 +950,9 @@ def _stall(pair: Pair, cfg: Config, transport: str) -> list[dict]:
     """A subscriber stalled STALL_SECONDS under the default window: its RSS grows by
     at most one window (per publisher), the publisher waits, nothing is lost."""
     timeout = 120.0 + STALL_SECONDS
+    # Fresh workers: the free memory earlier cases left in a worker's heap would take
+    # the window's allocations and hide the growth (or their leftovers add to it).
+    pair.close()
     sink, source = pair.run(
         f"{HERE}:mesh_stall_sink_task", f"{HERE}:mesh_stall_source_task",
         server_kw={"transport": transport, "count": STALL_COUNT, "stall": STALL_SECONDS,
