@@ -12,6 +12,7 @@ import pytest
 from meshproc import wait_until
 
 from mesh.engine import heap
+from mesh.flow import CreditGrant
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -30,18 +31,22 @@ def pair(procs, sub_args: dict, **node_kwargs):
 
 def test_a_stalled_subscriber_gives_the_freed_receive_buffers_back(procs):
     """The default window (1024 messages), 16 KiB payloads (copied out of their
-    frames into bytes), a handler that stalls: the subscriber trims its heap once
-    the window is full, so it holds about one window, not two; nothing is lost."""
+    frames into bytes), a handler that stalls: the window is full and nothing is
+    taken for STALL_CONFIRM seconds, so the subscriber trims its heap and holds
+    about one window, not two; nothing is lost."""
     p, s, sid = pair(procs, {"mode": "gated"})
     n, pad = 3000, 16 * 1024
     before = s.call("rss")
     assert s.call("heap")["trims"] == 0
     p.call("publish_loop_async", key="stall", subject="f.x", n=n, pad=pad, timeout=60)
     assert wait_until(lambda: s.call("status")["counters"]["msgs_in"] >= 1024, 30)
-    time.sleep(0.5)  # the window is all there is: the publisher waits for credit
+    # The window is all there is (the publisher waits for credit); the trim comes
+    # STALL_CONFIRM seconds after it filled.
+    assert wait_until(lambda: s.call("heap")["trims"] >= 1, 10)
+    time.sleep(0.2)
     assert s.call("status")["counters"]["msgs_in"] == 1024
     state = s.call("heap")
-    assert state["trims"] == 1, state  # the window filled once: one trim
+    assert state["looks"] == 1 and state["trims"] == 1, state  # one stall: one trim
     assert state["trims_released"] == 1, state  # ... and it gave memory back
     growth = s.call("rss") - before
     # The window is 16 MiB of payloads: +14.6-14.8 MiB measured; without the trim
@@ -53,19 +58,35 @@ def test_a_stalled_subscriber_gives_the_freed_receive_buffers_back(procs):
     assert out.get("sent") == n, out
     got = s.call("collected", sid=sid, n=n, timeout=60)
     assert [int(r["data"].rstrip(b".")) for r in got] == list(range(1, n + 1))
-    # Later full windows (a consumer slower than its publisher) trim at most once a
-    # TRIM_INTERVAL.
-    trims = s.call("heap")["trims"]
-    assert trims <= 2 + (time.monotonic() - t_open) / heap.TRIM_INTERVAL, trims
+    # Later full windows (the consumer slower than its publisher) look at most once
+    # a TRIM_INTERVAL.
+    looks = s.call("heap")["looks"]
+    assert looks <= 2 + (time.monotonic() - t_open) / heap.TRIM_INTERVAL, looks
 
 
-def test_window_full_trims_at_most_once_per_interval():
-    """Two stalls noticed within TRIM_INTERVAL: one trim (each walks every arena)."""
-    heap._last_trim = -heap.TRIM_INTERVAL  # as if none ran yet in this process
-    trims = heap.stats["trims"]
-    assert heap.window_full() is True
-    assert heap.window_full() is False
-    assert heap.stats["trims"] == trims + 1
+def test_a_full_window_trims_only_when_nothing_is_taken_and_at_most_once_per_interval():
+    """A full window looks again STALL_CONFIRM later: a trim if the application took
+    nothing meanwhile (a stall), none if it did (a slow consumer); one look per
+    TRIM_INTERVAL whatever the number of full windows (a trim walks every arena)."""
+    heap._last_look = -heap.TRIM_INTERVAL  # as if none was set up yet in this process
+    stalled = CreditGrant(4, None)
+    for _ in range(4):
+        stalled.on_received(100)
+    trims, looks = heap.stats["trims"], heap.stats["looks"]
+    assert heap.window_full(stalled) is True
+    assert heap.window_full(stalled) is False  # within TRIM_INTERVAL
+    assert wait_until(lambda: heap.stats["trims"] == trims + 1, 5)
+    assert heap.stats["looks"] == looks + 1
+
+    heap._last_look = -heap.TRIM_INTERVAL
+    slow = CreditGrant(4, None)
+    for _ in range(4):
+        slow.on_received(100)
+    not_stalled = heap.stats["not_stalled"]
+    assert heap.window_full(slow) is True
+    slow.on_consumed(100, time.monotonic())  # it takes one meanwhile
+    assert wait_until(lambda: heap.stats["not_stalled"] == not_stalled + 1, 5)
+    assert heap.stats["trims"] == trims + 1  # no second trim
 
 
 def test_large_arrays_over_tcp_reuse_the_heap_instead_of_faulting_it_in(procs):

@@ -305,7 +305,7 @@ class Dispatcher:
         with sub._flow:
             accepted = grant.on_received_run((nbytes,))
         if grant.buffered >= grant.credits:  # stalled on a full window: free pages back
-            heap.window_full()
+            heap.window_full(grant)
         if not accepted:
             counters.drops["credit_violation"] += 1
             return
@@ -428,7 +428,7 @@ class Dispatcher:
             with sub._flow:
                 accepted = grant.on_received_run(sizes, total)
             if grant.buffered >= grant.credits:  # stalled on a full window: free pages back
-                heap.window_full()
+                heap.window_full(grant)
             if accepted < count:
                 drops["credit_violation"] += count - accepted  # sent beyond its credit
             if payloads is None and (count == 1 or sub.handler is None or sub.inline):

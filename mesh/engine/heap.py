@@ -10,9 +10,10 @@ each without touching the process's malloc settings (those are the user's):
   ``msg.data`` is), so the arena grows by one more window of freed frames and
   glibc keeps those pages: RSS was two windows. When a subscription's window
   is full of messages nobody has taken (nothing more can come from that
-  publisher), :func:`window_full` gives the freed pages back (``malloc_trim``,
-  glibc only, at most once per ``TRIM_INTERVAL`` seconds: a trim walks every
-  arena, ~1 ms).
+  publisher) and its application still took none ``STALL_CONFIRM`` seconds
+  later, :func:`window_full` gives the freed pages back (``malloc_trim``, glibc
+  only; a trim walks every arena, ~1 ms). A consumer that is merely slower than
+  its publisher also fills its window, but keeps taking messages: no trim.
 * Large arrays (>= 64 KiB, kept as views on their frames): glibc shrinks an
   arena's heap whenever a free leaves more than ~2 buffers of free space at its
   top, so a burst of frees (the subscriber caught up) unmaps the heap's top and
@@ -23,8 +24,9 @@ each without touching the process's malloc settings (those are the user's):
   pages are reused. It holds one frame (<= ``BALLAST_MAX``) per heap region.
 
 Threads: ``window_full`` runs on the node's I/O thread (any node's: the trim
-state is process-wide, under ``_lock``); a ``Ballast`` belongs to one node and
-only its I/O thread calls ``keep``.
+state is process-wide, under ``_lock``) and starts at most one short-lived
+timer thread (``mesh-heap-trim``) per ``TRIM_INTERVAL``, which looks again and
+trims; a ``Ballast`` belongs to one node and only its I/O thread calls ``keep``.
 """
 
 from __future__ import annotations
@@ -41,7 +43,10 @@ import numpy as np
 
 log = logging.getLogger("mesh")
 
-# A stall's trim at most this often (seconds), whatever the number of subscriptions.
+# A full window is looked at again this much later (seconds): a stall if its
+# application took nothing meanwhile.
+STALL_CONFIRM = 0.3
+# At most one such look (and trim) this often, whatever the number of subscriptions.
 TRIM_INTERVAL = 1.0
 
 
@@ -61,24 +66,45 @@ def _find_trim() -> Any:
 
 _malloc_trim = _find_trim()
 _lock = threading.Lock()
-_last_trim = -TRIM_INTERVAL  # monotonic time of the last trim
-# Process-wide counters (read by tests and the benchmark): trims run, and how
-# many of them returned memory.
-stats = {"trims": 0, "trims_released": 0, "trim_seconds": 0.0}
+_last_look = -TRIM_INTERVAL  # monotonic time the last look was set up
+# Process-wide counters (read by tests and the benchmark): looks set up, trims run,
+# how many of those returned memory, looks that found the application consuming.
+stats = {"looks": 0, "trims": 0, "trims_released": 0, "trim_seconds": 0.0, "not_stalled": 0}
 
 
-def window_full() -> bool:
-    """A subscription holds a full window of messages its application has not taken
-    (the caller checked): give the heap's free pages back, unless a trim ran less
-    than TRIM_INTERVAL ago. True when a trim ran."""
-    global _last_trim
+def window_full(grant: Any) -> bool:
+    """``grant`` (a mesh.flow.CreditGrant) holds a full window of messages its
+    application has not taken (the caller checked): look again STALL_CONFIRM
+    seconds later and trim if it took none meanwhile, unless a look was set up
+    less than TRIM_INTERVAL ago. True when a look was set up."""
+    global _last_look
     if _malloc_trim is None:
         return False
     now = time.monotonic()
     with _lock:
-        if now - _last_trim < TRIM_INTERVAL:
+        if now - _last_look < TRIM_INTERVAL:
             return False
-        _last_trim = now
+        _last_look = now
+        stats["looks"] += 1
+    timer = threading.Timer(STALL_CONFIRM, _look_again, (grant, grant.consumed))
+    timer.name = "mesh-heap-trim"
+    timer.daemon = True
+    timer.start()
+    return True
+
+
+def _look_again(grant: Any, consumed: int) -> None:
+    if grant.consumed != consumed:  # it is consuming: a slow consumer, not a stall
+        with _lock:
+            stats["not_stalled"] += 1
+        return
+    trim()
+
+
+def trim() -> None:
+    """Give the free pages of every arena back to the kernel (glibc's malloc_trim)."""
+    if _malloc_trim is None:
+        return
     t0 = time.perf_counter()
     released = _malloc_trim(0)  # ctypes lets go of the GIL meanwhile
     seconds = time.perf_counter() - t0
@@ -86,7 +112,6 @@ def window_full() -> bool:
         stats["trims"] += 1
         stats["trims_released"] += 1 if released else 0
         stats["trim_seconds"] += seconds
-    return True
 
 
 # Frames the ballast considers: below 64 KiB the node copies the payload and frees
