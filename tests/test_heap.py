@@ -66,26 +66,31 @@ def test_a_stalled_subscriber_gives_the_freed_receive_buffers_back(procs):
 
 def test_a_full_window_trims_only_when_nothing_is_taken_and_at_most_once_per_interval():
     """A full window looks again STALL_CONFIRM later: a trim if the application took
-    nothing meanwhile (a stall), none if it did (a slow consumer); one look per
-    TRIM_INTERVAL whatever the number of full windows (a trim walks every arena)."""
-    heap._last_look = -heap.TRIM_INTERVAL  # as if none was set up yet in this process
-    stalled = CreditGrant(4, None)
-    for _ in range(4):
-        stalled.on_received(100)
+    nothing meanwhile (a stall), none if it did (a slow consumer); one look at a
+    time, the next no sooner than TRIM_INTERVAL after the last (a trim walks every
+    arena)."""
+    def full_grant() -> CreditGrant:
+        grant = CreditGrant(4, None)
+        for _ in range(4):
+            grant.on_received(100)
+        return grant
+
+    heap._last_look = -heap.TRIM_INTERVAL  # as if none ran yet in this process
+    stalled = full_grant()
     trims, looks = heap.stats["trims"], heap.stats["looks"]
+    t0 = time.monotonic()
     assert heap.window_full(stalled) is True
-    assert heap.window_full(stalled) is False  # within TRIM_INTERVAL
+    assert heap.window_full(full_grant()) is False  # one look at a time
     assert wait_until(lambda: heap.stats["trims"] == trims + 1, 5)
+    assert time.monotonic() - t0 >= heap.STALL_CONFIRM
     assert heap.stats["looks"] == looks + 1
 
-    heap._last_look = -heap.TRIM_INTERVAL
-    slow = CreditGrant(4, None)
-    for _ in range(4):
-        slow.on_received(100)
+    slow = full_grant()
     not_stalled = heap.stats["not_stalled"]
-    assert heap.window_full(slow) is True
+    assert heap.window_full(slow) is True  # set up at once, run after the interval
     slow.on_consumed(100, time.monotonic())  # it takes one meanwhile
     assert wait_until(lambda: heap.stats["not_stalled"] == not_stalled + 1, 5)
+    assert time.monotonic() - t0 >= heap.TRIM_INTERVAL * 0.99
     assert heap.stats["trims"] == trims + 1  # no second trim
 
 

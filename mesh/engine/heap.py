@@ -24,9 +24,9 @@ each without touching the process's malloc settings (those are the user's):
   pages are reused. It holds one frame (<= ``BALLAST_MAX``) per heap region.
 
 Threads: ``window_full`` runs on the node's I/O thread (any node's: the trim
-state is process-wide, under ``_lock``) and starts at most one short-lived
-timer thread (``mesh-heap-trim``) per ``TRIM_INTERVAL``, which looks again and
-trims; a ``Ballast`` belongs to one node and only its I/O thread calls ``keep``.
+state is process-wide, under ``_lock``) and starts a short-lived timer thread
+(``mesh-heap-trim``, one at a time, at most one per ``TRIM_INTERVAL``), which
+looks again and trims; a ``Ballast`` belongs to one node and only its I/O thread calls ``keep``.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ log = logging.getLogger("mesh")
 # A full window is looked at again this much later (seconds): a stall if its
 # application took nothing meanwhile.
 STALL_CONFIRM = 0.3
-# At most one such look (and trim) this often, whatever the number of subscriptions.
+# Looks (and trims) at most this often, whatever the number of subscriptions; a
+# window that fills sooner is looked at once the interval is over.
 TRIM_INTERVAL = 1.0
 
 
@@ -66,7 +67,8 @@ def _find_trim() -> Any:
 
 _malloc_trim = _find_trim()
 _lock = threading.Lock()
-_last_look = -TRIM_INTERVAL  # monotonic time the last look was set up
+_last_look = -TRIM_INTERVAL  # monotonic time the last look ran
+_look_pending = False  # a timer is set: it will trim whatever is free by then
 # Process-wide counters (read by tests and the benchmark): looks set up, trims run,
 # how many of those returned memory, looks that found the application consuming.
 stats = {"looks": 0, "trims": 0, "trims_released": 0, "trim_seconds": 0.0, "not_stalled": 0}
@@ -75,18 +77,21 @@ stats = {"looks": 0, "trims": 0, "trims_released": 0, "trim_seconds": 0.0, "not_
 def window_full(grant: Any) -> bool:
     """``grant`` (a mesh.flow.CreditGrant) holds a full window of messages its
     application has not taken (the caller checked): look again STALL_CONFIRM
-    seconds later and trim if it took none meanwhile, unless a look was set up
-    less than TRIM_INTERVAL ago. True when a look was set up."""
-    global _last_look
+    seconds later (or once TRIM_INTERVAL has passed since the last look) and trim
+    if it took none meanwhile. None when a look is already set: that one trims
+    what is free by then (a trim covers every arena, so every stalled window).
+    True when a look was set up."""
+    global _look_pending
     if _malloc_trim is None:
         return False
     now = time.monotonic()
     with _lock:
-        if now - _last_look < TRIM_INTERVAL:
+        if _look_pending:
             return False
-        _last_look = now
+        _look_pending = True
+        delay = max(STALL_CONFIRM, _last_look + TRIM_INTERVAL - now)
         stats["looks"] += 1
-    timer = threading.Timer(STALL_CONFIRM, _look_again, (grant, grant.consumed))
+    timer = threading.Timer(delay, _look_again, (grant, grant.consumed))
     timer.name = "mesh-heap-trim"
     timer.daemon = True
     timer.start()
@@ -94,10 +99,13 @@ def window_full(grant: Any) -> bool:
 
 
 def _look_again(grant: Any, consumed: int) -> None:
-    if grant.consumed != consumed:  # it is consuming: a slow consumer, not a stall
-        with _lock:
+    global _look_pending, _last_look
+    with _lock:
+        _look_pending = False
+        _last_look = time.monotonic()
+        if grant.consumed != consumed:  # it is consuming: a slow consumer, not a stall
             stats["not_stalled"] += 1
-        return
+            return
     trim()
 
 
