@@ -304,7 +304,7 @@ class Dispatcher:
                 sub.credits, sub.credit_bytes, threshold=_credit_threshold(sub.credits))
         with sub._flow:
             accepted = grant.on_received_run((nbytes,))
-        if grant.buffered >= grant.credits:  # stalled on a full window: free pages back
+        if grant.buffered >= grant.credits:  # a full window nobody took from (engine/heap.py)
             heap.window_full(grant)
         if not accepted:
             counters.drops["credit_violation"] += 1
@@ -427,7 +427,7 @@ class Dispatcher:
                     sub.credits, sub.credit_bytes, threshold=_credit_threshold(sub.credits))
             with sub._flow:
                 accepted = grant.on_received_run(sizes, total)
-            if grant.buffered >= grant.credits:  # stalled on a full window: free pages back
+            if grant.buffered >= grant.credits:  # a full window nobody took from (engine/heap.py)
                 heap.window_full(grant)
             if accepted < count:
                 drops["credit_violation"] += count - accepted  # sent beyond its credit
