@@ -92,7 +92,8 @@ def summary(rows: list[dict], cfg: pubsub.Config) -> str:
         if row["bench"] == "stall":
             lines.append(
                 f"{row['ratio']:>7.2f}x  {'<= 1 window':<22} {'yes' if row['met'] else 'NO':<4}  "
-                f"stall {row['case']}: subscriber RSS +{row['rss_growth_mib']:.1f} MiB (window "
+                f"stall {row['case']}: subscriber RSS +{row['rss_growth_mib']:.1f} MiB held "
+                f"(peak +{row.get('rss_peak_growth_mib', 0.0):.1f} MiB as it arrived; window "
                 f"{row['window_mib']:.0f} MiB, {row['offered_mib']:.0f} MiB offered), "
                 f"{row['msgs_in_during_stall']} msgs in during the stall, {row['lost']} lost, "
                 f"in order: {row['in_order']}; the publisher waited up to "

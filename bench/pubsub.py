@@ -22,14 +22,17 @@ reports the ratio mesh/raw:
    the cost of flow control, 1 - controlled/uncontrolled (goal < 10 %, at the
    default window; the wider window's cost is information).
 3. 1 MiB float32 arrays: mesh vs PUSH/PULL ``copy=False``; both receivers
-   build a numpy view on the received frame (no copy) and read it. Goal >= 80 %.
-   tcp: ``transports=("tcp",)``, so the node's shared memory is off (it is used
-   over ipc only). ipc: the node sends arrays >= ``shm_threshold`` (1 MiB)
-   through shared memory, reported as "ipc+shm"; the reference stays plain ipc.
+   build a numpy view on the received frame (no copy) and read it. Goal >= 90 %
+   over tcp (issue #16), for the default node (shared memory to a peer on the
+   same host, "tcp+shm") and for ``shm=False`` (the arrays on the tcp socket:
+   the "mesh-noshm" row); >= 80 % over ipc ("ipc+shm"; the reference stays
+   plain ipc). The subscriber's page faults per array are reported beside.
 
 4. References (bench/refs.py, cases ``latency-refs/tcp`` and
    ``throughput-refs/tcp``): Zenoh's Python binding and NATS beside raw pyzmq
    and the mesh, pinned to one core and not, and fan-in / fan-out shapes.
+5. A subscriber stalled 10 s under the default window (case ``stall``): its RSS
+   grows by at most its window (goal), nothing is lost.
 
 Task functions (``*_task``) run inside the workers; ``run()`` runs in the parent.
 """
@@ -621,6 +624,9 @@ ARRAY_VARIANTS: dict[str, dict[str, Any]] = {
 GOAL_LATENCY = 1.5  # mesh p50 <= 1.5x raw, batching off
 GOAL_SMALL = 0.5  # 64 B: mesh >= 50 % of raw
 GOAL_ARRAY = 0.8  # 1 MiB: mesh >= 80 % of raw
+# Issue #16: 1 MiB arrays over tcp >= 90 % of raw PUSH/PULL copy=False, on the socket
+# (the mesh-noshm row) as well as through shared memory (the default node's row).
+GOAL_ARRAY_TCP = 0.9
 GOAL_BATCHING = 2.0  # 64 B: batching on >= 2x batching off
 GOAL_FLOW_COST = 0.10  # 64 B: flow control costs < 10 % of the uncontrolled rate
 
@@ -767,7 +773,9 @@ def _throughput(
             out["shm"] = source.get("shm")
         return out
 
-    goal = GOAL_ARRAY if kind == "array" else GOAL_SMALL
+    goal = GOAL_SMALL
+    if kind == "array":
+        goal = GOAL_ARRAY_TCP if transport == "tcp" else GOAL_ARRAY
     case = "1 MiB float32 arrays" if kind == "array" else "64 B msgs"
     raw = summary("raw")
     meshes = {impl: summary(impl) for impl in variants}
@@ -779,7 +787,7 @@ def _throughput(
             label = f"{transport}+shm"
         ratios = [r[impl]["rate"] / r["raw"]["rate"] for r in reps]
         ratio = _median(ratios)
-        primary = impl == "mesh"
+        primary = impl == "mesh" or (kind == "array" and transport == "tcp" and impl == "mesh-noshm")
         rows.append({
             "bench": "throughput", "impl": impl,
             "case": case + ("" if kind == "array" and impl == "mesh" else f", {_DESCRIPTIONS[impl]}"),
@@ -889,7 +897,6 @@ def mesh_stall_sink_task(ctl: Control, transport: str, count: int, stall: float,
     got: list[int] = []
     first = threading.Event()
     done = threading.Event()
-    peak = [0]
 
     def on_msg(msg: Any) -> None:
         if not first.is_set():
@@ -905,14 +912,24 @@ def mesh_stall_sink_task(ctl: Control, transport: str, count: int, stall: float,
         ctl.send("ready", _mesh_endpoint(node, transport))
         if not first.wait(60):
             raise BenchError("stall sink: no message")
-        t_end = time.monotonic() + stall - 0.5
-        while time.monotonic() < t_end:  # the stall: sample RSS and what came in
-            peak[0] = max(peak[0], _rss())
+        t0 = time.monotonic()
+        samples: list[tuple[float, int]] = []
+        while time.monotonic() < t0 + stall - 0.5:  # the stall: sample RSS
+            samples.append((time.monotonic() - t0, _rss()))
             time.sleep(0.1)
         in_stall = node.status()["counters"]["msgs_in"]
+        # What it holds: the median after the first second (the window arrives within
+        # milliseconds of the first message; meanwhile libzmq's decoded frames and
+        # their copies are both alive, a peak reported beside).
+        held = statistics.median(r for t, r in samples if t >= 1.0)
+        from mesh.engine import heap
+
+        trims = dict(heap.stats)  # engine/heap.py: the trim a full window caused
         if not done.wait(timeout):
             raise BenchError(f"stall sink: {len(got)} of {count} messages after the stall")
-        return {"rss_before": before, "rss_peak_stall": peak[0], "msgs_in_stall": in_stall,
+        return {"rss_before": before, "rss_peak_stall": max(r for _, r in samples),
+                "rss_held_stall": held, "msgs_in_stall": in_stall,
+                "heap_trims_in_stall": trims["trims"],
                 "received": len(got), "in_order": got == list(range(count)),
                 **_mesh_counters(node)}
 
@@ -938,6 +955,9 @@ def _stall(pair: Pair, cfg: Config, transport: str) -> list[dict]:
     """A subscriber stalled STALL_SECONDS under the default window: its RSS grows by
     at most one window (per publisher), the publisher waits, nothing is lost."""
     timeout = 120.0 + STALL_SECONDS
+    # Fresh workers: the free memory earlier cases left in a worker's heap would take
+    # the window's allocations and hide the growth (or their leftovers add to it).
+    pair.close()
     sink, source = pair.run(
         f"{HERE}:mesh_stall_sink_task", f"{HERE}:mesh_stall_source_task",
         server_kw={"transport": transport, "count": STALL_COUNT, "stall": STALL_SECONDS,
@@ -945,20 +965,26 @@ def _stall(pair: Pair, cfg: Config, transport: str) -> list[dict]:
         client_kw={"transport": transport, "count": STALL_COUNT, "timeout": timeout},
         timeout=timeout, primary="server")
     window = 1024 * STALL_SIZE
-    growth = sink["rss_peak_stall"] - sink["rss_before"]
+    growth = sink["rss_held_stall"] - sink["rss_before"]
+    peak = sink["rss_peak_stall"] - sink["rss_before"]
     lost = STALL_COUNT - sink["received"]
-    met = growth <= window + (16 << 20) and lost == 0 and sink["in_order"] and \
-        sink["msgs_in_stall"] <= 1024
-    log(f"  stall {transport}: RSS +{growth / 2**20:.1f} MiB during {STALL_SECONDS:.0f} s "
-        f"(window {window >> 20} MiB), {sink['msgs_in_stall']} msgs in, {lost} lost")
+    # Issue #16: it holds at most its window (RSS from before the publisher joined to
+    # during the stall: payloads, Message objects, receive buffers and all).
+    met = growth <= window and lost == 0 and sink["in_order"] and sink["msgs_in_stall"] <= 1024
+    log(f"  stall {transport}: RSS +{growth / 2**20:.1f} MiB held during {STALL_SECONDS:.0f} s "
+        f"(peak +{peak / 2**20:.1f} MiB while the window arrived) "
+        f"(window {window >> 20} MiB), {sink['msgs_in_stall']} msgs in, {lost} lost, "
+        f"{sink['heap_trims_in_stall']} heap trim(s)")
     return [{
         "bench": "stall", "impl": "mesh", "transport": transport,
         "case": f"subscriber stalled {STALL_SECONDS:.0f} s, default window (1024 msgs), "
                 f"{STALL_COUNT} x {STALL_SIZE >> 10} KiB, publish(timeout=60)",
-        "unit": "MiB", "rss_growth_mib": growth / 2**20, "window_mib": window / 2**20,
+        "unit": "MiB", "rss_growth_mib": growth / 2**20, "rss_peak_growth_mib": peak / 2**20,
+        "window_mib": window / 2**20,
         "offered_mib": STALL_COUNT * STALL_SIZE / 2**20, "msgs_in_during_stall": sink["msgs_in_stall"],
         "received": sink["received"], "lost": lost, "in_order": sink["in_order"],
         "publisher_longest_wait_s": source["longest_wait_s"], "reference": "its window",
-        "ratio": growth / window, "goal": "RSS growth <= window (+16 MiB), nothing lost",
+        "heap_trims": sink["heap_trims_in_stall"],
+        "ratio": growth / window, "goal": "RSS growth <= window, nothing lost",
         "met": met, "reps": 1,
     }]

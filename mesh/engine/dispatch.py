@@ -27,6 +27,7 @@ import zmq
 
 from mesh import wire
 from mesh.channels import EARLY_MAX_MESSAGES, Channel, ChannelMessage
+from mesh.engine import heap
 from mesh.engine.common import _STOP, ZERO_COPY_BYTES
 from mesh.engine.receive import queue_run, run_list
 from mesh.errors import (
@@ -129,6 +130,8 @@ class Dispatcher:
         # ROUTER identity -> peer id of peers that sent data (I/O thread): no split and
         # decode of the identity per message.
         self._ident_ids: dict[bytes, str] = {}
+        # Keeps libzmq's heap from being shrunk under large receives (engine/heap.py).
+        self._ballast = heap.Ballast()
 
     def _deliver(self, sub: Subscription, msg: Message) -> None:
         """Hand a message to a subscription (from a publishing thread)."""
@@ -301,6 +304,8 @@ class Dispatcher:
                 sub.credits, sub.credit_bytes, threshold=_credit_threshold(sub.credits))
         with sub._flow:
             accepted = grant.on_received_run((nbytes,))
+        if grant.buffered >= grant.credits:  # a full window nobody took from (engine/heap.py)
+            heap.window_full(grant)
         if not accepted:
             counters.drops["credit_violation"] += 1
             return
@@ -315,7 +320,11 @@ class Dispatcher:
         if not fields[3] and len(frames) == 3:  # bytes, not an array: the common case
             frame = frames[2]
             nbytes = len(frame)
-            data = frame.bytes if nbytes < ZERO_COPY_BYTES else frame.buffer
+            if nbytes < ZERO_COPY_BYTES:
+                data = frame.bytes
+            else:
+                data = frame.buffer
+                self._ballast.keep(frame, data)
             self._accept_run(peer, fields, (data,), time.time(), None, nbytes)
             return
         data, array, nbytes = self._payload_of(fields[3], frames, "message", peer)
@@ -418,6 +427,8 @@ class Dispatcher:
                     sub.credits, sub.credit_bytes, threshold=_credit_threshold(sub.credits))
             with sub._flow:
                 accepted = grant.on_received_run(sizes, total)
+            if grant.buffered >= grant.credits:  # a full window nobody took from (engine/heap.py)
+                heap.window_full(grant)
             if accepted < count:
                 drops["credit_violation"] += count - accepted  # sent beyond its credit
             if payloads is None and (count == 1 or sub.handler is None or sub.inline):
@@ -602,6 +613,7 @@ class Dispatcher:
                 data, nbytes = channel.open_array(peer, frames[3].bytes)
                 return data, array_from_frames(frames[2].buffer, data), nbytes
             data = frames[3].buffer
+            self._ballast.keep(frames[3], data)
             return data, array_from_frames(frames[2].buffer, data), len(frames[3])
         if len(frames) != 3:
             raise ProtocolError(f"{what} needs exactly one payload frame", "malformed")
