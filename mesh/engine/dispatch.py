@@ -489,18 +489,13 @@ class Dispatcher:
         self._return_credit(sub, grant, publisher, 1, nbytes)
 
     def _return_credit(self, sub: Subscription, grant: CreditGrant, publisher: str,
-                       count: int, nbytes: int, idle: bool = False) -> None:
+                       count: int, nbytes: int) -> None:
         """``count`` messages from ``publisher`` were consumed: send their credit back
-        now if the grant's threshold is reached, else have the I/O thread flush it later.
-        ``idle``: the dispatch thread has nothing more queued (the end of a drain's
-        item), so this subscriber waits for the publisher: credit worth a frame (an
-        eighth of the threshold, as riding credit) goes now, not at the next item's
-        threshold nor after the flush delay, while the publisher may be blocked on it."""
+        now if the grant's threshold is reached, else have the I/O thread flush it later."""
         now = time.monotonic()
         with sub._flow:
             grant.on_consumed(nbytes, now, count)
-            update = grant.take_update(
-                now, idle and grant.pending[0] >= _ride_least(grant.threshold))
+            update = grant.take_update(now)
             if update is None:
                 self._dirty_grants[(sub, publisher)] = grant
         if update is not None:

@@ -32,7 +32,7 @@ cpdef queue_run(list out, object sub, object subject, object payloads, object bl
 
 cdef _handler_failed(object node, object sub, object msg)
 
-cdef _flush(object node, dict consumed, bint idle=*)
+cdef _flush(object node, dict consumed)
 
 @cython.locals(consumed=dict, run=Run, tally=list, i=Py_ssize_t, done=Py_ssize_t,
                count=Py_ssize_t, nbytes=Py_ssize_t, size=Py_ssize_t, threshold=Py_ssize_t,

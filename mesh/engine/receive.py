@@ -14,8 +14,7 @@ and reused while still in that core's cache (made on the I/O thread and freed on
 the dispatch thread, each message cost the I/O thread several cache misses). It
 counts what it consumed and returns the credit once per (subscription,
 publisher) when the grant's threshold is reached, the drain is done, or handling
-took longer than ``_CREDIT_HOLD``; at the end of an item with nothing more queued
-the rest goes too (when worth a frame), not at the next item's threshold. The reference for both is
+took longer than ``_CREDIT_HOLD``. The reference for both is
 mesh/engine/dispatch.py (``_accept_run``, ``_run_handler``), which handles
 everything else (single messages, inboxes, inline handlers).
 
@@ -91,12 +90,12 @@ def _handler_failed(node: Any, sub: Any, msg: Any) -> None:
     log.exception("%s: handler for %r raised on %r", node.name, sub.pattern, msg.subject)
 
 
-def _flush(node: Any, consumed: dict, idle: bool = False) -> None:
+def _flush(node: Any, consumed: dict) -> None:
     """Return the credit counted in ``consumed`` (grant -> [sub, publisher, count,
-    nbytes]) and clear it. ``idle``: nothing else is queued for the dispatch thread."""
+    nbytes]) and clear it."""
     for grant, tally in consumed.items():
         if tally[2]:
-            node._return_credit(tally[0], grant, tally[1], tally[2], tally[3], idle)
+            node._return_credit(tally[0], grant, tally[1], tally[2], tally[3])
     consumed.clear()
 
 
@@ -207,9 +206,7 @@ def run_list(node: Any, item: list) -> None:
             tally[3] = nbytes
         elif credit is not None:
             node._consumed(sub, msg)
-    # Nothing more queued: this subscriber is about to wait for the publisher, which
-    # may be blocked on the credit of this item's last messages (below the threshold).
-    _flush(node, consumed, node._dispatch.empty())
+    _flush(node, consumed)
 
 
 __all__ = ["Run", "queue_run", "run_list"]
