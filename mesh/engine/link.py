@@ -108,71 +108,14 @@ def _send_frames(sock: Any, frames: list) -> None:
         frame = frames[index]
         sock.send(frame, zmq.SNDMORE if index < last else 0, copy=_nbytes(frame) < ZERO_COPY_BYTES)
 
-def _libzmq_send() -> Any:
-    """libzmq's ``zmq_send``, called *without letting go of the GIL* (``ctypes.PyDLL``),
-    from the one libzmq pyzmq loaded; None when that is not exactly one library (then
-    pyzmq's send is used).
-
-    Why: pyzmq lets go of the GIL in every send. A batch is sent while the publishing
-    thread runs flat out, and a thread waiting for the GIL (the I/O thread, woken by
-    credit coming back, several times per window) takes it right there; the publisher
-    then waits for it back, a pair of thread switches per send (measured with
-    bench/creditloop.py: the publisher spent a quarter of its time getting the GIL
-    back in these sends, which is most of what flow control cost). A non-blocking send
-    of a copied frame never waits, so it need not let go: the I/O thread then gets the
-    GIL when the publisher waits for credit or room (it lets go there), or after the
-    interpreter's switch interval, and reads all the credit that came meanwhile at once."""
-    import ctypes
-    import os
-
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "libzmq" in line.rsplit("/", 1)[-1]}
-        if len(paths) != 1:
-            return None
-        lib = ctypes.PyDLL(paths.pop(), mode=os.RTLD_NOLOAD | os.RTLD_LOCAL)
-        send = lib.zmq_send
-        send.argtypes = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int)
-        send.restype = ctypes.c_int
-        errno = lib.zmq_errno
-        errno.argtypes = ()
-        errno.restype = ctypes.c_int
-    except (OSError, AttributeError, ValueError):
-        return None
-    return send, errno
-
-
-_ZMQ_SEND = _libzmq_send()
-_EAGAIN = zmq.EAGAIN
-_DONTWAIT = int(zmq.DONTWAIT)
-_DONTWAIT_MORE = int(zmq.DONTWAIT | zmq.SNDMORE)
-
-
-def _send_copied(sock: Any, frames: list, keep_gil: bool = True) -> None:
+def _send_copied(sock: Any, frames: list) -> None:
     """Send a batch's frames, copied, frame by frame (no send_multipart: its Python
-    wrapper checks every part first), keeping the GIL (see _libzmq_send). As in
-    _send_frames, only the first frame can hit the high-water mark (libzmq counts
-    whole messages); a 64 KiB batch is cheaper copied than tracked."""
+    wrapper checks every part first). As in _send_frames, only the first frame can
+    hit the high-water mark; a 64 KiB batch is cheaper copied than tracked."""
     last = len(frames) - 1
-    native = _ZMQ_SEND
-    if native is None or not keep_gil or sock.closed:
-        sock.send(frames[0], _NOBLOCK_MORE if last else zmq.NOBLOCK)
-        for index in range(1, last + 1):
-            sock.send(frames[index], zmq.SNDMORE if index < last else 0)
-        return
-    send = native[0]
-    handle = sock.underlying
-    for index in range(last + 1):
-        frame = frames[index]
-        if type(frame) is not bytes:
-            frame = bytes(frame)
-        if send(handle, frame, len(frame), _DONTWAIT_MORE if index < last else _DONTWAIT) < 0:
-            code = native[1]()
-            if code == _EAGAIN:
-                if index:  # cannot happen (see above); never leave half a message queued
-                    raise zmq.ZMQError(code, "libzmq refused the rest of a batch")
-                raise zmq.Again(code)
-            raise zmq.ZMQError(code)
+    sock.send(frames[0], _NOBLOCK_MORE if last else zmq.NOBLOCK)
+    for index in range(1, last + 1):
+        sock.send(frames[index], zmq.SNDMORE if index < last else 0)
 
 _NOBLOCK_MORE = zmq.NOBLOCK | zmq.SNDMORE
 
@@ -646,17 +589,9 @@ class LinkSender:
         for channel in self._bulk_ordering:  # arrays went another way: keep the order
             if channel.keeps_order(link):
                 frames, ordered = channel.frames_for_socket(link, frames)
-        # Our credit towards the peer runs low: this send lets go of the GIL, so that
-        # the I/O thread, if credit came back meanwhile, reads it now rather than
-        # once we are out of credit and wait (see _libzmq_send).
-        keep_gil = True
-        for window in link.windows.values():
-            if window.in_flight * 4 >= window.credits * 3:  # a quarter of the window left
-                keep_gil = False
-                break
         try:
             try:
-                _send_copied(link.sock, frames, keep_gil)
+                _send_copied(link.sock, frames)
             except zmq.Again:
                 if keep:
                     self._owed_credit_failed(link.peer_id, owed)
