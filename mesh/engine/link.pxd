@@ -12,7 +12,6 @@ cdef class Link:
     cdef public object lock
     cdef public object cond
     cdef public object credit_in
-    cdef public Py_ssize_t waiting
     cdef public dict windows
     cdef public object transport
     cdef public object endpoint

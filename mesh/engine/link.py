@@ -139,7 +139,7 @@ class Link:
     __slots__ = (
         "peer_id", "sock", "ctl", "lock", "cond", "windows", "transport", "endpoint", "closed", "counters",
         "batch", "batch_bytes", "batch_count", "batch_cap", "batch_since", "last_send", "shm_out", "rdma", "rdma_off",
-        "rdma_trackers", "rdma_order", "credit_in", "waiting",
+        "rdma_trackers", "rdma_order", "credit_in",
     )
 
     def __init__(
@@ -157,7 +157,6 @@ class Link:
         # the lock (a publisher may hold it for long: a shared-memory copy, or room
         # awaited on an RDMA link); whoever holds it next applies them (LinkSender._apply_credit).
         self.credit_in: deque[list] = deque()
-        self.waiting = 0  # publishers waiting for credit (under the lock, or in cond.wait)
         self.windows: dict[int, Any] = {}  # subscription id at the peer -> CreditWindow
         # Micro-batching of small messages (see LinkSender._send_locked): runs of messages
         # that share a header, [header, subject or None, last seq, sids, payloads].
@@ -337,20 +336,6 @@ class LinkSender:
         node died; BackpressureError after ``timeout``. With ``link``, credit that
         arrived while the lock was taken is applied before each check. Application
         threads only: the node's own threads never wait for credit."""
-        if link is None:
-            return self._credit_wait(cond, window, nbytes, timeout, what, lost, None)
-        # Counted while we hold the lock or wait: the I/O thread, finding the lock held
-        # when credit comes, then looks again soon (IoLoop._take_credit).
-        link.waiting += 1
-        try:
-            return self._credit_wait(cond, window, nbytes, timeout, what, lost, link)
-        finally:
-            link.waiting -= 1
-
-    def _credit_wait(
-        self, cond: Any, window: Any, nbytes: int, timeout: float | None, what: str, lost: Any,
-        link: Link | None,
-    ) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if link is not None and link.credit_in:

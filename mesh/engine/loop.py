@@ -56,21 +56,11 @@ _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 
 # Credit that found its link held (I/O thread): looked at again this much later,
-# unless the holder applied it first (seconds). Soon when a publisher waits for it or
-# a window holds messages for it; else only lazily: the holder is nearly always a
-# publisher, which applies it when it next publishes, and each look is a wake-up
-# (and a fight for the GIL with that publisher) for nothing.
+# unless the holder applied it first (seconds).
 _CREDIT_RETRY = 0.001
-_CREDIT_RETRY_LAZY = 0.05
 # How long close() waits for its peers to answer its goodbye (seconds): bounded, so
 # a frozen or vanished peer costs a closing node at most this.
 GOODBYE_WAIT = 0.3
-
-
-def _holds(link: Link) -> bool:
-    """Does a window of ``link`` hold messages until credit comes (read without the lock:
-    a snapshot is enough, the lock holder applies credit before it waits for any)?"""
-    return any(window.pending for window in list(link.windows.values()))
 
 
 class IoLoop:
@@ -84,7 +74,6 @@ class IoLoop:
         self._commands: collections.deque = collections.deque()
         self._batching: dict[Link, float] = {}  # links with waiting messages -> flush time
         self._credit_later: set[Link] = set()  # credit left for a busy link (I/O thread)
-        self._credit_retry = _CREDIT_RETRY  # when to look at them again (_take_credit)
         self._logged_once: set[tuple[str, str]] = set()
         # Thread idents of the I/O and dispatch threads (each adds its own): publishes
         # made on them never wait for credit (see LinkSender._send_msg).
@@ -212,7 +201,7 @@ class IoLoop:
                     for link in list(self._credit_later):
                         self._take_credit(link)
                     if self._credit_later:
-                        wake_at = min(wake_at, now + self._credit_retry)
+                        wake_at = min(wake_at, now + _CREDIT_RETRY)
                 # Published before looking at _dirty_grants (see Dispatcher._return_credit).
                 self._io_wake_at = wake_at
                 if self._dirty_grants:
@@ -462,12 +451,9 @@ class IoLoop:
         """Apply a link's pending credit if its lock is free (I/O thread). If a
         publishing thread holds it, this thread does not wait (see _flush_batches):
         the publisher applies it when it next publishes or waits for credit, and
-        this thread looks again shortly (``_credit_retry``)."""
+        this thread looks again shortly."""
         if not link.lock.acquire(False):
             self._credit_later.add(link)
-            # Soon if someone needs it now (a waiting publisher, held messages).
-            urgent = any(held.waiting or _holds(held) for held in self._credit_later)
-            self._credit_retry = _CREDIT_RETRY if urgent else _CREDIT_RETRY_LAZY
             return
         try:
             self._credit_later.discard(link)
