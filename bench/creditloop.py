@@ -354,7 +354,8 @@ def analyse(sub_ev: list, pub_ev: list, waits: list, t0: float, t_end: float) ->
     batches = [e for e in sub_ev if e[0] == "batch"]
     return {
         "updates_sent": how, "commands": cmds,
-        "take_credit": {k: sum(1 for e in pub_ev if e[0] == k) for k in ("take-busy", "take-free")}, "update_msgs": _pct([s * 1e-6 for s in sizes]),  # (counts, not us)
+        "take_credit": {k: sum(1 for e in pub_ev if e[0] == k) for k in ("take-busy", "take-free")}, "update_msgs": {"n": len(sizes), "p50": sorted(sizes)[len(sizes) // 2] if sizes else 0,
+                        "max": max(sizes, default=0)},
         "applied_by": by_thread,
         "send_to_read": _pct(send_to_read), "read_to_apply": _pct(read_to_apply),
         "matched": [len(send_to_read), len(c_sent), len(c_read)],
