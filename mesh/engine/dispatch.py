@@ -462,17 +462,21 @@ class Dispatcher:
         self._call_handler(sub, msg)
         took = time.perf_counter() - started
         if took > self._inline_budget:
-            sub.inline = False
-            log.warning(
-                "%s: inline handler of %r took %.1f ms on %r (inline_budget %.1f ms); it "
-                "runs on the dispatch thread from now on", self.name, sub.pattern,
-                took * 1e3, msg.subject, self._inline_budget * 1e3)
+            self._inline_overran(sub, msg, took)
         credit = msg._credit
         if type(credit) is tuple:  # from a remote publisher (the I/O thread read it)
             msg._credit = None
             self._return_credit(sub, credit[0], credit[1], 1, credit[2])
         elif credit is not None:
             self._consumed(sub, msg)
+
+    def _inline_overran(self, sub: Subscription, msg: Message, took: float) -> None:
+        """An inline handler took ``took`` s, over the budget: log once, move it."""
+        sub.inline = False
+        log.warning(
+            "%s: inline handler of %r took %.1f ms on %r (inline_budget %.1f ms); it "
+            "runs on the dispatch thread from now on", self.name, sub.pattern,
+            took * 1e3, msg.subject, self._inline_budget * 1e3)
 
     def _consumed(self, sub: Subscription, msg: Message) -> None:
         """The application is done with ``msg``: give its credit back (any thread)."""

@@ -6,6 +6,7 @@ cimport cython
 from mesh.engine.link cimport Link
 from mesh.flow cimport CreditWindow
 from mesh.stats cimport Counters
+from mesh.engine cimport zcore
 
 cdef Py_ssize_t _BATCH_SMALL
 cdef double _BURST_GAP
@@ -22,6 +23,9 @@ cdef class HotPublisher:
     cdef Py_ssize_t max_size
     cdef object wall
     cdef tuple last
+    cdef bint core
+    cdef list ordering
+    cdef object credit_updates
 
     @cython.locals(nbytes=Py_ssize_t, links=dict, link=Link, counters=Counters,
                    batch_max=Py_ssize_t, ts=double, last=tuple, peers=dict)
@@ -30,6 +34,9 @@ cdef class HotPublisher:
     @cython.locals(now=double)
     cdef bint _lone(self, Link link, object peer_id, object sid, object subject, object counter,
                     object data, Py_ssize_t nbytes, object timeout) except -1
+
+    @cython.locals(counters=Counters)
+    cdef bint _send_core(self, Link link, object peer_id, bytes frame, Py_ssize_t nbytes) except -1
 
     @cython.locals(batch=list, run=list, counters=Counters, last=Py_ssize_t, this=Py_ssize_t)
     cdef bint _append(self, Link link, object sid, object subject, object seq, object data,
