@@ -24,8 +24,6 @@ cdef class HotPublisher:
     cdef object wall
     cdef tuple last
     cdef bint core
-    cdef list ordering
-    cdef object credit_updates
 
     @cython.locals(nbytes=Py_ssize_t, links=dict, link=Link, counters=Counters,
                    batch_max=Py_ssize_t, ts=double, last=tuple, peers=dict)
@@ -34,9 +32,6 @@ cdef class HotPublisher:
     @cython.locals(now=double)
     cdef bint _lone(self, Link link, object peer_id, object sid, object subject, object counter,
                     object data, Py_ssize_t nbytes, object timeout) except -1
-
-    @cython.locals(counters=Counters)
-    cdef bint _send_core(self, Link link, object peer_id, bytes frame, Py_ssize_t nbytes) except -1
 
     @cython.locals(batch=list, run=list, counters=Counters, last=Py_ssize_t, this=Py_ssize_t)
     cdef bint _append(self, Link link, object sid, object subject, object seq, object data,

@@ -46,10 +46,8 @@ class HotPublisher:
         self.batch_max = node._batch_max
         self.max_size = node._max_size
         self.wall = time.time
-        # A lone message's frame goes out through libzmq from C (engine/zcore.py).
+        # A lone message's frame is made and sent from C (engine/zcore.py).
         self.core = zcore.available()
-        self.ordering = node._bulk_ordering
-        self.credit_updates = node.credit_updates
         # (route, its peers, its subject's counter) of the last fast publish.
         self.last: tuple = (None, None, None)
 
@@ -143,7 +141,7 @@ class HotPublisher:
                 except OverflowError:  # beyond 64 bits: wire's layouts decide
                     frame = None
                 if frame is not None:
-                    if self._send_core(link, peer_id, frame, nbytes):
+                    if zcore.send_frame(self.node, link, peer_id, frame, nbytes):
                         return True
                     frames = [frame]
             if frames is None:
@@ -152,34 +150,6 @@ class HotPublisher:
             return True
         finally:
             lock.release()
-
-    def _send_core(self, link: Any, peer_id: str, frame: bytes, nbytes: int) -> bool:
-        """``_put_frames`` for one frame through zcore (link lock held): no pyzmq layers,
-        no GIL hand-over. False, with nothing sent, when the frame must take
-        ``_put_frames`` (an array went another way before it, the peer's queue is full,
-        an error): owed credit taken for it goes to the I/O thread then."""
-        for channel in self.ordering:
-            if channel.keeps_order(link):
-                return False
-        node = self.node
-        owed = node._owed_credit(peer_id) if node._dirty_grants else None
-        handle = link.sock.underlying
-        if owed is None:
-            if zcore.send_bytes(handle, frame):
-                return False
-        else:  # credit this node owes the peer rides in front of the message
-            if zcore.send_bytes(handle, wire.pack(wire.CREDIT, owed), True):
-                node._owed_credit_failed(peer_id, owed)
-                return False
-            zcore.send_bytes(handle, frame)  # the rest of a message never waits
-            self.credit_updates["riding"] += 1
-        counters = self.counters
-        counters.msgs_out += 1
-        counters.bytes_out += nbytes
-        counters = link.counters
-        counters.msgs_out += 1
-        counters.bytes_out += nbytes
-        return True
 
     def _append(self, link: Any, sid: int, subject: str, seq: int, data: bytes,
                 nbytes: int) -> bool:

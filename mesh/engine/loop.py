@@ -228,7 +228,8 @@ class IoLoop:
                         # Credit flowed: look again within a flush delay even when none
                         # is owed now, so consumers need not wake this thread for more.
                         self._credit_due = self._flush_credits(now) or now + DEFAULT_FLUSH_DELAY
-                    wake_at = min(wake_at, self._credit_due)
+                    if self._credit_due < wake_at:  # (a comparison: min() is a call)
+                        wake_at = self._credit_due
                 if self._credit_later:
                     for link in list(self._credit_later):
                         self._take_credit(link)
@@ -236,9 +237,11 @@ class IoLoop:
                         wake_at = min(wake_at, now + _CREDIT_RETRY)
                 # Published before looking at _dirty_grants (see Dispatcher._return_credit).
                 self._io_wake_at = wake_at
-                if self._dirty_grants:
-                    wake_at = min(wake_at, now + DEFAULT_FLUSH_DELAY)
-                wait_ms = max(0, int((wake_at - now) * 1000) + 1)
+                if self._dirty_grants and now + DEFAULT_FLUSH_DELAY < wake_at:
+                    wake_at = now + DEFAULT_FLUSH_DELAY
+                wait_ms = int((wake_at - now) * 1000) + 1
+                if wait_ms < 0:
+                    wait_ms = 0
                 waiter = None
                 for channel in self._bulk_ordering:
                     if channel.wants_wait():
@@ -308,8 +311,9 @@ class IoLoop:
         now = time.monotonic()
         # A bulk channel that does not want the loop's wait (no array under way another
         # way) holds nothing back: messages skip its hold() (and the frame objects).
+        # None does now (the loop waits here only then); a message may change that.
         ordering = self._bulk_ordering
-        holds = any(channel.wants_wait() for channel in ordering)
+        holds = False
         on_one = zcore.on_one
         handle_one = self._handle_one
         try:

@@ -221,6 +221,7 @@ cdef extern from *:
     int ZC_SNDMORE
 
 
+from mesh.engine.link cimport Link
 from mesh.message cimport Message
 from mesh.stats cimport Counters
 
@@ -232,6 +233,9 @@ cdef int _REPLY
 cdef int _ONE
 cdef Py_ssize_t _ONE_SIZE
 cdef Py_ssize_t _REPLY_SIZE
+
+@cython.locals(counters=Counters)
+cpdef bint send_frame(object node, Link link, object peer_id, bytes frame, Py_ssize_t nbytes) except -1
 
 cpdef bytes pack_one(object subject, object seq, double ts, object sid, bytes data)
 
@@ -246,3 +250,9 @@ cdef _consumed_inline(object node, object sub, object grant, object publisher, P
 
 @cython.locals(req_id="long long")
 cdef bint _on_reply(object node, bytes ident, bytes head) except -1
+
+cpdef Py_ssize_t _credit_threshold(Py_ssize_t window)
+cpdef Py_ssize_t _ride_least(Py_ssize_t threshold)
+
+@cython.locals(now=double)
+cpdef object owed_credit(object node, object peer_id)

@@ -29,12 +29,12 @@ import ctypes
 import logging
 import os
 import sys
+import time
 from typing import Any
 
 import zmq
 
 from mesh import wire
-from mesh.engine.dispatch import _credit_threshold
 from mesh.flow import CreditGrant
 from mesh.message import incoming
 
@@ -123,6 +123,35 @@ def pack_one(subject: Any, seq: Any, ts: float, sid: Any, data: bytes) -> bytes:
     """wire.lone_frames' one frame of a small message without a request id, written in
     C (``subject``: its UTF-8 bytes). Only after :func:`available` said True."""
     return zc_pack_one(_VERSION, _MSG, _ONE, seq, ts, sid, -1, subject, data)  # noqa: F821
+
+
+def send_frame(node: Any, link: Any, peer_id: str, frame: bytes, nbytes: int) -> bool:
+    """LinkSender._put_frames for one frame of bytes (link lock held): sent from C,
+    holding the GIL, counted. False, with nothing sent, when the frame must take
+    ``_put_frames`` (an array went another way before it, the peer's queue is full,
+    an error); owed credit taken for it then goes to the I/O thread. Compiled build
+    only (after :func:`available` said True)."""
+    for channel in node._bulk_ordering:
+        if channel.keeps_order(link):
+            return False
+    owed = owed_credit(node, peer_id) if node._dirty_grants else None
+    handle = link.sock.underlying
+    if owed is None:
+        if zc_send_bytes(handle, frame, 0):  # noqa: F821
+            return False
+    else:  # credit this node owes the peer rides in front of the message
+        if zc_send_bytes(handle, wire.pack(wire.CREDIT, owed), ZC_SNDMORE):  # noqa: F821
+            node._owed_credit_failed(peer_id, owed)
+            return False
+        zc_send_bytes(handle, frame, 0)  # noqa: F821 (the rest of a message never waits)
+        node.credit_updates["riding"] += 1
+    counters = node.counters
+    counters.msgs_out += 1
+    counters.bytes_out += nbytes
+    counters = link.counters
+    counters.msgs_out += 1
+    counters.bytes_out += nbytes
+    return True
 
 
 def on_one(node: Any, ident: bytes, head: bytes) -> bool:
@@ -261,3 +290,43 @@ def _on_reply(node: Any, ident: bytes, head: bytes) -> bool:
                              None)
     pending.set()
     return True
+
+
+def _credit_threshold(window: int) -> int:
+    """Consumed messages that make a subscriber send credit back at once: a quarter
+    of the window. Batches are half a window (Link.batch_cap), so credit for the
+    first half of a batch is on its way while the publisher sends the next one."""
+    return max(1, window // 4)
+
+
+def _ride_least(threshold: int) -> int:
+    """Owed credit that rides in front of a frame going to its publisher anyway: an
+    eighth of the threshold at least (one message's for windows up to 31)."""
+    return max(1, threshold // 8)
+
+
+def owed_credit(node: Any, peer_id: str) -> list | None:
+    """Dispatcher._owed_credit (both builds run this; here it is compiled): credit
+    ``node`` owes ``peer_id`` and holds back, taken now to ride on a frame going
+    there anyway. Link lock held."""
+    entries = None
+    now = 0.0
+    for (sub, publisher), grant in list(node._dirty_grants.items()):
+        # Only credit worth a frame rides (an eighth of the threshold): a ping-pong
+        # would otherwise carry one message's credit on every message, decoded and
+        # applied each time. What stays owed is flushed by the I/O thread's timer.
+        if publisher != peer_id or grant._pending < _ride_least(grant.threshold):
+            continue
+        if not now:
+            now = time.monotonic()
+        flow = sub._flow
+        flow.acquire()
+        try:
+            update = grant.take_update(now, force=True)
+        finally:
+            flow.release()
+        if update is not None:
+            if entries is None:
+                entries = []
+            entries.append([sub.sid, update[0], update[1]])
+    return entries
