@@ -337,8 +337,14 @@ class IoLoop:
                         self._handle_frames(frames, now)
                     elif len(msg) == 2 and not holds and msg[1][:1] == _FIXED:
                         # The latency case: no frame objects; in C when it is the common one.
-                        if not on_one(self, msg[0], msg[1]):
-                            handle_one(msg[0], msg[1])
+                        try:
+                            if on_one(self, msg[0], msg[1]):
+                                continue
+                        except Exception:  # as _handle_frames: nothing may end this thread
+                            self.counters.drops["internal"] += 1
+                            log.exception("%s: error handling a message; dropped", self.name)
+                            continue
+                        handle_one(msg[0], msg[1])
                         continue
                     elif len(msg) == 2 and msg[0] == _WAKE_ID:
                         continue  # a wake-up: commands run after the drain
