@@ -156,12 +156,15 @@ def test_send_bytes_says_eagain_and_refuses_what_is_not_bytes():
 @pytest.mark.parametrize("size", [0, 1, 64, 1024, wire.ONE_FRAME_MAX])
 def test_pack_one_is_wires_one_frame(subject, size):
     data = os.urandom(size)
-    for seq, ts, sid in ((1, 0.0, 1), (2**63 - 1, 1.7e9, 2**40), (12345, -1.5, 7)):
-        frame = zcore.pack_one(subject.encode(), seq, ts, sid, data)
-        assert [frame] == wire.lone_frames(subject, seq, ts, None, sid, [data])
-        assert wire.unpack_one(frame) == (wire.MSG, (subject, seq, ts, 0, None, None, [sid]), data)
+    for seq, ts, sid, req_id in ((1, 0.0, 1, None), (2**63 - 1, 1.7e9, 2**40, 0),
+                                 (12345, -1.5, 7, 2**63 - 1)):
+        frame = zcore.pack_one(subject.encode(), seq, ts, sid, -1 if req_id is None else req_id,
+                               data)
+        assert [frame] == wire.lone_frames(subject, seq, ts, req_id, sid, [data])
+        assert wire.unpack_one(frame) == (
+            wire.MSG, (subject, seq, ts, 0, None, req_id, [sid]), data)
     with pytest.raises(OverflowError):
-        zcore.pack_one(b"a", 2**64, 0.0, 1, data)
+        zcore.pack_one(b"a", 2**64, 0.0, 1, -1, data)
 
 
 def test_a_flood_of_lone_messages_arrives_whole_and_in_order(make_node):

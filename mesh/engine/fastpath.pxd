@@ -29,9 +29,12 @@ cdef class HotPublisher:
                    batch_max=Py_ssize_t, ts=double, last=tuple, peers=dict)
     cpdef bint publish(self, object subject, object data, object headers, object timeout) except -1
 
+    @cython.locals(nbytes=Py_ssize_t, link=Link, peers=dict)
+    cpdef bint request(self, object subject, object data, object req_id) except -1
+
     @cython.locals(now=double)
     cdef bint _lone(self, Link link, object peer_id, object sid, object subject, object counter,
-                    object data, Py_ssize_t nbytes, object timeout) except -1
+                    object data, Py_ssize_t nbytes, object timeout, object req_id) except -1
 
     @cython.locals(batch=list, run=list, counters=Counters, last=Py_ssize_t, this=Py_ssize_t)
     cdef bint _append(self, Link link, object sid, object subject, object seq, object data,

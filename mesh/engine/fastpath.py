@@ -86,7 +86,7 @@ class HotPublisher:
                 if link is not None and len(sids) == 1 and not link.batch:
                     # Not in a burst: it may go alone, in one frame (the latency case).
                     return self._lone(link, peer_id, sids[0], subject, last[2], data, nbytes,
-                                      timeout)
+                                      timeout, None)
         seq = next(last[2])  # (no clock: the run's header carries its first message's time)
         counters = self.counters
         batch_max = self.batch_max
@@ -116,8 +116,33 @@ class HotPublisher:
                            timeout)
         return True
 
+    def request(self, subject: Any, data: Any, req_id: int) -> bool:
+        """``Node.request``'s send when it is the latency case: a small bytes payload to
+        the one subscription of one peer, no burst under way, sent from C (compiled
+        build). False, with nothing done, sends it down the general path."""
+        if not self.core or type(data) is not bytes or type(subject) is not str:
+            return False
+        nbytes = len(data)
+        if nbytes > _BATCH_SMALL or nbytes > self.max_size:
+            return False
+        route = self.routing._cache.get(subject)
+        if route is None or route.local or route.local_groups or route.peer_groups:
+            return False
+        if self.node._policy is not None or subject.startswith(_RESERVED):
+            return False
+        counter = self.seqs.get(subject)
+        peers = route.peers
+        if counter is None or len(peers) != 1:
+            return False
+        for peer_id, sids in peers.items():
+            link = self.links.get(peer_id)
+            if link is None or len(sids) != 1 or link.batch:
+                return False
+            return self._lone(link, peer_id, sids[0], subject, counter, data, nbytes, None, req_id)
+        return False
+
     def _lone(self, link: Any, peer_id: str, sid: int, subject: str, counter: Any, data: bytes,
-              nbytes: int, timeout: Any) -> bool:
+              nbytes: int, timeout: Any, req_id: Any) -> bool:
         """Send one message to the one subscription of one peer, alone, when no burst
         is under way and its window has room: ``_send_msg`` -> ``_send_locked``'s
         unbatched case written out (the same ``_put_frames`` then). False, with nothing
@@ -137,7 +162,8 @@ class HotPublisher:
             frames = None
             if self.core:  # the frame made and sent from C (engine/zcore.py)
                 try:
-                    frame = zcore.pack_one(subject.encode(), seq, self.wall(), sid, data)
+                    frame = zcore.pack_one(subject.encode(), seq, self.wall(), sid,
+                                           -1 if req_id is None else req_id, data)
                 except OverflowError:  # beyond 64 bits: wire's layouts decide
                     frame = None
                 if frame is not None:
@@ -145,7 +171,7 @@ class HotPublisher:
                         return True
                     frames = [frame]
             if frames is None:
-                frames = wire.lone_frames(subject, seq, self.wall(), None, sid, [data])
+                frames = wire.lone_frames(subject, seq, self.wall(), req_id, sid, [data])
             self.node._put_frames(link, peer_id, frames, nbytes, timeout)
             return True
         finally:

@@ -237,7 +237,7 @@ cdef Py_ssize_t _REPLY_SIZE
 @cython.locals(counters=Counters)
 cpdef bint send_frame(object node, Link link, object peer_id, bytes frame, Py_ssize_t nbytes) except -1
 
-cpdef bytes pack_one(object subject, object seq, double ts, object sid, bytes data)
+cpdef bytes pack_one(object subject, object seq, double ts, object sid, object req_id, bytes data)
 
 @cython.locals(size=Py_ssize_t, p="const char *", one=zc_one, seq="long long", ts=double,
                sid="long long", req_id="long long", slen=Py_ssize_t, counters=Counters,

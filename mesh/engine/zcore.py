@@ -119,10 +119,11 @@ def send_bytes(handle: int, data: bytes, more: bool = False) -> int:
     return zc_send_bytes(handle, data, ZC_SNDMORE if more else 0)  # noqa: F821
 
 
-def pack_one(subject: Any, seq: Any, ts: float, sid: Any, data: bytes) -> bytes:
-    """wire.lone_frames' one frame of a small message without a request id, written in
-    C (``subject``: its UTF-8 bytes). Only after :func:`available` said True."""
-    return zc_pack_one(_VERSION, _MSG, _ONE, seq, ts, sid, -1, subject, data)  # noqa: F821
+def pack_one(subject: Any, seq: Any, ts: float, sid: Any, req_id: Any, data: bytes) -> bytes:
+    """wire.lone_frames' one frame of a small message, written in C (``subject``: its
+    UTF-8 bytes; ``req_id`` -1 when it is no request). Only after :func:`available`
+    said True."""
+    return zc_pack_one(_VERSION, _MSG, _ONE, seq, ts, sid, req_id, subject, data)  # noqa: F821
 
 
 def send_frame(node: Any, link: Any, peer_id: str, frame: bytes, nbytes: int) -> bool:
