@@ -12,6 +12,10 @@
   from the consuming thread when the link is free (``_send_credit_direct``), in
   front of the next frame to that publisher, or by the I/O thread on a timer.
 Channels (point-to-point, for collectives) are filled here too.
+In the compiled build the I/O thread delivers a lone message in one frame (and a
+small reply) through engine/zcore.py's ``on_one``, the common case of
+``_on_msg_one`` -> ``_run_inline`` -> ``_return_credit`` written out in C types;
+the methods here stay the reference, the pure build's path, and every other case.
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@ while the other links stay on this path. The same steps as ``_route`` -> ``_publ
 ``CreditWindow.offer`` -> ``_send_locked`` (which stay the reference), without
 five calls, the item tuple and the attribute lookups between them. Compiled by
 Cython with fastpath.pxd (typed attributes, C calls); the pure build runs the
-same code.
+same code. A lone message (``_lone``, also ``Node.request``'s through
+:meth:`HotPublisher.request`) is made and sent from C in the compiled build
+(engine/zcore.py: ``pack_one``, ``send_frame``).
 
 Who owns what: a ``HotPublisher`` belongs to one node and holds references to
 its dicts, which the node never replaces (the routing cache is read from the
