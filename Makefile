@@ -41,7 +41,8 @@ test: $(STAMP) $(TORCH_STAMP)
 # The fast core tests again on the pure-Python build (the .py of every compiled
 # module, in the same venv: MESH_PURE_PYTHON=1 at import, see mesh/_build.py).
 PURE_TESTS := tests/test_build.py tests/test_flow.py tests/test_routing.py tests/test_subjects.py \
-	tests/test_batching.py tests/test_node_local.py tests/test_hostile.py tests/test_flow_procs.py
+	tests/test_batching.py tests/test_node_local.py tests/test_hostile.py tests/test_flow_procs.py \
+	tests/test_zcore.py
 test-pure: $(STAMP)
 	MESH_PURE_PYTHON=1 $(BIN)/python -m pytest -q $(PURE_TESTS)
 

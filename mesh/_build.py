@@ -38,11 +38,13 @@ from typing import Any
 # CreditWindow, Counters, Message, Run). The engine's mixins (node,
 # loop, dispatch) and wire/routing/subjects, compiled without types, ran no faster
 # than CPython 3.11's specialising interpreter (bench/README.md, 2026-12-06): they
-# stay Python.
+# stay Python. engine.zcore is C the I/O thread calls libzmq through (no pyzmq layers,
+# one GIL hand-over per wake-up): its pure build only says it is not available.
 COMPILED = (
     "mesh.engine.fastpath",
     "mesh.engine.link",
     "mesh.engine.receive",
+    "mesh.engine.zcore",
     "mesh.flow",
     "mesh.message",
     "mesh.stats",

@@ -513,7 +513,9 @@ class Node(IoLoop, LinkSender, Dispatcher, Handshake, StatusView, BulkSet, ShmGl
                         f"no subscriber for {subject!r} anywhere in the mesh; start a responder "
                         "(node.subscribe(subject, handler) that calls msg.respond())"
                     )
-                self._publish(subject, route, data, headers, req_id, None)
+                # The common case in one call from C (engine/fastpath.py), else the general path.
+                if headers is not None or not self._hot.request(subject, data, req_id):
+                    self._publish(subject, route, data, headers, req_id, None)
                 if self._wait_reply(pending, timeout):
                     self._check_open()
                     assert pending.reply is not None

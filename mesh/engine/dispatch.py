@@ -12,6 +12,10 @@
   from the consuming thread when the link is free (``_send_credit_direct``), in
   front of the next frame to that publisher, or by the I/O thread on a timer.
 Channels (point-to-point, for collectives) are filled here too.
+In the compiled build the I/O thread delivers a lone message in one frame (and a
+small reply) through engine/zcore.py's ``on_one``, the common case of
+``_on_msg_one`` -> ``_run_inline`` -> ``_return_credit`` written out in C types;
+the methods here stay the reference, the pure build's path, and every other case.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ import zmq
 
 from mesh import wire
 from mesh.channels import EARLY_MAX_MESSAGES, Channel, ChannelMessage
-from mesh.engine import heap
+from mesh.engine import heap, zcore
 from mesh.engine.common import _STOP, ZERO_COPY_BYTES
 from mesh.engine.receive import queue_run, run_list
+from mesh.engine.zcore import _credit_threshold, owed_credit
 from mesh.errors import (
     MeshError,
     ProtocolError,
@@ -99,19 +104,6 @@ class _Pending:
         return self._lock.acquire(True, timeout) or self.done
 
 
-def _credit_threshold(window: int) -> int:
-    """Consumed messages that make a subscriber send credit back at once: a quarter
-    of the window. Batches are half a window (Link.batch_cap), so credit for the
-    first half of a batch is on its way while the publisher sends the next one."""
-    return max(1, window // 4)
-
-
-def _ride_least(threshold: int) -> int:
-    """Owed credit that rides in front of a frame going to its publisher anyway: an
-    eighth of the threshold at least (one message's for windows up to 31)."""
-    return max(1, threshold // 8)
-
-
 class Dispatcher:
     """Handing messages to handlers, inboxes and requests; credit return (mixin of ``mesh.Node``)."""
 
@@ -120,6 +112,7 @@ class Dispatcher:
         self._dispatch_thread: threading.Thread | None = None
         self._io_batch: list = []  # handler calls the I/O thread collects in one drain
         self._inline_budget = self.options["inline_budget"]
+        self._core = zcore.available()  # libzmq from C (engine/zcore.py)
         self._pending: dict[int, _Pending] = {}  # request id -> the waiting request
         self._channels: dict[str, Channel] = {}
         self._early: dict[str, collections.deque] = {}  # channel -> (time, msg) not yet opened
@@ -252,7 +245,16 @@ class Dispatcher:
                 )
                 pending.set()
             return
-        self._send(reply_to, wire.reply_frames(req_id, flags, headers, payload), nbytes, None)
+        frames = wire.reply_frames(req_id, flags, headers, payload)
+        if self._core and len(frames) == 1:  # one frame (small, plain): sent from C
+            link = self._links.get(reply_to)
+            if link is not None and link.lock.acquire(False):
+                try:
+                    if not link.closed and zcore.send_frame(self, link, reply_to, frames[0], nbytes):
+                        return
+                finally:
+                    link.lock.release()
+        self._send(reply_to, frames, nbytes, None)
 
     def _on_msg(self, ident: bytes, header: list, frames: list) -> None:
         self._on_msg_fields(ident, wire.check_msg(header), frames)
@@ -473,17 +475,21 @@ class Dispatcher:
         self._call_handler(sub, msg)
         took = time.perf_counter() - started
         if took > self._inline_budget:
-            sub.inline = False
-            log.warning(
-                "%s: inline handler of %r took %.1f ms on %r (inline_budget %.1f ms); it "
-                "runs on the dispatch thread from now on", self.name, sub.pattern,
-                took * 1e3, msg.subject, self._inline_budget * 1e3)
+            self._inline_overran(sub, msg, took)
         credit = msg._credit
         if type(credit) is tuple:  # from a remote publisher (the I/O thread read it)
             msg._credit = None
             self._return_credit(sub, credit[0], credit[1], 1, credit[2])
         elif credit is not None:
             self._consumed(sub, msg)
+
+    def _inline_overran(self, sub: Subscription, msg: Message, took: float) -> None:
+        """An inline handler took ``took`` s, over the budget: log once, move it."""
+        sub.inline = False
+        log.warning(
+            "%s: inline handler of %r took %.1f ms on %r (inline_budget %.1f ms); it "
+            "runs on the dispatch thread from now on", self.name, sub.pattern,
+            took * 1e3, msg.subject, self._inline_budget * 1e3)
 
     def _consumed(self, sub: Subscription, msg: Message) -> None:
         """The application is done with ``msg``: give its credit back (any thread)."""
@@ -548,24 +554,9 @@ class Dispatcher:
     def _owed_credit(self, peer_id: str) -> list | None:
         """Credit this node owes ``peer_id`` and holds back (below the threshold, its
         timer not yet due), taken now to ride on a frame going there anyway: no
-        message of its own. Called by whoever sends to the peer, link lock held."""
-        entries = None
-        now = None
-        for (sub, publisher), grant in list(self._dirty_grants.items()):
-            # Only credit worth a frame rides (an eighth of the threshold): a ping-pong
-            # would otherwise carry one message's credit on every message, decoded and
-            # applied each time. What stays owed is flushed by the I/O thread's timer.
-            if publisher != peer_id or grant.pending[0] < _ride_least(grant.threshold):
-                continue
-            if now is None:
-                now = time.monotonic()
-            with sub._flow:
-                update = grant.take_update(now, force=True)
-            if update is not None:
-                if entries is None:
-                    entries = []
-                entries.append([sub.sid, update[0], update[1]])
-        return entries
+        message of its own. Called by whoever sends to the peer, link lock held
+        (engine/zcore.py: compiled with the send path that calls it most)."""
+        return owed_credit(self, peer_id)
 
     def _owed_credit_failed(self, peer_id: str, entries: list | None) -> None:
         """The frame that carried credit was not sent: it must still arrive (the

@@ -6,6 +6,7 @@ cimport cython
 from mesh.engine.link cimport Link
 from mesh.flow cimport CreditWindow
 from mesh.stats cimport Counters
+from mesh.engine cimport zcore
 
 cdef Py_ssize_t _BATCH_SMALL
 cdef double _BURST_GAP
@@ -22,14 +23,18 @@ cdef class HotPublisher:
     cdef Py_ssize_t max_size
     cdef object wall
     cdef tuple last
+    cdef bint core
 
     @cython.locals(nbytes=Py_ssize_t, links=dict, link=Link, counters=Counters,
                    batch_max=Py_ssize_t, ts=double, last=tuple, peers=dict)
     cpdef bint publish(self, object subject, object data, object headers, object timeout) except -1
 
+    @cython.locals(nbytes=Py_ssize_t, link=Link, peers=dict)
+    cpdef bint request(self, object subject, object data, object req_id) except -1
+
     @cython.locals(now=double)
     cdef bint _lone(self, Link link, object peer_id, object sid, object subject, object counter,
-                    object data, Py_ssize_t nbytes, object timeout) except -1
+                    object data, Py_ssize_t nbytes, object timeout, object req_id) except -1
 
     @cython.locals(batch=list, run=list, counters=Counters, last=Py_ssize_t, this=Py_ssize_t)
     cdef bint _append(self, Link link, object sid, object subject, object seq, object data,

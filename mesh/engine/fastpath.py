@@ -11,7 +11,9 @@ while the other links stay on this path. The same steps as ``_route`` -> ``_publ
 ``CreditWindow.offer`` -> ``_send_locked`` (which stay the reference), without
 five calls, the item tuple and the attribute lookups between them. Compiled by
 Cython with fastpath.pxd (typed attributes, C calls); the pure build runs the
-same code.
+same code. A lone message (``_lone``, also ``Node.request``'s through
+:meth:`HotPublisher.request`) is made and sent from C in the compiled build
+(engine/zcore.py: ``pack_one``, ``send_frame``).
 
 Who owns what: a ``HotPublisher`` belongs to one node and holds references to
 its dicts, which the node never replaces (the routing cache is read from the
@@ -26,6 +28,7 @@ import time
 from typing import Any
 
 from mesh import wire
+from mesh.engine import zcore
 
 # Mirrors of mesh/engine/link.py's (the general path's) constants.
 _BATCH_SMALL = 1024  # payloads up to this size may be batched
@@ -45,6 +48,8 @@ class HotPublisher:
         self.batch_max = node._batch_max
         self.max_size = node._max_size
         self.wall = time.time
+        # A lone message's frame is made and sent from C (engine/zcore.py).
+        self.core = zcore.available()
         # (route, its peers, its subject's counter) of the last fast publish.
         self.last: tuple = (None, None, None)
 
@@ -83,7 +88,7 @@ class HotPublisher:
                 if link is not None and len(sids) == 1 and not link.batch:
                     # Not in a burst: it may go alone, in one frame (the latency case).
                     return self._lone(link, peer_id, sids[0], subject, last[2], data, nbytes,
-                                      timeout)
+                                      timeout, None)
         seq = next(last[2])  # (no clock: the run's header carries its first message's time)
         counters = self.counters
         batch_max = self.batch_max
@@ -113,8 +118,33 @@ class HotPublisher:
                            timeout)
         return True
 
+    def request(self, subject: Any, data: Any, req_id: int) -> bool:
+        """``Node.request``'s send when it is the latency case: a small bytes payload to
+        the one subscription of one peer, no burst under way, sent from C (compiled
+        build). False, with nothing done, sends it down the general path."""
+        if not self.core or type(data) is not bytes or type(subject) is not str:
+            return False
+        nbytes = len(data)
+        if nbytes > _BATCH_SMALL or nbytes > self.max_size:
+            return False
+        route = self.routing._cache.get(subject)
+        if route is None or route.local or route.local_groups or route.peer_groups:
+            return False
+        if self.node._policy is not None or subject.startswith(_RESERVED):
+            return False
+        counter = self.seqs.get(subject)
+        peers = route.peers
+        if counter is None or len(peers) != 1:
+            return False
+        for peer_id, sids in peers.items():
+            link = self.links.get(peer_id)
+            if link is None or len(sids) != 1 or link.batch:
+                return False
+            return self._lone(link, peer_id, sids[0], subject, counter, data, nbytes, None, req_id)
+        return False
+
     def _lone(self, link: Any, peer_id: str, sid: int, subject: str, counter: Any, data: bytes,
-              nbytes: int, timeout: Any) -> bool:
+              nbytes: int, timeout: Any, req_id: Any) -> bool:
         """Send one message to the one subscription of one peer, alone, when no burst
         is under way and its window has room: ``_send_msg`` -> ``_send_locked``'s
         unbatched case written out (the same ``_put_frames`` then). False, with nothing
@@ -130,7 +160,20 @@ class HotPublisher:
             if not _take_credit(link.windows.get(sid), nbytes):
                 return False
             link.last_send = now
-            frames = wire.lone_frames(subject, next(counter), self.wall(), None, sid, [data])
+            seq = next(counter)
+            frames = None
+            if self.core:  # the frame made and sent from C (engine/zcore.py)
+                try:
+                    frame = zcore.pack_one(subject.encode(), seq, self.wall(), sid,
+                                           -1 if req_id is None else req_id, data)
+                except OverflowError:  # beyond 64 bits: wire's layouts decide
+                    frame = None
+                if frame is not None:
+                    if zcore.send_frame(self.node, link, peer_id, frame, nbytes):
+                        return True
+                    frames = [frame]
+            if frames is None:
+                frames = wire.lone_frames(subject, seq, self.wall(), req_id, sid, [data])
             self.node._put_frames(link, peer_id, frames, nbytes, timeout)
             return True
         finally:

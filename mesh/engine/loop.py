@@ -9,7 +9,9 @@ Owns, and is the only code that touches:
 - the command queue (``_commands``): other threads append and wake it
   (``_command``), it runs them after each drain.
 It reads a message, decodes it and hands it on (dispatch.py): an inline handler
-runs right here, a pull subscription's inbox or the dispatch queue gets it.
+runs right here, a pull subscription's inbox or the dispatch queue gets it. In the
+compiled build it waits and reads through engine/zcore.py (libzmq from C: no GIL
+while it waits and reads, one GIL hand-over per wake-up); pyzmq otherwise.
 It never waits for a link lock it cannot have at once (``acquire(False)``, try
 again later) nor for credit, so heartbeats and membership go on whatever the
 publishers do.
@@ -28,6 +30,7 @@ from zmq.backend import zmq_poll
 
 from mesh import security, wire
 from mesh.channels import EARLY_MAX_AGE, LEFT_GRACE
+from mesh.engine import zcore
 from mesh.engine.common import (
     _LIVE,
     _QUEUE_FULL_RETRY,
@@ -61,6 +64,32 @@ _CREDIT_RETRY = 0.001
 # How long close() waits for its peers to answer its goodbye (seconds): bounded, so
 # a frozen or vanished peer costs a closing node at most this.
 GOODBYE_WAIT = 0.3
+
+
+class _BytesFrame:
+    """A frame zcore.drain read, for the code that takes pyzmq frames (the rare
+    messages of more than two frames, and those a bulk channel may hold)."""
+
+    __slots__ = ("bytes",)
+    more = False
+
+    def __init__(self, data: bytes) -> None:
+        self.bytes = data
+
+    @property
+    def buffer(self) -> memoryview:
+        return memoryview(self.bytes)
+
+    def __len__(self) -> int:
+        return len(self.bytes)
+
+    def __bytes__(self) -> bytes:
+        return self.bytes
+
+
+# zcore.drain rounds per wake-up (ZC_BATCH messages each) before timers and commands
+# get their turn, as _drain_router's 2048 messages.
+_CORE_TURNS = 32
 
 
 class IoLoop:
@@ -149,6 +178,9 @@ class IoLoop:
         router = self._router
         # zmq_poll on a list made once: Socket.poll builds a Poller on every call.
         poll_router = self._poll_router = [(router, zmq.POLLIN)]
+        # libzmq from C when this build and process can (engine/zcore.py).
+        core = zcore.available()
+        self._router_handle = router.underlying
         hb = self.options["heartbeat_interval"]
         next_tick = time.monotonic()
         for seed in self.seeds:
@@ -196,7 +228,8 @@ class IoLoop:
                         # Credit flowed: look again within a flush delay even when none
                         # is owed now, so consumers need not wake this thread for more.
                         self._credit_due = self._flush_credits(now) or now + DEFAULT_FLUSH_DELAY
-                    wake_at = min(wake_at, self._credit_due)
+                    if self._credit_due < wake_at:  # (a comparison: min() is a call)
+                        wake_at = self._credit_due
                 if self._credit_later:
                     for link in list(self._credit_later):
                         self._take_credit(link)
@@ -204,9 +237,11 @@ class IoLoop:
                         wake_at = min(wake_at, now + _CREDIT_RETRY)
                 # Published before looking at _dirty_grants (see Dispatcher._return_credit).
                 self._io_wake_at = wake_at
-                if self._dirty_grants:
-                    wake_at = min(wake_at, now + DEFAULT_FLUSH_DELAY)
-                wait_ms = max(0, int((wake_at - now) * 1000) + 1)
+                if self._dirty_grants and now + DEFAULT_FLUSH_DELAY < wake_at:
+                    wake_at = now + DEFAULT_FLUSH_DELAY
+                wait_ms = int((wake_at - now) * 1000) + 1
+                if wait_ms < 0:
+                    wait_ms = 0
                 waiter = None
                 for channel in self._bulk_ordering:
                     if channel.wants_wait():
@@ -214,6 +249,8 @@ class IoLoop:
                         break
                 if waiter is not None:
                     waiter.wait(wait_ms)  # the ROUTER and the channel's completions
+                elif core:
+                    self._drain_core(wait_ms)
                 elif zmq_poll(poll_router, wait_ms):
                     self._drain_router()
                 if self._commands:
@@ -259,6 +296,88 @@ class IoLoop:
                 # One dispatch item per drain, not per message: fewer thread wake-ups.
                 self._dispatch.put(self._io_batch)
                 self._io_batch = []
+
+    def _drain_core(self, wait_ms: int) -> None:
+        """zcore's _drain_router: wait up to ``wait_ms`` for the ROUTER without the GIL,
+        then handle everything that was there (zcore reads it, GIL released, in rounds
+        of ZC_BATCH messages)."""
+        drain = zcore.drain
+        handle = self._router_handle
+        msgs, status = drain(handle, wait_ms)
+        if not msgs:
+            if status < 0:
+                raise zmq.ZMQError(-status)  # the context ended under us: as zmq_poll would
+            return
+        now = time.monotonic()
+        # A bulk channel that does not want the loop's wait (no array under way another
+        # way) holds nothing back: messages skip its hold() (and the frame objects).
+        # None does now (the loop waits here only then); a message may change that.
+        ordering = self._bulk_ordering
+        holds = False
+        on_one = zcore.on_one
+        handle_one = self._handle_one
+        try:
+            for turn in range(_CORE_TURNS):
+                if turn:  # what came meanwhile, if anything (never fetched and left unread)
+                    msgs, status = drain(handle, 0)
+                    if not msgs:
+                        if status < 0:
+                            raise zmq.ZMQError(-status)
+                        return
+                last = len(msgs) - 1 if status == zcore.MORE else -1
+                for index, msg in enumerate(msgs):
+                    if index == last:  # its other frames are still in the socket: read them
+                        frames = [_BytesFrame(msg[0]), _BytesFrame(msg[1])]
+                        recv = self._router.recv
+                        while True:
+                            frame = recv(0, copy=False)
+                            frames.append(frame)
+                            if not frame.more:
+                                break
+                        self._handle_frames(frames, now)
+                    elif len(msg) == 2 and not holds and msg[1][:1] == _FIXED:
+                        # The latency case: no frame objects; in C when it is the common one.
+                        try:
+                            if on_one(self, msg[0], msg[1]):
+                                continue
+                        except Exception:  # as _handle_frames: nothing may end this thread
+                            self.counters.drops["internal"] += 1
+                            log.exception("%s: error handling a message; dropped", self.name)
+                            continue
+                        handle_one(msg[0], msg[1])
+                        continue
+                    elif len(msg) == 2 and msg[0] == _WAKE_ID:
+                        continue  # a wake-up: commands run after the drain
+                    else:
+                        self._handle_frames([_BytesFrame(frame) for frame in msg], now)
+                    if ordering:  # what it was may have started an array's way
+                        holds = any(channel.wants_wait() for channel in ordering)
+                if status < 0:
+                    raise zmq.ZMQError(-status)
+                if status == zcore.DRAINED:
+                    return
+        finally:
+            if self._io_batch:
+                # One dispatch item per drain, not per message: fewer thread wake-ups.
+                self._dispatch.put(self._io_batch)
+                self._io_batch = []
+
+    def _handle_one(self, ident: bytes, head: bytes) -> None:
+        """A lone plain message or reply in one frame (wire.unpack_one): _handle's
+        first case, for zcore's messages, with _handle_frames's error handling."""
+        try:
+            kind, fields, data = wire.unpack_one(head)
+            if kind == wire.MSG:
+                self._on_msg_one(ident, fields, data)
+            else:
+                self._on_reply_one(ident, fields, data)
+        except ProtocolError as exc:
+            self._drop(exc.reason, ident, str(exc))
+        except InvalidSubject as exc:
+            self._drop("invalid_subject", ident, str(exc))
+        except Exception:
+            self.counters.drops["internal"] += 1
+            log.exception("%s: error handling a message; dropped", self.name)
 
     def _handle_frames(self, frames: list, now: float, ordered: bool = False) -> None:
         if len(frames) == 2 and frames[0].bytes == _WAKE_ID:

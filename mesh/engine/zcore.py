@@ -1,0 +1,336 @@
+"""The I/O thread's socket calls without pyzmq's Python layers: libzmq called from C.
+
+In the compiled build (Cython, pure-Python mode, zcore.pxd holds the C) this module
+calls libzmq through function pointers resolved at run time from the very libzmq
+pyzmq loaded (found in /proc/self/maps, opened with RTLD_NOLOAD: the same library,
+never a second copy). Two calls:
+
+- :func:`drain` waits for the ROUTER without the GIL (``zmq_poll``), reads every
+  message there (``zmq_msg_recv``, still without the GIL), then takes the GIL once
+  and returns their first two frames as bytes: one GIL hand-over per wake-up instead
+  of one per pyzmq call (poll, each frame's recv, the events check), and no
+  ``zmq.Frame`` objects. A message with more than two frames (a batch, an array)
+  stops the read: the caller reads its other frames with pyzmq, in order.
+- :func:`send_bytes` sends one frame of bytes holding the GIL (a 64 B copy is far
+  cheaper than letting go of the GIL and taking it back, which pyzmq does).
+
+``available()`` is False in the pure build (``MESH_PURE_PYTHON=1``), when pyzmq's
+libzmq is not a shared library this process can find (a static build), or its ABI
+is not libzmq 4's: the callers then keep pyzmq's calls (mesh/engine/loop.py).
+
+Who owns what: nothing here owns a socket. A socket handle passed in belongs to
+the thread calling (the I/O thread its ROUTER, a publisher holding the link lock a
+link's DEALER), exactly as with pyzmq; the caller must not pass a closed socket.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import zmq
+
+from mesh import wire
+from mesh.engine import heap
+from mesh.flow import CreditGrant
+from mesh.message import incoming
+
+log = logging.getLogger("mesh")
+
+# drain()'s status: the socket had no more; the batch filled up (call again); the
+# last message has more frames (read them first); a negative errno is an error.
+DRAINED = 0
+FULL = 1
+MORE = 2
+
+# The one-frame layout (wire.lone_frames / unpack_one), read and written here in C:
+# its integers are little-endian, as this host's must be for that.
+LITTLE = sys.byteorder == "little"
+_VERSION = wire.PROTOCOL_VERSION
+_MSG = wire.MSG
+_REPLY = wire.REPLY
+_ONE = wire.ONE
+_ONE_SIZE = wire.ONE_SIZE
+_REPLY_SIZE = wire.REPLY_ONE_SIZE
+# Peer states whose data messages are accepted here (dispatch._KNOWN).
+_KNOWN = frozenset(("alive", "suspect", "joining"))
+
+_NAMES = ("zmq_msg_init", "zmq_msg_recv", "zmq_msg_close", "zmq_msg_data", "zmq_msg_size",
+          "zmq_msg_more", "zmq_poll", "zmq_send", "zmq_errno")
+_state: list = []  # [True/False] once resolved (any thread; the result is the same)
+
+
+def _libzmq_path() -> str | None:
+    """The libzmq shared library this process mapped (pyzmq's), if any."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.rstrip("\n").split(None, 5)[-1] if line.count(" ") >= 5 else ""
+                if "libzmq" in os.path.basename(path) and ".so" in path:
+                    return path
+    except OSError:
+        return None
+    return None
+
+
+def _resolve() -> bool:
+    if not _is_compiled() or zmq.zmq_version_info()[0] != 4:
+        return False
+    path = _libzmq_path()
+    if path is None:
+        return False
+    try:
+        lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | ctypes.RTLD_LOCAL)
+        addresses = tuple(ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+                          for name in _NAMES)
+    except (OSError, AttributeError):
+        return False
+    if not all(addresses):
+        return False
+    return bool(zc_bind(addresses))  # noqa: F821 (zcore.pxd: compiled build only)
+
+
+def _is_compiled() -> bool:
+    from mesh import _build
+
+    return _build.is_compiled(__name__)
+
+
+def available() -> bool:
+    """Can this process use the C calls (see the module doc)?"""
+    if not _state:
+        _state.append(_resolve())
+    return _state[0]
+
+
+def drain(handle: int, timeout_ms: int) -> Any:
+    """(messages, status) of the socket whose handle (``sock.underlying``) is given:
+    see the module doc and zcore.pxd. Only after :func:`available` said True."""
+    return zc_drain(handle, timeout_ms)  # noqa: F821
+
+
+def send_bytes(handle: int, data: bytes, more: bool = False) -> int:
+    """Send one frame (``more``: another follows) without waiting: 0, or the errno
+    (``errno.EAGAIN``: the peer's queue is full, nothing was sent); -1 when ``data``
+    is not bytes (nothing sent: use pyzmq)."""
+    return zc_send_bytes(handle, data, ZC_SNDMORE if more else 0)  # noqa: F821
+
+
+def pack_one(subject: Any, seq: Any, ts: float, sid: Any, req_id: Any, data: bytes) -> bytes:
+    """wire.lone_frames' one frame of a small message, written in C (``subject``: its
+    UTF-8 bytes; ``req_id`` -1 when it is no request). Only after :func:`available`
+    said True."""
+    return zc_pack_one(_VERSION, _MSG, _ONE, seq, ts, sid, req_id, subject, data)  # noqa: F821
+
+
+def send_frame(node: Any, link: Any, peer_id: str, frame: bytes, nbytes: int) -> bool:
+    """LinkSender._put_frames for one frame of bytes (link lock held): sent from C,
+    holding the GIL, counted. False, with nothing sent, when the frame must take
+    ``_put_frames`` (an array went another way before it, the peer's queue is full,
+    an error); owed credit taken for it then goes to the I/O thread. Compiled build
+    only (after :func:`available` said True)."""
+    for channel in node._bulk_ordering:
+        if channel.keeps_order(link):
+            return False
+    owed = owed_credit(node, peer_id) if node._dirty_grants else None
+    handle = link.sock.underlying
+    if owed is None:
+        if zc_send_bytes(handle, frame, 0):  # noqa: F821
+            return False
+    else:  # credit this node owes the peer rides in front of the message
+        if zc_send_bytes(handle, wire.pack(wire.CREDIT, owed), ZC_SNDMORE):  # noqa: F821
+            node._owed_credit_failed(peer_id, owed)
+            return False
+        zc_send_bytes(handle, frame, 0)  # noqa: F821 (the rest of a message never waits)
+        node.credit_updates["riding"] += 1
+    counters = node.counters
+    counters.msgs_out += 1
+    counters.bytes_out += nbytes
+    counters = link.counters
+    counters.msgs_out += 1
+    counters.bytes_out += nbytes
+    return True
+
+
+def on_one(node: Any, ident: bytes, head: bytes) -> bool:
+    """A one-frame message or reply (its first byte is wire.FIXED) the I/O thread read:
+    dispatch's _on_msg_one -> _hand_over -> _run_inline -> _return_credit (and
+    _on_reply_one -> _settle_reply) for the common case, written out in C types: a
+    known peer, one plain subscription, no policy. Those stay the reference: False,
+    with nothing done, sends the message there (wire.unpack_one first), which also
+    raises for what is malformed. I/O thread only; compiled build only."""
+    size = len(head)
+    if not LITTLE or size < _REPLY_SIZE:
+        return False
+    p = head
+    if p[1] != _VERSION or p[3] != _ONE:
+        return False
+    kind = p[2]
+    if kind == _REPLY:
+        return _on_reply(node, ident, head)
+    if kind != _MSG or size < _ONE_SIZE:
+        return False
+    one = zc_unpack_one(p)  # noqa: F821
+    seq = one.seq
+    ts = one.ts
+    sid = one.sid
+    req_id = one.req_id
+    slen = one.slen
+    if _ONE_SIZE + slen > size or req_id < -1:
+        return False
+    peer = node._peers.get(node._ident_ids.get(ident, ""))
+    if peer is None or peer.state not in _KNOWN:
+        return False  # the general path resolves it (or drops a stranger's)
+    sub = node._subs_by_sid.get(sid)
+    if sub is None or sub.closed or sub.queue or node._policy is not None:
+        return False
+    try:
+        subject = head[_ONE_SIZE:_ONE_SIZE + slen].decode()
+    except UnicodeDecodeError:
+        return False
+    route = node._routing._cache.get(subject)
+    if route is None or sub not in route.local:
+        return False
+    data = head[_ONE_SIZE + slen:]
+    nbytes = len(data)
+    now = zc_wall()  # noqa: F821
+    peer_id = peer.id
+    counters = peer.counters
+    counters.msgs_in += 1
+    counters.bytes_in += nbytes
+    counters = node.counters
+    counters.msgs_in += 1
+    counters.bytes_in += nbytes
+    if ts:
+        latency = now - ts
+        if 0.0 <= latency < 3600.0:  # also rejects nan/inf; clocks may disagree a little
+            node.latency.record(latency, 1)
+    key = (peer_id, subject)  # plain subscribers see every message: gaps are losses
+    last = node._last_seq.get(key)
+    if last is not None and seq > last + 1:
+        node.gaps += seq - last - 1
+    node._last_seq[key] = seq
+    grant = sub._grants.get(peer_id)
+    if grant is None:
+        grant = sub._grants[peer_id] = CreditGrant(
+            sub.credits, sub.credit_bytes, threshold=_credit_threshold(sub.credits))
+    flow = sub._flow  # a Condition: its acquire/release are its lock's (no Python frames)
+    flow.acquire()
+    try:
+        accepted = grant.on_received_run((nbytes,))
+    finally:
+        flow.release()
+    if grant.buffered >= grant.credits:  # a full window nobody took from (engine/heap.py)
+        heap.window_full(grant)
+    if not accepted:
+        counters.drops["credit_violation"] += 1
+        return True
+    request_id = None if req_id == -1 else req_id
+    msg = incoming(subject, data, None, peer_id, seq, None, request_id, node,
+                   None if request_id is None else peer_id, (grant, peer_id, nbytes))
+    if sub.handler is None:
+        sub._inbox.put(msg)
+        return True
+    if not sub.inline:
+        node._io_batch.append((sub, msg))
+        return True
+    # An inline handler, here (dispatch._run_inline).
+    if sub.closed:
+        return True
+    start = zc_mono()  # noqa: F821
+    try:
+        sub.handler(msg)
+    except Exception:
+        counters.drops["handler_error"] += 1
+        log.exception("%s: handler for %r raised on %r", node.name, sub.pattern, subject)
+    sub.delivered += 1
+    took = zc_mono() - start  # noqa: F821
+    if took > node._inline_budget:
+        node._inline_overran(sub, msg, took)
+    credit = msg._credit
+    if type(credit) is tuple:
+        msg._credit = None
+        _consumed_inline(node, sub, grant, peer_id, nbytes)
+    elif credit is not None:
+        node._consumed(sub, msg)
+    return True
+
+
+def _consumed_inline(node: Any, sub: Any, grant: Any, publisher: Any, nbytes: int) -> None:
+    """dispatch._return_credit for one message on the I/O thread (which needs no
+    wake-up for a credit flush: it computes its own deadlines)."""
+    now = zc_mono()  # noqa: F821 (CLOCK_MONOTONIC: time.monotonic's clock)
+    flow = sub._flow
+    flow.acquire()
+    try:
+        grant.on_consumed(nbytes, now, 1)
+        update = grant.take_update(now)
+        if update is None:
+            node._dirty_grants[(sub, publisher)] = grant
+    finally:
+        flow.release()
+    if update is not None:
+        entries = [[sub.sid, update[0], update[1]]]
+        if not node._send_credit_direct(publisher, entries):
+            node._command(("credit", publisher, entries))
+
+
+def _on_reply(node: Any, ident: bytes, head: bytes) -> bool:
+    """dispatch._on_reply_one -> _settle_reply for a known peer's awaited reply."""
+    req_id = int.from_bytes(head[4:_REPLY_SIZE], "little", signed=True)
+    if req_id < 0:
+        return False
+    peer = node._peers.get(node._ident_ids.get(ident, ""))
+    if peer is None or peer.state not in _KNOWN:
+        return False
+    pending = node._pending.get(req_id)
+    if pending is None or pending.reply is not None:
+        return False  # late or twice: counted there
+    pending.reply = incoming("", head[_REPLY_SIZE:], None, peer.id, 0, None, req_id, None, None,
+                             None)
+    pending.set()
+    return True
+
+
+def _credit_threshold(window: int) -> int:
+    """Consumed messages that make a subscriber send credit back at once: a quarter
+    of the window. Batches are half a window (Link.batch_cap), so credit for the
+    first half of a batch is on its way while the publisher sends the next one."""
+    return max(1, window // 4)
+
+
+def _ride_least(threshold: int) -> int:
+    """Owed credit that rides in front of a frame going to its publisher anyway: an
+    eighth of the threshold at least (one message's for windows up to 31)."""
+    return max(1, threshold // 8)
+
+
+def owed_credit(node: Any, peer_id: str) -> list | None:
+    """Dispatcher._owed_credit (both builds run this; here it is compiled): credit
+    ``node`` owes ``peer_id`` and holds back, taken now to ride on a frame going
+    there anyway. Link lock held."""
+    entries = None
+    now = 0.0
+    for (sub, publisher), grant in list(node._dirty_grants.items()):
+        # Only credit worth a frame rides (an eighth of the threshold): a ping-pong
+        # would otherwise carry one message's credit on every message, decoded and
+        # applied each time. What stays owed is flushed by the I/O thread's timer.
+        if publisher != peer_id or grant._pending < _ride_least(grant.threshold):
+            continue
+        if not now:
+            now = time.monotonic()
+        flow = sub._flow
+        flow.acquire()
+        try:
+            update = grant.take_update(now, force=True)
+        finally:
+            flow.release()
+        if update is not None:
+            if entries is None:
+                entries = []
+            entries.append([sub.sid, update[0], update[1]])
+    return entries
