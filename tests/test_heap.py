@@ -10,6 +10,7 @@ import time
 
 import pytest
 from meshproc import wait_until
+from test_flow_procs import pair
 
 from mesh.engine import heap
 from mesh.flow import CreditGrant
@@ -18,15 +19,6 @@ pytestmark = [
     pytest.mark.timeout(120),
     pytest.mark.skipif(heap._malloc_trim is None, reason="needs glibc's malloc_trim"),
 ]
-
-
-def pair(procs, sub_args: dict, **node_kwargs):
-    s = procs.start("s", **node_kwargs)
-    p = procs.start("p", seeds=[s.tcp], **node_kwargs)
-    p.call("wait_for_peers", n=1, timeout=15)
-    sid = s.call("subscribe", pattern="f.>", **sub_args)
-    p.call("wait_for_subscribers", subject="f.x", count=1, timeout=10)
-    return p, s, sid
 
 
 def test_a_stalled_subscriber_gives_the_freed_receive_buffers_back(procs):

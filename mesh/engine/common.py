@@ -16,9 +16,11 @@ log = logging.getLogger("mesh")
 ZERO_COPY_BYTES = zmq.COPY_THRESHOLD
 
 class _BatchedFrame:
-    """A payload unpacked from a batch, shaped like the zmq.Frame _payload_of reads."""
+    """Bytes shaped like the zmq.Frame the handling code reads: a payload unpacked
+    from a batch or an RDMA arrival, or a frame zcore.drain read (loop.py)."""
 
     __slots__ = ("bytes",)
+    more = False
 
     def __init__(self, data: bytes) -> None:
         self.bytes = data
@@ -29,6 +31,10 @@ class _BatchedFrame:
 
     def __len__(self) -> int:
         return len(self.bytes)
+
+    def __bytes__(self) -> bytes:
+        return self.bytes
+
 
 _STOP = object()
 

@@ -35,6 +35,7 @@ from mesh.engine.common import (
     _LIVE,
     _QUEUE_FULL_RETRY,
     _WAKE_ID,
+    _BatchedFrame,
     _header_kind,
     _peer_id_of,
 )
@@ -64,27 +65,6 @@ _CREDIT_RETRY = 0.001
 # How long close() waits for its peers to answer its goodbye (seconds): bounded, so
 # a frozen or vanished peer costs a closing node at most this.
 GOODBYE_WAIT = 0.3
-
-
-class _BytesFrame:
-    """A frame zcore.drain read, for the code that takes pyzmq frames (the rare
-    messages of more than two frames, and those a bulk channel may hold)."""
-
-    __slots__ = ("bytes",)
-    more = False
-
-    def __init__(self, data: bytes) -> None:
-        self.bytes = data
-
-    @property
-    def buffer(self) -> memoryview:
-        return memoryview(self.bytes)
-
-    def __len__(self) -> int:
-        return len(self.bytes)
-
-    def __bytes__(self) -> bytes:
-        return self.bytes
 
 
 # zcore.drain rounds per wake-up (ZC_BATCH messages each) before timers and commands
@@ -327,7 +307,7 @@ class IoLoop:
                 last = len(msgs) - 1 if status == zcore.MORE else -1
                 for index, msg in enumerate(msgs):
                     if index == last:  # its other frames are still in the socket: read them
-                        frames = [_BytesFrame(msg[0]), _BytesFrame(msg[1])]
+                        frames = [_BatchedFrame(msg[0]), _BatchedFrame(msg[1])]
                         recv = self._router.recv
                         while True:
                             frame = recv(0, copy=False)
@@ -349,7 +329,7 @@ class IoLoop:
                     elif len(msg) == 2 and msg[0] == _WAKE_ID:
                         continue  # a wake-up: commands run after the drain
                     else:
-                        self._handle_frames([_BytesFrame(frame) for frame in msg], now)
+                        self._handle_frames([_BatchedFrame(frame) for frame in msg], now)
                     if ordering:  # what it was may have started an array's way
                         holds = any(channel.wants_wait() for channel in ordering)
                 if status < 0:
