@@ -139,7 +139,14 @@ def run_case(group: Any, case: dict) -> dict:
             root, dtype, shape = case["root"], case["dtype"], tuple(case["shape"])
             data = make_input(case["seed"], root, dtype, shape)
             arr = data.copy() if rank == root else np.zeros(shape, dtype=dtype)
-            out = group.broadcast(arr, root=root)
+            # "across_hosts": plan as if the members were on different hosts (tree or
+            # chain, relayed cut-through), which one machine's processes are not
+            was = group._across_hosts
+            group._across_hosts = case.get("across_hosts", was)
+            try:
+                out = group.broadcast(arr, root=root)
+            finally:
+                group._across_hosts = was
             ok, why = compare(out, data)
             if ok and not np.array_equal(arr, data):
                 ok, why = False, "the array passed was not updated in place"

@@ -841,11 +841,33 @@ TCP_BROADCAST_CHAIN_BYTES = 32 * _MiB
 CHAIN_SEGMENT_MIN = 1 * _MiB
 
 
-def broadcast_algorithm_over_tcp(nbytes: int, size: int) -> Literal["direct", "tree", "chain"]:
+# Members on different hosts (2026-12-06, 4 ranks, bench/collectives.py --tcp --lan and
+# --lan-rate 1gbit, every forwarding rank relaying cut-through: tcp_bulk
+# RecvRequest.relay): the direct plan's root sends 3 S, which on a 1 Gbit/s wire took
+# 1.1-1.6x Gloo's time at 256 KiB-4 MiB; the tree's root sends 2 S (0.6-0.95x Gloo
+# there, 0.7-1.0x on the unlimited namespace LAN, where 2 cores, not the wire, are
+# the limit); the chain's root S (0.34-0.39x Gloo from 1 MiB at 1 Gbit/s, 0.75-0.9x
+# on the unlimited LAN from 4 MiB, but 1.1-1.4x below that: three hops of latency).
+# So across hosts the tree below TCP_CHAIN_ACROSS_BYTES, the chain from there on.
+# Members of one host (shm off: tests, benchmarks) keep the plans above: there the
+# CPU is the limit and the direct plan has no forwarding hop (loopback, 4 ranks,
+# relayed tree 1.0-1.2x the direct plan's time at 256 KiB-16 MiB).
+TCP_CHAIN_ACROSS_BYTES = 4 * _MiB
+
+
+def broadcast_algorithm_over_tcp(
+    nbytes: int, size: int, across_hosts: bool = False
+) -> Literal["direct", "tree", "chain"]:
     """:func:`broadcast_algorithm` for a group whose pairs all have bulk tcp streams:
-    the chain (:func:`chain_broadcast_plan`) from TCP_BROADCAST_CHAIN_BYTES."""
+    the chain (:func:`chain_broadcast_plan`) from TCP_BROADCAST_CHAIN_BYTES; with
+    ``across_hosts`` (its members are not all on one host: the wire, not the CPU,
+    binds) and 3 or more ranks never the direct plan: the tree below
+    TCP_CHAIN_ACROSS_BYTES, the chain from there on. Every rank must pass the same
+    ``across_hosts`` (the group agrees on it at formation)."""
     nbytes = _count(nbytes, "nbytes")
     size = _count(size, "group size", 1)
+    if size > 2 and across_hosts:
+        return "chain" if nbytes >= TCP_CHAIN_ACROSS_BYTES else "tree"
     if size > 2 and nbytes >= TCP_BROADCAST_CHAIN_BYTES:
         return "chain"
     return broadcast_algorithm(nbytes, size)
