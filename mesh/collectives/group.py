@@ -1384,7 +1384,8 @@ class Group:
         # A copying receive whose data this rank only forwards (a chain or tree
         # broadcast) is relayed by the streams' threads as its bytes arrive (cut-
         # through, tcp_bulk.RecvRequest.relay): plan index -> the sends it carries.
-        relayable = self._relay and ufunc is None and conns is not None
+        # (broadcasts only, measured; the ring allgather could relay the same way)
+        relayable = self._relay and opname == "broadcast" and conns is not None
         relaying: dict[int, tuple[sch.Transfer, ...]] = {}
 
         def relay_of(t: sch.Transfer) -> list | None:

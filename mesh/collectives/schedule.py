@@ -846,13 +846,14 @@ CHAIN_SEGMENT_MIN = 1 * _MiB
 # RecvRequest.relay): the direct plan's root sends 3 S, which on a 1 Gbit/s wire took
 # 1.1-1.6x Gloo's time at 256 KiB-4 MiB; the tree's root sends 2 S (0.6-0.95x Gloo
 # there, 0.7-1.0x on the unlimited namespace LAN, where 2 cores, not the wire, are
-# the limit); the chain's root S (0.34-0.39x Gloo from 1 MiB at 1 Gbit/s, 0.75-0.9x
-# on the unlimited LAN from 4 MiB, but 1.1-1.4x below that: three hops of latency).
-# So across hosts the tree below TCP_CHAIN_ACROSS_BYTES, the chain from there on.
+# the limit); the chain's root S (0.34-0.39x Gloo from 1 MiB at 1 Gbit/s; on the
+# unlimited LAN 0.75-0.9x from 16 MiB, 0.8-1.06x at 4 MiB where the tree had
+# 0.7-0.74x, 1.1-1.4x below: three hops of latency). So across hosts the tree below
+# TCP_CHAIN_ACROSS_BYTES, the chain from there on.
 # Members of one host (shm off: tests, benchmarks) keep the plans above: there the
 # CPU is the limit and the direct plan has no forwarding hop (loopback, 4 ranks,
 # relayed tree 1.0-1.2x the direct plan's time at 256 KiB-16 MiB).
-TCP_CHAIN_ACROSS_BYTES = 4 * _MiB
+TCP_CHAIN_ACROSS_BYTES = 16 * _MiB
 
 
 def broadcast_algorithm_over_tcp(
