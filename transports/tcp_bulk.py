@@ -16,6 +16,12 @@ posted receives by ``tag``; one that arrives before its receive is posted is
 read into a fresh buffer and kept until asked for (correct, one copy more): at
 once up to PARK_MIN bytes, a larger one after POST_WAIT unless posted meanwhile.
 
+A receive may be posted with a *relay* (``post(..., relay=[(conn, tag, meta)])``):
+as its bytes land in place the receiver thread reports each piece to progressive
+sends queued on those other streams, whose sender threads write them on at once
+(cut-through forwarding for a broadcast's tree or chain; a source that breaks
+mid-message breaks the relayed streams too, their frames cannot be finished).
+
 Connecting: each node listens on its tcp host, port chosen by the OS, and
 offers ``[port, token]`` in its hello (mesh.engine.bulk_tcp). When a group
 with both forms (``ensure``/``settle``), of two peers the one with the

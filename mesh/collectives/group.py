@@ -72,7 +72,15 @@ over, one wake-up instead of ZeroMQ's three). In such a group of 3 or more,
 ``auto`` takes the ring right after the direct plan (the tree's root carries
 twice the array each way, the ring's links 2 (n - 1) / n of it) and a
 broadcast of 32 MiB or more goes down a chain (each link carries it once);
-see :data:`.schedule.TCP_BROADCAST_CHAIN_BYTES`.
+see :data:`.schedule.TCP_BROADCAST_CHAIN_BYTES`. When the members are on more
+than one host (each tells the others its host at formation), a broadcast of 3
+or more never takes the direct plan (its root would send the array to every
+rank: the wire binds there): the tree below 16 MiB, the chain from there
+(:func:`.schedule.broadcast_algorithm_over_tcp`). A rank that forwards a
+broadcast posts its receive with a *relay*: the stream's receiver thread
+hands every piece that arrives to the next streams' sender threads (cut-
+through, 64 KiB pieces), so a tree or chain goes as one message per link,
+pipelined by the streams, without waking the forwarding rank's caller.
 Its receives are posted ahead, up to ``_POST_AHEAD`` of them, straight into
 their slice of the result as soon as :func:`.schedule.post_guards` says
 nothing needs the slice's old content: a copying one (allgather half of the
@@ -703,7 +711,9 @@ class Group:
 
     def broadcast(self, array: Any, root: int = 0, *, timeout: float | None = None) -> np.ndarray:
         """Give every rank the root's ``array`` (pipelined segments: the root sends to
-        every rank itself up to ``schedule.DIRECT_MAX_GROUP`` ranks, a binary tree above).
+        every rank itself up to ``schedule.DIRECT_MAX_GROUP`` ranks, a binary tree above;
+        over tcp streams between hosts a tree or chain relayed cut-through, see the
+        module docstring).
 
         Like ``torch.distributed.broadcast``, non-root ranks pass an array of
         the same shape and dtype, which is overwritten in place when writable

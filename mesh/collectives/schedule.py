@@ -67,6 +67,8 @@ the binary tree.
 * Broadcast: binary tree, segmented. ``D`` levels, inner ranks send ``2 S``;
   pipelined, about ``(D + S / s) (alpha + 2 s beta)`` for segments of ``s``.
   Or direct (the root sends ``(P - 1) S``, one level) up to ``DIRECT_MAX_GROUP``.
+  Or a chain (every rank sends ``S`` once, ``P - 1`` levels): about
+  ``(P - 2 + S / s) (alpha + s beta)``, the least on the busiest link.
 * Barrier: dissemination (Hensgen, Finkel and Manber), ``ceil(log2 P)``
   rounds of one empty message per rank.
 * Push-sum gossip (Kempe, Dobra, Gehrke 2003): per round each rank sends
@@ -834,7 +836,8 @@ def allgather_algorithm(nbytes: int, size: int) -> Literal["direct", "ring"]:
 # 0.55-0.8x Gloo's time at 256 KiB-4 MiB, while the chain (and a scatter +
 # allgather broadcast, tried too) took 1.3-1.5x the direct plan's time up to 4 MiB:
 # a direct broadcast's root sends 3 S, which on a slow wire costs 1.07-1.24x Gloo's
-# time at 256 KiB-1 MiB (4 ranks, 1 Gbit/s), a loss kept for the loopback's sake.
+# time at 256 KiB-1 MiB (4 ranks, 1 Gbit/s); so members on different hosts plan
+# otherwise (TCP_CHAIN_ACROSS_BYTES below), members of one host as here.
 TCP_BROADCAST_CHAIN_BYTES = 32 * _MiB
 # A chain segment: small enough that the pipeline fills quickly (S / 32), large
 # enough that per-message costs stay small.
@@ -852,7 +855,7 @@ CHAIN_SEGMENT_MIN = 1 * _MiB
 # TCP_CHAIN_ACROSS_BYTES, the chain from there on.
 # Members of one host (shm off: tests, benchmarks) keep the plans above: there the
 # CPU is the limit and the direct plan has no forwarding hop (loopback, 4 ranks,
-# relayed tree 1.0-1.2x the direct plan's time at 256 KiB-16 MiB).
+# relayed tree 0.99-1.26x the direct plan's median time at 256 KiB-16 MiB).
 TCP_CHAIN_ACROSS_BYTES = 16 * _MiB
 
 
