@@ -264,6 +264,22 @@ def _run(node: Any, groups: dict, op: str, args: dict) -> Any:
         except mesh.MeshError as exc:
             return {**_error(exc), "iterations": done, "started": t_start}
         return {"iterations": done, "started": t_start, "error": None}
+    if op == "broadcast_loop":
+        # Big broadcasts from rank 0 until one fails (the root gets killed meanwhile).
+        g = groups[args["group"]]
+        g._across_hosts = args.get("across_hosts", g._across_hosts)  # (see run_case)
+        x = np.full(args["elems"], 1.0, dtype=np.float32)
+        done = 0
+        t_start = time.time()
+        try:
+            for _ in range(args["iterations"]):
+                g.broadcast(x, root=0)
+                done += 1
+        except mesh.MeshError as exc:
+            return {**_error(exc), "iterations": done, "started": t_start}
+        finally:
+            g._across_hosts = False
+        return {"iterations": done, "started": t_start, "error": None}
     if op == "late_allreduce":
         # Ranks in `late` sleep first: a straggler that is alive but not participating.
         g = groups[args["group"]]

@@ -605,6 +605,39 @@ def test_sigkill_mid_allreduce_over_the_streams_then_reform():
 
 
 
+def test_root_killed_mid_relayed_broadcast_is_named_by_every_survivor():
+    """Down a relayed chain (0 -> 1 -> 2 -> 3): the root killed mid-message breaks
+    rank 1's relay to rank 2 too (half a frame), yet rank 2 names the root, not its
+    live neighbour (rank 1's abort says who), and the survivors reform and go on."""
+    cluster = Cluster(4, prefix="kc", **TCP_ONLY)
+    timeout = 10.0
+    try:
+        cluster.start()
+        cluster.form("chain", timeout=timeout)
+        victim = cluster.by_rank[0]
+        survivors = cluster.by_rank[1:]
+        elems = (schedule.TCP_CHAIN_ACROSS_BYTES * 2) // 4
+        ids = {w: w.send("broadcast_loop", group="chain", elems=elems, iterations=2000,
+                         across_hosts=True) for w in cluster.by_rank}
+        time.sleep(1.0)
+        t_kill = time.time()
+        victim.kill()
+        for w in survivors:
+            res = w.result(ids[w], timeout=timeout + 10, what="broadcast_loop")
+            assert res["error"] == "PeerLostError" and res["peer"] == victim.id, res
+            assert res["iterations"] > 0, res
+            assert res["t"] - t_kill < timeout, res
+        reformed = cluster.all("reform", workers=survivors, group="chain")
+        assert {r["size"] for r in reformed} == {3}, reformed  # nobody alive was excluded
+        order = sorted(range(3), key=lambda i: reformed[i]["rank"])
+        by_rank = [survivors[i] for i in order]
+        cases = [{"kind": "broadcast", "root": 2, "dtype": "float32", "shape": (elems + 1,),
+                  "seed": 77, "across_hosts": True}]
+        assert_all_ok(cluster.cases("chain", cases, workers=by_rank), cases)
+    finally:
+        cluster.shutdown()
+
+
 def test_members_with_different_thresholds_still_agree_on_every_byte():
     """A segment one end sends over the stream and the other expects on ZeroMQ (their
     tcp_bulk_threshold differs) is found on the stream after a poll interval."""

@@ -150,6 +150,9 @@ _KEEP_NOTICES = 64
 # Bulk tcp receives posted ahead of the one being consumed, and scratch segments
 # for those that reduce (each one segment: 4 MiB by default).
 _POST_AHEAD = 8
+# A broken bulk stream from a member that forwards (relays) a broadcast: how long a
+# rank waits for another to name the culprit before it blames that member (_recv_bulk).
+_BLAME_GRACE = 1.0
 # Marks the host entry at the end of a member's stream list at formation (_agree_streams).
 _HOST_MARK = "host:"
 _SCRATCH_SEGMENTS = 4
@@ -1397,6 +1400,8 @@ class Group:
         # (broadcasts only, measured; the ring allgather could relay the same way)
         relayable = self._relay and opname == "broadcast" and conns is not None
         relaying: dict[int, tuple[sch.Transfer, ...]] = {}
+        # (a broadcast's sender other than its root forwards: see _recv_bulk)
+        root = meta[3] if relayable else None
 
         def relay_of(t: sch.Transfer) -> list | None:
             if not relayable or not deps[t.index]:
@@ -1466,7 +1471,8 @@ class Group:
                 if entry is not None:
                     req, sc = entry
                     incoming = self._recv_bulk(t.recv_from, c, req, base + t.tag, seq, opname,
-                                               timeout, t, meta, b - a, buf.dtype)
+                                               timeout, t, meta, b - a, buf.dtype,
+                                               root is not None and t.recv_from != root)
                 else:
                     sc = None
                     msg = self._recv(t.recv_from, base + t.tag, seq, opname, timeout)  # type: ignore[arg-type]
@@ -1615,7 +1621,7 @@ class Group:
 
     def _recv_bulk(self, rank: int, conn: Any, req: Any, tag: Hashable, seq: int, opname: str,
                    timeout: float | None, t: sch.Transfer, meta: list, n: int,
-                   dtype: np.dtype) -> np.ndarray | None:
+                   dtype: np.dtype, forwarded: bool = False) -> np.ndarray | None:
         """Wait for a posted bulk receive (bounded like ``_recv``; a sender that fell
         back to ZeroMQ meanwhile is found on the channel); its array, checked, or
         None when the stream already reduced it into its slice (``fold``)."""
@@ -1656,6 +1662,12 @@ class Group:
                         break
         except PeerLostError as exc:
             if isinstance(exc, BulkLinkError):
+                if forwarded:
+                    # The sender relays what it receives: its own source dying mid-message
+                    # breaks this stream too (tcp_bulk: the frame cannot be finished). It
+                    # names that source in an abort within milliseconds: blame the sender
+                    # only if nobody names another culprit by then.
+                    self._await_blame(seq, opname, min(_BLAME_GRACE, limit / 4))
                 raise self._lost(rank, f"broke its bulk tcp connection ({exc})", opname,
                                  seq) from None
             raise
@@ -1692,6 +1704,17 @@ class Group:
                 f"({n} elements of {dtype}): every rank must pass the same shape"
             )
         return incoming
+
+    def _await_blame(self, seq: int, opname: str, grace: float) -> None:
+        """Wait up to ``grace`` for a notice that names who failed (raises it)."""
+        deadline = time.monotonic() + grace
+        while True:
+            self._check_notices(seq, opname)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            with self._cond:
+                self._cond.wait(min(left, 0.02))
 
     def _execute_direct(
         self,
