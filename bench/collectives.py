@@ -838,6 +838,24 @@ def _tcp_rank_main(out: Any, rank: int, world: int, cluster: str, seed_q: Any, g
         out.put((rank, False, traceback.format_exc()))
 
 
+def _bcast_variants() -> list[str]:
+    """``--bcast-algos`` (env ``ZMESH_BENCH_BCAST``, read in the ranks): broadcast plans
+    forced over the tcp streams, e.g. ``direct,chain,tree-256K`` (``-SIZE``: segment)."""
+    return [v for v in os.environ.get("ZMESH_BENCH_BCAST", "").split(",") if v]
+
+
+def _forced_broadcast(group: Any, xb: np.ndarray, variant: str) -> Any:
+    algo, *rest = variant.split("-") if variant else [""]
+    group._bcast_algo = algo  # "" = the group's own choice
+    sizes = [r for r in rest if r != "norelay"]
+    group._bcast_seg = parse_sizes(sizes[0])[0] if sizes else 0
+    group._relay = "norelay" not in rest  # (forwarding rank: cut-through or via the caller)
+    try:
+        return group.broadcast(xb, root=0)
+    finally:
+        group._bcast_algo, group._bcast_seg, group._relay = "", 0, True
+
+
 def _tcp_rank_body(rank: int, world: int, cluster: str, seed_q: Any, gloo_port: int | None,
                    sizes: list[int], quick: bool, ops: tuple[str, ...], algos: tuple[str, ...],
                    segment_bytes: int | None, hosts: list[str] | None = None,
@@ -898,7 +916,10 @@ def _tcp_rank_body(rank: int, world: int, cluster: str, seed_q: Any, gloo_port: 
                 xb = np.ones(n, dtype=np.float32)
                 tb = torch.ones(n, dtype=torch.float32) if dist else None
                 cases[f"{nbytes}:broadcast:mesh"] = timed(
-                    lambda xb=xb: group.broadcast(xb, root=0), group.barrier)
+                    lambda xb=xb: _forced_broadcast(group, xb, ""), group.barrier)
+                for v in _bcast_variants():  # forced plans, A/B against auto and Gloo
+                    cases[f"{nbytes}:broadcast:mesh-{v}"] = timed(
+                        lambda xb=xb, v=v: _forced_broadcast(group, xb, v), group.barrier)
                 if dist:
                     cases[f"{nbytes}:broadcast:gloo"] = timed(
                         lambda tb=tb: dist.broadcast(tb, src=0), dist.barrier)
@@ -1489,6 +1510,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --tcp: which collectives (default: all three)")
     parser.add_argument("--algos", default="auto",
                         help="with --tcp: the mesh allreduce algorithms to time (default: auto)")
+    parser.add_argument("--bcast-algos", default="",
+                        help="with --tcp: also time the broadcast with these plans forced "
+                        "(direct, tree, chain; -SIZE sets the segment, e.g. chain-256K; "
+                        "-norelay: forwarded by the caller, not cut-through), each against "
+                        "Gloo in the same run")
     parser.add_argument("--reps", type=int, default=0,
                         help="with --tcp: timed repetitions of every cell (default: by size, "
                         "41 small .. 5 at 256 MiB); more to tell a small loss from noise")
@@ -1496,6 +1522,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.reps > 0:
         os.environ["ZMESH_BENCH_REPS"] = str(args.reps)  # (inherited by the spawned ranks)
+    if args.bcast_algos:
+        os.environ["ZMESH_BENCH_BCAST"] = args.bcast_algos  # (inherited by the spawned ranks)
     if args.lan_rate:
         parse_rate(args.lan_rate)  # a typo fails before the lab is built
     if args.tcp or args.lan or args.lan_rate:

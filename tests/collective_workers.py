@@ -139,7 +139,14 @@ def run_case(group: Any, case: dict) -> dict:
             root, dtype, shape = case["root"], case["dtype"], tuple(case["shape"])
             data = make_input(case["seed"], root, dtype, shape)
             arr = data.copy() if rank == root else np.zeros(shape, dtype=dtype)
-            out = group.broadcast(arr, root=root)
+            # "across_hosts": plan as if the members were on different hosts (tree or
+            # chain, relayed cut-through), which one machine's processes are not
+            was = group._across_hosts
+            group._across_hosts = case.get("across_hosts", was)
+            try:
+                out = group.broadcast(arr, root=root)
+            finally:
+                group._across_hosts = was
             ok, why = compare(out, data)
             if ok and not np.array_equal(arr, data):
                 ok, why = False, "the array passed was not updated in place"
@@ -256,6 +263,22 @@ def _run(node: Any, groups: dict, op: str, args: dict) -> Any:
                 done += 1
         except mesh.MeshError as exc:
             return {**_error(exc), "iterations": done, "started": t_start}
+        return {"iterations": done, "started": t_start, "error": None}
+    if op == "broadcast_loop":
+        # Big broadcasts from rank 0 until one fails (the root gets killed meanwhile).
+        g = groups[args["group"]]
+        g._across_hosts = args.get("across_hosts", g._across_hosts)  # (see run_case)
+        x = np.full(args["elems"], 1.0, dtype=np.float32)
+        done = 0
+        t_start = time.time()
+        try:
+            for _ in range(args["iterations"]):
+                g.broadcast(x, root=0)
+                done += 1
+        except mesh.MeshError as exc:
+            return {**_error(exc), "iterations": done, "started": t_start}
+        finally:
+            g._across_hosts = False
         return {"iterations": done, "started": t_start, "error": None}
     if op == "late_allreduce":
         # Ranks in `late` sleep first: a straggler that is alive but not participating.

@@ -111,6 +111,21 @@ def _run(node: Any, chan: Any, op: str, args: dict) -> Any:
             if not conn.send(("t", tag), ["from-peer"], make(seed, n, dtype)).wait(30):
                 raise TimeoutError(f"tag {tag} not sent")
         return True
+    if op == "send_in_two":
+        # Header and the first half, a pause, then the rest: a receiver that relays
+        # the message on must have passed the first half on before the rest comes.
+        import msgpack
+
+        from transports.tcp_bulk import _FRAME
+
+        data = make(args["seed"], args["n"], "int8")
+        head = msgpack.packb([("t", args["tag"]), ["two"]], use_bin_type=True)
+        with conn._wlock:  # (the stream's own sends keep out meanwhile)
+            conn.sock.sendall(_FRAME.pack(len(head), data.nbytes) + head)
+            conn.sock.sendall(memoryview(data)[: data.nbytes // 2])
+            time.sleep(args["pause"])
+            conn.sock.sendall(memoryview(data)[data.nbytes // 2:])
+        return True
     if op == "die_mid_send":
         # Header and half of the data on the raw socket, then die: the receiver is
         # left in the middle of the array.

@@ -632,6 +632,49 @@ def test_broadcast_and_allgather_choosers() -> None:
     assert sch.crossover_bytes_over_tcp(2) is None
 
 
+def test_broadcast_across_hosts_never_takes_the_direct_plan() -> None:
+    """Across hosts the wire binds: the root sends the array at most twice (tree) and
+    from TCP_CHAIN_ACROSS_BYTES once (chain); one host keeps the CPU's choice."""
+    chain_at = sch.TCP_CHAIN_ACROSS_BYTES
+    for size in (3, 4, 5, 8):
+        for nbytes in (0, 4, 64 << 10, 256 << 10, chain_at - 1):
+            assert sch.broadcast_algorithm_over_tcp(nbytes, size, True) == "tree"
+        for nbytes in (chain_at, 64 << 20, 1 << 34):
+            assert sch.broadcast_algorithm_over_tcp(nbytes, size, True) == "chain"
+    # 2 ranks: one send either way
+    assert sch.broadcast_algorithm_over_tcp(1 << 20, 2, True) == "direct"
+    assert sch.broadcast_algorithm_over_tcp(1 << 30, 2, True) == "direct"
+    # one host (the default): as before, direct up to BROADCAST_DIRECT_BYTES with 4
+    assert sch.broadcast_algorithm_over_tcp(1 << 20, 4) == "direct"
+    assert sch.broadcast_algorithm_over_tcp(1 << 20, 4, False) == "direct"
+
+
+@pytest.mark.parametrize("kind", ["tree", "chain"])
+def test_forwarded_broadcast_sends_are_relayable(kind: str) -> None:
+    """What the executor relays cut-through (group._execute, tcp_bulk relay): every send
+    of a forwarding rank carries exactly the slice of one earlier receive, and with one
+    segment each rank receives once and forwards to its children only."""
+    build = sch.broadcast_plan if kind == "tree" else sch.chain_broadcast_plan
+    for size in (3, 4, 7):
+        for root in range(size):
+            edges = set()
+            for rank in range(size):
+                plan = build(1001, rank, size, root, 1001)
+                recvs = [t for t in plan if t.recv is not None]
+                assert len(recvs) == (0 if rank == root else 1)
+                for t in plan:
+                    if t.send is None:
+                        continue
+                    edges.add((rank, t.send_to))
+                    if rank == root:
+                        assert t.send_after is None
+                    else:
+                        assert plan[t.send_after].recv == t.send == (0, 1001)
+            # a spanning tree: every other rank reached once; the root sends <= 2 times
+            assert sorted(b for _, b in edges) == sorted(set(range(size)) - {root})
+            assert sum(a == root for a, _ in edges) == (1 if kind == "chain" else min(2, size - 1))
+
+
 @FAST
 @given(size=sizes, n=counts, seg=st.integers(1, 64), seed=st.integers(0, 2**16))
 def test_reduce_scatter_each_rank_owns_its_chunk(size: int, n: int, seg: int, seed: int) -> None:

@@ -347,6 +347,74 @@ def test_a_peer_that_dies_mid_transfer_fails_only_that_transfer(lab):
     assert alive["other"] == "alive"  # its ZeroMQ link is untouched too
 
 
+def _until(cond: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.005)
+
+
+def test_a_relayed_receive_passes_each_piece_on_as_it_arrives(lab):
+    """Cut-through (RecvRequest.relay): the half that has arrived is already on its
+    way to the next peer while the sender still holds back the rest."""
+    node, spawn = lab
+    src, dst = spawn("src"), spawn("dst")
+    c_src, c_dst = _conn(node, src), _conn(node, dst)
+    n = 6 << 20
+    dest = np.zeros(n, np.int8)
+    req = c_src.post(("t", 5), dest, relay=[(c_dst, ("t", 50), ["relayed"])])
+    dst.start("echo", peer=node.id, items=[(50, n, "int8")])
+    back = np.zeros(n, np.int8)
+    echo = c_dst.post(("t", 51), back)
+    src.start("send_in_two", peer=node.id, tag=5, seed=3, n=n, pause=1.5)
+    _until(lambda: req.relayed and req.relayed[0].ready >= n // 2, 20, "no piece relayed")
+    assert not req.done, "the relay waited for the whole message"
+    assert req.wait(30) and req.into_dest and req.meta == ["two"]
+    assert src._get("send_in_two", 30)
+    want = tp.make(3, n, "int8")
+    assert np.array_equal(dest, want)
+    assert req.relayed[0].wait(30)
+    (digest, into_dest, meta), = dst._get("echo", 30)
+    assert digest == tp.digest(want) and into_dest and meta == ["relayed"]
+    assert echo.wait(30) and np.array_equal(back, want)
+    st = {p["name"]: p["tcpbulk"] for p in node.status()["peers"]}
+    assert st["src"]["relayed_msgs"] == 1 and st["dst"]["bytes_out"] == n
+
+
+def test_a_relayed_message_that_came_early_goes_on_whole(lab):
+    node, spawn = lab
+    src, dst = spawn("src"), spawn("dst")
+    c_src, c_dst = _conn(node, src), _conn(node, dst)
+    n = 1000  # small: read aside at once (PARK_MIN), before the post
+    assert src.call("send", peer=node.id, items=[(8, 4, n, "int16")])
+    _until(lambda: ("t", 8) in c_src._early, 20, "the early message was not read aside")
+    dst.start("echo", peer=node.id, items=[(80, n, "int16")])
+    back = np.zeros(n, np.int16)
+    echo = c_dst.post(("t", 81), back)
+    req = c_src.post(("t", 8), np.zeros(n, np.int16), relay=[(c_dst, ("t", 80), ["on"])])
+    assert req.done and len(req.relayed) == 1 and req.relayed[0].wait(30)
+    assert echo.wait(30) and np.array_equal(back, tp.make(4, n, "int16"))
+    assert dst._get("echo", 30)[0][2] == ["on"]
+    with pytest.raises(ValueError, match="folded"):
+        c_src.post(("t", 9), back, (np.add, back), relay=[(c_dst, ("t", 90), None)])
+
+
+def test_a_source_that_dies_mid_relay_breaks_the_relayed_stream_too(lab):
+    """Half a frame went on: the next stream cannot be resynchronised, so it breaks
+    (its collective fails over to the group's abort) instead of carrying garbage."""
+    node, spawn = lab
+    victim, dst = spawn("victim"), spawn("dst")
+    c_src, c_dst = _conn(node, victim), _conn(node, dst)
+    n = 8 << 20
+    req = c_src.post(("t", 99), np.zeros(n, np.int8), relay=[(c_dst, ("t", 990), None)])
+    victim.start("die_mid_send", peer=node.id, tag=99, n=n)
+    with pytest.raises(mesh.BulkLinkError):
+        req.wait(20)
+    with pytest.raises(mesh.BulkLinkError, match="relay source broke"):
+        req.relayed[0].wait(20)
+    _until(lambda: c_dst.broken is not None, 10, "the relayed stream stayed up")
+
+
 def test_no_stream_means_zeromq_and_status_says_why(lab):
     node, spawn = lab
     off = spawn("off", tcp_bulk=False)
@@ -417,6 +485,40 @@ def test_collectives_over_the_bulk_stream(size):
             for st in states.values():
                 assert st["state"] == "ready" and st["msgs_in"] > 0 and st["msgs_out"] > 0, st
             assert sum(st["folded_msgs"] for st in states.values()) > 0, states
+    finally:
+        cluster.shutdown()
+
+
+def test_broadcast_across_hosts_goes_down_a_relayed_tree_or_chain():
+    """Members on different hosts (played here by forcing the group's agreed flag on
+    every rank): a broadcast of 4 goes down the tree (below
+    schedule.TCP_CHAIN_ACROSS_BYTES) or the chain (from it), each forwarding rank
+    relaying its stream cut-through; every byte arrives, from every root."""
+    cluster = Cluster(4, prefix="rl", **TCP_ONLY)
+    try:
+        cluster.start()
+        cluster.form("relay")
+        # one host, really: the group says so (the flag every rank agreed on)
+        assert not any(st["across_hosts"] for st in cluster.all("stats", group="relay"))
+        before = sum(st["relayed_msgs"] for states in cluster.all("bulk_stats")
+                     for st in states.values())
+        big = schedule.TCP_CHAIN_ACROSS_BYTES
+        cases = [{"kind": "broadcast", "root": r, "dtype": dt, "shape": shape, "seed": 60 + r,
+                  "across_hosts": True}
+                 for r, dt, shape in [(0, "float32", (3, 70001)), (1, "int16", (5,)),
+                                      (2, "float64", (big // 8 + 5,)),
+                                      (3, "int8", (big + 4097,)), (3, "float32", (1000,))]]
+        assert_all_ok(cluster.cases("relay", cases, timeout=120), cases)
+        after = sum(st["relayed_msgs"] for states in cluster.all("bulk_stats")
+                    for st in states.values())
+        # tree of 4: one forwarding rank per broadcast; chain of 4: two
+        assert after - before >= 1 + 1 + 2 + 2 + 1, (before, after)
+        # and on one host the same arrays go direct: nothing relayed
+        plain = [{**c, "across_hosts": False, "seed": c["seed"] + 10} for c in cases[:2]]
+        assert_all_ok(cluster.cases("relay", plain, timeout=60), plain)
+        again = sum(st["relayed_msgs"] for states in cluster.all("bulk_stats")
+                    for st in states.values())
+        assert again == after
     finally:
         cluster.shutdown()
 
@@ -501,6 +603,39 @@ def test_sigkill_mid_allreduce_over_the_streams_then_reform():
     finally:
         cluster.shutdown()
 
+
+
+def test_root_killed_mid_relayed_broadcast_is_named_by_every_survivor():
+    """Down a relayed chain (0 -> 1 -> 2 -> 3): the root killed mid-message breaks
+    rank 1's relay to rank 2 too (half a frame), yet rank 2 names the root, not its
+    live neighbour (rank 1's abort says who), and the survivors reform and go on."""
+    cluster = Cluster(4, prefix="kc", **TCP_ONLY)
+    timeout = 10.0
+    try:
+        cluster.start()
+        cluster.form("chain", timeout=timeout)
+        victim = cluster.by_rank[0]
+        survivors = cluster.by_rank[1:]
+        elems = (schedule.TCP_CHAIN_ACROSS_BYTES * 2) // 4
+        ids = {w: w.send("broadcast_loop", group="chain", elems=elems, iterations=2000,
+                         across_hosts=True) for w in cluster.by_rank}
+        time.sleep(1.0)
+        t_kill = time.time()
+        victim.kill()
+        for w in survivors:
+            res = w.result(ids[w], timeout=timeout + 10, what="broadcast_loop")
+            assert res["error"] == "PeerLostError" and res["peer"] == victim.id, res
+            assert res["iterations"] > 0, res
+            assert res["t"] - t_kill < timeout, res
+        reformed = cluster.all("reform", workers=survivors, group="chain")
+        assert {r["size"] for r in reformed} == {3}, reformed  # nobody alive was excluded
+        order = sorted(range(3), key=lambda i: reformed[i]["rank"])
+        by_rank = [survivors[i] for i in order]
+        cases = [{"kind": "broadcast", "root": 2, "dtype": "float32", "shape": (elems + 1,),
+                  "seed": 77, "across_hosts": True}]
+        assert_all_ok(cluster.cases("chain", cases, workers=by_rank), cases)
+    finally:
+        cluster.shutdown()
 
 
 def test_members_with_different_thresholds_still_agree_on_every_byte():

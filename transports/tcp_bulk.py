@@ -16,6 +16,12 @@ posted receives by ``tag``; one that arrives before its receive is posted is
 read into a fresh buffer and kept until asked for (correct, one copy more): at
 once up to PARK_MIN bytes, a larger one after POST_WAIT unless posted meanwhile.
 
+A receive may be posted with a *relay* (``post(..., relay=[(conn, tag, meta)])``):
+as its bytes land in place the receiver thread reports each piece to progressive
+sends queued on those other streams, whose sender threads write them on at once
+(cut-through forwarding for a broadcast's tree or chain; a source that breaks
+mid-message breaks the relayed streams too, their frames cannot be finished).
+
 Connecting: each node listens on its tcp host, port chosen by the OS, and
 offers ``[port, token]`` in its hello (mesh.engine.bulk_tcp). When a group
 with both forms (``ensure``/``settle``), of two peers the one with the
@@ -86,6 +92,12 @@ _FOLD_PIECE = 128 << 10
 # (one thread hand-off less per message: what a small collective waits on); larger
 # ones go through the sender thread, so that the caller reduces meanwhile.
 INLINE_SEND_MAX = 256 << 10
+# A relayed send waits at most this long (seconds) at a time for its next piece
+# (checking that its own stream is still up); the source's _fail wakes it at once.
+RELAY_WAIT = 0.5
+# A receive that is relayed on wakes the receiver every this many bytes (at most;
+# SO_RCVLOWAT), so the next stream gets its pieces while the rest is on the wire.
+RELAY_PIECE = 64 << 10
 # An inline send that the kernel took only in part finishes within this long (the
 # peer reads all the time: only a stuck or dead peer fills its buffer), else the
 # stream is declared broken.
@@ -168,15 +180,30 @@ class _Request:
 
 
 class SendRequest(_Request):
-    """A queued send: ``done`` once the kernel has every byte (the buffer is free)."""
+    """A queued send: ``done`` once the kernel has every byte (the buffer is free).
 
-    __slots__ = ("header", "data", "nbytes")
+    A relayed one (``RecvRequest`` with ``relay``) is *progressive*: ``ready`` bytes
+    of ``data`` have arrived from another stream so far; its sender thread writes
+    them as they come (``_advance_relay``, under ``cv``)."""
 
-    def __init__(self, header: bytes, data: memoryview) -> None:
+    __slots__ = ("header", "data", "nbytes", "ready", "cv", "abort")
+
+    def __init__(self, header: bytes, data: memoryview, ready: int | None = None) -> None:
         super().__init__()
         self.header = header
         self.data = data
         self.nbytes = len(data)
+        self.ready = ready  # None: all of data is there (an ordinary send)
+        self.cv: threading.Condition | None = None if ready is None else threading.Condition()
+        self.abort: str | None = None  # the stream it is relayed from broke
+
+    def _advance_relay(self, ready: int, abort: str | None = None) -> None:
+        """(receiver thread) ``ready`` bytes of data are in place; or the source broke."""
+        with self.cv:  # type: ignore[union-attr]
+            self.ready = ready
+            if abort is not None:
+                self.abort = abort
+            self.cv.notify()  # type: ignore[union-attr]
 
 
 class RecvRequest(_Request):
@@ -188,10 +215,10 @@ class RecvRequest(_Request):
     says it was (False: the caller reduces ``data`` itself)."""
 
     __slots__ = ("conn", "tag", "dest", "meta", "data", "into_dest", "fold", "folded",
-                 "fold_error")
+                 "fold_error", "relay", "relayed")
 
     def __init__(self, conn: TcpBulkConn, tag: Hashable, dest: memoryview,
-                 fold: tuple | None = None) -> None:
+                 fold: tuple | None = None, relay: list | None = None) -> None:
         super().__init__()
         self.conn = conn
         self.tag = tag
@@ -204,6 +231,11 @@ class RecvRequest(_Request):
         # an error of the folded reduction (e.g. FloatingPointError under the poster's
         # np.seterr(all="raise")): the caller raises it; the stream read on
         self.fold_error: Exception | None = None
+        # relay: [(conn, tag, meta)] to forward the message on to as its bytes arrive
+        # (cut-through: the receiver thread hands each piece to those streams' sender
+        # threads); relayed: their SendRequests, complete once this one is done.
+        self.relay = relay
+        self.relayed: list[SendRequest] = []
 
     def cancel(self) -> None:
         """Withdraw the receive (a message of its tag that comes later is kept as early)."""
@@ -232,6 +264,7 @@ class TcpBulkConn:
         self.bytes_out = self.bytes_in = self.msgs_out = self.msgs_in = 0
         self.early_msgs = 0  # messages that came before their receive was posted (one copy more)
         self.folded_msgs = 0  # messages reduced into place as they arrived (RecvRequest.fold)
+        self.relayed_msgs = 0  # messages forwarded on to other streams (RecvRequest.relay)
         # The receiving side's state (only the receiver thread touches it, see _pump):
         # the staging buffer and what of it is unread, the frame header read and not
         # yet matched, the message being read, SO_RCVLOWAT as last set.
@@ -281,6 +314,20 @@ class TcpBulkConn:
         self._sendq.put(req)
         return req
 
+    def _relay_head(self, tag: Hashable, meta: Any, nbytes: int) -> bytes:
+        head = msgpack.packb([tag, meta], use_bin_type=True)
+        return _FRAME.pack(len(head), nbytes) + head
+
+    def _queue(self, req: SendRequest) -> None:
+        """Queue a send for the sender thread (a broken stream fails it at once)."""
+        with self._cond:
+            broken = self.broken
+        if broken is not None:
+            req.error = self._error(broken)
+            req._set()
+            return
+        self._sendq.put(req)
+
     def _send_inline(self, req: SendRequest) -> bool:
         """Write ``req`` from the caller's thread (``_wlock`` held), without blocking
         while nothing went out; False when the kernel took nothing (the sender
@@ -319,22 +366,31 @@ class TcpBulkConn:
         req._set()
         return True
 
-    def post(self, tag: Hashable, dest: Any, fold: tuple | None = None) -> RecvRequest:
+    def post(self, tag: Hashable, dest: Any, fold: tuple | None = None,
+             relay: list | None = None) -> RecvRequest:
         """Receive the message ``tag`` into ``dest`` (a writable C-contiguous array).
 
         ``fold=(ufunc, first)``: reduce it into ``dest`` instead, ``ufunc(first,
         message, out=dest)`` (``first`` the same shape and dtype as ``dest``, may be
         ``dest`` itself), piece by piece as it arrives, each piece while the
         receiver's core still has it in cache: no scratch buffer goes through
-        memory and back, and the caller's thread does not reduce."""
+        memory and back, and the caller's thread does not reduce.
+
+        ``relay=[(conn, tag, meta), ...]`` (not with ``fold``): also forward the
+        message to those streams, piece by piece as it arrives (cut-through, the
+        forwarding caller wakes for none of it); ``relayed`` holds those sends
+        once this receive is done: keep ``dest`` unchanged until they are."""
+        if fold is not None and relay:
+            raise ValueError("a folded receive cannot be relayed")
         fold_spec = None if fold is None else (
             fold[0], fold[1], dest, (tuple(sorted(np.geterr().items())), np.geterrcall()))
-        req = RecvRequest(self, tag, memoryview(dest).cast("B"), fold_spec)
+        req = RecvRequest(self, tag, memoryview(dest).cast("B"), fold_spec, relay or None)
         with self._cond:
             early = self._early.pop(tag, None)
             if early is not None:
                 req.meta, req.data = early
-                req._set()
+                if not req.relay:
+                    req._set()
             elif self.broken is not None:
                 req.error = self._error(self.broken)
                 req._set()
@@ -345,6 +401,10 @@ class TcpBulkConn:
                 if self._parked:  # its next message waits for a post: this may be it
                     self._parked = False
                     self._rx.resume(self)
+        if early is not None and req.relay:  # it came whole before the post: on it goes
+            req.relayed = [c.send(t, m, req.data) for c, t, m in req.relay]  # (not under _cond)
+            self.relayed_msgs += 1
+            req._set()
         return req
 
     def cancel(self, req: RecvRequest) -> None:
@@ -384,7 +444,8 @@ class TcpBulkConn:
     def stats(self) -> dict:
         return {"bytes_out": self.bytes_out, "bytes_in": self.bytes_in,
                 "msgs_out": self.msgs_out, "msgs_in": self.msgs_in,
-                "early_msgs": self.early_msgs, "folded_msgs": self.folded_msgs}
+                "early_msgs": self.early_msgs, "folded_msgs": self.folded_msgs,
+                "relayed_msgs": self.relayed_msgs}
 
     # -- threads ----------------------------------------------------------------
 
@@ -403,6 +464,9 @@ class TcpBulkConn:
             posted = list(self._posted.values())
             if self._reading is not None:  # the one being read when the stream broke
                 posted.append(self._reading)
+                for out in self._reading.relayed:  # half relayed: their streams break too
+                    if out.ready is not None:
+                        out._advance_relay(out.ready, why)
                 self._reading = None
             self._posted.clear()
             self._cond.notify_all()
@@ -436,12 +500,16 @@ class TcpBulkConn:
                 req._set()
                 continue
             try:
-                # Header and data in one call (one packet less with TCP_NODELAY), the
-                # data from the caller's buffer; the GIL is released meanwhile.
-                views = [memoryview(req.header), req.data] if req.nbytes else [req.header]
-                with self._wlock:
-                    while views:
-                        _advance(views, sock.sendmsg(views))
+                if req.ready is not None:
+                    with self._wlock:
+                        self._send_relay(req)
+                else:
+                    # Header and data in one call (one packet less with TCP_NODELAY), the
+                    # data from the caller's buffer; the GIL is released meanwhile.
+                    views = [memoryview(req.header), req.data] if req.nbytes else [req.header]
+                    with self._wlock:
+                        while views:
+                            _advance(views, sock.sendmsg(views))
             except OSError as exc:
                 req.error = self._error(f"send: {exc}")
                 req._set()
@@ -451,6 +519,28 @@ class TcpBulkConn:
             self.msgs_out += 1
             req.data = None  # type: ignore[assignment]
             req._set()
+
+    def _send_relay(self, req: SendRequest) -> None:
+        """Write a progressive send (sender thread, ``_wlock`` held): the header, then
+        the data as the receiver thread reports it in place. Its source stream
+        breaking mid-message breaks this stream too (its frame cannot be finished)."""
+        sock, cv = self.sock, req.cv
+        views = [memoryview(req.header)]
+        while views:
+            _advance(views, sock.sendmsg(views))
+        sent = 0
+        while sent < req.nbytes:
+            with cv:  # type: ignore[union-attr]
+                while req.ready <= sent and req.abort is None and self.broken is None:  # type: ignore[operator]
+                    cv.wait(RELAY_WAIT)  # type: ignore[union-attr]
+                avail, abort = req.ready, req.abort
+            if avail <= sent:  # type: ignore[operator]
+                raise OSError(f"relay source broke: {abort or self.broken}")
+            view = req.data[sent:avail]
+            while len(view):
+                k = sock.send(view)
+                sent += k
+                view = view[k:]
 
     # -- the receiving side: driven by the endpoint's one receiver thread ---------------
     #
@@ -482,7 +572,8 @@ class TcpBulkConn:
                     continue
                 if not self._payload(cur):
                     rest = cur.nbytes - cur.got
-                    self._set_lowat(min(rest, _LOWAT) if rest > _LOWAT_FROM else 1)
+                    piece = RELAY_PIECE if cur.relays else _LOWAT
+                    self._set_lowat(min(rest, piece) if rest > _LOWAT_FROM else 1)
                     return _MORE
         except (OSError, ValueError) as exc:
             why = str(exc) if isinstance(exc, ConnectionError) else f"recv: {exc}"
@@ -562,6 +653,13 @@ class TcpBulkConn:
                 self._rx.use_errstate(req.fold[3])
             else:
                 cur = _Incoming(req, tag, meta, nbytes, _DEST, req.dest)
+                if req.relay:  # cut-through: the next streams send as the bytes come
+                    head = [c._relay_head(t, m, nbytes) for c, t, m in req.relay]
+                    req.relayed = [SendRequest(h, req.dest, 0) for h in head]
+                    cur.relays = req.relayed
+                    self.relayed_msgs += 1
+                    for (c, _t, _m), out in zip(req.relay, req.relayed, strict=True):
+                        c._queue(out)
         else:
             data = np.empty(nbytes, dtype=np.uint8)
             cur = _Incoming(req, tag, meta, nbytes, _ASIDE, memoryview(data))
@@ -594,6 +692,9 @@ class TcpBulkConn:
                 if k == 0:
                     raise ConnectionError("the peer closed the connection")
             cur.got += k
+            if cur.relays:
+                for out in cur.relays:
+                    out._advance_relay(cur.got)
             if cur.mode == _FOLD:
                 cur.fill += k
                 if cur.fill == step or cur.got == cur.nbytes:
@@ -635,6 +736,14 @@ class TcpBulkConn:
             return
         if cur.mode == _ASIDE:
             req.data = cur.data
+            if req.relay:  # (not read into place: forwarded whole from where it is, by
+                # the sender threads: this thread never blocks in a write)
+                n = cur.nbytes
+                req.relayed = [SendRequest(c._relay_head(t, m, n), memoryview(cur.data))
+                               for c, t, m in req.relay]
+                for (c, _t, _m), out in zip(req.relay, req.relayed, strict=True):
+                    c._queue(out)
+                self.relayed_msgs += 1
         else:
             req.data, req.into_dest = req.dest, True
             if cur.mode == _FOLD:
@@ -657,7 +766,7 @@ class _Incoming:
     go (``mode``: the posted buffer, folded through the piece buffer, or aside)."""
 
     __slots__ = ("req", "tag", "meta", "nbytes", "mode", "view", "got", "fill", "data",
-                 "error")
+                 "error", "relays")
 
     def __init__(self, req: RecvRequest | None, tag: Hashable, meta: Any, nbytes: int,
                  mode: int, view: memoryview) -> None:
@@ -671,6 +780,7 @@ class _Incoming:
         self.fill = 0
         self.data: Any = None
         self.error: Exception | None = None
+        self.relays: list[SendRequest] = []  # progressive sends fed from this message
 
 
 class _Receiver:

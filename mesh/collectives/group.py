@@ -72,7 +72,15 @@ over, one wake-up instead of ZeroMQ's three). In such a group of 3 or more,
 ``auto`` takes the ring right after the direct plan (the tree's root carries
 twice the array each way, the ring's links 2 (n - 1) / n of it) and a
 broadcast of 32 MiB or more goes down a chain (each link carries it once);
-see :data:`.schedule.TCP_BROADCAST_CHAIN_BYTES`.
+see :data:`.schedule.TCP_BROADCAST_CHAIN_BYTES`. When the members are on more
+than one host (each tells the others its host at formation), a broadcast of 3
+or more never takes the direct plan (its root would send the array to every
+rank: the wire binds there): the tree below 16 MiB, the chain from there
+(:func:`.schedule.broadcast_algorithm_over_tcp`). A rank that forwards a
+broadcast posts its receive with a *relay*: the stream's receiver thread
+hands every piece that arrives to the next streams' sender threads (cut-
+through, 64 KiB pieces), so a tree or chain goes as one message per link,
+pipelined by the streams, without waking the forwarding rank's caller.
 Its receives are posted ahead, up to ``_POST_AHEAD`` of them, straight into
 their slice of the result as soon as :func:`.schedule.post_guards` says
 nothing needs the slice's old content: a copying one (allgather half of the
@@ -142,6 +150,11 @@ _KEEP_NOTICES = 64
 # Bulk tcp receives posted ahead of the one being consumed, and scratch segments
 # for those that reduce (each one segment: 4 MiB by default).
 _POST_AHEAD = 8
+# A broken bulk stream from a member that forwards (relays) a broadcast: how long a
+# rank waits for another to name the culprit before it blames that member (_recv_bulk).
+_BLAME_GRACE = 1.0
+# Marks the host entry at the end of a member's stream list at formation (_agree_streams).
+_HOST_MARK = "host:"
 _SCRATCH_SEGMENTS = 4
 # Group formation waits at most this long for the bulk streams to its members to
 # connect (or fall back), so that both sides of a pair pick the same path.
@@ -343,12 +356,17 @@ class Group:
         self._small_stream = "all"  # see _stream_min ("pairs": the 2-rank rule; "": off)
         self._inline_sends = True  # see _execute
         self._bcast_algo = ""  # (measurements: force "direct", "chain" or "tree" over tcp)
+        self._bcast_seg = 0  # (measurements: force the broadcast's segment, bytes)
         self._fold = True  # reducing receives on a stream: reduced as they arrive (_execute)
+        self._relay = True  # copies forwarded stream to stream as they arrive (_execute)
         self._scratch: list[np.ndarray] | None = None
         # Members with whom both sides have a bulk tcp stream (agreed at formation),
         # and whether that is every other member (the same answer on every rank).
         self._tcp_peers: set[str] = set()
         self._tcp_all = False
+        # Whether the members are on more than one host (each says its own at
+        # formation, _agree_streams): the same answer on every rank.
+        self._across_hosts = False
         self._scratch_key: tuple | None = None
         if getattr(node, "_rdma", None) is not None:
             self._raw_below = min(self._raw_below, opts.get("rdma_threshold", 1 << 20))
@@ -696,7 +714,9 @@ class Group:
 
     def broadcast(self, array: Any, root: int = 0, *, timeout: float | None = None) -> np.ndarray:
         """Give every rank the root's ``array`` (pipelined segments: the root sends to
-        every rank itself up to ``schedule.DIRECT_MAX_GROUP`` ranks, a binary tree above).
+        every rank itself up to ``schedule.DIRECT_MAX_GROUP`` ranks, a binary tree above;
+        over tcp streams between hosts a tree or chain relayed cut-through, see the
+        module docstring).
 
         Like ``torch.distributed.broadcast``, non-root ranks pass an array of
         the same shape and dtype, which is overwritten in place when writable
@@ -728,8 +748,16 @@ class Group:
             seg = sch.segment_elems_for(max(1, buf.itemsize), self.segment_bytes)
             kind: str = sch.broadcast_algorithm(buf.nbytes, self.size)
             if self._tcp_all:
-                kind = self._bcast_algo or sch.broadcast_algorithm_over_tcp(buf.nbytes, self.size)
-            if kind == "chain":
+                kind = self._bcast_algo or sch.broadcast_algorithm_over_tcp(
+                    buf.nbytes, self.size, self._across_hosts)
+            if self._tcp_all and self._relay and kind in ("chain", "tree"):
+                # Every forwarding rank relays its receive stream to stream as the bytes
+                # arrive (_execute): one message, pipelined by the streams themselves
+                # (tcp_bulk.RELAY_PIECE), no per-segment hand-off to this thread.
+                # 4 ranks, tcp loopback: the tree 0.9-1.1x the direct plan's time at
+                # 64 KiB-16 MiB, where in 1-4 MiB segments it took 1.2-1.4x.
+                seg = max(1, n)
+            elif kind == "chain":
                 seg = sch.segment_elems_for(
                     max(1, buf.itemsize), sch.chain_segment_bytes(buf.nbytes, self.segment_bytes))
             elif kind == "direct" and self._tcp_all:
@@ -737,6 +765,8 @@ class Group:
                 # same answer on every rank): one message per rank, received in place,
                 # costs no per-segment hand-offs. 2 ranks, 64 MiB: 0.84x the time.
                 seg = max(1, n)
+            if self._bcast_seg:
+                seg = sch.segment_elems_for(max(1, buf.itemsize), self._bcast_seg)
             plan = _compiled({"direct": "broadcast_direct", "chain": "broadcast_chain"}.get(
                 kind, "broadcast"), n, self._rank, self.size, seg, rt)
             meta = ["broadcast", list(arr.shape), arr.dtype.str, rt]
@@ -852,7 +882,9 @@ class Group:
         """Per-peer wait time (seconds blocked waiting for its messages), bytes and
         message counts in and out, and per-op counts, seconds and bytes, since the
         group was created (peers are keyed by node name; kept across reform());
-        ``tcp_streams``: the members whose large segments go over a bulk tcp stream."""
+        ``tcp_streams``: the members whose large segments go over a bulk tcp stream;
+        ``across_hosts``: every pair has one and the members are on more than one
+        host (a broadcast of 3 or more then goes down a tree or chain, not direct)."""
         names = {m.id: m.name for m in self._members}
         ranks = {m.id: m.rank for m in self._members}
         peers = {}
@@ -883,6 +915,7 @@ class Group:
             "dropped_stale": self.dropped_stale,
             # members whose large segments go over a bulk tcp stream (both ends agreed)
             "tcp_streams": sorted(names.get(pid, pid) for pid in self._tcp_peers),
+            "across_hosts": self._across_hosts,
         }
 
     # ------------------------------------------------------------------ rendezvous
@@ -1361,6 +1394,27 @@ class Group:
             return True
 
         fold = self._fold
+        # A copying receive whose data this rank only forwards (a chain or tree
+        # broadcast) is relayed by the streams' threads as its bytes arrive (cut-
+        # through, tcp_bulk.RecvRequest.relay): plan index -> the sends it carries.
+        # (broadcasts only, measured; the ring allgather could relay the same way)
+        relayable = self._relay and opname == "broadcast" and conns is not None
+        relaying: dict[int, tuple[sch.Transfer, ...]] = {}
+        # (a broadcast's sender other than its root forwards: see _recv_bulk)
+        root = meta[3] if relayable else None
+
+        def relay_of(t: sch.Transfer) -> list | None:
+            if not relayable or not deps[t.index]:
+                return None
+            a, b = t.recv  # type: ignore[misc]
+            out = []
+            for d in deps[t.index]:
+                c = stream(d.send_to, a, b)  # type: ignore[arg-type]
+                if c is None or d.send != t.recv:
+                    return None
+                out.append((c, base + d.tag, meta))
+            relaying[t.index] = deps[t.index]
+            return out
 
         def fold_of(t: sch.Transfer) -> tuple | None:
             """A reducing receive posted into its slice is reduced there by the
@@ -1379,7 +1433,8 @@ class Group:
                 c = stream(t.recv_from, a, b)  # type: ignore[arg-type]
                 if c is not None:
                     if (fold or not t.reduce) and may_post(i):
-                        posted[i] = (c.post(base + t.tag, buf[a:b], fold_of(t)), None)
+                        posted[i] = (c.post(base + t.tag, buf[a:b], fold_of(t), relay_of(t)),
+                                     None)
                     elif t.reduce and scratch:
                         sc = scratch.pop()
                         posted[i] = (c.post(base + t.tag, sc[: b - a]), sc)
@@ -1409,14 +1464,15 @@ class Group:
                         state["next"] += 1  # posted here, not ahead
                     if fold or not t.reduce:
                         # (nothing earlier needs the slice any more: reduce into it as it comes)
-                        entry = (c.post(base + t.tag, dst, fold_of(t)), None)
+                        entry = (c.post(base + t.tag, dst, fold_of(t), relay_of(t)), None)
                     else:
                         sc = scratch.pop() if scratch else np.empty(compiled.max_recv, buf.dtype)
                         entry = (c.post(base + t.tag, sc[: b - a]), sc)
                 if entry is not None:
                     req, sc = entry
                     incoming = self._recv_bulk(t.recv_from, c, req, base + t.tag, seq, opname,
-                                               timeout, t, meta, b - a, buf.dtype)
+                                               timeout, t, meta, b - a, buf.dtype,
+                                               root is not None and t.recv_from != root)
                 else:
                     sc = None
                     msg = self._recv(t.recv_from, base + t.tag, seq, opname, timeout)  # type: ignore[arg-type]
@@ -1437,8 +1493,17 @@ class Group:
                 if sc is not None:
                     scratch.append(sc)
                 state["consumed"] = i
-                for d in deps[t.index]:
-                    post(d)
+                sent_on = relaying.pop(i, None)
+                if sent_on and entry is not None and entry[0].relayed:
+                    for d, tr in zip(sent_on, entry[0].relayed, strict=True):
+                        trackers.append(tr)
+                        inflight.setdefault(d.send, []).append(tr)  # type: ignore[arg-type]
+                        posted_sends.add(d.index)
+                        self._peer_stats[self._ids[d.send_to]].bytes_out += (b - a) * itemsize  # type: ignore[index]
+                        self._peer_stats[self._ids[d.send_to]].msgs_out += 1  # type: ignore[index]
+                else:  # (not relayed: it came over ZeroMQ after all)
+                    for d in deps[t.index]:
+                        post(d)
         except BaseException:
             self._cancel_posted(posted)
             raise
@@ -1456,7 +1521,7 @@ class Group:
         """At formation: connect the bulk tcp streams to the other members (bounded),
         then tell each which of them this node has, so that a pair uses its stream
         only when both ends have it, and every rank knows whether all pairs do."""
-        self._tcp_peers, self._tcp_all = set(), False
+        self._tcp_peers, self._tcp_all, self._across_hosts = set(), False, False
         others = [pid for pid in self._ids if pid != self.node.id]
         if not others:
             return
@@ -1465,9 +1530,13 @@ class Group:
             self._tcp.settle(others, min(self.timeout, _SETTLE))
             mine = sorted(pid for pid in others if self._tcp.conn(pid) is not None)
         tag = ("bulk", inc)
+        # The list ends with this node's host (Locality: boot id and network namespace),
+        # so every rank learns every member's from the member itself.
+        here = getattr(getattr(self.node, "_locality", None), "host", None)
+        said = mine + ([_HOST_MARK + here] if here else [])
         for pid in others:
             try:
-                self._ch.send(pid, tag, b"", mine, timeout=1.0)
+                self._ch.send(pid, tag, b"", said, timeout=1.0)
             except MeshError:
                 pass
         deadline = time.monotonic() + min(self.timeout, _SETTLE)
@@ -1478,11 +1547,16 @@ class Group:
             except MeshError:
                 continue
             theirs[pid] = set(meta) if type(meta) is list else set()
+        hosts = {here} | {next((str(x)[len(_HOST_MARK):] for x in got
+                                if str(x).startswith(_HOST_MARK)), None)
+                          for got in theirs.values()}
         self._tcp_peers = {pid for pid in mine if self.node.id in theirs.get(pid, ())}
         # Every member's list, from every member: the same on every rank.
         self._tcp_all = len(theirs) == len(others) and all(
             set(self._ids) - {pid} <= (theirs[pid] | {pid}) for pid in others
         ) and set(mine) == set(others)
+        # (a member that did not say: unknown, taken as one host, as before)
+        self._across_hosts = self._tcp_all and None not in hosts and len(hosts) > 1
 
     def _stream_min(self, opname: str) -> int:
         """Smallest slice (bytes) that goes over a bulk tcp stream in ``opname``.
@@ -1547,7 +1621,7 @@ class Group:
 
     def _recv_bulk(self, rank: int, conn: Any, req: Any, tag: Hashable, seq: int, opname: str,
                    timeout: float | None, t: sch.Transfer, meta: list, n: int,
-                   dtype: np.dtype) -> np.ndarray | None:
+                   dtype: np.dtype, forwarded: bool = False) -> np.ndarray | None:
         """Wait for a posted bulk receive (bounded like ``_recv``; a sender that fell
         back to ZeroMQ meanwhile is found on the channel); its array, checked, or
         None when the stream already reduced it into its slice (``fold``)."""
@@ -1588,6 +1662,12 @@ class Group:
                         break
         except PeerLostError as exc:
             if isinstance(exc, BulkLinkError):
+                if forwarded:
+                    # The sender relays what it receives: its own source dying mid-message
+                    # breaks this stream too (tcp_bulk: the frame cannot be finished). It
+                    # names that source in an abort within milliseconds: blame the sender
+                    # only if nobody names another culprit by then.
+                    self._await_blame(seq, opname, min(_BLAME_GRACE, limit / 4))
                 raise self._lost(rank, f"broke its bulk tcp connection ({exc})", opname,
                                  seq) from None
             raise
@@ -1624,6 +1704,17 @@ class Group:
                 f"({n} elements of {dtype}): every rank must pass the same shape"
             )
         return incoming
+
+    def _await_blame(self, seq: int, opname: str, grace: float) -> None:
+        """Wait up to ``grace`` for a notice that names who failed (raises it)."""
+        deadline = time.monotonic() + grace
+        while True:
+            self._check_notices(seq, opname)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            with self._cond:
+                self._cond.wait(min(left, 0.02))
 
     def _execute_direct(
         self,

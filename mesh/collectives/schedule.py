@@ -67,6 +67,8 @@ the binary tree.
 * Broadcast: binary tree, segmented. ``D`` levels, inner ranks send ``2 S``;
   pipelined, about ``(D + S / s) (alpha + 2 s beta)`` for segments of ``s``.
   Or direct (the root sends ``(P - 1) S``, one level) up to ``DIRECT_MAX_GROUP``.
+  Or a chain (every rank sends ``S`` once, ``P - 1`` levels): about
+  ``(P - 2 + S / s) (alpha + s beta)``, the least on the busiest link.
 * Barrier: dissemination (Hensgen, Finkel and Manber), ``ceil(log2 P)``
   rounds of one empty message per rank.
 * Push-sum gossip (Kempe, Dobra, Gehrke 2003): per round each rank sends
@@ -834,18 +836,42 @@ def allgather_algorithm(nbytes: int, size: int) -> Literal["direct", "ring"]:
 # 0.55-0.8x Gloo's time at 256 KiB-4 MiB, while the chain (and a scatter +
 # allgather broadcast, tried too) took 1.3-1.5x the direct plan's time up to 4 MiB:
 # a direct broadcast's root sends 3 S, which on a slow wire costs 1.07-1.24x Gloo's
-# time at 256 KiB-1 MiB (4 ranks, 1 Gbit/s), a loss kept for the loopback's sake.
+# time at 256 KiB-1 MiB (4 ranks, 1 Gbit/s); so members on different hosts plan
+# otherwise (TCP_CHAIN_ACROSS_BYTES below), members of one host as here.
 TCP_BROADCAST_CHAIN_BYTES = 32 * _MiB
 # A chain segment: small enough that the pipeline fills quickly (S / 32), large
 # enough that per-message costs stay small.
 CHAIN_SEGMENT_MIN = 1 * _MiB
 
 
-def broadcast_algorithm_over_tcp(nbytes: int, size: int) -> Literal["direct", "tree", "chain"]:
+# Members on different hosts (2026-12-06, 4 ranks, bench/collectives.py --tcp --lan and
+# --lan-rate 1gbit, every forwarding rank relaying cut-through: tcp_bulk
+# RecvRequest.relay): the direct plan's root sends 3 S, which on a 1 Gbit/s wire took
+# 1.1-1.6x Gloo's time at 256 KiB-4 MiB; the tree's root sends 2 S (0.6-0.95x Gloo
+# there, 0.7-1.0x on the unlimited namespace LAN, where 2 cores, not the wire, are
+# the limit); the chain's root S (0.34-0.39x Gloo from 1 MiB at 1 Gbit/s; on the
+# unlimited LAN 0.75-0.9x from 16 MiB, 0.8-1.06x at 4 MiB where the tree had
+# 0.7-0.74x, 1.1-1.4x below: three hops of latency). So across hosts the tree below
+# TCP_CHAIN_ACROSS_BYTES, the chain from there on.
+# Members of one host (shm off: tests, benchmarks) keep the plans above: there the
+# CPU is the limit and the direct plan has no forwarding hop (loopback, 4 ranks,
+# relayed tree 0.99-1.26x the direct plan's median time at 256 KiB-16 MiB).
+TCP_CHAIN_ACROSS_BYTES = 16 * _MiB
+
+
+def broadcast_algorithm_over_tcp(
+    nbytes: int, size: int, across_hosts: bool = False
+) -> Literal["direct", "tree", "chain"]:
     """:func:`broadcast_algorithm` for a group whose pairs all have bulk tcp streams:
-    the chain (:func:`chain_broadcast_plan`) from TCP_BROADCAST_CHAIN_BYTES."""
+    the chain (:func:`chain_broadcast_plan`) from TCP_BROADCAST_CHAIN_BYTES; with
+    ``across_hosts`` (its members are not all on one host: the wire, not the CPU,
+    binds) and 3 or more ranks never the direct plan: the tree below
+    TCP_CHAIN_ACROSS_BYTES, the chain from there on. Every rank must pass the same
+    ``across_hosts`` (the group agrees on it at formation)."""
     nbytes = _count(nbytes, "nbytes")
     size = _count(size, "group size", 1)
+    if size > 2 and across_hosts:
+        return "chain" if nbytes >= TCP_CHAIN_ACROSS_BYTES else "tree"
     if size > 2 and nbytes >= TCP_BROADCAST_CHAIN_BYTES:
         return "chain"
     return broadcast_algorithm(nbytes, size)
