@@ -198,19 +198,18 @@ def test_a_flood_of_lone_messages_arrives_whole_and_in_order(make_node):
 def test_lone_messages_and_small_replies_cross_processes(procs, make_node, monkeypatch):
     """A worker process's inline handler gets this process's lone messages in order,
     and its plain replies come back in one frame: read here in C (compiled build)."""
-    from mesh.engine import zcore as core
-
-    read_in_c = []
-    on_one = core.on_one
-
-    def spy(node, ident, head):
-        handled = on_one(node, ident, head)
-        read_in_c.append(handled)
-        return handled
-
-    monkeypatch.setattr(core, "on_one", spy)
     worker = procs.start("worker")
     me = make_node("me", seeds=[worker.tcp])
+    # zcore.drain_core hands a lone frame to on_one in C; what on_one declines goes
+    # to _handle_one (the Python path): count those.
+    in_python = []
+    handle_one = me._handle_one
+
+    def spy(ident, head):
+        in_python.append(head)
+        return handle_one(ident, head)
+
+    monkeypatch.setattr(me, "_handle_one", spy)
     me.wait_for_peers(1, timeout=10)
     sid = worker.call("subscribe", pattern="x", inline=True)
     worker.call("subscribe", pattern="svc", mode="respond_name")
@@ -224,8 +223,9 @@ def test_lone_messages_and_small_replies_cross_processes(procs, make_node, monke
     assert [r["data"] for r in got] == [str(i).encode() for i in range(1, 201)]
     assert not worker.call("status")["counters"]["drops"]
     if zcore.available():
-        # Replies read in C (not all: owed credit may ride in front of one, which
-        # then has two frames and takes the general path).
-        assert True in read_in_c
+        # Replies read in C: at least one of the 10 never reached the Python path
+        # (not all need to: owed credit may ride in front of one, which then has two
+        # frames and takes the general path).
+        assert len(in_python) < 10
     else:
-        assert not read_in_c  # the pure build reads with pyzmq
+        assert not in_python  # the pure build reads with pyzmq, never through zcore

@@ -35,7 +35,6 @@ from mesh.engine.common import (
     _LIVE,
     _QUEUE_FULL_RETRY,
     _WAKE_ID,
-    _BatchedFrame,
     _header_kind,
     _peer_id_of,
 )
@@ -65,11 +64,6 @@ _CREDIT_RETRY = 0.001
 # How long close() waits for its peers to answer its goodbye (seconds): bounded, so
 # a frozen or vanished peer costs a closing node at most this.
 GOODBYE_WAIT = 0.3
-
-
-# zcore.drain rounds per wake-up (ZC_BATCH messages each) before timers and commands
-# get their turn, as _drain_router's 2048 messages.
-_CORE_TURNS = 32
 
 
 class IoLoop:
@@ -230,7 +224,7 @@ class IoLoop:
                 if waiter is not None:
                     waiter.wait(wait_ms)  # the ROUTER and the channel's completions
                 elif core:
-                    self._drain_core(wait_ms)
+                    zcore.drain_core(self, wait_ms)  # the wait and the read, in C
                 elif zmq_poll(poll_router, wait_ms):
                     self._drain_router()
                 if self._commands:
@@ -271,71 +265,6 @@ class IoLoop:
                     frame = recv(0, copy=False)
                     frames.append(frame)
                 self._handle_frames(frames, now)
-        finally:
-            if self._io_batch:
-                # One dispatch item per drain, not per message: fewer thread wake-ups.
-                self._dispatch.put(self._io_batch)
-                self._io_batch = []
-
-    def _drain_core(self, wait_ms: int) -> None:
-        """zcore's _drain_router: wait up to ``wait_ms`` for the ROUTER without the GIL,
-        then handle everything that was there (zcore reads it, GIL released, in rounds
-        of ZC_BATCH messages)."""
-        drain = zcore.drain
-        handle = self._router_handle
-        msgs, status = drain(handle, wait_ms)
-        if not msgs:
-            if status < 0:
-                raise zmq.ZMQError(-status)  # the context ended under us: as zmq_poll would
-            return
-        now = time.monotonic()
-        # A bulk channel that does not want the loop's wait (no array under way another
-        # way) holds nothing back: messages skip its hold() (and the frame objects).
-        # None does now (the loop waits here only then); a message may change that.
-        ordering = self._bulk_ordering
-        holds = False
-        on_one = zcore.on_one
-        handle_one = self._handle_one
-        try:
-            for turn in range(_CORE_TURNS):
-                if turn:  # what came meanwhile, if anything (never fetched and left unread)
-                    msgs, status = drain(handle, 0)
-                    if not msgs:
-                        if status < 0:
-                            raise zmq.ZMQError(-status)
-                        return
-                last = len(msgs) - 1 if status == zcore.MORE else -1
-                for index, msg in enumerate(msgs):
-                    if index == last:  # its other frames are still in the socket: read them
-                        frames = [_BatchedFrame(msg[0]), _BatchedFrame(msg[1])]
-                        recv = self._router.recv
-                        while True:
-                            frame = recv(0, copy=False)
-                            frames.append(frame)
-                            if not frame.more:
-                                break
-                        self._handle_frames(frames, now)
-                    elif len(msg) == 2 and not holds and msg[1][:1] == _FIXED:
-                        # The latency case: no frame objects; in C when it is the common one.
-                        try:
-                            if on_one(self, msg[0], msg[1]):
-                                continue
-                        except Exception:  # as _handle_frames: nothing may end this thread
-                            self.counters.drops["internal"] += 1
-                            log.exception("%s: error handling a message; dropped", self.name)
-                            continue
-                        handle_one(msg[0], msg[1])
-                        continue
-                    elif len(msg) == 2 and msg[0] == _WAKE_ID:
-                        continue  # a wake-up: commands run after the drain
-                    else:
-                        self._handle_frames([_BatchedFrame(frame) for frame in msg], now)
-                    if ordering:  # what it was may have started an array's way
-                        holds = any(channel.wants_wait() for channel in ordering)
-                if status < 0:
-                    raise zmq.ZMQError(-status)
-                if status == zcore.DRAINED:
-                    return
         finally:
             if self._io_batch:
                 # One dispatch item per drain, not per message: fewer thread wake-ups.

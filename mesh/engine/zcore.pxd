@@ -226,6 +226,10 @@ from mesh.message cimport Message
 from mesh.stats cimport Counters
 
 cdef object _KNOWN
+cdef bytes _FIXED
+cdef int _CORE_TURNS
+cdef object _STOP
+cdef object get_ident
 cdef bint LITTLE
 cdef int _VERSION
 cdef int _MSG
@@ -233,6 +237,10 @@ cdef int _REPLY
 cdef int _ONE
 cdef Py_ssize_t _ONE_SIZE
 cdef Py_ssize_t _REPLY_SIZE
+
+@cython.locals(status=int, turn=int, last=Py_ssize_t, index=Py_ssize_t, holds=bint, now=double,
+               handled=bint)
+cpdef drain_core(object node, long wait_ms)
 
 @cython.locals(counters=Counters)
 cpdef bint send_frame(object node, Link link, object peer_id, bytes frame, Py_ssize_t nbytes) except -1
@@ -250,6 +258,13 @@ cdef _consumed_inline(object node, object sub, object grant, object publisher, P
 
 @cython.locals(req_id="long long")
 cdef bint _on_reply(object node, bytes ident, bytes head) except -1
+
+cpdef dispatch_loop(object node)
+cpdef run_one(object node, object sub, object msg)
+
+@cython.locals(now=double)
+cpdef return_credit(object node, object sub, object grant, object publisher, Py_ssize_t count,
+                    Py_ssize_t nbytes)
 
 cpdef Py_ssize_t _credit_threshold(Py_ssize_t window)
 cpdef Py_ssize_t _ride_least(Py_ssize_t threshold)

@@ -29,6 +29,7 @@ import ctypes
 import logging
 import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -36,10 +37,13 @@ import zmq
 
 from mesh import wire
 from mesh.engine import heap
+from mesh.engine.common import _STOP, _WAKE_ID, _BatchedFrame
 from mesh.flow import CreditGrant
 from mesh.message import incoming
 
 log = logging.getLogger("mesh")
+
+get_ident = threading.get_ident
 
 # drain()'s status: the socket had no more; the batch filled up (call again); the
 # last message has more frames (read them first); a negative errno is an error.
@@ -58,6 +62,13 @@ _ONE_SIZE = wire.ONE_SIZE
 _REPLY_SIZE = wire.REPLY_ONE_SIZE
 # Peer states whose data messages are accepted here (dispatch._KNOWN).
 _KNOWN = frozenset(("alive", "suspect", "joining"))
+_FIXED = bytes([wire.FIXED])
+# drain() rounds per wake-up (ZC_BATCH messages each) before timers and commands get
+# their turn, as loop._drain_router's 2048 messages.
+_CORE_TURNS = 32
+# Tests only: called as (node, ident, frame, handled) for every lone frame drain_core
+# hands to on_one (a module global, not C: monkeypatch sets it; looked up once a drain).
+_watch = None
 
 _NAMES = ("zmq_msg_init", "zmq_msg_recv", "zmq_msg_close", "zmq_msg_data", "zmq_msg_size",
           "zmq_msg_more", "zmq_poll", "zmq_send", "zmq_errno")
@@ -111,6 +122,81 @@ def drain(handle: int, timeout_ms: int) -> Any:
     """(messages, status) of the socket whose handle (``sock.underlying``) is given:
     see the module doc and zcore.pxd. Only after :func:`available` said True."""
     return zc_drain(handle, timeout_ms)  # noqa: F821
+
+
+def drain_core(node: Any, wait_ms: int) -> None:
+    """IoLoop._drain_router for this module (the I/O thread's wait and read): wait up
+    to ``wait_ms`` for the ROUTER without the GIL, then handle everything that was
+    there (read, GIL released, in rounds of ZC_BATCH messages); a lone message goes to
+    :func:`on_one` with no Python frame between. The handler calls collected go to
+    the dispatch thread as one item. Only after :func:`available` said True."""
+    handle = node._router_handle
+    msgs, status = zc_drain(handle, wait_ms)  # noqa: F821
+    if not msgs:
+        if status < 0:
+            raise zmq.ZMQError(-status)  # the context ended under us: as zmq_poll would
+        return
+    now = time.monotonic()
+    # A bulk channel that does not want the loop's wait (no array under way another
+    # way) holds nothing back: messages skip its hold() (and the frame objects).
+    # None does now (the loop waits here only then); a message may change that.
+    ordering = node._bulk_ordering
+    holds = False
+    watch = _watch
+    try:
+        for turn in range(_CORE_TURNS):
+            if turn:  # what came meanwhile, if anything (never fetched and left unread)
+                msgs, status = zc_drain(handle, 0)  # noqa: F821
+                if not msgs:
+                    if status < 0:
+                        raise zmq.ZMQError(-status)
+                    return
+            last = len(msgs) - 1 if status == MORE else -1
+            index = -1
+            for msg in msgs:
+                index += 1
+                if index == last:  # its other frames are still in the socket: read them
+                    frames = [_BatchedFrame(msg[0]), _BatchedFrame(msg[1])]
+                    recv = node._router.recv
+                    while True:
+                        frame = recv(0, copy=False)
+                        frames.append(frame)
+                        if not frame.more:
+                            break
+                    node._handle_frames(frames, now)
+                elif len(msg) == 2 and not holds and msg[1][:1] == _FIXED:
+                    # The latency case: no frame objects; in C when it is the common one.
+                    try:
+                        handled = on_one(node, msg[0], msg[1])
+                        if watch is not None:
+                            watch(node, msg[0], msg[1], handled)
+                        if handled:
+                            continue
+                    except Exception:  # as _handle_frames: nothing may end this thread
+                        node.counters.drops["internal"] += 1
+                        log.exception("%s: error handling a message; dropped", node.name)
+                        continue
+                    node._handle_one(msg[0], msg[1])
+                    continue
+                elif len(msg) == 2 and msg[0] == _WAKE_ID:
+                    continue  # a wake-up: commands run after the drain
+                else:
+                    node._handle_frames([_BatchedFrame(frame) for frame in msg], now)
+                if ordering:  # what it was may have started an array's way
+                    holds = False
+                    for channel in ordering:
+                        if channel.wants_wait():
+                            holds = True
+                            break
+            if status < 0:
+                raise zmq.ZMQError(-status)
+            if status == DRAINED:
+                return
+    finally:
+        if node._io_batch:
+            # One dispatch item per drain, not per message: fewer thread wake-ups.
+            node._dispatch.put(node._io_batch)
+            node._io_batch = []
 
 
 def send_bytes(handle: int, data: bytes, more: bool = False) -> int:
@@ -294,6 +380,77 @@ def _on_reply(node: Any, ident: bytes, head: bytes) -> bool:
                              None)
     pending.set()
     return True
+
+
+def dispatch_loop(node: Any) -> None:
+    """Dispatcher._dispatch_loop (the dispatch thread's whole life): one item after
+    another from the dispatch queue until _STOP. The I/O thread's item for a lone
+    message (a ping-pong: ``[(sub, msg)]``) runs here in :func:`run_one`, no Python
+    frame between the queue's get and the handler; every other item goes to
+    ``node._run_item``. Both builds run this; compiled it is C."""
+    get = node._dispatch.get
+    run_item = node._run_item
+    while True:
+        item = get()
+        if item is _STOP:
+            return
+        try:
+            if type(item) is list and len(item) == 1:
+                one = item[0]
+                if type(one) is tuple and len(one) == 2:
+                    run_one(node, one[0], one[1])
+                    continue
+            run_item(item)
+        except Exception:  # nothing may end this thread: every handler depends on it
+            node.counters.drops["dispatch_error"] += 1
+            log.exception("%s: dispatch error", node.name)
+
+
+def run_one(node: Any, sub: Any, msg: Any) -> None:
+    """Dispatcher._run_item for one message (no tally): its handler, then its
+    credit back (:func:`return_credit`). Dispatch thread."""
+    if sub.closed:
+        return
+    try:
+        sub.handler(msg)
+    except Exception:
+        node.counters.drops["handler_error"] += 1
+        log.exception("%s: handler for %r raised on %r", node.name, sub.pattern, msg.subject)
+    sub.delivered += 1
+    credit = getattr(msg, "_credit", None)  # on_peer callbacks get a PeerInfo
+    if type(credit) is tuple:
+        msg._credit = None
+        return_credit(node, sub, credit[0], credit[1], 1, credit[2])
+    elif credit is not None:
+        node._consumed(sub, msg)
+
+
+def return_credit(node: Any, sub: Any, grant: Any, publisher: Any, count: int,
+                  nbytes: int) -> None:
+    """Dispatcher._return_credit (both builds run this; here it is compiled): ``count``
+    messages from ``publisher`` were consumed: send their credit back now if the
+    grant's threshold is reached, else have the I/O thread flush it later. Any thread."""
+    now = time.monotonic()  # (the pure build runs this too: no zc_mono)
+    flow = sub._flow  # a Condition: its acquire/release are its lock's
+    flow.acquire()
+    try:
+        grant.on_consumed(nbytes, now, count)
+        update = grant.take_update(now)
+        if update is None:
+            node._dirty_grants[(sub, publisher)] = grant
+    finally:
+        flow.release()
+    if update is not None:
+        entries = [[sub.sid, update[0], update[1]]]
+        if not node._send_credit_direct(publisher, entries):
+            node._command(("credit", publisher, entries))
+    elif node._io_wake_at > now + grant.flush_delay and get_ident() != node._io_ident:
+        # The I/O thread sleeps past this credit's flush time: wake it to schedule
+        # the flush. (Added to _dirty_grants first, read _io_wake_at after: the
+        # I/O thread publishes _io_wake_at before it looks at _dirty_grants.)
+        # While credit flows it keeps waking at least that often, so a steady
+        # stream costs no wake-up per message (most credit rides on replies).
+        node._command(("flush_credit",))
 
 
 def _credit_threshold(window: int) -> int:
