@@ -44,7 +44,6 @@ from mesh.errors import (
     InvalidSubject,
     ProtocolError,
 )
-from mesh.flow import DEFAULT_FLUSH_DELAY
 from mesh.peers import Peer, parse_summary
 from mesh.unknown_peers import UnknownPeers
 
@@ -151,11 +150,10 @@ class IoLoop:
         self._engine_idents.add(self._io_ident)
         router = self._router
         # zmq_poll on a list made once: Socket.poll builds a Poller on every call.
-        poll_router = self._poll_router = [(router, zmq.POLLIN)]
+        self._poll_router = [(router, zmq.POLLIN)]
         # libzmq from C when this build and process can (engine/zcore.py).
         core = zcore.available()
         self._router_handle = router.underlying
-        hb = self.options["heartbeat_interval"]
         next_tick = time.monotonic()
         for seed in self.seeds:
             if not seed.startswith("dns://"):  # their addresses come as "seeds" commands
@@ -164,77 +162,10 @@ class IoLoop:
         # every seed_interval.
         seed_delay = 0.02
         next_seed = time.monotonic() + seed_delay
-        # When the heartbeat, seed and membership timers are next due: recomputed when
-        # that time comes or something but data arrived (_timers_stale), not after
-        # every message (membership's next deadline looks at every member).
-        timers_at = 0.0
         try:
-            while True:
-                now = time.monotonic()
-                if now >= timers_at or self._timers_stale:
-                    self._timers_stale = False
-                    if now >= next_tick:
-                        self._tick(now)
-                        next_tick = now + hb
-                    if self._seed_socks and now >= next_seed:
-                        self._hello_seeds()
-                        seed_delay = min(seed_delay * 2, self.options["seed_interval"])
-                        next_seed = now + seed_delay
-                    members = self._members
-                    deadline = members.next_deadline()
-                    if deadline is not None and now >= deadline:
-                        self._swim(members.tick(now))
-                        deadline = members.next_deadline()
-                    timers_at = min(next_tick, next_seed) if self._seed_socks else next_tick
-                    if deadline is not None:
-                        timers_at = min(timers_at, deadline)
-                wake_at = timers_at
-                for channel in self._bulk_tickers:
-                    channel.tick()
-                if self._batching:
-                    batch_deadline = self._flush_batches(now)
-                    if batch_deadline is not None:
-                        wake_at = min(wake_at, batch_deadline)
-                if self._dirty_grants:
-                    # Only when some is due: credit owed since the last look is due a
-                    # flush delay after it was consumed, never sooner.
-                    if now >= self._credit_due:
-                        # Credit flowed: look again within a flush delay even when none
-                        # is owed now, so consumers need not wake this thread for more.
-                        self._credit_due = self._flush_credits(now) or now + DEFAULT_FLUSH_DELAY
-                    if self._credit_due < wake_at:  # (a comparison: min() is a call)
-                        wake_at = self._credit_due
-                if self._credit_later:
-                    for link in list(self._credit_later):
-                        self._take_credit(link)
-                    if self._credit_later:
-                        wake_at = min(wake_at, now + _CREDIT_RETRY)
-                # Published before looking at _dirty_grants (see Dispatcher._return_credit).
-                self._io_wake_at = wake_at
-                if self._dirty_grants and now + DEFAULT_FLUSH_DELAY < wake_at:
-                    wake_at = now + DEFAULT_FLUSH_DELAY
-                wait_ms = int((wake_at - now) * 1000) + 1
-                if wait_ms < 0:
-                    wait_ms = 0
-                waiter = None
-                for channel in self._bulk_ordering:
-                    if channel.wants_wait():
-                        waiter = channel
-                        break
-                if waiter is not None:
-                    waiter.wait(wait_ms)  # the ROUTER and the channel's completions
-                elif core:
-                    zcore.drain_core(self, wait_ms)  # the wait and the read, in C
-                elif zmq_poll(poll_router, wait_ms):
-                    self._drain_router()
-                if self._commands:
-                    self._timers_stale = True  # a command may add a peer, a seed...
-                while self._commands:
-                    cmd = self._commands.popleft()
-                    if cmd[0] == "close":
-                        self._io_shutdown()
-                        return
-                    self._run_command(cmd)
+            # The loop itself (timers, credit flushes, the wait and the read): compiled
+            # in engine/zcore.py, so a wake-up with nothing due costs no Python frames.
+            zcore.io_loop(self, core, next_tick, next_seed, seed_delay)
         except Exception:
             log.exception("%s: I/O thread crashed; closing the node", self.name)
             self._closed = True

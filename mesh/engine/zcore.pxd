@@ -228,6 +228,7 @@ from mesh.stats cimport Counters
 cdef object _KNOWN
 cdef bytes _FIXED
 cdef int _CORE_TURNS
+cdef double _CREDIT_RETRY
 cdef object _STOP
 cdef object get_ident
 cdef bint LITTLE
@@ -237,6 +238,10 @@ cdef int _REPLY
 cdef int _ONE
 cdef Py_ssize_t _ONE_SIZE
 cdef Py_ssize_t _REPLY_SIZE
+
+@cython.locals(hb=double, seed_interval=double, timers_at=double, now=double, wake_at=double,
+               credit_due=double, wait_ms=long, dirty=bint)
+cpdef io_loop(object node, bint core, double next_tick, double next_seed, double seed_delay)
 
 @cython.locals(status=int, turn=int, last=Py_ssize_t, index=Py_ssize_t, holds=bint, now=double,
                handled=bint)

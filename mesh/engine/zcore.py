@@ -34,11 +34,12 @@ import time
 from typing import Any
 
 import zmq
+from zmq.backend import zmq_poll
 
 from mesh import wire
 from mesh.engine import heap
 from mesh.engine.common import _STOP, _WAKE_ID, _BatchedFrame
-from mesh.flow import CreditGrant
+from mesh.flow import DEFAULT_FLUSH_DELAY, CreditGrant
 from mesh.message import incoming
 
 log = logging.getLogger("mesh")
@@ -66,6 +67,9 @@ _FIXED = bytes([wire.FIXED])
 # drain() rounds per wake-up (ZC_BATCH messages each) before timers and commands get
 # their turn, as loop._drain_router's 2048 messages.
 _CORE_TURNS = 32
+# Credit that found its link held (I/O thread): looked at again this much later,
+# unless the holder applied it first (seconds).
+_CREDIT_RETRY = 0.001
 # Tests only: called as (node, ident, frame, handled) for every lone frame drain_core
 # hands to on_one (a module global, not C: monkeypatch sets it; looked up once a drain).
 _watch = None
@@ -122,6 +126,97 @@ def drain(handle: int, timeout_ms: int) -> Any:
     """(messages, status) of the socket whose handle (``sock.underlying``) is given:
     see the module doc and zcore.pxd. Only after :func:`available` said True."""
     return zc_drain(handle, timeout_ms)  # noqa: F821
+
+
+def io_loop(node: Any, core: bool, next_tick: float, next_seed: float,
+            seed_delay: float) -> None:
+    """IoLoop._io_loop's loop (the I/O thread's life until a "close" command): the
+    timers when due, bulk channels' ticks, batches and credit to flush, then the wait
+    and the read (:func:`drain_core` when ``core``, else pyzmq's poll and
+    ``_drain_router``), then the commands. Both builds run this; compiled, a wake-up
+    with nothing due runs no Python frame of its own."""
+    hb = node.options["heartbeat_interval"]
+    seed_interval = node.options["seed_interval"]
+    tickers = node._bulk_tickers  # (bulk channels are added before the node starts)
+    ordering = node._bulk_ordering
+    commands = node._commands
+    poll_router = node._poll_router
+    # When the heartbeat, seed and membership timers are next due: recomputed when
+    # that time comes or something but data arrived (_timers_stale), not after
+    # every message (membership's next deadline looks at every member).
+    timers_at = 0.0
+    while True:
+        now = time.monotonic()
+        if now >= timers_at or node._timers_stale:
+            node._timers_stale = False
+            if now >= next_tick:
+                node._tick(now)
+                next_tick = now + hb
+            if node._seed_socks and now >= next_seed:
+                node._hello_seeds()
+                seed_delay = min(seed_delay * 2, seed_interval)
+                next_seed = now + seed_delay
+            members = node._members
+            deadline = members.next_deadline()
+            if deadline is not None and now >= deadline:
+                node._swim(members.tick(now))
+                members = node._members
+            deadline = members.next_deadline()
+            timers_at = next_tick
+            if node._seed_socks and next_seed < timers_at:
+                timers_at = next_seed
+            if deadline is not None and deadline < timers_at:
+                timers_at = deadline
+        wake_at = timers_at
+        for channel in tickers:
+            channel.tick()
+        if node._batching:
+            batch_deadline = node._flush_batches(now)
+            if batch_deadline is not None and batch_deadline < wake_at:
+                wake_at = batch_deadline
+        dirty = bool(node._dirty_grants)
+        if dirty:
+            # Only when some is due: credit owed since the last look is due a flush
+            # delay after it was consumed, never sooner.
+            if now >= node._credit_due:
+                # Credit flowed: look again within a flush delay even when none is
+                # owed now, so consumers need not wake this thread for more.
+                due = node._flush_credits(now)  # the next deadline, or None
+                node._credit_due = due if due else now + DEFAULT_FLUSH_DELAY
+            credit_due = node._credit_due
+            if credit_due < wake_at:
+                wake_at = credit_due
+        if node._credit_later:
+            for link in list(node._credit_later):
+                node._take_credit(link)
+            if node._credit_later and now + _CREDIT_RETRY < wake_at:
+                wake_at = now + _CREDIT_RETRY
+        # Published before looking at _dirty_grants (see Dispatcher._return_credit).
+        node._io_wake_at = wake_at
+        if (dirty or node._dirty_grants) and now + DEFAULT_FLUSH_DELAY < wake_at:
+            wake_at = now + DEFAULT_FLUSH_DELAY
+        wait_ms = int((wake_at - now) * 1000) + 1
+        if wait_ms < 0:
+            wait_ms = 0
+        waiter = None
+        for channel in ordering:
+            if channel.wants_wait():
+                waiter = channel
+                break
+        if waiter is not None:
+            waiter.wait(wait_ms)  # the ROUTER and the channel's completions
+        elif core:
+            drain_core(node, wait_ms)
+        elif zmq_poll(poll_router, wait_ms):
+            node._drain_router()
+        if commands:
+            node._timers_stale = True  # a command may add a peer, a seed...
+            while commands:
+                cmd = commands.popleft()
+                if cmd[0] == "close":
+                    node._io_shutdown()
+                    return
+                node._run_command(cmd)
 
 
 def drain_core(node: Any, wait_ms: int) -> None:
