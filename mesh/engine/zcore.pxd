@@ -223,7 +223,7 @@ cdef extern from *:
 
 from mesh.engine.link cimport Link
 from mesh.message cimport Message
-from mesh.stats cimport Counters
+from mesh.stats cimport Counters, LatencyHistogram
 
 cdef object _KNOWN
 cdef bytes _FIXED
@@ -255,7 +255,8 @@ cpdef bytes pack_one(object subject, object seq, double ts, object sid, object r
 @cython.locals(size=Py_ssize_t, p="const char *", one=zc_one, seq="long long", ts=double,
                sid="long long", req_id="long long", slen=Py_ssize_t, counters=Counters,
                msg=Message, latency=double, nbytes=Py_ssize_t, start=double, took=double,
-               now=double, kind=int)
+               now=double, kind=int,
+               histogram=LatencyHistogram)
 cpdef bint on_one(object node, bytes ident, bytes head) except -1
 
 @cython.locals(now=double)

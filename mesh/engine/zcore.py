@@ -389,7 +389,8 @@ def on_one(node: Any, ident: bytes, head: bytes) -> bool:
     if ts:
         latency = now - ts
         if 0.0 <= latency < 3600.0:  # also rejects nan/inf; clocks may disagree a little
-            node.latency.record(latency, 1)
+            histogram = node.latency
+            histogram.record(latency, 1)
     key = (peer_id, subject)  # plain subscribers see every message: gaps are losses
     last = node._last_seq.get(key)
     if last is not None and seq > last + 1:
