@@ -229,3 +229,33 @@ def test_lone_messages_and_small_replies_cross_processes(procs, make_node, monke
         assert len(in_python) < 10
     else:
         assert not in_python  # the pure build reads with pyzmq, never through zcore
+
+
+def test_default_handlers_ping_pong_past_the_window_with_a_raising_handler(make_node):
+    """zcore.dispatch_loop/run_one/return_credit (the dispatch thread's lone message):
+    one message at a time, far past a 2-message window, so every credit must come back
+    from the dispatch thread; a handler that raises once is counted and the thread
+    goes on; the handler runs on the dispatch thread, never the I/O thread."""
+    a = make_node("a")
+    b = make_node("b", seeds=[a.endpoints[0]])
+    b.wait_for_peers(1, timeout=10)
+    got: list[bytes] = []
+    threads: set[str] = set()
+    arrived = threading.Semaphore(0)
+
+    def handler(msg):
+        threads.add(threading.current_thread().name)
+        arrived.release()
+        if msg.data == b"7":
+            raise ValueError("raised on purpose by the test")
+        got.append(bytes(msg.data))
+
+    b.subscribe("x", handler, credits=2)
+    a.wait_for_subscribers("x", 1, timeout=10)
+    for i in range(40):
+        a.publish("x", str(i).encode(), timeout=5)  # raises when no credit came back
+        assert arrived.acquire(timeout=5), f"message {i} never reached the handler"
+    assert got == [str(i).encode() for i in range(40) if i != 7]
+    assert threads == {f"mesh-dispatch-{b.name}"}
+    assert wait_until(lambda: b.status()["counters"]["drops"].get("handler_error") == 1, 5)
+    assert "dispatch_error" not in b.status()["counters"]["drops"]
