@@ -14,13 +14,23 @@ never a second copy). Two calls:
 - :func:`send_bytes` sends one frame of bytes holding the GIL (a 64 B copy is far
   cheaper than letting go of the GIL and taking it back, which pyzmq does).
 
+Compiled with them (both builds run these; the pure build as plain Python, with
+pyzmq's poll when ``available()`` is False): :func:`io_loop`, the I/O thread's
+loop (timers, bulk ticks, credit and batch flushes, the wait, commands);
+:func:`drain_core`, its read, handing a lone frame to :func:`on_one` without a
+Python frame between; :func:`dispatch_loop` / :func:`run_one` /
+:func:`return_credit`, the dispatch thread's loop and a lone message's handler
+call and credit return (engine/dispatch.py keeps the general cases).
+
 ``available()`` is False in the pure build (``MESH_PURE_PYTHON=1``), when pyzmq's
 libzmq is not a shared library this process can find (a static build), or its ABI
 is not libzmq 4's: the callers then keep pyzmq's calls (mesh/engine/loop.py).
 
-Who owns what: nothing here owns a socket. A socket handle passed in belongs to
-the thread calling (the I/O thread its ROUTER, a publisher holding the link lock a
-link's DEALER), exactly as with pyzmq; the caller must not pass a closed socket.
+Who owns what: nothing here owns a socket. io_loop runs on the I/O thread (it owns
+the ROUTER), dispatch_loop on the dispatch thread (it owns the dispatch queue). A
+socket handle passed in belongs to the thread calling (the I/O thread its ROUTER,
+a publisher holding the link lock a link's DEALER), exactly as with pyzmq; the
+caller must not pass a closed socket.
 """
 
 from __future__ import annotations
