@@ -57,9 +57,6 @@ _FIXED = bytes([wire.FIXED])
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 
-# Credit that found its link held (I/O thread): looked at again this much later,
-# unless the holder applied it first (seconds).
-_CREDIT_RETRY = 0.001
 # How long close() waits for its peers to answer its goodbye (seconds): bounded, so
 # a frozen or vanished peer costs a closing node at most this.
 GOODBYE_WAIT = 0.3
