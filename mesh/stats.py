@@ -10,6 +10,7 @@ _BASE = 1e-6
 _STEP = 2 ** 0.25
 _LOG_STEP = math.log(_STEP)
 NBUCKETS = 100
+_LAST = NBUCKETS - 1
 
 
 class LatencyHistogram:
@@ -27,7 +28,9 @@ class LatencyHistogram:
         if seconds <= _BASE:
             index = 0
         else:
-            index = min(NBUCKETS - 1, int(math.log(seconds / _BASE) / _LOG_STEP) + 1)
+            index = int(math.log(seconds / _BASE) / _LOG_STEP) + 1
+            if index > _LAST:  # (a comparison: min() is a call)
+                index = _LAST
         self.counts[index] += count
         self.total += count
         self.sum += seconds * count

@@ -995,14 +995,15 @@ def _frames_read_from(node, sender, monkeypatch) -> list[int]:
     seen: list[int] = []
     handle = node._handle_frames
     prefix = sender.id.encode()
-    on_one = zcore.on_one
+    watching = zcore._watch  # another node's spy (both nodes live in this process)
 
-    def spy_one(owner, ident, head):
+    def spy_one(owner, ident, head, handled):
         if owner is node and ident.split(b"/")[0] == prefix:
-            seen.append(1)
-        return on_one(owner, ident, head)
+            seen.append(1)  # one frame (on_one took it, or _handle_one after it)
+        elif watching is not None:
+            watching(owner, ident, head, handled)
 
-    monkeypatch.setattr(zcore, "on_one", spy_one)
+    monkeypatch.setattr(zcore, "_watch", spy_one)
 
     def spy(frames, now, ordered=False):
         if frames[0].bytes.split(b"/")[0] == prefix:

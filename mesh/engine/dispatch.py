@@ -34,7 +34,13 @@ from mesh.channels import EARLY_MAX_MESSAGES, Channel, ChannelMessage
 from mesh.engine import heap, zcore
 from mesh.engine.common import _STOP, ZERO_COPY_BYTES
 from mesh.engine.receive import queue_run, run_list
-from mesh.engine.zcore import _credit_threshold, owed_credit
+from mesh.engine.zcore import (
+    _credit_threshold,
+    dispatch_loop,
+    owed_credit,
+    return_credit,
+    run_one,
+)
 from mesh.errors import (
     MeshError,
     ProtocolError,
@@ -157,32 +163,14 @@ class Dispatcher:
 
     def _dispatch_loop(self) -> None:
         self._engine_idents.add(threading.get_ident())
-        get = self._dispatch.get
-        while True:
-            item = get()
-            if item is _STOP:
-                return
-            try:
-                self._run_item(item)
-            except Exception:  # nothing may end this thread: every handler depends on it
-                self.counters.drops["dispatch_error"] += 1
-                log.exception("%s: dispatch error", self.name)
+        dispatch_loop(self)  # engine/zcore.py: compiled, a lone message in C
 
     def _run_item(self, item: Any) -> None:
         if type(item) is not list:
             self._run_handler(*item)
             return
         if len(item) == 1 and type(item[0]) is tuple:  # one message (a ping-pong): no tally
-            sub, msg = item[0]
-            if sub.closed:
-                return
-            self._call_handler(sub, msg)
-            credit = getattr(msg, "_credit", None)  # on_peer callbacks get a PeerInfo
-            if type(credit) is tuple:
-                msg._credit = None
-                self._return_credit(sub, credit[0], credit[1], 1, credit[2])
-            elif credit is not None:
-                self._consumed(sub, msg)
+            run_one(self, *item[0])
             return
         # A drain's worth of messages (runs of a batch and single ones): compiled,
         # credit back once per (subscription, publisher), not per message.
@@ -508,24 +496,9 @@ class Dispatcher:
     def _return_credit(self, sub: Subscription, grant: CreditGrant, publisher: str,
                        count: int, nbytes: int) -> None:
         """``count`` messages from ``publisher`` were consumed: send their credit back
-        now if the grant's threshold is reached, else have the I/O thread flush it later."""
-        now = time.monotonic()
-        with sub._flow:
-            grant.on_consumed(nbytes, now, count)
-            update = grant.take_update(now)
-            if update is None:
-                self._dirty_grants[(sub, publisher)] = grant
-        if update is not None:
-            entries = [[sub.sid, update[0], update[1]]]
-            if not self._send_credit_direct(publisher, entries):
-                self._command(("credit", publisher, entries))
-        elif self._io_wake_at > now + grant.flush_delay and get_ident() != self._io_ident:
-            # The I/O thread sleeps past this credit's flush time: wake it to schedule
-            # the flush. (Added to _dirty_grants first, read _io_wake_at after: the
-            # I/O thread publishes _io_wake_at before it looks at _dirty_grants.)
-            # While credit flows it keeps waking at least that often, so a steady
-            # stream costs no wake-up per message (most credit rides on replies).
-            self._command(("flush_credit",))
+        now if the grant's threshold is reached, else have the I/O thread flush it
+        later (engine/zcore.py's return_credit: compiled)."""
+        return_credit(self, sub, grant, publisher, count, nbytes)
 
     def _send_credit_direct(self, publisher: str, entries: list) -> bool:
         """Send credit on the link's data socket from this (dispatch) thread: no wake-up

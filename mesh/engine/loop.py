@@ -35,7 +35,6 @@ from mesh.engine.common import (
     _LIVE,
     _QUEUE_FULL_RETRY,
     _WAKE_ID,
-    _BatchedFrame,
     _header_kind,
     _peer_id_of,
 )
@@ -45,7 +44,6 @@ from mesh.errors import (
     InvalidSubject,
     ProtocolError,
 )
-from mesh.flow import DEFAULT_FLUSH_DELAY
 from mesh.peers import Peer, parse_summary
 from mesh.unknown_peers import UnknownPeers
 
@@ -59,17 +57,9 @@ _FIXED = bytes([wire.FIXED])
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 
-# Credit that found its link held (I/O thread): looked at again this much later,
-# unless the holder applied it first (seconds).
-_CREDIT_RETRY = 0.001
 # How long close() waits for its peers to answer its goodbye (seconds): bounded, so
 # a frozen or vanished peer costs a closing node at most this.
 GOODBYE_WAIT = 0.3
-
-
-# zcore.drain rounds per wake-up (ZC_BATCH messages each) before timers and commands
-# get their turn, as _drain_router's 2048 messages.
-_CORE_TURNS = 32
 
 
 class IoLoop:
@@ -157,11 +147,10 @@ class IoLoop:
         self._engine_idents.add(self._io_ident)
         router = self._router
         # zmq_poll on a list made once: Socket.poll builds a Poller on every call.
-        poll_router = self._poll_router = [(router, zmq.POLLIN)]
+        self._poll_router = [(router, zmq.POLLIN)]
         # libzmq from C when this build and process can (engine/zcore.py).
         core = zcore.available()
         self._router_handle = router.underlying
-        hb = self.options["heartbeat_interval"]
         next_tick = time.monotonic()
         for seed in self.seeds:
             if not seed.startswith("dns://"):  # their addresses come as "seeds" commands
@@ -170,77 +159,10 @@ class IoLoop:
         # every seed_interval.
         seed_delay = 0.02
         next_seed = time.monotonic() + seed_delay
-        # When the heartbeat, seed and membership timers are next due: recomputed when
-        # that time comes or something but data arrived (_timers_stale), not after
-        # every message (membership's next deadline looks at every member).
-        timers_at = 0.0
         try:
-            while True:
-                now = time.monotonic()
-                if now >= timers_at or self._timers_stale:
-                    self._timers_stale = False
-                    if now >= next_tick:
-                        self._tick(now)
-                        next_tick = now + hb
-                    if self._seed_socks and now >= next_seed:
-                        self._hello_seeds()
-                        seed_delay = min(seed_delay * 2, self.options["seed_interval"])
-                        next_seed = now + seed_delay
-                    members = self._members
-                    deadline = members.next_deadline()
-                    if deadline is not None and now >= deadline:
-                        self._swim(members.tick(now))
-                        deadline = members.next_deadline()
-                    timers_at = min(next_tick, next_seed) if self._seed_socks else next_tick
-                    if deadline is not None:
-                        timers_at = min(timers_at, deadline)
-                wake_at = timers_at
-                for channel in self._bulk_tickers:
-                    channel.tick()
-                if self._batching:
-                    batch_deadline = self._flush_batches(now)
-                    if batch_deadline is not None:
-                        wake_at = min(wake_at, batch_deadline)
-                if self._dirty_grants:
-                    # Only when some is due: credit owed since the last look is due a
-                    # flush delay after it was consumed, never sooner.
-                    if now >= self._credit_due:
-                        # Credit flowed: look again within a flush delay even when none
-                        # is owed now, so consumers need not wake this thread for more.
-                        self._credit_due = self._flush_credits(now) or now + DEFAULT_FLUSH_DELAY
-                    if self._credit_due < wake_at:  # (a comparison: min() is a call)
-                        wake_at = self._credit_due
-                if self._credit_later:
-                    for link in list(self._credit_later):
-                        self._take_credit(link)
-                    if self._credit_later:
-                        wake_at = min(wake_at, now + _CREDIT_RETRY)
-                # Published before looking at _dirty_grants (see Dispatcher._return_credit).
-                self._io_wake_at = wake_at
-                if self._dirty_grants and now + DEFAULT_FLUSH_DELAY < wake_at:
-                    wake_at = now + DEFAULT_FLUSH_DELAY
-                wait_ms = int((wake_at - now) * 1000) + 1
-                if wait_ms < 0:
-                    wait_ms = 0
-                waiter = None
-                for channel in self._bulk_ordering:
-                    if channel.wants_wait():
-                        waiter = channel
-                        break
-                if waiter is not None:
-                    waiter.wait(wait_ms)  # the ROUTER and the channel's completions
-                elif core:
-                    self._drain_core(wait_ms)
-                elif zmq_poll(poll_router, wait_ms):
-                    self._drain_router()
-                if self._commands:
-                    self._timers_stale = True  # a command may add a peer, a seed...
-                while self._commands:
-                    cmd = self._commands.popleft()
-                    if cmd[0] == "close":
-                        self._io_shutdown()
-                        return
-                    self._run_command(cmd)
+            # The loop itself (timers, credit flushes, the wait and the read): compiled
+            # in engine/zcore.py, so a wake-up with nothing due costs no Python frames.
+            zcore.io_loop(self, core, next_tick, next_seed, seed_delay)
         except Exception:
             log.exception("%s: I/O thread crashed; closing the node", self.name)
             self._closed = True
@@ -271,71 +193,6 @@ class IoLoop:
                     frame = recv(0, copy=False)
                     frames.append(frame)
                 self._handle_frames(frames, now)
-        finally:
-            if self._io_batch:
-                # One dispatch item per drain, not per message: fewer thread wake-ups.
-                self._dispatch.put(self._io_batch)
-                self._io_batch = []
-
-    def _drain_core(self, wait_ms: int) -> None:
-        """zcore's _drain_router: wait up to ``wait_ms`` for the ROUTER without the GIL,
-        then handle everything that was there (zcore reads it, GIL released, in rounds
-        of ZC_BATCH messages)."""
-        drain = zcore.drain
-        handle = self._router_handle
-        msgs, status = drain(handle, wait_ms)
-        if not msgs:
-            if status < 0:
-                raise zmq.ZMQError(-status)  # the context ended under us: as zmq_poll would
-            return
-        now = time.monotonic()
-        # A bulk channel that does not want the loop's wait (no array under way another
-        # way) holds nothing back: messages skip its hold() (and the frame objects).
-        # None does now (the loop waits here only then); a message may change that.
-        ordering = self._bulk_ordering
-        holds = False
-        on_one = zcore.on_one
-        handle_one = self._handle_one
-        try:
-            for turn in range(_CORE_TURNS):
-                if turn:  # what came meanwhile, if anything (never fetched and left unread)
-                    msgs, status = drain(handle, 0)
-                    if not msgs:
-                        if status < 0:
-                            raise zmq.ZMQError(-status)
-                        return
-                last = len(msgs) - 1 if status == zcore.MORE else -1
-                for index, msg in enumerate(msgs):
-                    if index == last:  # its other frames are still in the socket: read them
-                        frames = [_BatchedFrame(msg[0]), _BatchedFrame(msg[1])]
-                        recv = self._router.recv
-                        while True:
-                            frame = recv(0, copy=False)
-                            frames.append(frame)
-                            if not frame.more:
-                                break
-                        self._handle_frames(frames, now)
-                    elif len(msg) == 2 and not holds and msg[1][:1] == _FIXED:
-                        # The latency case: no frame objects; in C when it is the common one.
-                        try:
-                            if on_one(self, msg[0], msg[1]):
-                                continue
-                        except Exception:  # as _handle_frames: nothing may end this thread
-                            self.counters.drops["internal"] += 1
-                            log.exception("%s: error handling a message; dropped", self.name)
-                            continue
-                        handle_one(msg[0], msg[1])
-                        continue
-                    elif len(msg) == 2 and msg[0] == _WAKE_ID:
-                        continue  # a wake-up: commands run after the drain
-                    else:
-                        self._handle_frames([_BatchedFrame(frame) for frame in msg], now)
-                    if ordering:  # what it was may have started an array's way
-                        holds = any(channel.wants_wait() for channel in ordering)
-                if status < 0:
-                    raise zmq.ZMQError(-status)
-                if status == zcore.DRAINED:
-                    return
         finally:
             if self._io_batch:
                 # One dispatch item per drain, not per message: fewer thread wake-ups.

@@ -223,9 +223,14 @@ cdef extern from *:
 
 from mesh.engine.link cimport Link
 from mesh.message cimport Message
-from mesh.stats cimport Counters
+from mesh.stats cimport Counters, LatencyHistogram
 
 cdef object _KNOWN
+cdef bytes _FIXED
+cdef int _CORE_TURNS
+cdef double _CREDIT_RETRY
+cdef object _STOP
+cdef object get_ident
 cdef bint LITTLE
 cdef int _VERSION
 cdef int _MSG
@@ -233,6 +238,14 @@ cdef int _REPLY
 cdef int _ONE
 cdef Py_ssize_t _ONE_SIZE
 cdef Py_ssize_t _REPLY_SIZE
+
+@cython.locals(hb=double, seed_interval=double, timers_at=double, now=double, wake_at=double,
+               credit_due=double, wait_ms=long, dirty=bint)
+cpdef io_loop(object node, bint core, double next_tick, double next_seed, double seed_delay)
+
+@cython.locals(status=int, turn=int, last=Py_ssize_t, index=Py_ssize_t, holds=bint, now=double,
+               handled=bint)
+cpdef drain_core(object node, long wait_ms)
 
 @cython.locals(counters=Counters)
 cpdef bint send_frame(object node, Link link, object peer_id, bytes frame, Py_ssize_t nbytes) except -1
@@ -242,7 +255,8 @@ cpdef bytes pack_one(object subject, object seq, double ts, object sid, object r
 @cython.locals(size=Py_ssize_t, p="const char *", one=zc_one, seq="long long", ts=double,
                sid="long long", req_id="long long", slen=Py_ssize_t, counters=Counters,
                msg=Message, latency=double, nbytes=Py_ssize_t, start=double, took=double,
-               now=double, kind=int)
+               now=double, kind=int,
+               histogram=LatencyHistogram)
 cpdef bint on_one(object node, bytes ident, bytes head) except -1
 
 @cython.locals(now=double)
@@ -250,6 +264,13 @@ cdef _consumed_inline(object node, object sub, object grant, object publisher, P
 
 @cython.locals(req_id="long long")
 cdef bint _on_reply(object node, bytes ident, bytes head) except -1
+
+cpdef dispatch_loop(object node)
+cpdef run_one(object node, object sub, object msg)
+
+@cython.locals(now=double)
+cpdef return_credit(object node, object sub, object grant, object publisher, Py_ssize_t count,
+                    Py_ssize_t nbytes)
 
 cpdef Py_ssize_t _credit_threshold(Py_ssize_t window)
 cpdef Py_ssize_t _ride_least(Py_ssize_t threshold)

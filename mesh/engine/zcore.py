@@ -14,13 +14,23 @@ never a second copy). Two calls:
 - :func:`send_bytes` sends one frame of bytes holding the GIL (a 64 B copy is far
   cheaper than letting go of the GIL and taking it back, which pyzmq does).
 
+Compiled with them (both builds run these; the pure build as plain Python, with
+pyzmq's poll when ``available()`` is False): :func:`io_loop`, the I/O thread's
+loop (timers, bulk ticks, credit and batch flushes, the wait, commands);
+:func:`drain_core`, its read, handing a lone frame to :func:`on_one` without a
+Python frame between; :func:`dispatch_loop` / :func:`run_one` /
+:func:`return_credit`, the dispatch thread's loop and a lone message's handler
+call and credit return (engine/dispatch.py keeps the general cases).
+
 ``available()`` is False in the pure build (``MESH_PURE_PYTHON=1``), when pyzmq's
 libzmq is not a shared library this process can find (a static build), or its ABI
 is not libzmq 4's: the callers then keep pyzmq's calls (mesh/engine/loop.py).
 
-Who owns what: nothing here owns a socket. A socket handle passed in belongs to
-the thread calling (the I/O thread its ROUTER, a publisher holding the link lock a
-link's DEALER), exactly as with pyzmq; the caller must not pass a closed socket.
+Who owns what: nothing here owns a socket. io_loop runs on the I/O thread (it owns
+the ROUTER), dispatch_loop on the dispatch thread (it owns the dispatch queue). A
+socket handle passed in belongs to the thread calling (the I/O thread its ROUTER,
+a publisher holding the link lock a link's DEALER), exactly as with pyzmq; the
+caller must not pass a closed socket.
 """
 
 from __future__ import annotations
@@ -29,17 +39,22 @@ import ctypes
 import logging
 import os
 import sys
+import threading
 import time
 from typing import Any
 
 import zmq
+from zmq.backend import zmq_poll
 
 from mesh import wire
 from mesh.engine import heap
-from mesh.flow import CreditGrant
+from mesh.engine.common import _STOP, _WAKE_ID, _BatchedFrame
+from mesh.flow import DEFAULT_FLUSH_DELAY, CreditGrant
 from mesh.message import incoming
 
 log = logging.getLogger("mesh")
+
+get_ident = threading.get_ident
 
 # drain()'s status: the socket had no more; the batch filled up (call again); the
 # last message has more frames (read them first); a negative errno is an error.
@@ -58,6 +73,16 @@ _ONE_SIZE = wire.ONE_SIZE
 _REPLY_SIZE = wire.REPLY_ONE_SIZE
 # Peer states whose data messages are accepted here (dispatch._KNOWN).
 _KNOWN = frozenset(("alive", "suspect", "joining"))
+_FIXED = bytes([wire.FIXED])
+# drain() rounds per wake-up (ZC_BATCH messages each) before timers and commands get
+# their turn, as loop._drain_router's 2048 messages.
+_CORE_TURNS = 32
+# Credit that found its link held (I/O thread): looked at again this much later,
+# unless the holder applied it first (seconds).
+_CREDIT_RETRY = 0.001
+# Tests only: called as (node, ident, frame, handled) for every lone frame drain_core
+# hands to on_one (a module global, not C: monkeypatch sets it; looked up once a drain).
+_watch = None
 
 _NAMES = ("zmq_msg_init", "zmq_msg_recv", "zmq_msg_close", "zmq_msg_data", "zmq_msg_size",
           "zmq_msg_more", "zmq_poll", "zmq_send", "zmq_errno")
@@ -111,6 +136,172 @@ def drain(handle: int, timeout_ms: int) -> Any:
     """(messages, status) of the socket whose handle (``sock.underlying``) is given:
     see the module doc and zcore.pxd. Only after :func:`available` said True."""
     return zc_drain(handle, timeout_ms)  # noqa: F821
+
+
+def io_loop(node: Any, core: bool, next_tick: float, next_seed: float,
+            seed_delay: float) -> None:
+    """IoLoop._io_loop's loop (the I/O thread's life until a "close" command): the
+    timers when due, bulk channels' ticks, batches and credit to flush, then the wait
+    and the read (:func:`drain_core` when ``core``, else pyzmq's poll and
+    ``_drain_router``), then the commands. Both builds run this; compiled, a wake-up
+    with nothing due runs no Python frame of its own."""
+    hb = node.options["heartbeat_interval"]
+    seed_interval = node.options["seed_interval"]
+    tickers = node._bulk_tickers  # (bulk channels are added before the node starts)
+    ordering = node._bulk_ordering
+    commands = node._commands
+    poll_router = node._poll_router
+    # When the heartbeat, seed and membership timers are next due: recomputed when
+    # that time comes or something but data arrived (_timers_stale), not after
+    # every message (membership's next deadline looks at every member).
+    timers_at = 0.0
+    while True:
+        now = time.monotonic()
+        if now >= timers_at or node._timers_stale:
+            node._timers_stale = False
+            if now >= next_tick:
+                node._tick(now)
+                next_tick = now + hb
+            if node._seed_socks and now >= next_seed:
+                node._hello_seeds()
+                seed_delay = min(seed_delay * 2, seed_interval)
+                next_seed = now + seed_delay
+            members = node._members
+            deadline = members.next_deadline()
+            if deadline is not None and now >= deadline:
+                node._swim(members.tick(now))
+                members = node._members
+            deadline = members.next_deadline()
+            timers_at = next_tick
+            if node._seed_socks and next_seed < timers_at:
+                timers_at = next_seed
+            if deadline is not None and deadline < timers_at:
+                timers_at = deadline
+        wake_at = timers_at
+        for channel in tickers:
+            channel.tick()
+        if node._batching:
+            batch_deadline = node._flush_batches(now)
+            if batch_deadline is not None and batch_deadline < wake_at:
+                wake_at = batch_deadline
+        dirty = bool(node._dirty_grants)
+        if dirty:
+            # Only when some is due: credit owed since the last look is due a flush
+            # delay after it was consumed, never sooner.
+            if now >= node._credit_due:
+                # Credit flowed: look again within a flush delay even when none is
+                # owed now, so consumers need not wake this thread for more.
+                due = node._flush_credits(now)  # the next deadline, or None
+                node._credit_due = due if due else now + DEFAULT_FLUSH_DELAY
+            credit_due = node._credit_due
+            if credit_due < wake_at:
+                wake_at = credit_due
+        if node._credit_later:
+            for link in list(node._credit_later):
+                node._take_credit(link)
+            if node._credit_later and now + _CREDIT_RETRY < wake_at:
+                wake_at = now + _CREDIT_RETRY
+        # Published before looking at _dirty_grants (see Dispatcher._return_credit).
+        node._io_wake_at = wake_at
+        if (dirty or node._dirty_grants) and now + DEFAULT_FLUSH_DELAY < wake_at:
+            wake_at = now + DEFAULT_FLUSH_DELAY
+        wait_ms = int((wake_at - now) * 1000) + 1
+        if wait_ms < 0:
+            wait_ms = 0
+        waiter = None
+        for channel in ordering:
+            if channel.wants_wait():
+                waiter = channel
+                break
+        if waiter is not None:
+            waiter.wait(wait_ms)  # the ROUTER and the channel's completions
+        elif core:
+            drain_core(node, wait_ms)
+        elif zmq_poll(poll_router, wait_ms):
+            node._drain_router()
+        if commands:
+            node._timers_stale = True  # a command may add a peer, a seed...
+            while commands:
+                cmd = commands.popleft()
+                if cmd[0] == "close":
+                    node._io_shutdown()
+                    return
+                node._run_command(cmd)
+
+
+def drain_core(node: Any, wait_ms: int) -> None:
+    """IoLoop._drain_router for this module (the I/O thread's wait and read): wait up
+    to ``wait_ms`` for the ROUTER without the GIL, then handle everything that was
+    there (read, GIL released, in rounds of ZC_BATCH messages); a lone message goes to
+    :func:`on_one` with no Python frame between. The handler calls collected go to
+    the dispatch thread as one item. Only after :func:`available` said True."""
+    handle = node._router_handle
+    msgs, status = zc_drain(handle, wait_ms)  # noqa: F821
+    if not msgs:
+        if status < 0:
+            raise zmq.ZMQError(-status)  # the context ended under us: as zmq_poll would
+        return
+    now = time.monotonic()
+    # A bulk channel that does not want the loop's wait (no array under way another
+    # way) holds nothing back: messages skip its hold() (and the frame objects).
+    # None does now (the loop waits here only then); a message may change that.
+    ordering = node._bulk_ordering
+    holds = False
+    watch = _watch
+    try:
+        for turn in range(_CORE_TURNS):
+            if turn:  # what came meanwhile, if anything (never fetched and left unread)
+                msgs, status = zc_drain(handle, 0)  # noqa: F821
+                if not msgs:
+                    if status < 0:
+                        raise zmq.ZMQError(-status)
+                    return
+            last = len(msgs) - 1 if status == MORE else -1
+            index = -1
+            for msg in msgs:
+                index += 1
+                if index == last:  # its other frames are still in the socket: read them
+                    frames = [_BatchedFrame(msg[0]), _BatchedFrame(msg[1])]
+                    recv = node._router.recv
+                    while True:
+                        frame = recv(0, copy=False)
+                        frames.append(frame)
+                        if not frame.more:
+                            break
+                    node._handle_frames(frames, now)
+                elif len(msg) == 2 and not holds and msg[1][:1] == _FIXED:
+                    # The latency case: no frame objects; in C when it is the common one.
+                    try:
+                        handled = on_one(node, msg[0], msg[1])
+                        if watch is not None:
+                            watch(node, msg[0], msg[1], handled)
+                        if handled:
+                            continue
+                    except Exception:  # as _handle_frames: nothing may end this thread
+                        node.counters.drops["internal"] += 1
+                        log.exception("%s: error handling a message; dropped", node.name)
+                        continue
+                    node._handle_one(msg[0], msg[1])
+                    continue
+                elif len(msg) == 2 and msg[0] == _WAKE_ID:
+                    continue  # a wake-up: commands run after the drain
+                else:
+                    node._handle_frames([_BatchedFrame(frame) for frame in msg], now)
+                if ordering:  # what it was may have started an array's way
+                    holds = False
+                    for channel in ordering:
+                        if channel.wants_wait():
+                            holds = True
+                            break
+            if status < 0:
+                raise zmq.ZMQError(-status)
+            if status == DRAINED:
+                return
+    finally:
+        if node._io_batch:
+            # One dispatch item per drain, not per message: fewer thread wake-ups.
+            node._dispatch.put(node._io_batch)
+            node._io_batch = []
 
 
 def send_bytes(handle: int, data: bytes, more: bool = False) -> int:
@@ -208,7 +399,8 @@ def on_one(node: Any, ident: bytes, head: bytes) -> bool:
     if ts:
         latency = now - ts
         if 0.0 <= latency < 3600.0:  # also rejects nan/inf; clocks may disagree a little
-            node.latency.record(latency, 1)
+            histogram = node.latency
+            histogram.record(latency, 1)
     key = (peer_id, subject)  # plain subscribers see every message: gaps are losses
     last = node._last_seq.get(key)
     if last is not None and seq > last + 1:
@@ -294,6 +486,77 @@ def _on_reply(node: Any, ident: bytes, head: bytes) -> bool:
                              None)
     pending.set()
     return True
+
+
+def dispatch_loop(node: Any) -> None:
+    """Dispatcher._dispatch_loop (the dispatch thread's whole life): one item after
+    another from the dispatch queue until _STOP. The I/O thread's item for a lone
+    message (a ping-pong: ``[(sub, msg)]``) runs here in :func:`run_one`, no Python
+    frame between the queue's get and the handler; every other item goes to
+    ``node._run_item``. Both builds run this; compiled it is C."""
+    get = node._dispatch.get
+    run_item = node._run_item
+    while True:
+        item = get()
+        if item is _STOP:
+            return
+        try:
+            if type(item) is list and len(item) == 1:
+                one = item[0]
+                if type(one) is tuple and len(one) == 2:
+                    run_one(node, one[0], one[1])
+                    continue
+            run_item(item)
+        except Exception:  # nothing may end this thread: every handler depends on it
+            node.counters.drops["dispatch_error"] += 1
+            log.exception("%s: dispatch error", node.name)
+
+
+def run_one(node: Any, sub: Any, msg: Any) -> None:
+    """Dispatcher._run_item for one message (no tally): its handler, then its
+    credit back (:func:`return_credit`). Dispatch thread."""
+    if sub.closed:
+        return
+    try:
+        sub.handler(msg)
+    except Exception:
+        node.counters.drops["handler_error"] += 1
+        log.exception("%s: handler for %r raised on %r", node.name, sub.pattern, msg.subject)
+    sub.delivered += 1
+    credit = getattr(msg, "_credit", None)  # on_peer callbacks get a PeerInfo
+    if type(credit) is tuple:
+        msg._credit = None
+        return_credit(node, sub, credit[0], credit[1], 1, credit[2])
+    elif credit is not None:
+        node._consumed(sub, msg)
+
+
+def return_credit(node: Any, sub: Any, grant: Any, publisher: Any, count: int,
+                  nbytes: int) -> None:
+    """Dispatcher._return_credit (both builds run this; here it is compiled): ``count``
+    messages from ``publisher`` were consumed: send their credit back now if the
+    grant's threshold is reached, else have the I/O thread flush it later. Any thread."""
+    now = time.monotonic()  # (the pure build runs this too: no zc_mono)
+    flow = sub._flow  # a Condition: its acquire/release are its lock's
+    flow.acquire()
+    try:
+        grant.on_consumed(nbytes, now, count)
+        update = grant.take_update(now)
+        if update is None:
+            node._dirty_grants[(sub, publisher)] = grant
+    finally:
+        flow.release()
+    if update is not None:
+        entries = [[sub.sid, update[0], update[1]]]
+        if not node._send_credit_direct(publisher, entries):
+            node._command(("credit", publisher, entries))
+    elif node._io_wake_at > now + grant.flush_delay and get_ident() != node._io_ident:
+        # The I/O thread sleeps past this credit's flush time: wake it to schedule
+        # the flush. (Added to _dirty_grants first, read _io_wake_at after: the
+        # I/O thread publishes _io_wake_at before it looks at _dirty_grants.)
+        # While credit flows it keeps waking at least that often, so a steady
+        # stream costs no wake-up per message (most credit rides on replies).
+        node._command(("flush_credit",))
 
 
 def _credit_threshold(window: int) -> int:
