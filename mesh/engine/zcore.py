@@ -496,7 +496,11 @@ def dispatch_loop(node: Any) -> None:
     ``node._run_item``. Both builds run this; compiled it is C."""
     get = node._dispatch.get
     run_item = node._run_item
+    item = one = None
     while True:
+        # Let go of the last item before waiting: its messages may hold views whose
+        # release frees a shared-memory slot the publisher is waiting for.
+        item = one = None
         item = get()
         if item is _STOP:
             return
