@@ -17,13 +17,19 @@ def peer_row(status: dict, name: str) -> dict:
     return row
 
 
-def test_large_arrays_use_shared_memory_and_slots_come_back(procs):
+def shm_pair(procs):
+    """A publisher and a subscriber (of "grad.>") on one host, linked by shared memory."""
     s = procs.start("s")
     p = procs.start("p", seeds=[s.tcp])
     p.call("wait_for_peers", n=1, timeout=15)
     assert wait_until(lambda: peer_row(p.call("status"), "s")["bulk"] == "shm", 10)
     sid = s.call("subscribe", pattern="grad.>")
     p.call("wait_for_subscribers", subject="grad.x", count=1, timeout=10)
+    return p, s, sid
+
+
+def test_large_arrays_use_shared_memory_and_slots_come_back(procs):
+    p, s, sid = shm_pair(procs)
     arrays = [np.arange(n, dtype=np.float32) * (i + 1) for i, n in enumerate((1 << 18, 1 << 21, 3 << 20))]
     small = np.arange(10, dtype=np.int64)  # under the threshold: stays on the socket
     for arr in [*arrays, small]:
@@ -41,12 +47,7 @@ def test_the_last_array_delivered_gives_its_slot_back_with_nothing_after_it(proc
     # The dispatch thread must let go of a message when its handler is done, not when
     # the next one comes: else the last array's slot stays taken and a publisher
     # sending one array at a time waits for a timer on every slot (seen: 5 ms each).
-    s = procs.start("s")
-    p = procs.start("p", seeds=[s.tcp])
-    p.call("wait_for_peers", n=1, timeout=15)
-    assert wait_until(lambda: peer_row(p.call("status"), "s")["bulk"] == "shm", 10)
-    sid = s.call("subscribe", pattern="grad.>")
-    p.call("wait_for_subscribers", subject="grad.x", count=1, timeout=10)
+    p, s, sid = shm_pair(procs)
     arr = np.arange(1 << 18, dtype=np.float32)
     p.call("publish", subject="grad.x", data=arr, timeout=10)
     (rec,) = s.call("collected", sid=sid, n=1, timeout=30)

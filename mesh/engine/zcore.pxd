@@ -259,9 +259,6 @@ cpdef bytes pack_one(object subject, object seq, double ts, object sid, object r
                histogram=LatencyHistogram)
 cpdef bint on_one(object node, bytes ident, bytes head) except -1
 
-@cython.locals(now=double)
-cdef _consumed_inline(object node, object sub, object grant, object publisher, Py_ssize_t nbytes)
-
 @cython.locals(req_id="long long")
 cdef bint _on_reply(object node, bytes ident, bytes head) except -1
 

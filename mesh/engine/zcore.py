@@ -446,29 +446,10 @@ def on_one(node: Any, ident: bytes, head: bytes) -> bool:
     credit = msg._credit
     if type(credit) is tuple:
         msg._credit = None
-        _consumed_inline(node, sub, grant, peer_id, nbytes)
+        return_credit(node, sub, grant, peer_id, 1, nbytes)  # on this (I/O) thread
     elif credit is not None:
         node._consumed(sub, msg)
     return True
-
-
-def _consumed_inline(node: Any, sub: Any, grant: Any, publisher: Any, nbytes: int) -> None:
-    """dispatch._return_credit for one message on the I/O thread (which needs no
-    wake-up for a credit flush: it computes its own deadlines)."""
-    now = zc_mono()  # noqa: F821 (CLOCK_MONOTONIC: time.monotonic's clock)
-    flow = sub._flow
-    flow.acquire()
-    try:
-        grant.on_consumed(nbytes, now, 1)
-        update = grant.take_update(now)
-        if update is None:
-            node._dirty_grants[(sub, publisher)] = grant
-    finally:
-        flow.release()
-    if update is not None:
-        entries = [[sub.sid, update[0], update[1]]]
-        if not node._send_credit_direct(publisher, entries):
-            node._command(("credit", publisher, entries))
 
 
 def _on_reply(node: Any, ident: bytes, head: bytes) -> bool:
