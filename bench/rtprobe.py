@@ -189,18 +189,10 @@ def ping(mode: str, endpoint: str, echo_pid: int, count: int, warmup: int) -> No
     payload = os.urandom(SIZE)
 
     def timed(send: Any, recv: Any) -> dict:
-        for _ in range(warmup):
-            send(payload)
-            recv()
+        pubsub._round_trips(send, recv, payload, warmup, 0)
         mark(echo_pid, "-z")
         before = sample()
-        pc = time.perf_counter_ns
-        samples = [0] * count
-        for i in range(count):
-            t0 = pc()
-            send(payload)
-            recv()
-            samples[i] = pc() - t0
+        samples = pubsub._round_trips(send, recv, payload, count, 0)
         after = sample()
         mark(echo_pid, "-d")
         samples.sort()
