@@ -62,16 +62,23 @@ def _threads() -> dict[str, float]:
 
 SUBJECT = "bench.cl"
 WARM = 4000
+MARK = 1000
 NO_FLOW = {"credits": 10**9, "overflow": "drop_new"}
 
 
-def _node(role: str, seeds: tuple[str, ...] = ()) -> Any:
+def _node(role: str, seeds: tuple[str, ...] = (), noflow: bool = False) -> Any:
     import mesh
 
-
+    # CL_NODE / CL_NODE_NOFLOW: node options (JSON) for both nodes of every run / of
+    # the runs without flow control only (e.g. '{"batch_bytes": 32768}'): experiments.
+    options = json.loads(os.environ.get("CL_NODE") or "{}")
+    if os.environ.get("CL_SWITCH"):  # the interpreter's GIL switch interval, seconds
+        sys.setswitchinterval(float(os.environ["CL_SWITCH"]))
+    if noflow:
+        options.update(json.loads(os.environ.get("CL_NODE_NOFLOW") or "{}"))
     return mesh.Node(f"cl-{role}-{os.getpid()}", cluster=f"creditloop-{os.getppid()}",
                      discovery="static" if seeds else "none", seeds=seeds,
-                     listen=("tcp://127.0.0.1:0",), transports=("tcp",))
+                     listen=("tcp://127.0.0.1:0",), transports=("tcp",), **options)
 
 
 def _trace_commands(events: list) -> None:
@@ -195,6 +202,31 @@ def _trace_source(events: list, waits: list) -> None:
     Node._take_credit = take
 
 
+def _slices() -> None:
+    """CL_SLICE_US=N (experiment): ask EEVDF for an N µs slice (sched_setattr's
+    sched_runtime) for the I/O threads (libzmq's and the mesh's), so a wake-up on a
+    busy core preempts at once instead of waiting for the running thread's slice."""
+    us = os.environ.get("CL_SLICE_US")
+    if not us:
+        return
+    import ctypes
+    import struct
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    which = os.environ.get("CL_SLICE_THREADS", "ZMQbg,io").split(",")
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/comm") as fh:
+            comm = fh.read().strip()
+        name = names.get(int(tid), comm)
+        if not any(w in name for w in which):
+            continue
+        attr = struct.pack("IIQiIQQQII", 56, 0, 0, 0, 0, int(us) * 1000, 0, 0, 0, 0)
+        buf = ctypes.create_string_buffer(attr, 56)
+        if libc.syscall(314, int(tid), buf, 0) != 0:
+            raise SystemExit(f"sched_setattr {name}: errno {ctypes.get_errno()}")
+
+
 def sink(count: int, noflow: bool, trace: bool) -> None:
     events: list = []
     if trace:
@@ -202,17 +234,24 @@ def sink(count: int, noflow: bool, trace: bool) -> None:
     done = threading.Event()
     got = [0]
     total = WARM + count
+    marks: list[float] = []  # time of every MARK-th message: progress, for the run-ahead
+    mono = time.monotonic
 
     def on_msg(msg: Any) -> None:
         got[0] += 1
+        if not got[0] % MARK:
+            marks.append(mono())
         if got[0] >= total:
             done.set()
 
-    with _node("sink") as node:
+    with _node("sink", noflow=noflow) as node:
         node.subscribe(SUBJECT, on_msg, **(NO_FLOW if noflow else {}))
         _say(endpoint=[e for e in node.endpoints if e.startswith("tcp://")][0])
         sys.stdin.readline()
+        _slices()
         events.clear()
+        marks.clear()
+        at_arm = got[0]  # the warm-up's messages (WARM, unless some are still coming)
         cpu0, th0 = _cpu(), _threads()
         _say(armed=True)
         if not done.wait(300):
@@ -221,23 +260,24 @@ def sink(count: int, noflow: bool, trace: bool) -> None:
         _say(received=got[0], t_end=t_end, cpu_s=_cpu() - cpu0,
              threads={k: round((v - th0.get(k, 0.0)) * 1e6 / count, 2)
                       for k, v in _threads().items()},
-             events=events if trace else [])
+             events=events if trace else [], marks=marks, at_arm=at_arm)
         sys.stdin.readline()
 
 
-def source(endpoint: str, count: int, size: int, trace: bool) -> None:
+def source(endpoint: str, count: int, size: int, trace: bool, noflow: bool = False) -> None:
     events: list = []
     waits: list = []
     if trace:
         _trace_source(events, waits)
     payload = os.urandom(size)
-    with _node("source", (endpoint,)) as node:
+    with _node("source", (endpoint,), noflow) as node:
         node.wait_for_peers(1, timeout=60)
         node.wait_for_subscribers(SUBJECT, 1, timeout=60)
         publish = node.publish
         for _ in range(WARM):
             publish(SUBJECT, payload, timeout=5.0)
         time.sleep(0.3)
+        _slices()
         _say(warm=True)
         sys.stdin.readline()
         events.clear()
@@ -255,20 +295,28 @@ def source(endpoint: str, count: int, size: int, trace: bool) -> None:
         sys.stdin.readline()
 
 
-def run_once(count: int, size: int, noflow: bool, trace: bool) -> dict:
+def _pinned(cpu: int | None) -> Any:
+    """Popen's preexec_fn: the child and every thread it starts on ``cpu`` only."""
+    if cpu is None:
+        return None
+    return lambda: os.sched_setaffinity(0, {cpu})
+
+
+def run_once(count: int, size: int, noflow: bool, trace: bool, pin: bool = False) -> dict:
     cmd = [sys.executable, "-m", "bench.creditloop"]
     procs: list[subprocess.Popen] = []
     try:
         snk = subprocess.Popen(cmd + ["sink", "--count", str(count)] + (["--noflow"] if noflow else [])
                                + (["--trace"] if trace else []),
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                               cwd=os.environ.get("CL_CWD"))
+                               cwd=os.environ.get("CL_CWD"), preexec_fn=_pinned(0 if pin else None))
         procs.append(snk)
         endpoint = _read(snk, "endpoint")["endpoint"]
         src = subprocess.Popen(cmd + ["source", "--endpoint", endpoint, "--count", str(count),
-                                      "--size", str(size)] + (["--trace"] if trace else []),
+                                      "--size", str(size)] + (["--trace"] if trace else [])
+                               + (["--noflow"] if noflow else []),
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                               cwd=os.environ.get("CL_CWD"))
+                               cwd=os.environ.get("CL_CWD"), preexec_fn=_pinned(1 if pin else None))
         procs.append(src)
         _read(src, "warm")
         snk.stdin.write("warm\n")
@@ -289,7 +337,16 @@ def run_once(count: int, size: int, noflow: bool, trace: bool) -> dict:
                 p.kill()
                 p.wait(10)
     seconds = got["t_end"] - sent["t0"]
+    # How far the publisher ran ahead: its share of the run, and the messages still on
+    # their way (sent, not yet handled) when it made its last publish() call.
+    marks = sum(1 for t in got["marks"] if t <= sent["t1"])
+    handled = MARK * (got["at_arm"] // MARK + marks) - got["at_arm"]
     out = {"rate": count / seconds, "cpu_us": (got["cpu_s"] + sent["cpu_s"]) * 1e6 / count,
+           "cores_busy": round((got["cpu_s"] + sent["cpu_s"]) / seconds, 2),
+           "pub_share": round((sent["t1"] - sent["t0"]) / seconds, 3),
+           "behind_at_pub_end": count - handled,
+           "pub_cpu_us": round(sent["cpu_s"] * 1e6 / count, 2),
+           "sub_cpu_us": round(got["cpu_s"] * 1e6 / count, 2),
            "pub_threads": sent["threads"], "sub_threads": got["threads"]}
     if trace and os.environ.get("CL_DUMP"):
         with open(os.environ["CL_DUMP"] + (".noflow" if noflow else ".flow"), "w") as fh:
@@ -428,12 +485,14 @@ def main() -> None:
     ap.add_argument("--endpoint")
     ap.add_argument("--noflow", action="store_true")
     ap.add_argument("--trace", action="store_true")
+    ap.add_argument("--pin", action="store_true",
+                    help="subscriber on CPU 0, publisher on CPU 1 (each process one core)")
     args = ap.parse_args()
     if args.role == "sink":
         sink(args.count, args.noflow, args.trace)
         return
     if args.role == "source":
-        source(args.endpoint, args.count, args.size, args.trace)
+        source(args.endpoint, args.count, args.size, args.trace, args.noflow)
         return
     import mesh
 
@@ -443,7 +502,8 @@ def main() -> None:
         order = ("flow", "noflow") if rep % 2 == 0 else ("noflow", "flow")
         got = {}
         for variant in order:
-            got[variant] = run_once(args.count, args.size, variant == "noflow", args.trace)
+            got[variant] = run_once(args.count, args.size, variant == "noflow", args.trace,
+                                    args.pin)
             rows[variant].append(got[variant])
             print(variant, json.dumps(got[variant]), flush=True)
         costs.append(1 - got["flow"]["rate"] / got["noflow"]["rate"])
@@ -453,6 +513,9 @@ def main() -> None:
         "rate_noflow": statistics.median(r["rate"] for r in rows["noflow"]),
         "cpu_us_flow": statistics.median(r["cpu_us"] for r in rows["flow"]),
         "cpu_us_noflow": statistics.median(r["cpu_us"] for r in rows["noflow"]),
+        "pub_share_flow": statistics.median(r["pub_share"] for r in rows["flow"]),
+        "pub_share_noflow": statistics.median(r["pub_share"] for r in rows["noflow"]),
+        "behind_noflow": statistics.median(r["behind_at_pub_end"] for r in rows["noflow"]),
         "cost_median": round(statistics.median(costs), 3), "costs": [round(c, 3) for c in costs],
     }))
 
