@@ -8,6 +8,18 @@ waited for credit.
     python -m bench.creditloop                 # rates: default window vs no flow control
     python -m bench.creditloop --trace         # the same, and the credit loop's latencies
     python -m bench.creditloop --reps 5 --count 200000
+    python -m bench.creditloop --pin --split   # one core per process; batch vs credit part
+
+``--pin`` puts the subscriber on CPU 0 and the publisher on CPU 1 (every thread of
+each): far less noise than two processes' six threads roaming two cores. Each run
+says how far the publisher ran ahead (``pub_share``: its publishing time over the
+run's; ``behind_at_pub_end``: messages not yet handled at its last publish, to
+``MARK``), CPU per message per process and ``cores_busy``. ``--split`` adds a run
+without flow control whose batches are capped as the default window caps them
+(half of it): ``cost_of_batches_median`` is what the smaller batches cost alone,
+the rest of the cost is the credit loop's. With ``--trace``, ``both_idle_share`` is
+the part of the run in which the publisher waited for credit while the
+subscriber's dispatch thread had nothing to run.
 
 Both processes read ``time.monotonic`` (CLOCK_MONOTONIC, one clock for the
 machine), so a timestamp taken in one is comparable with the other's. Per-thread
@@ -62,7 +74,7 @@ def _threads() -> dict[str, float]:
 
 SUBJECT = "bench.cl"
 WARM = 4000
-MARK = 1000
+MARK = 100  # progress marks: the run-ahead to within 100 messages
 NO_FLOW = {"credits": 10**9, "overflow": "drop_new"}
 
 
@@ -282,13 +294,15 @@ def source(endpoint: str, count: int, size: int, trace: bool, noflow: bool = Fal
         sys.stdin.readline()
         events.clear()
         waits.clear()
+        batches0 = node.status()["counters"].get("batches_out", 0)
         cpu0, th0 = _cpu(), _threads()
         t0 = time.monotonic()
         for _ in range(count):
             publish(SUBJECT, payload, timeout=5.0)
         t1 = time.monotonic()
         time.sleep(0.1)
-        _say(sent=count, t0=t0, t1=t1, cpu_s=_cpu() - cpu0,
+        batches = node.status()["counters"].get("batches_out", 0) - batches0
+        _say(sent=count, t0=t0, t1=t1, cpu_s=_cpu() - cpu0, batches=batches,
              threads={k: round((v - th0.get(k, 0.0)) * 1e6 / count, 2)
                       for k, v in _threads().items()},
              events=events, waits=waits)
@@ -344,6 +358,7 @@ def run_once(count: int, size: int, noflow: bool, trace: bool, pin: bool = False
     out = {"rate": count / seconds, "cpu_us": (got["cpu_s"] + sent["cpu_s"]) * 1e6 / count,
            "cores_busy": round((got["cpu_s"] + sent["cpu_s"]) / seconds, 2),
            "pub_share": round((sent["t1"] - sent["t0"]) / seconds, 3),
+           "msgs_per_batch": round(count / max(1, sent["batches"]), 1),
            "behind_at_pub_end": count - handled,
            "pub_cpu_us": round(sent["cpu_s"] * 1e6 / count, 2),
            "sub_cpu_us": round(got["cpu_s"] * 1e6 / count, 2),
@@ -409,6 +424,14 @@ def analyse(sub_ev: list, pub_ev: list, waits: list, t0: float, t_end: float) ->
     for e in flushes:
         fl_by[e[3]] = fl_by.get(e[3], 0) + 1
     batches = [e for e in sub_ev if e[0] == "batch"]
+    # The dispatch thread's idle stretches, and how much of them the publisher spent
+    # waiting for credit: time in which neither side did the work.
+    gaps, prev = [], t0
+    for e in runs:
+        if e[1] > prev:
+            gaps.append((prev, e[1]))
+        prev = max(prev, e[2])
+    both = _overlap(sorted(waits), gaps)
     return {
         "updates_sent": how, "commands": cmds,
         "take_credit": {k: sum(1 for e in pub_ev if e[0] == k) for k in ("take-busy", "take-free")}, "update_msgs": {"n": len(sizes), "p50": sorted(sizes)[len(sizes) // 2] if sizes else 0,
@@ -419,6 +442,7 @@ def analyse(sub_ev: list, pub_ev: list, waits: list, t0: float, t_end: float) ->
         "waits": {**_pct(waited), "total_ms": round(sum(waited) * 1e3, 1),
                   "share_of_run": round(sum(waited) / span, 3) if span > 0 else None},
         "direct_send_us": _pct([e[2] - e[1] for e in sub_ev if e[0] == "direct"]),
+        "both_idle_share": round(both / span, 3) if span > 0 else None,
         "dispatch": {"items": len(runs), "busy_share": round(busy / span, 3),
                      "msgs_per_item": round(statistics.mean([e[3] for e in runs]), 1) if runs else 0,
                      "idle_gaps": _pct(idle), "idle_ms": round(sum(idle) * 1e3, 1)},
@@ -427,6 +451,21 @@ def analyse(sub_ev: list, pub_ev: list, waits: list, t0: float, t_end: float) ->
         "sub_batches": {"n": len(batches), "decode": _pct([e[2] - e[1] for e in batches])},
         "per_wait": _per_wait(waits, sent, c_sent, c_read, applied, sub_ev, flushes),
     }
+
+
+def _overlap(a: list, b: list) -> float:
+    """Seconds two sorted lists of disjoint (start, end) stretches share."""
+    i = j = 0
+    total = 0.0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if hi > lo:
+            total += hi - lo
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
 
 
 def _per_wait(waits: list, sent: list, c_sent: list, c_read: list, applied: list, sub_ev: list,
@@ -487,6 +526,9 @@ def main() -> None:
     ap.add_argument("--trace", action="store_true")
     ap.add_argument("--pin", action="store_true",
                     help="subscriber on CPU 0, publisher on CPU 1 (each process one core)")
+    ap.add_argument("--split", action="store_true",
+                    help="a third run per rep: no flow control, batches capped as the default "
+                         "window caps them (half of it): the cost of the smaller batches alone")
     args = ap.parse_args()
     if args.role == "sink":
         sink(args.count, args.noflow, args.trace)
@@ -495,18 +537,42 @@ def main() -> None:
         source(args.endpoint, args.count, args.size, args.trace, args.noflow)
         return
     import mesh
+    from mesh.flow import DEFAULT_CREDITS
 
-    rows: dict[str, list] = {"flow": [], "noflow": []}
+    variants = ("flow", "noflow", "noflow-halfbatch") if args.split else ("flow", "noflow")
+    rows: dict[str, list] = {v: [] for v in variants}
     costs = []
+    # The default window caps a batch at half of it (Link.batch_cap); a batch counts
+    # size + 4 bytes per message against batch_bytes: the same cap without credits.
+    half = json.dumps({"batch_bytes": DEFAULT_CREDITS // 2 * (args.size + 4)})
     for rep in range(args.reps):
-        order = ("flow", "noflow") if rep % 2 == 0 else ("noflow", "flow")
+        order = variants if rep % 2 == 0 else variants[::-1]
         got = {}
         for variant in order:
-            got[variant] = run_once(args.count, args.size, variant == "noflow", args.trace,
-                                    args.pin)
+            saved = os.environ.get("CL_NODE_NOFLOW")
+            if variant == "noflow-halfbatch":
+                os.environ["CL_NODE_NOFLOW"] = half
+            try:
+                got[variant] = run_once(args.count, args.size, variant != "flow", args.trace,
+                                        args.pin)
+            finally:
+                if variant == "noflow-halfbatch":
+                    if saved is None:
+                        os.environ.pop("CL_NODE_NOFLOW")
+                    else:
+                        os.environ["CL_NODE_NOFLOW"] = saved
             rows[variant].append(got[variant])
             print(variant, json.dumps(got[variant]), flush=True)
         costs.append(1 - got["flow"]["rate"] / got["noflow"]["rate"])
+    split = {}
+    if args.split:
+        # 1 - halfbatch/noflow: what the smaller batches cost; the rest is the credit loop.
+        split = {"cost_of_batches_median": round(statistics.median(
+            1 - r["noflow-halfbatch"]["rate"] / r["noflow"]["rate"]
+            for r in ({v: rows[v][i] for v in variants} for i in range(args.reps))), 3),
+            "rate_noflow_halfbatch": statistics.median(r["rate"] for r in rows["noflow-halfbatch"]),
+            "cpu_us_noflow_halfbatch": statistics.median(
+                r["cpu_us"] for r in rows["noflow-halfbatch"])}
     print(json.dumps({
         "compiled": getattr(mesh, "compiled", False),
         "rate_flow": statistics.median(r["rate"] for r in rows["flow"]),
@@ -517,6 +583,7 @@ def main() -> None:
         "pub_share_noflow": statistics.median(r["pub_share"] for r in rows["noflow"]),
         "behind_noflow": statistics.median(r["behind_at_pub_end"] for r in rows["noflow"]),
         "cost_median": round(statistics.median(costs), 3), "costs": [round(c, 3) for c in costs],
+        **split,
     }))
 
 
