@@ -274,6 +274,7 @@ class TcpBulkConn:
         self._head: tuple | None = None
         self._cur: _Incoming | None = None
         self._lowat = 1
+        self._drained = False  # the last staging read took all the socket had
         self._parked = False  # its next message waits for a post (under _cond)
         self._park_until = 0.0
         self._own_rx = receiver is None  # (a conn on its own: tests)
@@ -563,10 +564,16 @@ class TcpBulkConn:
                 cur = self._cur
                 if cur is None:
                     if self._head is None and not self._parse_head():
+                        if self._drained and self._lo == self._hi and self._rx.defer:
+                            self._drained = False
+                            self._set_lowat(1)
+                            return _MORE
                         if not self._fill():
                             self._set_lowat(1)
                             return _MORE
                         continue
+                    if self._rx.done:  # more to read: what is complete goes first
+                        self._rx.release()
                     if not self._start():
                         return _PARKED
                     continue
@@ -605,6 +612,10 @@ class TcpBulkConn:
         if got == 0:
             raise ConnectionError("the peer closed the connection")
         self._hi = hi + got
+        # A short read took all the socket had: after what it holds the stream waits
+        # for epoll (level-triggered: anything that came since wakes it at once),
+        # not for one more read that would fail (a GIL hand-over for nothing).
+        self._drained = hi + got < _STAGE
         return True
 
     def _parse_head(self) -> bool:
@@ -751,7 +762,13 @@ class TcpBulkConn:
                 req.fold_error = cur.error
                 self.folded_msgs += 1
         req.meta = cur.meta
-        req._set()
+        # Completed when this thread is about to wait (_Receiver.release): the caller
+        # it wakes takes the GIL at once instead of waiting for this thread's next
+        # Python, then waking it in turn (one switch less each way).
+        if self._rx.defer:
+            self._rx.done.append(req)
+        else:
+            req._set()
 
 
 _MORE, _PARKED, _DEAD = 0, 1, 2
@@ -792,6 +809,10 @@ class _Receiver:
     caller instead of one per sender thread. The streams' sockets are watched with
     a selector (epoll); other threads talk to it through ``_wake`` (a socketpair)."""
 
+    # Completions wait for the end of the pass (release), and a short staging read
+    # ends it (TcpBulkConn._fill); False: as before 2026-12-06 (A/B: bench/bcastprobe.py).
+    defer = True
+
     def __init__(self) -> None:
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -805,6 +826,8 @@ class _Receiver:
         self._closed = False
         self._watched: set[TcpBulkConn] = set()
         self._parked: dict[TcpBulkConn, float] = {}  # conn -> when it reads aside
+        # Receives completed during this pass, released before the next wait (release)
+        self.done: list[_Request] = []
         self.piece = np.empty(_FOLD_PIECE, dtype=np.uint8)
         self.piece_view = memoryview(self.piece)
         self._err: tuple | None = None  # the np.errstate this thread runs under now
@@ -891,12 +914,20 @@ class _Receiver:
             self._watched.discard(conn)
             self._sel.unregister(conn.sock)
 
+    def release(self) -> None:
+        """Complete the receives finished in this pass (receiver thread)."""
+        done, self.done = self.done, []
+        for req in done:
+            req._set()
+
     def _run(self) -> None:
         try:
             while True:
                 timeout = None
                 if self._parked:
                     timeout = max(0.0, min(self._parked.values()) - time.monotonic())
+                if self.done:
+                    self.release()
                 events = self._sel.select(timeout)
                 for key, _ in events:
                     conn = key.data
@@ -933,6 +964,7 @@ class _Receiver:
             for conn in list(self._watched) + list(self._parked):
                 conn._fail("the receiver thread failed")
         finally:
+            self.release()  # (complete: their data is in place)
             for s in (self._wake_r, self._wake_w):
                 s.close()
             self._sel.close()
