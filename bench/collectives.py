@@ -846,14 +846,17 @@ def _bcast_variants() -> list[str]:
 
 def _forced_broadcast(group: Any, xb: np.ndarray, variant: str) -> Any:
     algo, *rest = variant.split("-") if variant else [""]
+    if algo in ("norelay", "nolean"):  # (a flag alone: the group's own plan)
+        algo, rest = "", [algo, *rest]
     group._bcast_algo = algo  # "" = the group's own choice
-    sizes = [r for r in rest if r != "norelay"]
+    group._lean = "nolean" not in rest  # whole-buffer plans: the lean executor or _execute
+    sizes = [r for r in rest if r not in ("norelay", "nolean")]
     group._bcast_seg = parse_sizes(sizes[0])[0] if sizes else 0
     group._relay = "norelay" not in rest  # (forwarding rank: cut-through or via the caller)
     try:
         return group.broadcast(xb, root=0)
     finally:
-        group._bcast_algo, group._bcast_seg, group._relay = "", 0, True
+        group._bcast_algo, group._bcast_seg, group._relay, group._lean = "", 0, True, True
 
 
 def _tcp_rank_body(rank: int, world: int, cluster: str, seed_q: Any, gloo_port: int | None,
@@ -1513,7 +1516,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bcast-algos", default="",
                         help="with --tcp: also time the broadcast with these plans forced "
                         "(direct, tree, chain; -SIZE sets the segment, e.g. chain-256K; "
-                        "-norelay: forwarded by the caller, not cut-through), each against "
+                        "-norelay: forwarded by the caller, not cut-through; nolean: the general "
+                        "executor for one-message broadcasts), each against "
                         "Gloo in the same run")
     parser.add_argument("--reps", type=int, default=0,
                         help="with --tcp: timed repetitions of every cell (default: by size, "
