@@ -28,7 +28,9 @@ from typing import Any
 
 from bench import collectives as coll
 
-MODES = ("mesh", "gloo")  # also: mesh_nolean (the general executor)
+MODES = ("mesh", "gloo")
+# also: mesh_nolean (the general executor), mesh_nodefer (receives completed at once),
+# mesh_latch (the caller waits on a lock, not its eventfd): A/B in the same run
 
 
 def _threads() -> dict[int, str]:
@@ -125,6 +127,7 @@ def _rank_body(rank: int, seed_q: Any, port: int, nbytes: int, count: int, round
     import torch.distributed as dist
 
     from transports.tcp_bulk import _Receiver as tb
+    from transports.tcp_bulk import _Request as rq
 
     marks = _stamp_points() if os.environ.get("BCASTPROBE_STAMPS") else None
     me, first = (hosts[rank], hosts[0]) if hosts else ("127.0.0.1", "127.0.0.1")
@@ -156,13 +159,23 @@ def _rank_body(rank: int, seed_q: Any, port: int, nbytes: int, count: int, round
             finally:
                 tb.defer = True
 
+        def latch() -> None:
+            rq.fd_wait = False
+            try:
+                group.broadcast(xb, root=0)
+            finally:
+                rq.fd_wait = True
+
         ops = {"mesh": (lambda: group.broadcast(xb, root=0), group.barrier),
+               "mesh_latch": (latch, group.barrier),
                "mesh_nodefer": (nodefer, group.barrier),
                "mesh_nolean": (nolean, group.barrier),
                "gloo": (lambda: dist.broadcast(tb, src=0), dist.barrier)}
         # "<kind>" = barrier + op, "<kind>:barrier" = the barrier alone
         blocks = [m for k in modes for m in (k, f"{k}:barrier")]
         order = random.Random(7)
+        # BCASTPROBE_SETTLE=seconds: sleep after the barrier (its aftermath off the op's path)
+        settle = float(os.environ.get("BCASTPROBE_SETTLE", "0"))
         for rnd in range(rounds + 1):
             for block in order.sample(blocks, len(blocks)):
                 kind, _, alone = block.partition(":")
@@ -176,6 +189,8 @@ def _rank_body(rank: int, seed_q: Any, port: int, nbytes: int, count: int, round
                 s0 = sample()
                 for _ in range(count):
                     barrier()
+                    if settle:
+                        time.sleep(settle)
                     t0 = time.perf_counter()
                     if not alone:
                         op()
