@@ -29,7 +29,7 @@ from typing import Any
 from bench import collectives as coll
 
 MODES = ("mesh", "gloo")
-# also: mesh_nolean (the general executor), mesh_nodefer (receives completed at once),
+# also: mesh_nolean (the general executor), mesh_nodefer (the receiver thread as before: _Receiver.fast False),
 # mesh_latch (the caller waits on a lock, not its eventfd): A/B in the same run
 
 
@@ -153,11 +153,11 @@ def _rank_body(rank: int, seed_q: Any, port: int, nbytes: int, count: int, round
                 group._lean = True
 
         def nodefer() -> None:
-            tb.defer = False
+            tb.fast = False
             try:
                 group.broadcast(xb, root=0)
             finally:
-                tb.defer = True
+                tb.fast = True
 
         def latch() -> None:
             rq.fd_wait = False

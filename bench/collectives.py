@@ -846,11 +846,21 @@ def _bcast_variants() -> list[str]:
 
 def _forced_broadcast(group: Any, xb: np.ndarray, variant: str) -> Any:
     algo, *rest = variant.split("-") if variant else [""]
-    if algo in ("norelay", "nolean"):  # (a flag alone: the group's own plan)
+    if algo in ("norelay", "nolean", "old"):  # (a flag alone: the group's own plan)
         algo, rest = "", [algo, *rest]
+    if "old" in rest:  # the small-message path of before 2026-12-06 11:30 (A/B)
+        from transports import tcp_bulk
+        rest.append("nolean")
+        tcp_bulk._Receiver.fast = tcp_bulk._Request.fd_wait = False
+        try:
+            return _forced_broadcast(group, xb, "-".join(
+                [algo] + [r for r in rest if r != "old"]))
+        finally:
+            tcp_bulk._Receiver.fast = True
+            tcp_bulk._Request.fd_wait = hasattr(os, "eventfd")
     group._bcast_algo = algo  # "" = the group's own choice
     group._lean = "nolean" not in rest  # whole-buffer plans: the lean executor or _execute
-    sizes = [r for r in rest if r not in ("norelay", "nolean")]
+    sizes = [r for r in rest if r not in ("norelay", "nolean", "old")]
     group._bcast_seg = parse_sizes(sizes[0])[0] if sizes else 0
     group._relay = "norelay" not in rest  # (forwarding rank: cut-through or via the caller)
     try:
@@ -1517,7 +1527,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --tcp: also time the broadcast with these plans forced "
                         "(direct, tree, chain; -SIZE sets the segment, e.g. chain-256K; "
                         "-norelay: forwarded by the caller, not cut-through; nolean: the general "
-                        "executor for one-message broadcasts), each against "
+                        "executor for one-message broadcasts; old: that and the stream's "
+                        "small-message path as before 2026-12-06 11:30), each against "
                         "Gloo in the same run")
     parser.add_argument("--reps", type=int, default=0,
                         help="with --tcp: timed repetitions of every cell (default: by size, "

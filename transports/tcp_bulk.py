@@ -637,7 +637,7 @@ class TcpBulkConn:
                 cur = self._cur
                 if cur is None:
                     if self._head is None and not self._parse_head():
-                        if self._drained and self._lo == self._hi and self._rx.defer:
+                        if self._drained and self._lo == self._hi and self._rx.fast:
                             self._drained = False
                             self._set_lowat(1)
                             return _MORE
@@ -733,7 +733,7 @@ class TcpBulkConn:
             self._parked = False
             # A posted plain receive whose bytes are all in the staging buffer (a small
             # message, read with its header): completed right here, in one step.
-            quick = (req is not None and req.fold is None and not req.relay
+            quick = (req is not None and self._rx.fast and req.fold is None and not req.relay
                      and len(req.dest) == nbytes and nbytes <= self._hi - self._lo)
             if not quick:
                 self._reading = req
@@ -857,7 +857,7 @@ class TcpBulkConn:
         # Completed when this thread is about to wait (_Receiver.release), or before
         # it reads the next message: the caller's wake-up does not come in the middle
         # of this thread's work on the GIL.
-        if self._rx.defer:
+        if self._rx.fast:
             self._rx.done.append(req)
         else:
             req._set()
@@ -901,9 +901,11 @@ class _Receiver:
     caller instead of one per sender thread. The streams' sockets are watched with
     a selector (epoll); other threads talk to it through ``_wake`` (a socketpair)."""
 
-    # Completions wait for the end of the pass (release), and a short staging read
-    # ends it (TcpBulkConn._fill); False: as before 2026-12-06 (A/B: bench/bcastprobe.py).
-    defer = True
+    # Completions wait for the end of the pass (release), a short staging read ends
+    # it (TcpBulkConn._fill), a small posted message completes in one step (_start);
+    # False: as before 2026-12-06 (A/B: bench/bcastprobe.py, bench.collectives
+    # --bcast-algos old).
+    fast = True
 
     def __init__(self) -> None:
         self._sel = selectors.DefaultSelector()
