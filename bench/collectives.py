@@ -844,20 +844,35 @@ def _bcast_variants() -> list[str]:
     return [v for v in os.environ.get("ZMESH_BENCH_BCAST", "").split(",") if v]
 
 
+@contextlib.contextmanager
+def _old_streams() -> Any:
+    """The streams' small-message path of before 2026-12-06 11:30 (A/B in one run):
+    the receiver thread as it was, the caller woken through a lock."""
+    from transports import tcp_bulk
+    tcp_bulk._Receiver.fast = tcp_bulk._Request.fd_wait = False
+    try:
+        yield
+    finally:
+        tcp_bulk._Receiver.fast = True
+        tcp_bulk._Request.fd_wait = hasattr(os, "eventfd")
+
+
+def _allreduce(group: Any, x: np.ndarray, algo: str) -> Any:
+    """``--algos`` entries: an algorithm, or ``ALGO-old`` (see _old_streams)."""
+    if algo.endswith("-old"):
+        with _old_streams():
+            return group.allreduce(x, algorithm=algo[:-4], out=x)
+    return group.allreduce(x, algorithm=algo, out=x)
+
+
 def _forced_broadcast(group: Any, xb: np.ndarray, variant: str) -> Any:
     algo, *rest = variant.split("-") if variant else [""]
     if algo in ("norelay", "nolean", "old"):  # (a flag alone: the group's own plan)
         algo, rest = "", [algo, *rest]
     if "old" in rest:  # the small-message path of before 2026-12-06 11:30 (A/B)
-        from transports import tcp_bulk
-        rest.append("nolean")
-        tcp_bulk._Receiver.fast = tcp_bulk._Request.fd_wait = False
-        try:
+        with _old_streams():
             return _forced_broadcast(group, xb, "-".join(
-                [algo] + [r for r in rest if r != "old"]))
-        finally:
-            tcp_bulk._Receiver.fast = True
-            tcp_bulk._Request.fd_wait = hasattr(os, "eventfd")
+                [algo] + [r for r in rest if r != "old"] + ["nolean"]))
     group._bcast_algo = algo  # "" = the group's own choice
     group._lean = "nolean" not in rest  # whole-buffer plans: the lean executor or _execute
     sizes = [r for r in rest if r not in ("norelay", "nolean", "old")]
@@ -921,7 +936,7 @@ def _tcp_rank_body(rank: int, world: int, cluster: str, seed_q: Any, gloo_port: 
                 t = torch.ones(n, dtype=torch.float32) if dist else None
                 for a in algos:
                     cases[f"{nbytes}:allreduce:{a}"] = timed(
-                        lambda x=x, a=a: group.allreduce(x, algorithm=a, out=x), group.barrier)
+                        lambda x=x, a=a: _allreduce(group, x, a), group.barrier)
                 if dist:
                     cases[f"{nbytes}:allreduce:gloo"] = timed(
                         lambda t=t: dist.all_reduce(t), dist.barrier)
@@ -1522,7 +1537,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ops", default=",".join(TCP_OPS),
                         help="with --tcp: which collectives (default: all three)")
     parser.add_argument("--algos", default="auto",
-                        help="with --tcp: the mesh allreduce algorithms to time (default: auto)")
+                        help="with --tcp: the mesh allreduce algorithms to time (default: auto; "
+                        "ALGO-old: with the streams' small-message path of before, A/B)")
     parser.add_argument("--bcast-algos", default="",
                         help="with --tcp: also time the broadcast with these plans forced "
                         "(direct, tree, chain; -SIZE sets the segment, e.g. chain-256K; "
