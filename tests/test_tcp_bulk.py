@@ -864,3 +864,81 @@ def test_one_message_broadcasts_of_two_skip_the_general_executor(make_node):
     assert "same shape" in str(got["lean-b"])
     got = _on_both(groups, lambda x: x.broadcast(np.full(8, 7 if x.rank == 0 else 0, np.int32)))
     assert all((v == 7).all() for v in got.values()), got
+
+
+def test_a_waiting_caller_is_woken_through_its_eventfd_and_its_waits_are_bounded(monkeypatch):
+    """A caller waiting for a receive sleeps on an eventfd of its own that the receiver
+    thread writes (tcp_bulk._Request): it is woken with the data in place; a wait for
+    a message that never comes returns False in its time, even after a stale wake-up
+    count; a burst of small messages, and a large one among them, all land in their
+    posted buffers (the one-step path and the completions at the end of a pass); the
+    lock of before still works (fd_wait False); and a thread's eventfd closes with it."""
+    import gc
+    import socket
+    import threading
+
+    from transports import tcp_bulk as tb
+
+    a, b = socket.socketpair()
+    ca, cb = tb.TcpBulkConn(a, "pa", "pa"), tb.TcpBulkConn(b, "pb", "pb")
+    try:
+        assert tb._Request.fd_wait  # (Linux: os.eventfd)
+        src = np.arange(4096, dtype=np.float32)
+        dst = np.zeros_like(src)
+        req = cb.post(("w", 1), dst)
+        assert req._latch is None
+        later = threading.Timer(0.05, lambda: ca.send(("w", 1), ["m"], src))
+        later.start()
+        assert req.wait(10.0) and req.into_dest and req.meta == ["m"]
+        np.testing.assert_array_equal(dst, src)
+        later.join()
+        # a wait bounded by its timeout, also after a count a finished request left
+        done = cb.post(("w", 2), np.zeros(4, np.float32))
+        ca.send(("w", 2), None, np.ones(4, np.float32))
+        assert done.wait(10.0)
+        tb.os.eventfd_write(tb._waker().fd, 1)  # a stale wake-up
+        never = cb.post(("w", 3), np.zeros(4, np.float32))
+        t0 = time.monotonic()
+        assert never.wait(0.2) is False
+        assert 0.19 <= time.monotonic() - t0 < 2.0
+        never.cancel()
+        # a burst, posted first, sent back to back, a 1 MiB message in the middle
+        sizes = [1, 16, 4096, 1 << 18, 7, 1, 4096] * 10
+        sizes[35] = 1 << 20
+        outs = [np.zeros(n, np.uint8) for n in sizes]
+        reqs = [cb.post(("b", i), o) for i, o in enumerate(outs)]
+        ins = [np.full(n, i % 251, np.uint8) for i, n in enumerate(sizes)]
+        sends = [ca.send(("b", i), i, x) for i, x in enumerate(ins)]
+        assert all(r.wait(30.0) for r in sends + reqs)
+        for i, (r, o, x) in enumerate(zip(reqs, outs, ins, strict=True)):
+            assert r.into_dest and r.meta == i
+            np.testing.assert_array_equal(o, x)
+        # the lock of before
+        monkeypatch.setattr(tb._Request, "fd_wait", False)
+        monkeypatch.setattr(tb._Receiver, "fast", False)
+        old = cb.post(("o", 1), dst)
+        assert old._latch is not None
+        threading.Timer(0.05, lambda: ca.send(("o", 1), None, src[::-1])).start()
+        assert old.wait(10.0)
+        np.testing.assert_array_equal(dst, src[::-1])
+        monkeypatch.undo()
+        # a thread's eventfd is closed when the thread ends
+        fds: list[int] = []
+
+        def waiter() -> None:
+            r = cb.post(("t", 1), np.zeros(4, np.float32))
+            fds.append(tb._waker().fd)
+            r.wait(0.01)
+            r.cancel()
+        t = threading.Thread(target=waiter)
+        t.start()
+        t.join(10)
+        gc.collect()
+        try:
+            gone = "eventfd" not in os.readlink(f"/proc/self/fd/{fds[0]}")
+        except OSError:
+            gone = True
+        assert gone, "the waiting thread's eventfd outlived it"
+    finally:
+        ca.close()
+        cb.close()
