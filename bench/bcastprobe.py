@@ -12,6 +12,14 @@ switches from status, named by Python's threads or the kernel's ``comm``) before
 and after each block; the parent prints per op and per thread both ranks' CPU and
 switches, and the median span (last rank in -> last rank out, as the benchmark).
 
+``--modes`` adds A/B variants in the same run: ``mesh_nolean`` (the general
+executor), ``mesh_nodefer`` (the receiver thread as before), ``mesh_latch`` (the
+caller woken through a lock). Environment: ``BCASTPROBE_STAMPS=1`` timestamps the
+stream's steps of every mesh op (send, the inline write, post, the receiver's
+pump, its release, the caller's wake-up) and prints their median from the span's
+start; ``BCASTPROBE_SETTLE=SECONDS`` sleeps after each barrier;
+``BCASTPROBE_PROFILE=PATH`` writes a cProfile of each rank's mesh blocks.
+
 Who owns what: the parent spawns the ranks (bench.collectives._run_ranks, which reaps
 them); each rank owns its node, group and Gloo process group.
 """

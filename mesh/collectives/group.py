@@ -752,8 +752,9 @@ class Group:
                 buf = np.empty(n, dtype=dt)
             # The plan and its message header depend only on these: worked out once
             # (a small broadcast's own Python is on its critical path).
-            key = (arr.shape, dt, rt, self._inc, self._tcp_all, self._across_hosts,
-                   self._bcast_algo, self._bcast_seg, self._relay, self._lean)
+            key = (arr.shape, dt, rt, self._inc, self.segment_bytes, self._tcp_all,
+                   self._across_hosts, self._bcast_algo, self._bcast_seg, self._relay,
+                   self._lean)
             planned = self._bcast_plans.get(key)
             if planned is None:
                 planned = self._bcast_plan(buf, arr, rt)
