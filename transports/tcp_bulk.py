@@ -372,8 +372,7 @@ class TcpBulkConn:
             data = np.ascontiguousarray(data)
         view = memoryview(data).cast("B")
         req = SendRequest(_FRAME.pack(len(head), len(view)) + head, view)
-        with self._cond:
-            broken = self.broken
+        broken = self.broken  # (one read: _fail sets it once, under _cond)
         if broken is not None:
             req.error = self._error(broken)
             req._set()
@@ -408,6 +407,7 @@ class TcpBulkConn:
         thread sends it). Order with queued sends does not matter: receives
         match by tag."""
         views = [memoryview(req.header), req.data] if req.nbytes else [memoryview(req.header)]
+        total = len(req.header) + req.nbytes
         deadline = 0.0
         written = 0
         try:
@@ -417,6 +417,8 @@ class TcpBulkConn:
                 except BlockingIOError:
                     sent = 0
                 written += sent
+                if sent == total:
+                    break  # (all of it at once: the usual case)
                 if sent == 0:
                     if not written:
                         return False  # nothing went out: the sender thread takes it
