@@ -845,11 +845,14 @@ def _bcast_variants() -> list[str]:
 
 
 @contextlib.contextmanager
-def _old_streams() -> Any:
+def _old_streams(rx: bool = True, fd: bool = True) -> Any:
     """The streams' small-message path of before 2026-12-06 11:30 (A/B in one run):
-    the receiver thread as it was, the caller woken through a lock."""
+    the receiver thread as it was (``rx``), the caller woken through a lock (``fd``)."""
     from transports import tcp_bulk
-    tcp_bulk._Receiver.fast = tcp_bulk._Request.fd_wait = False
+    if rx:
+        tcp_bulk._Receiver.fast = False
+    if fd:
+        tcp_bulk._Request.fd_wait = False
     try:
         yield
     finally:
@@ -858,10 +861,12 @@ def _old_streams() -> Any:
 
 
 def _allreduce(group: Any, x: np.ndarray, algo: str) -> Any:
-    """``--algos`` entries: an algorithm, or ``ALGO-old`` (see _old_streams)."""
-    if algo.endswith("-old"):
-        with _old_streams():
-            return group.allreduce(x, algorithm=algo[:-4], out=x)
+    """``--algos`` entries: an algorithm, or ``ALGO-old`` (see _old_streams; ``-oldrx``
+    and ``-oldfd``: one half of it)."""
+    name, _, old = algo.partition("-")
+    if old in ("old", "oldrx", "oldfd"):
+        with _old_streams(rx=old != "oldfd", fd=old != "oldrx"):
+            return group.allreduce(x, algorithm=name, out=x)
     return group.allreduce(x, algorithm=algo, out=x)
 
 
