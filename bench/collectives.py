@@ -844,16 +844,49 @@ def _bcast_variants() -> list[str]:
     return [v for v in os.environ.get("ZMESH_BENCH_BCAST", "").split(",") if v]
 
 
+@contextlib.contextmanager
+def _old_streams(rx: bool = True, fd: bool = True) -> Any:
+    """The streams' small-message path of before 2026-12-06 11:30 (A/B in one run):
+    the receiver thread as it was (``rx``), the caller woken through a lock (``fd``)."""
+    from transports import tcp_bulk
+    if rx:
+        tcp_bulk._Receiver.fast = False
+    if fd:
+        tcp_bulk._Request.fd_wait = False
+    try:
+        yield
+    finally:
+        tcp_bulk._Receiver.fast = True
+        tcp_bulk._Request.fd_wait = hasattr(os, "eventfd")
+
+
+def _allreduce(group: Any, x: np.ndarray, algo: str) -> Any:
+    """``--algos`` entries: an algorithm, or ``ALGO-old`` (see _old_streams; ``-oldrx``
+    and ``-oldfd``: one half of it)."""
+    name, _, old = algo.partition("-")
+    if old in ("old", "oldrx", "oldfd"):
+        with _old_streams(rx=old != "oldfd", fd=old != "oldrx"):
+            return group.allreduce(x, algorithm=name, out=x)
+    return group.allreduce(x, algorithm=algo, out=x)
+
+
 def _forced_broadcast(group: Any, xb: np.ndarray, variant: str) -> Any:
     algo, *rest = variant.split("-") if variant else [""]
+    if algo in ("norelay", "nolean", "old"):  # (a flag alone: the group's own plan)
+        algo, rest = "", [algo, *rest]
+    if "old" in rest:  # the small-message path of before 2026-12-06 11:30 (A/B)
+        with _old_streams():
+            return _forced_broadcast(group, xb, "-".join(
+                [algo] + [r for r in rest if r != "old"] + ["nolean"]))
     group._bcast_algo = algo  # "" = the group's own choice
-    sizes = [r for r in rest if r != "norelay"]
+    group._lean = "nolean" not in rest  # whole-buffer plans: the lean executor or _execute
+    sizes = [r for r in rest if r not in ("norelay", "nolean", "old")]
     group._bcast_seg = parse_sizes(sizes[0])[0] if sizes else 0
     group._relay = "norelay" not in rest  # (forwarding rank: cut-through or via the caller)
     try:
         return group.broadcast(xb, root=0)
     finally:
-        group._bcast_algo, group._bcast_seg, group._relay = "", 0, True
+        group._bcast_algo, group._bcast_seg, group._relay, group._lean = "", 0, True, True
 
 
 def _tcp_rank_body(rank: int, world: int, cluster: str, seed_q: Any, gloo_port: int | None,
@@ -908,7 +941,7 @@ def _tcp_rank_body(rank: int, world: int, cluster: str, seed_q: Any, gloo_port: 
                 t = torch.ones(n, dtype=torch.float32) if dist else None
                 for a in algos:
                     cases[f"{nbytes}:allreduce:{a}"] = timed(
-                        lambda x=x, a=a: group.allreduce(x, algorithm=a, out=x), group.barrier)
+                        lambda x=x, a=a: _allreduce(group, x, a), group.barrier)
                 if dist:
                     cases[f"{nbytes}:allreduce:gloo"] = timed(
                         lambda t=t: dist.all_reduce(t), dist.barrier)
@@ -1509,11 +1542,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ops", default=",".join(TCP_OPS),
                         help="with --tcp: which collectives (default: all three)")
     parser.add_argument("--algos", default="auto",
-                        help="with --tcp: the mesh allreduce algorithms to time (default: auto)")
+                        help="with --tcp: the mesh allreduce algorithms to time (default: auto; "
+                        "ALGO-old: with the streams' small-message path of before, A/B)")
     parser.add_argument("--bcast-algos", default="",
                         help="with --tcp: also time the broadcast with these plans forced "
                         "(direct, tree, chain; -SIZE sets the segment, e.g. chain-256K; "
-                        "-norelay: forwarded by the caller, not cut-through), each against "
+                        "-norelay: forwarded by the caller, not cut-through; nolean: the general "
+                        "executor for one-message broadcasts; old: that and the stream's "
+                        "small-message path as before 2026-12-06 11:30), each against "
                         "Gloo in the same run")
     parser.add_argument("--reps", type=int, default=0,
                         help="with --tcp: timed repetitions of every cell (default: by size, "

@@ -772,3 +772,173 @@ def test_allreduce_honours_the_callers_numpy_error_state_on_the_stream(make_node
     assert all(np.array_equal(v, 2 * y) for v in ones.values()), ones
     for g in groups.values():
         g.close()
+
+
+def _pair_groups(make_node: Any, prefix: str) -> dict[str, Any]:
+    """Two in-process nodes on tcp only and their group of 2 (name -> group)."""
+    import threading
+
+    tcp = {**TCP_ONLY, "transports": ("tcp",)}  # (in one process: not inproc)
+    a = make_node(f"{prefix}-a", **tcp)
+    b = make_node(f"{prefix}-b", seeds=[a.endpoints[0]], **tcp)
+    a.wait_for_peers(1, timeout=10.0)
+    b.wait_for_peers(1, timeout=10.0)
+    groups: dict[str, Any] = {}
+    forming = [threading.Thread(target=lambda n=n: groups.__setitem__(
+        n.name, n.group(prefix, 2, timeout=20))) for n in (a, b)]
+    for t in forming:
+        t.start()
+    for t in forming:
+        t.join(30)
+    assert len(groups) == 2
+    return groups
+
+
+def _on_both(groups: dict[str, Any], call: Any) -> dict[str, Any]:
+    """``call(group)`` on every member at once, each in a thread; name -> result or error."""
+    import threading
+
+    got: dict[str, Any] = {}
+
+    def rank(name: str) -> None:
+        try:
+            got[name] = call(groups[name])
+        except Exception as exc:
+            got[name] = exc
+    ts = [threading.Thread(target=rank, args=(n,)) for n in groups]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert len(got) == len(groups), got
+    return got
+
+
+def test_one_message_broadcasts_of_two_skip_the_general_executor(make_node):
+    """A broadcast of 2 over the streams is one whole-buffer message (the lean path,
+    Group._whole_on_streams): every byte arrives for any root, dtype and size, into
+    the caller's array in place; a strided root input and a read-only receiver input
+    work as documented; a root running ahead (its message before the post) is
+    found; a shape that differs between the ranks fails on both with ConfigError;
+    and the general executor (_execute) ran for none of them."""
+    groups = _pair_groups(make_node, "lean")
+    g = list(groups.values())
+    assert all(x._tcp_all for x in g)  # the streams carry it
+    executed: list[str] = []
+    for x in g:
+        orig = x._execute
+        x._execute = lambda *a, _o=orig, **k: (executed.append(a[3]), _o(*a, **k))[1]
+    rng = np.random.default_rng(5)
+    for root in (0, 1):
+        for dtype, n in (("float32", 1), ("float32", 1024), ("int16", 77), ("float64", 3 << 16),
+                         ("uint8", 300 << 10)):
+            want = (rng.random(n) * 1000).astype(dtype)
+            arrays = {x.node.name: (want.copy() if x.rank == root else np.zeros(n, dtype))
+                      for x in g}
+            got = _on_both(groups, lambda x, r=root, a=arrays: x.broadcast(a[x.node.name], root=r))
+            for x in g:
+                assert got[x.node.name] is arrays[x.node.name]  # in place, returned as is
+                np.testing.assert_array_equal(arrays[x.node.name], want)
+    # strided root input (one copy), read-only receiver (a new array returned)
+    base = np.arange(2000, dtype=np.float32)
+    ro = np.zeros(1000, np.float32)
+    ro.flags.writeable = False
+    got = _on_both(groups, lambda x: x.broadcast(base[::2] if x.rank == 0 else ro, root=0))
+    for v in got.values():
+        np.testing.assert_array_equal(v, base[::2])
+    assert not ro.any()
+    # the root runs ahead: ten in a row, the receiver posts each one late
+    def ahead(x: Any) -> list:
+        out = []
+        for i in range(10):
+            if x.rank == 1:
+                time.sleep(0.01)
+            out.append(x.broadcast(np.full(4096, i if x.rank == 0 else -1, np.float32))[0])
+        return out
+    assert all(v == list(range(10)) for v in _on_both(groups, ahead).values())
+    assert executed == [], executed
+    # ranks that disagree on the shape: the receiver fails (the root only sent), the
+    # group goes on
+    got = _on_both(groups, lambda x: x.broadcast(np.ones(100 + x.rank, np.float32), root=0))
+    assert isinstance(got["lean-b"], mesh.ConfigError), got
+    assert "same shape" in str(got["lean-b"])
+    got = _on_both(groups, lambda x: x.broadcast(np.full(8, 7 if x.rank == 0 else 0, np.int32)))
+    assert all((v == 7).all() for v in got.values()), got
+
+
+def test_a_waiting_caller_is_woken_through_its_eventfd_and_its_waits_are_bounded(monkeypatch):
+    """A caller waiting for a receive sleeps on an eventfd of its own that the receiver
+    thread writes (tcp_bulk._Request): it is woken with the data in place; a wait for
+    a message that never comes returns False in its time, even after a stale wake-up
+    count; a burst of small messages, and a large one among them, all land in their
+    posted buffers (the one-step path and the completions at the end of a pass); the
+    lock of before still works (fd_wait False); and a thread's eventfd closes with it."""
+    import gc
+    import socket
+    import threading
+
+    from transports import tcp_bulk as tb
+
+    a, b = socket.socketpair()
+    ca, cb = tb.TcpBulkConn(a, "pa", "pa"), tb.TcpBulkConn(b, "pb", "pb")
+    try:
+        assert tb._Request.fd_wait  # (Linux: os.eventfd)
+        src = np.arange(4096, dtype=np.float32)
+        dst = np.zeros_like(src)
+        req = cb.post(("w", 1), dst)
+        assert req._latch is None
+        later = threading.Timer(0.05, lambda: ca.send(("w", 1), ["m"], src))
+        later.start()
+        assert req.wait(10.0) and req.into_dest and req.meta == ["m"]
+        np.testing.assert_array_equal(dst, src)
+        later.join()
+        # a wait bounded by its timeout, also after a count a finished request left
+        done = cb.post(("w", 2), np.zeros(4, np.float32))
+        ca.send(("w", 2), None, np.ones(4, np.float32))
+        assert done.wait(10.0)
+        tb.os.eventfd_write(tb._waker().fd, 1)  # a stale wake-up
+        never = cb.post(("w", 3), np.zeros(4, np.float32))
+        t0 = time.monotonic()
+        assert never.wait(0.2) is False
+        assert 0.19 <= time.monotonic() - t0 < 2.0
+        never.cancel()
+        # a burst, posted first, sent back to back, a 1 MiB message in the middle
+        sizes = [1, 16, 4096, 1 << 18, 7, 1, 4096] * 10
+        sizes[35] = 1 << 20
+        outs = [np.zeros(n, np.uint8) for n in sizes]
+        reqs = [cb.post(("b", i), o) for i, o in enumerate(outs)]
+        ins = [np.full(n, i % 251, np.uint8) for i, n in enumerate(sizes)]
+        sends = [ca.send(("b", i), i, x) for i, x in enumerate(ins)]
+        assert all(r.wait(30.0) for r in sends + reqs)
+        for i, (r, o, x) in enumerate(zip(reqs, outs, ins, strict=True)):
+            assert r.into_dest and r.meta == i
+            np.testing.assert_array_equal(o, x)
+        # the lock of before
+        monkeypatch.setattr(tb._Request, "fd_wait", False)
+        monkeypatch.setattr(tb._Receiver, "fast", False)
+        old = cb.post(("o", 1), dst)
+        assert old._latch is not None
+        threading.Timer(0.05, lambda: ca.send(("o", 1), None, src[::-1])).start()
+        assert old.wait(10.0)
+        np.testing.assert_array_equal(dst, src[::-1])
+        monkeypatch.undo()
+        # a thread's eventfd is closed when the thread ends
+        fds: list[int] = []
+
+        def waiter() -> None:
+            r = cb.post(("t", 1), np.zeros(4, np.float32))
+            fds.append(tb._waker().fd)
+            r.wait(0.01)
+            r.cancel()
+        t = threading.Thread(target=waiter)
+        t.start()
+        t.join(10)
+        gc.collect()
+        try:
+            gone = "eventfd" not in os.readlink(f"/proc/self/fd/{fds[0]}")
+        except OSError:
+            gone = True
+        assert gone, "the waiting thread's eventfd outlived it"
+    finally:
+        ca.close()
+        cb.close()

@@ -51,6 +51,7 @@ Who owns what:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import select
@@ -137,29 +138,75 @@ def _tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+class _Waker:
+    """A thread's eventfd (and its poll object) that a stream's thread writes to when
+    a request this thread waits for is done (see _Request). Closed with the thread."""
+
+    __slots__ = ("fd", "poll")
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.poll = select.poll()
+        self.poll.register(self.fd, select.POLLIN)
+
+    def __del__(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+_tls = threading.local()
+
+
+def _waker() -> _Waker:
+    w = getattr(_tls, "waker", None)
+    if w is None:
+        w = _tls.waker = _Waker()
+    return w
+
+
 class _Request:
     """What a send and a receive have in common: done once the stream's thread
     called ``_set``, with ``error`` set first when the connection broke.
 
-    A lock held from birth and released when done, not a ``threading.Event``
-    (which builds a Condition: two per message add up for small collectives)."""
+    The waiting thread sleeps in poll() on an eventfd of its own, which ``_set``
+    writes to (``fd_wait``): a write releases the GIL for its system call, so the
+    woken caller takes the GIL and runs at once. A lock released by the stream's
+    thread (``fd_wait`` False, as before 2026-12-06) woke the caller into a GIL that
+    thread still held: the caller went back to sleep until the stream's thread
+    reached its next wait (two more switches on the small collective's path; on 2
+    loaded cores ~25 us per release). Not a ``threading.Event``, which builds a
+    Condition: two per message add up for small collectives."""
 
-    __slots__ = ("_latch", "_done", "error")
+    __slots__ = ("_latch", "_done", "error", "waiter")
+
+    fd_wait = hasattr(os, "eventfd")  # (class-wide; False: the latch, for A/B)
 
     def __init__(self) -> None:
-        self._latch = threading.Lock()
-        self._latch.acquire()
+        self._latch: threading.Lock | None = None
+        if not self.fd_wait:
+            self._latch = threading.Lock()
+            self._latch.acquire()
         self._done = False
         self.error: BulkLinkError | None = None
+        self.waiter = -1  # the eventfd of the thread waiting for it, if any
 
     def _set(self) -> None:
         if self._done:
             return
-        self._done = True
-        try:
-            self._latch.release()
-        except RuntimeError:  # set twice at once (a stream breaking as it completes)
-            pass
+        self._done = True  # (before reading waiter: see _wait_fd)
+        if self._latch is not None:
+            try:
+                self._latch.release()
+            except RuntimeError:  # set twice at once (a stream breaking as it completes)
+                pass
+        w = self.waiter
+        if w >= 0:
+            try:
+                os.eventfd_write(w, 1)
+            except OSError:  # (its thread ended meanwhile)
+                pass
 
     @property
     def done(self) -> bool:
@@ -168,14 +215,40 @@ class _Request:
     def wait(self, timeout: float | None = None) -> bool:
         """True once done; False on timeout; BulkLinkError if the connection broke."""
         if not self._done:
-            if not self._latch.acquire(True, -1 if timeout is None else max(0.0, timeout)):
-                return False
-            try:
-                self._latch.release()  # open for good: later waits return at once
-            except RuntimeError:
-                pass
+            if self._latch is None:
+                if not self._wait_fd(timeout):
+                    return False
+            else:
+                if not self._latch.acquire(True, -1 if timeout is None else max(0.0, timeout)):
+                    return False
+                try:
+                    self._latch.release()  # open for good: later waits return at once
+                except RuntimeError:
+                    pass
         if self.error is not None:
             raise self.error
+        return True
+
+    def _wait_fd(self, timeout: float | None) -> bool:
+        w = _waker()
+        # Announce, then look: _set marks done before it reads waiter, so either it
+        # sees this fd or this thread sees done. A count left by an earlier request
+        # (done before its waiter looked) only makes one poll return early.
+        self.waiter = w.fd
+        try:
+            deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+            while not self._done:
+                ms = -1 if deadline is None else max(
+                    0, math.ceil((deadline - time.monotonic()) * 1000))
+                if w.poll.poll(ms):
+                    try:
+                        os.eventfd_read(w.fd)
+                    except BlockingIOError:
+                        pass
+                elif deadline is not None and time.monotonic() >= deadline:
+                    return self._done
+        finally:
+            self.waiter = -1
         return True
 
 
@@ -274,6 +347,7 @@ class TcpBulkConn:
         self._head: tuple | None = None
         self._cur: _Incoming | None = None
         self._lowat = 1
+        self._drained = False  # the last staging read took all the socket had
         self._parked = False  # its next message waits for a post (under _cond)
         self._park_until = 0.0
         self._own_rx = receiver is None  # (a conn on its own: tests)
@@ -298,8 +372,7 @@ class TcpBulkConn:
             data = np.ascontiguousarray(data)
         view = memoryview(data).cast("B")
         req = SendRequest(_FRAME.pack(len(head), len(view)) + head, view)
-        with self._cond:
-            broken = self.broken
+        broken = self.broken  # (one read: _fail sets it once, under _cond)
         if broken is not None:
             req.error = self._error(broken)
             req._set()
@@ -334,6 +407,7 @@ class TcpBulkConn:
         thread sends it). Order with queued sends does not matter: receives
         match by tag."""
         views = [memoryview(req.header), req.data] if req.nbytes else [memoryview(req.header)]
+        total = len(req.header) + req.nbytes
         deadline = 0.0
         written = 0
         try:
@@ -343,6 +417,8 @@ class TcpBulkConn:
                 except BlockingIOError:
                     sent = 0
                 written += sent
+                if sent == total:
+                    break  # (all of it at once: the usual case)
                 if sent == 0:
                     if not written:
                         return False  # nothing went out: the sender thread takes it
@@ -563,10 +639,16 @@ class TcpBulkConn:
                 cur = self._cur
                 if cur is None:
                     if self._head is None and not self._parse_head():
+                        if self._drained and self._lo == self._hi and self._rx.fast:
+                            self._drained = False
+                            self._set_lowat(1)
+                            return _MORE
                         if not self._fill():
                             self._set_lowat(1)
                             return _MORE
                         continue
+                    if self._rx.done:  # more to read: what is complete goes first
+                        self._rx.release()
                     if not self._start():
                         return _PARKED
                     continue
@@ -605,6 +687,10 @@ class TcpBulkConn:
         if got == 0:
             raise ConnectionError("the peer closed the connection")
         self._hi = hi + got
+        # A short read took all the socket had: after what it holds the stream waits
+        # for epoll (level-triggered: anything that came since wakes it at once),
+        # not for one more read that would fail (a GIL hand-over for nothing).
+        self._drained = hi + got < _STAGE
         return True
 
     def _parse_head(self) -> bool:
@@ -623,7 +709,9 @@ class TcpBulkConn:
         except (ValueError, TypeError, msgpack.exceptions.ExtraData) as exc:
             raise ConnectionError(f"malformed frame header ({exc})") from None
         self._lo = lo + hlen
-        self._head = (_tuple(tag), meta, nbytes)
+        if type(tag) is list:  # (a collective's tag is flat: one tuple() call)
+            tag = tuple(tag) if list not in map(type, tag) else _tuple(tag)
+        self._head = (tag, meta, nbytes)
         self._park_until = 0.0
         return True
 
@@ -645,8 +733,22 @@ class TcpBulkConn:
                 if self._parked and time.monotonic() < self._park_until:
                     return False
             self._parked = False
-            self._reading = req
+            # A posted plain receive whose bytes are all in the staging buffer (a small
+            # message, read with its header): completed right here, in one step.
+            quick = (req is not None and self._rx.fast and req.fold is None and not req.relay
+                     and len(req.dest) == nbytes and nbytes <= self._hi - self._lo)
+            if not quick:
+                self._reading = req
         self._head = None
+        if quick:
+            lo = self._lo
+            req.dest[:] = self._sv[lo:lo + nbytes]  # type: ignore[union-attr]
+            self._lo = lo + nbytes
+            self.bytes_in += nbytes
+            self.msgs_in += 1
+            req.data, req.into_dest, req.meta = req.dest, True, meta  # type: ignore[union-attr]
+            self._complete(req)  # type: ignore[arg-type]
+            return True
         if req is not None and len(req.dest) == nbytes:
             if req.fold is not None:
                 cur = _Incoming(req, tag, meta, nbytes, _FOLD, self._rx.piece_view)
@@ -751,7 +853,16 @@ class TcpBulkConn:
                 req.fold_error = cur.error
                 self.folded_msgs += 1
         req.meta = cur.meta
-        req._set()
+        self._complete(req)
+
+    def _complete(self, req: RecvRequest) -> None:
+        # Completed when this thread is about to wait (_Receiver.release), or before
+        # it reads the next message: the caller's wake-up does not come in the middle
+        # of this thread's work on the GIL.
+        if self._rx.fast:
+            self._rx.done.append(req)
+        else:
+            req._set()
 
 
 _MORE, _PARKED, _DEAD = 0, 1, 2
@@ -792,6 +903,12 @@ class _Receiver:
     caller instead of one per sender thread. The streams' sockets are watched with
     a selector (epoll); other threads talk to it through ``_wake`` (a socketpair)."""
 
+    # Completions wait for the end of the pass (release), a short staging read ends
+    # it (TcpBulkConn._fill), a small posted message completes in one step (_start);
+    # False: as before 2026-12-06 (A/B: bench/bcastprobe.py, bench.collectives
+    # --bcast-algos old).
+    fast = True
+
     def __init__(self) -> None:
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -805,6 +922,8 @@ class _Receiver:
         self._closed = False
         self._watched: set[TcpBulkConn] = set()
         self._parked: dict[TcpBulkConn, float] = {}  # conn -> when it reads aside
+        # Receives completed during this pass, released before the next wait (release)
+        self.done: list[_Request] = []
         self.piece = np.empty(_FOLD_PIECE, dtype=np.uint8)
         self.piece_view = memoryview(self.piece)
         self._err: tuple | None = None  # the np.errstate this thread runs under now
@@ -891,12 +1010,20 @@ class _Receiver:
             self._watched.discard(conn)
             self._sel.unregister(conn.sock)
 
+    def release(self) -> None:
+        """Complete the receives finished in this pass (receiver thread)."""
+        done, self.done = self.done, []
+        for req in done:
+            req._set()
+
     def _run(self) -> None:
         try:
             while True:
                 timeout = None
                 if self._parked:
                     timeout = max(0.0, min(self._parked.values()) - time.monotonic())
+                if self.done:
+                    self.release()
                 events = self._sel.select(timeout)
                 for key, _ in events:
                     conn = key.data
@@ -909,11 +1036,16 @@ class _Receiver:
                         continue
                     if conn in self._watched:
                         self._serve(conn)
-                with self._lock:
-                    add, self._add = self._add, []
-                    remove, self._remove = self._remove, []
-                    resume, self._resume = self._resume, set()
-                    closed = self._closed
+                if not (self._add or self._remove or self._resume or self._closed):
+                    if not self._parked:
+                        continue  # (nothing asked: a request appended now pokes again)
+                    add, remove, resume, closed = [], [], set(), False
+                else:
+                    with self._lock:
+                        add, self._add = self._add, []
+                        remove, self._remove = self._remove, []
+                        resume, self._resume = self._resume, set()
+                        closed = self._closed
                 for conn, done in remove:
                     self._drop(conn)
                     resume.discard(conn)
@@ -933,6 +1065,7 @@ class _Receiver:
             for conn in list(self._watched) + list(self._parked):
                 conn._fail("the receiver thread failed")
         finally:
+            self.release()  # (complete: their data is in place)
             for s in (self._wake_r, self._wake_w):
                 s.close()
             self._sel.close()

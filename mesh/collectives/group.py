@@ -355,6 +355,8 @@ class Group:
         self._tcp_min = opts.get("tcp_bulk_threshold", 256 << 10)
         self._small_stream = "all"  # see _stream_min ("pairs": the 2-rank rule; "": off)
         self._inline_sends = True  # see _execute
+        self._lean = True  # whole-buffer broadcasts on streams: _whole_on_streams
+        self._bcast_plans: dict[tuple, tuple] = {}  # see broadcast
         self._bcast_algo = ""  # (measurements: force "direct", "chain" or "tree" over tcp)
         self._bcast_seg = 0  # (measurements: force the broadcast's segment, bytes)
         self._fold = True  # reducing receives on a stream: reduced as they arrive (_execute)
@@ -727,59 +729,80 @@ class Group:
         arr = array if isinstance(array, np.ndarray) else np.asarray(array)
 
         def run(seq: int) -> np.ndarray:
-            if isinstance(root, bool) or not isinstance(root, (int, np.integer)):
+            if type(root) is not int and (isinstance(root, bool)
+                                          or not isinstance(root, (int, np.integer))):
                 raise ConfigError(f"root must be a rank (int), got {root!r}")
             rt = int(root)
-            if not 0 <= rt < self.size:
+            if not 0 <= rt < len(self._members):
                 raise ConfigError(f"root {rt} is outside the group (size {self.size})")
-            if arr.dtype.kind in "OV" or arr.dtype.hasobject:
-                raise ConfigError(f"broadcast sends numeric arrays, not dtype {arr.dtype}")
+            dt = arr.dtype
+            if dt.kind in "OV" or dt.hasobject:
+                raise ConfigError(f"broadcast sends numeric arrays, not dtype {dt}")
             n = arr.size
-            if self.size == 1 or n == 0:
+            if n == 0 or len(self._members) == 1:
                 return arr
             is_root = self._rank == rt
-            inplace = arr.flags.c_contiguous and (is_root or arr.flags.writeable)
+            flags = arr.flags
+            inplace = flags.c_contiguous and (is_root or flags.writeable)
             if inplace:
                 buf = arr.reshape(-1)  # a view: the root sends it, the others receive into it
             elif is_root:
                 buf = np.ascontiguousarray(arr).reshape(-1)  # strided input: one copy
             else:
-                buf = np.empty(n, dtype=arr.dtype)
-            seg = sch.segment_elems_for(max(1, buf.itemsize), self.segment_bytes)
-            kind: str = sch.broadcast_algorithm(buf.nbytes, self.size)
-            if self._tcp_all:
-                kind = self._bcast_algo or sch.broadcast_algorithm_over_tcp(
-                    buf.nbytes, self.size, self._across_hosts)
-            if self._tcp_all and self._relay and kind in ("chain", "tree"):
-                # Every forwarding rank relays its receive stream to stream as the bytes
-                # arrive (_execute): one message, pipelined by the streams themselves
-                # (tcp_bulk.RELAY_PIECE), no per-segment hand-off to this thread.
-                # 4 ranks, tcp loopback: the tree 0.9-1.1x the direct plan's time at
-                # 64 KiB-16 MiB, where in 1-4 MiB segments it took 1.2-1.4x.
-                seg = max(1, n)
-            elif kind == "chain":
-                seg = sch.segment_elems_for(
-                    max(1, buf.itemsize), sch.chain_segment_bytes(buf.nbytes, self.segment_bytes))
-            elif kind == "direct" and self._tcp_all:
-                # Nothing is forwarded or reduced, and every pair has a stream (the
-                # same answer on every rank): one message per rank, received in place,
-                # costs no per-segment hand-offs. 2 ranks, 64 MiB: 0.84x the time.
-                seg = max(1, n)
-            if self._bcast_seg:
-                seg = sch.segment_elems_for(max(1, buf.itemsize), self._bcast_seg)
-            plan = _compiled({"direct": "broadcast_direct", "chain": "broadcast_chain"}.get(
-                kind, "broadcast"), n, self._rank, self.size, seg, rt)
-            meta = ["broadcast", list(arr.shape), arr.dtype.str, rt]
-            self._execute(plan, buf, seq, "broadcast", None, meta, timeout)
+                buf = np.empty(n, dtype=dt)
+            # The plan and its message header depend only on these: worked out once
+            # (a small broadcast's own Python is on its critical path).
+            key = (arr.shape, dt, rt, self._inc, self.segment_bytes, self._tcp_all,
+                   self._across_hosts, self._bcast_algo, self._bcast_seg, self._relay,
+                   self._lean)
+            planned = self._bcast_plans.get(key)
+            if planned is None:
+                planned = self._bcast_plan(buf, arr, rt)
+                if len(self._bcast_plans) >= 64:
+                    self._bcast_plans.clear()
+                self._bcast_plans[key] = planned
+            plan, meta, whole = planned
+            if not (whole and self._whole_on_streams(plan, buf, seq, meta, timeout)):
+                self._execute(plan, buf, seq, "broadcast", None, meta, timeout)
             if is_root or inplace:
                 return arr
             out = buf.reshape(arr.shape)
-            if arr.flags.writeable:
+            if flags.writeable:
                 arr[...] = out
                 return arr
             return out
 
         return self._collective("broadcast", run, arr.nbytes)
+
+    def _bcast_plan(self, buf: np.ndarray, arr: np.ndarray, rt: int) -> tuple:
+        """(compiled plan, message meta, one whole-buffer message?) of a broadcast."""
+        n = buf.size
+        seg = sch.segment_elems_for(max(1, buf.itemsize), self.segment_bytes)
+        kind: str = sch.broadcast_algorithm(buf.nbytes, self.size)
+        if self._tcp_all:
+            kind = self._bcast_algo or sch.broadcast_algorithm_over_tcp(
+                buf.nbytes, self.size, self._across_hosts)
+        if self._tcp_all and self._relay and kind in ("chain", "tree"):
+            # Every forwarding rank relays its receive stream to stream as the bytes
+            # arrive (_execute): one message, pipelined by the streams themselves
+            # (tcp_bulk.RELAY_PIECE), no per-segment hand-off to this thread.
+            # 4 ranks, tcp loopback: the tree 0.9-1.1x the direct plan's time at
+            # 64 KiB-16 MiB, where in 1-4 MiB segments it took 1.2-1.4x.
+            seg = max(1, n)
+        elif kind == "chain":
+            seg = sch.segment_elems_for(
+                max(1, buf.itemsize), sch.chain_segment_bytes(buf.nbytes, self.segment_bytes))
+        elif kind == "direct" and self._tcp_all:
+            # Nothing is forwarded or reduced, and every pair has a stream (the
+            # same answer on every rank): one message per rank, received in place,
+            # costs no per-segment hand-offs. 2 ranks, 64 MiB: 0.84x the time.
+            seg = max(1, n)
+        if self._bcast_seg:
+            seg = sch.segment_elems_for(max(1, buf.itemsize), self._bcast_seg)
+        plan = _compiled({"direct": "broadcast_direct", "chain": "broadcast_chain"}.get(
+            kind, "broadcast"), n, self._rank, self.size, seg, rt)
+        meta = ["broadcast", list(arr.shape), arr.dtype.str, rt]
+        return plan, meta, kind == "direct" and seg >= n and self._lean
 
     def barrier(self, *, timeout: float | None = None) -> None:
         """Return once every member has entered the barrier (dissemination, log2 rounds)."""
@@ -1157,8 +1180,7 @@ class Group:
         return self.node._peer_name(pid)
 
     def _check_broken(self) -> None:
-        with self._cond:
-            broken = self._broken
+        broken = self._broken  # (one atomic read: written under _cond, read without it)
         if broken is None:
             return
         culprit, why = broken
@@ -1311,6 +1333,47 @@ class Group:
                     f"{opname} #{seq}: a zero-copy send of group {self.name!r} was not released "
                     f"within {self.timeout} s (a peer holds or never took the data)"
                 ) from None
+
+    def _whole_on_streams(self, compiled: _Compiled, buf: np.ndarray, seq: int, meta: list,
+                          timeout: float | None) -> bool:
+        """``_execute`` for a plan of whole-buffer messages with nothing forwarded (a
+        direct broadcast in one segment: the root's sends, or one receive) when every
+        one has its bulk tcp stream; False (nothing done) when one has none.
+
+        The general executor's bookkeeping (closures, guards, post-ahead, relay and
+        fold checks) cost the root ~25 us before its send left and the receiver
+        ~25 us after its wake-up, on the critical path of a small broadcast of 2
+        (tcp loopback, 16 KiB: ~150 us in all; bench/bcastprobe.py)."""
+        tcp, peers, ids = self._tcp, self._tcp_peers, self._ids
+        if tcp is None or buf.nbytes < self._stream_min("broadcast"):
+            return False
+        plan = compiled.plan
+        conns = []
+        for t in plan:
+            pid = ids[t.send_to if t.recv is None else t.recv_from]  # type: ignore[index]
+            c = tcp.conn(pid) if pid in peers else None
+            if c is None:
+                return False
+            conns.append(c)
+        base = (self._inc, seq)
+        if compiled.recvs:  # one receive, straight into buf
+            t, c = plan[0], conns[0]
+            tag = base + t.tag
+            req = c.post(tag, buf)
+            try:
+                incoming = self._recv_bulk(t.recv_from, c, req, tag, seq,  # type: ignore[arg-type]
+                                           "broadcast", timeout, t, meta, buf.size, buf.dtype)
+            except BaseException:
+                self._cancel_posted({0: (req, None)})
+                raise
+            if incoming is not None and not req.into_dest:
+                np.copyto(buf, incoming)  # (it came before the post, or over ZeroMQ)
+            return True
+        # The root: each send written by this thread (it has nothing else to do)
+        trackers = [self._send_bulk(c, t.send_to, base + t.tag, buf, meta,  # type: ignore[arg-type]
+                                    self._inline_sends) for t, c in zip(plan, conns, strict=True)]
+        self._wait_trackers(trackers, seq, "broadcast")
+        return True
 
     def _execute(
         self,
