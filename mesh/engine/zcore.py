@@ -43,6 +43,7 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
 import zmq
 from zmq.backend import zmq_poll
 
@@ -51,6 +52,7 @@ from mesh.engine import heap
 from mesh.engine.common import _STOP, _WAKE_ID, _BatchedFrame
 from mesh.flow import DEFAULT_FLUSH_DELAY, CreditGrant
 from mesh.message import incoming
+from mesh.tensor import array_from_frames, decode_descriptor
 
 log = logging.getLogger("mesh")
 
@@ -74,6 +76,13 @@ _REPLY_SIZE = wire.REPLY_ONE_SIZE
 # Peer states whose data messages are accepted here (dispatch._KNOWN).
 _KNOWN = frozenset(("alive", "suspect", "joining"))
 _FIXED = bytes([wire.FIXED])
+_TENSOR = wire.TENSOR  # an array's flags on the socket (no bulk channel's flag)
+# Received arrays' descriptor bytes -> (dtype, shape, nbytes, 1-d), checked once by
+# array_from_frames (I/O thread only); cleared when it holds this many.
+_array_specs: dict = {}
+_ARRAY_SPECS_MAX = 256
+_frombuffer = np.frombuffer
+_REGION_SHIFT = heap._REGION_SHIFT
 # drain() rounds per wake-up (ZC_BATCH messages each) before timers and commands get
 # their turn, as loop._drain_router's 2048 messages.
 _CORE_TURNS = 32
@@ -84,8 +93,8 @@ _CREDIT_RETRY = 0.001
 # hands to on_one (a module global, not C: monkeypatch sets it; looked up once a drain).
 _watch = None
 
-_NAMES = ("zmq_msg_init", "zmq_msg_recv", "zmq_msg_close", "zmq_msg_data", "zmq_msg_size",
-          "zmq_msg_more", "zmq_poll", "zmq_send", "zmq_errno")
+_NAMES = ("zmq_msg_init", "zmq_msg_recv", "zmq_msg_close", "zmq_msg_move", "zmq_msg_data",
+          "zmq_msg_size", "zmq_msg_more", "zmq_poll", "zmq_send", "zmq_errno")
 _state: list = []  # [True/False] once resolved (any thread; the result is the same)
 
 
@@ -261,7 +270,7 @@ def drain_core(node: Any, wait_ms: int) -> None:
             for msg in msgs:
                 index += 1
                 if index == last:  # its other frames are still in the socket: read them
-                    frames = [_BatchedFrame(msg[0]), _BatchedFrame(msg[1])]
+                    frames = [_as_frame(frame) for frame in msg]
                     recv = node._router.recv
                     while True:
                         frame = recv(0, copy=False)
@@ -286,7 +295,15 @@ def drain_core(node: Any, wait_ms: int) -> None:
                 elif len(msg) == 2 and msg[0] == _WAKE_ID:
                     continue  # a wake-up: commands run after the drain
                 else:
-                    node._handle_frames([_BatchedFrame(frame) for frame in msg], now)
+                    if len(msg) == 4 and not holds:  # an array: in C when the common one
+                        try:
+                            if on_array(node, msg):
+                                continue
+                        except Exception:  # as _handle_frames: nothing may end this thread
+                            node.counters.drops["internal"] += 1
+                            log.exception("%s: error handling a message; dropped", node.name)
+                            continue
+                    node._handle_frames([_as_frame(frame) for frame in msg], now)
                 if ordering:  # what it was may have started an array's way
                     holds = False
                     for channel in ordering:
@@ -302,6 +319,121 @@ def drain_core(node: Any, wait_ms: int) -> None:
             # One dispatch item per drain, not per message: fewer thread wake-ups.
             node._dispatch.put(node._io_batch)
             node._io_batch = []
+
+
+def _as_frame(frame: Any) -> Any:
+    """A frame zc_drain read, as the handling code reads it (a Frame already is)."""
+    return _BatchedFrame(frame) if type(frame) is bytes else frame
+
+
+def frame_class() -> Any:
+    """The type of the frames zc_drain keeps without a copy (a 1 MiB array's data):
+    len(), ``.bytes``, ``.buffer``, the buffer protocol. Only after :func:`available`
+    said True."""
+    return zc_frame_class()  # noqa: F821
+
+
+def on_array(node: Any, msg: tuple) -> bool:
+    """An array's message the I/O thread read whole, ``(identity, header, descriptor,
+    data)``, its data kept without a copy (a Frame): dispatch's _on_msg ->
+    _on_msg_fields -> _payload_of -> _accept_run -> _hand_over for the common case,
+    written out: a known peer, one plain subscription (handler not inline, or an
+    inbox), no headers, no request, no policy, on the socket (no bulk channel).
+    False, with nothing done, sends it there (which also drops what is malformed).
+    I/O thread only; compiled build only."""
+    head = msg[1]
+    desc = msg[2]
+    frame = msg[3]
+    if type(head) is not bytes or type(desc) is not bytes:
+        return False
+    address = zc_frame_address(frame)  # noqa: F821 (0: not a Frame)
+    if not address:
+        return False
+    p = head
+    h = zc_unpack_head(p, len(head), _VERSION, _MSG)  # noqa: F821 (wire.pack_msg's, in C)
+    if not h.ok or h.flags != _TENSOR:
+        return False
+    seq = h.seq
+    ts = h.ts
+    sid = h.sid
+    peer = node._peers.get(node._ident_ids.get(msg[0], ""))
+    if peer is None or peer.state not in _KNOWN:
+        return False  # the general path resolves it (or drops a stranger's)
+    sub = node._subs_by_sid.get(sid)
+    if (sub is None or sub.closed or sub.queue or sub.inline or node._policy is not None):
+        return False
+    try:
+        subject = head[h.soff:h.soff + h.slen].decode()
+    except UnicodeDecodeError:
+        return False
+    route = node._routing._cache.get(subject)
+    if route is None or sub not in route.local:
+        return False
+    nbytes = len(frame)
+    # The array: its dtype and shape by descriptor, checked once (array_from_frames,
+    # the reference) and then only its size; a view on the frame, no copy.
+    spec = _array_specs.get(desc)
+    if spec is None:
+        try:
+            described = decode_descriptor(desc)
+            array = array_from_frames(described, frame)
+        except Exception:
+            return False  # malformed: the general path drops it, counted
+        if not (described.step or described.offset or described.total):
+            if len(_array_specs) >= _ARRAY_SPECS_MAX:
+                _array_specs.clear()
+            _array_specs[desc] = (described.dtype, described.shape, described.nbytes,
+                                  len(described.shape) == 1)
+    else:
+        if spec[2] != nbytes:
+            return False
+        array = _frombuffer(frame, spec[0])
+        if not spec[3]:
+            array = array.reshape(spec[1])
+    ballast = node._ballast
+    kept = ballast._kept.get(address >> _REGION_SHIFT)
+    if kept is None or address > kept[0]:  # else the ballast keeps a higher frame there
+        ballast.keep_at(frame, address, nbytes)
+    now = zc_wall()  # noqa: F821
+    peer_id = peer.id
+    counters = peer.counters
+    counters.msgs_in += 1
+    counters.bytes_in += nbytes
+    counters = node.counters
+    counters.msgs_in += 1
+    counters.bytes_in += nbytes
+    if ts:
+        latency = now - ts
+        if 0.0 <= latency < 3600.0:  # also rejects nan/inf; clocks may disagree a little
+            histogram = node.latency
+            histogram.record(latency, 1)
+    key = (peer_id, subject)  # plain subscribers see every message: gaps are losses
+    last = node._last_seq.get(key)
+    if last is not None and seq > last + 1:
+        node.gaps += seq - last - 1
+    node._last_seq[key] = seq
+    grant = sub._grants.get(peer_id)
+    if grant is None:
+        grant = sub._grants[peer_id] = CreditGrant(
+            sub.credits, sub.credit_bytes, threshold=_credit_threshold(sub.credits))
+    flow = sub._flow
+    flow.acquire()
+    try:
+        accepted = grant.on_received_run((nbytes,))
+    finally:
+        flow.release()
+    if grant.buffered >= grant.credits:  # a full window nobody took from (engine/heap.py)
+        heap.window_full(grant)
+    if not accepted:
+        counters.drops["credit_violation"] += 1
+        return True
+    received = incoming(subject, memoryview(frame), None, peer_id, seq, array, None, node, None,
+                        (grant, peer_id, nbytes))
+    if sub.handler is None:
+        sub._inbox.put(received)
+    else:
+        node._io_batch.append((sub, received))
+    return True
 
 
 def send_bytes(handle: int, data: bytes, more: bool = False) -> int:
