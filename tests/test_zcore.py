@@ -361,3 +361,30 @@ def test_arrays_on_the_socket_arrive_intact_and_independent(make_node):
     else:
         assert owners == {zmq.Frame}
     assert not a.status()["counters"]["drops"] and a.gaps == 0
+
+
+def test_an_array_sent_without_a_copy_is_let_go_once_sent(make_node):
+    """An array's data leaves without a copy (compiled: zcore.send_parts, libzmq
+    sends from the array's memory); once libzmq is done the node lets go of it (the
+    I/O thread's next turn), so the application's array is freed; what arrived is
+    what was sent."""
+    import gc
+    import weakref
+
+    a = make_node("a", shm=False, transports=("tcp",))
+    b = make_node("b", seeds=[a.endpoints[0]], shm=False, transports=("tcp",))
+    b.wait_for_peers(1, timeout=10)
+    got: list[np.ndarray] = []
+    a.subscribe("arr", lambda msg: got.append(msg.array()))
+    b.wait_for_subscribers("arr", 1, timeout=10)
+    refs = []
+    for i in range(5):
+        arr = np.arange(1 << 18, dtype=np.float32) * (i + 1)
+        refs.append(weakref.ref(arr))
+        b.publish("arr", arr, timeout=10)
+        del arr
+    assert wait_until(lambda: len(got) == 5, 10)
+    for i, arr in enumerate(got):
+        assert np.array_equal(arr, np.arange(1 << 18, dtype=np.float32) * (i + 1))
+    assert wait_until(lambda: gc.collect() >= 0 and all(r() is None for r in refs), 10), \
+        "a sent array is still held"

@@ -7,6 +7,7 @@ cimport cython
 cdef extern from *:
     """
     #include <errno.h>
+    #include <pthread.h>
     #include <stddef.h>
     #include <string.h>
     #include <time.h>
@@ -37,6 +38,8 @@ cdef extern from *:
     static int (*zc_msg_more)(const zc_msg_t *);
     static int (*zc_poll)(zc_pollitem_t *, int, long);
     static int (*zc_send)(void *, const void *, size_t, int);
+    static int (*zc_msg_init_data)(zc_msg_t *, void *, size_t, void (*)(void *, void *), void *);
+    static int (*zc_msg_send)(zc_msg_t *, void *, int);
     static int (*zc_errno)(void);
     static int zc_bound = 0;
 
@@ -116,17 +119,18 @@ cdef extern from *:
         return (size_t)((zc_frame *)obj)->data;
     }
 
-    /* The addresses of the ten functions above, in that order (Python ints). */
+    /* The addresses of the twelve functions above, in that order (Python ints). */
     static int zc_bind(PyObject *addresses) {
-        void **slots[10] = {(void **)&zc_msg_init, (void **)&zc_msg_recv,
+        void **slots[12] = {(void **)&zc_msg_init, (void **)&zc_msg_recv,
                             (void **)&zc_msg_close, (void **)&zc_msg_move,
                             (void **)&zc_msg_data, (void **)&zc_msg_size,
                             (void **)&zc_msg_more, (void **)&zc_poll, (void **)&zc_send,
-                            (void **)&zc_errno};
-        if (!PyTuple_Check(addresses) || PyTuple_GET_SIZE(addresses) != 10) return 0;
+                            (void **)&zc_errno, (void **)&zc_msg_init_data,
+                            (void **)&zc_msg_send};
+        if (!PyTuple_Check(addresses) || PyTuple_GET_SIZE(addresses) != 12) return 0;
         if (zc_frame_class() == NULL) { PyErr_Clear(); return 0; }
         Py_DECREF((PyObject *)&zc_frame_type);
-        for (int i = 0; i < 10; i++) {
+        for (int i = 0; i < 12; i++) {
             void *p = PyLong_AsVoidPtr(PyTuple_GET_ITEM(addresses, i));
             if (p == NULL) { PyErr_Clear(); return 0; }
             *slots[i] = p;
@@ -318,6 +322,77 @@ cdef extern from *:
         return h;
     }
 
+    /* Zero-copy sends: libzmq sends a large frame straight from the Python object's
+       buffer, held (a Py_buffer) until libzmq is done with it. libzmq says so from its
+       own I/O thread, which must never wait for the GIL: the callback only puts the
+       hold on a list (a mutex, no GIL), and zc_release_sent (GIL held: the next send,
+       the I/O thread's next turn) lets go of the buffers. pyzmq's copy=False does the
+       same through a Python thread and an inproc socket per send. */
+    typedef struct zc_hold { Py_buffer view; struct zc_hold *next; } zc_hold;
+    static pthread_mutex_t zc_sent_lock = PTHREAD_MUTEX_INITIALIZER;
+    static zc_hold *zc_sent = NULL;
+
+    static void zc_sent_cb(void *data, void *hint) {
+        zc_hold *hold = (zc_hold *)hint;
+        pthread_mutex_lock(&zc_sent_lock);
+        hold->next = zc_sent;
+        __atomic_store_n(&zc_sent, hold, __ATOMIC_RELEASE);
+        pthread_mutex_unlock(&zc_sent_lock);
+    }
+
+    /* Let go of the buffers libzmq has sent (GIL held); how many. */
+    static Py_ssize_t zc_release_sent(void) {
+        zc_hold *hold, *next;
+        Py_ssize_t n = 0;
+        if (__atomic_load_n(&zc_sent, __ATOMIC_ACQUIRE) == NULL) return 0;
+        pthread_mutex_lock(&zc_sent_lock);
+        hold = zc_sent;
+        zc_sent = NULL;
+        pthread_mutex_unlock(&zc_sent_lock);
+        while (hold != NULL) {
+            next = hold->next;
+            PyBuffer_Release(&hold->view);
+            PyMem_RawFree(hold);
+            hold = next;
+            n++;
+        }
+        return n;
+    }
+
+    /* Send one frame from obj's buffer without a copy (ZC_DONTWAIT added), holding
+       the GIL: 0, or the errno (EAGAIN: the peer's queue is full, nothing sent; the
+       buffer is let go later all the same); -1 when obj has no contiguous buffer
+       (a Python error is set). */
+    static int zc_send_zerocopy(PyObject *handle, PyObject *obj, int flags) {
+        void *sock = zc_bound ? PyLong_AsVoidPtr(handle) : NULL;
+        zc_hold *hold;
+        zc_msg_t msg;
+        if (sock == NULL) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "null socket");
+            return -1;
+        }
+        zc_release_sent();
+        hold = (zc_hold *)PyMem_RawMalloc(sizeof(zc_hold));
+        if (hold == NULL) { PyErr_NoMemory(); return -1; }
+        if (PyObject_GetBuffer(obj, &hold->view, PyBUF_SIMPLE) < 0) {
+            PyMem_RawFree(hold);
+            return -1;
+        }
+        if (zc_msg_init_data(&msg, hold->view.buf, (size_t)hold->view.len, zc_sent_cb,
+                             hold) < 0) {
+            int err = zc_errno();
+            PyBuffer_Release(&hold->view);
+            PyMem_RawFree(hold);
+            return err ? err : EIO;
+        }
+        if (zc_msg_send(&msg, sock, flags | ZC_DONTWAIT) < 0) {
+            int err = zc_errno();
+            zc_msg_close(&msg);  /* calls zc_sent_cb: released on the next turn */
+            return err ? err : EIO;
+        }
+        return 0;
+    }
+
     /* wire.lone_frames' one frame (the fixed layout "<BBBBqdqqH", then the subject's
        UTF-8 and the payload): little-endian hosts only (zcore.LITTLE). */
     static PyObject *zc_pack_one(int version, int kind, int one, long long seq, double ts,
@@ -404,6 +479,8 @@ cdef extern from *:
     object zc_frame_class()
     size_t zc_frame_address(object obj)
     int zc_send_bytes(object handle, object data, int flags)
+    int zc_send_zerocopy(object handle, object obj, int flags) except? -1
+    Py_ssize_t zc_release_sent()
     int ZC_SNDMORE
 
 
@@ -414,6 +491,7 @@ from mesh.stats cimport Counters, LatencyHistogram
 cdef object _KNOWN
 cdef bytes _FIXED
 cdef long _TENSOR
+cdef Py_ssize_t _ZERO_COPY
 cdef object _array_specs
 cdef Py_ssize_t _ARRAY_SPECS_MAX
 cdef object _frombuffer
@@ -440,6 +518,9 @@ cpdef drain_core(object node, long wait_ms)
 
 @cython.locals(counters=Counters)
 cpdef bint send_frame(object node, Link link, object peer_id, bytes frame, Py_ssize_t nbytes) except -1
+
+@cython.locals(last=Py_ssize_t, index=Py_ssize_t, flags=int, rc=int, nbytes=Py_ssize_t)
+cpdef send_parts(object sock, list frames)
 
 cpdef bytes pack_one(object subject, object seq, double ts, object sid, object req_id, bytes data)
 

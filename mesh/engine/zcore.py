@@ -36,6 +36,7 @@ caller must not pass a closed socket.
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import sys
@@ -49,7 +50,7 @@ from zmq.backend import zmq_poll
 
 from mesh import wire
 from mesh.engine import heap
-from mesh.engine.common import _STOP, _WAKE_ID, _BatchedFrame
+from mesh.engine.common import _STOP, _WAKE_ID, ZERO_COPY_BYTES, _BatchedFrame
 from mesh.flow import DEFAULT_FLUSH_DELAY, CreditGrant
 from mesh.message import incoming
 from mesh.tensor import array_from_frames, decode_descriptor
@@ -76,6 +77,7 @@ _REPLY_SIZE = wire.REPLY_ONE_SIZE
 # Peer states whose data messages are accepted here (dispatch._KNOWN).
 _KNOWN = frozenset(("alive", "suspect", "joining"))
 _FIXED = bytes([wire.FIXED])
+_ZERO_COPY = ZERO_COPY_BYTES
 _TENSOR = wire.TENSOR  # an array's flags on the socket (no bulk channel's flag)
 # Received arrays' descriptor bytes -> (dtype, shape, nbytes, 1-d), checked once by
 # array_from_frames (I/O thread only); cleared when it holds this many.
@@ -94,7 +96,8 @@ _CREDIT_RETRY = 0.001
 _watch = None
 
 _NAMES = ("zmq_msg_init", "zmq_msg_recv", "zmq_msg_close", "zmq_msg_move", "zmq_msg_data",
-          "zmq_msg_size", "zmq_msg_more", "zmq_poll", "zmq_send", "zmq_errno")
+          "zmq_msg_size", "zmq_msg_more", "zmq_poll", "zmq_send", "zmq_errno",
+          "zmq_msg_init_data", "zmq_msg_send")
 _state: list = []  # [True/False] once resolved (any thread; the result is the same)
 
 
@@ -187,6 +190,8 @@ def io_loop(node: Any, core: bool, next_tick: float, next_seed: float,
             if deadline is not None and deadline < timers_at:
                 timers_at = deadline
         wake_at = timers_at
+        if core:
+            zc_release_sent()  # noqa: F821 (zero-copy sends libzmq is done with)
         for channel in tickers:
             channel.tick()
         if node._batching:
@@ -441,6 +446,39 @@ def send_bytes(handle: int, data: bytes, more: bool = False) -> int:
     (``errno.EAGAIN``: the peer's queue is full, nothing was sent); -1 when ``data``
     is not bytes (nothing sent: use pyzmq)."""
     return zc_send_bytes(handle, data, ZC_SNDMORE if more else 0)  # noqa: F821
+
+
+def send_parts(sock: Any, frames: list) -> None:
+    """link._send_frames from C for a message of several frames (link lock held):
+    bytes below ZERO_COPY_BYTES copied, larger frames (an array's data) sent without
+    a copy and without pyzmq's garbage-collector thread (zc_send_zerocopy). As
+    there, only the first frame can find the peer's queue full: zmq.Again, nothing
+    sent. Only after :func:`available` said True."""
+    if sock.closed:
+        raise zmq.ZMQError(zmq.ENOTSOCK)
+    handle = sock.underlying
+    last = len(frames) - 1
+    for index in range(last + 1):
+        frame = frames[index]
+        flags = ZC_SNDMORE if index < last else 0  # noqa: F821
+        if type(frame) is bytes:
+            nbytes = len(frame)
+        else:
+            nbytes = frame.nbytes if type(frame) is memoryview else len(frame)
+        if nbytes < _ZERO_COPY:
+            rc = zc_send_bytes(handle, frame if type(frame) is bytes else bytes(frame), flags)  # noqa: F821
+        else:
+            rc = zc_send_zerocopy(handle, frame, flags)  # noqa: F821
+        if rc:
+            if rc == errno.EAGAIN and index == 0:
+                raise zmq.Again()
+            raise zmq.ZMQError(rc)
+
+
+def release_sent() -> int:
+    """Let go of the buffers of zero-copy sends libzmq is done with (any thread,
+    GIL held; the I/O thread calls it every turn): how many."""
+    return zc_release_sent() if _state and _state[0] else 0  # noqa: F821
 
 
 def pack_one(subject: Any, seq: Any, ts: float, sid: Any, req_id: Any, data: bytes) -> bytes:
