@@ -7,20 +7,25 @@ never a second copy). Two calls:
 
 - :func:`drain` waits for the ROUTER without the GIL (``zmq_poll``), reads every
   message there (``zmq_msg_recv``, still without the GIL), then takes the GIL once
-  and returns their first two frames as bytes: one GIL hand-over per wake-up instead
-  of one per pyzmq call (poll, each frame's recv, the events check), and no
-  ``zmq.Frame`` objects. A message with more than two frames (a batch, an array)
-  stops the read: the caller reads its other frames with pyzmq, in order.
+  and returns their frames: one GIL hand-over per wake-up instead of one per pyzmq
+  call (poll, each frame's recv, the events check). Frames below ZERO_COPY_BYTES
+  are copied to bytes; larger ones (an array's data) become a ``Frame`` that owns
+  libzmq's message, no copy (:func:`frame_class`). A message of more than six
+  frames stops the read: the caller reads its other frames with pyzmq, in order.
 - :func:`send_bytes` sends one frame of bytes holding the GIL (a 64 B copy is far
-  cheaper than letting go of the GIL and taking it back, which pyzmq does).
+  cheaper than letting go of the GIL and taking it back, which pyzmq does);
+  :func:`send_parts` a message of several, a large frame without a copy (libzmq
+  sends from the caller's buffer and calls back when done; the buffer is let go
+  by the next send or the I/O thread's next turn, never on libzmq's thread).
 
 Compiled with them (both builds run these; the pure build as plain Python, with
 pyzmq's poll when ``available()`` is False): :func:`io_loop`, the I/O thread's
 loop (timers, bulk ticks, credit and batch flushes, the wait, commands);
-:func:`drain_core`, its read, handing a lone frame to :func:`on_one` without a
-Python frame between; :func:`dispatch_loop` / :func:`run_one` /
-:func:`return_credit`, the dispatch thread's loop and a lone message's handler
-call and credit return (engine/dispatch.py keeps the general cases).
+:func:`drain_core`, its read, handing a lone frame to :func:`on_one` and an
+array's message to :func:`on_array` without a Python frame between;
+:func:`dispatch_loop` / :func:`run_one` / :func:`return_credit`, the dispatch
+thread's loop and a lone message's handler call and credit return
+(engine/dispatch.py keeps the general cases).
 
 ``available()`` is False in the pure build (``MESH_PURE_PYTHON=1``), when pyzmq's
 libzmq is not a shared library this process can find (a static build), or its ABI
@@ -30,7 +35,9 @@ Who owns what: nothing here owns a socket. io_loop runs on the I/O thread (it ow
 the ROUTER), dispatch_loop on the dispatch thread (it owns the dispatch queue). A
 socket handle passed in belongs to the thread calling (the I/O thread its ROUTER,
 a publisher holding the link lock a link's DEALER), exactly as with pyzmq; the
-caller must not pass a closed socket.
+caller must not pass a closed socket. A ``Frame`` belongs to whoever holds it (any
+thread; it closes its libzmq message when the last reference goes); the list of
+sent buffers to let go is process-wide, under its own mutex (never the GIL's).
 """
 
 from __future__ import annotations
