@@ -78,7 +78,8 @@ def _node(role: str, seeds: tuple[str, ...] = ()) -> Any:
 
     return mesh.Node(f"arr-{role}-{os.getpid()}", cluster="arrays",
                      discovery="static" if seeds else "none", seeds=seeds,
-                     listen=("tcp://127.0.0.1:0",), transports=("tcp",), shm=False)
+                     listen=("tcp://127.0.0.1:0",), transports=("tcp",),
+                     shm=bool(os.environ.get("ARRAYS_SHM")))  # ARRAYS_SHM=1: the default node
 
 
 def sink(impl: str, count: int) -> None:
