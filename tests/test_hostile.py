@@ -568,6 +568,36 @@ def test_tensor_to_a_subscriber_with_a_lying_descriptor_is_not_delivered(procs, 
         ctx.destroy(linger=0)
 
 
+def test_large_tensors_with_lying_descriptors_are_dropped_not_delivered(procs, cluster):
+    """Data frames of 64 KiB and more come whole from zcore.drain without a copy and
+    take on_array's way (compiled build): a descriptor that lies about the size, or
+    a known descriptor (its shape checked once, then only its size) with a frame of
+    another size, is dropped and counted, never delivered; honest ones are."""
+    h = procs.start("h")
+    sid = h.call("subscribe", pattern="grad.>")
+    (mesh_sid,) = [s["sid"] for s in h.call("status")["subscriptions"] if s["pattern"] == "grad.>"]
+    ctx = zmq.Context()
+    try:
+        fake = connect_fake(ctx, h, cluster)
+        header = wire.pack_msg("grad.x", 1, time.time(), wire.TENSOR, None, None, [mesh_sid])
+        honest = tensor.encode_descriptor("<f4", (1 << 18,))
+        big = b"\x00" * (1 << 20)
+        before = fake.status()["counters"]["drops"].get("size_mismatch", 0)
+        fake.send([header, tensor.encode_descriptor("<f4", (2**40,)), big])
+        fake.send([header, tensor.encode_descriptor("<f4", (1 << 17,)), big])
+        fake.send([header, honest, big])  # delivered: its shape is now known
+        fake.send([header, honest, big[: 1 << 19]])  # the known descriptor, half the data
+        fake.send([header, honest, big])
+        drops = fake.status()["counters"]["drops"]
+        assert drops.get("size_mismatch", 0) == before + 3, drops
+        got = h.call("collected", sid=sid, n=2)
+        assert [g["array"][:2] for g in got] == [("<f4", (1 << 18,))] * 2
+        assert len(h.call("collected", sid=sid, n=3, timeout=0.3)) == 2
+        fake.close()
+    finally:
+        ctx.destroy(linger=0)
+
+
 def test_oversized_header_is_dropped(target):
     h, n, ctx = target
     raw = Raw(ctx, h.tcp, b"big-header")

@@ -13,6 +13,7 @@ import os
 import threading
 import time
 
+import numpy as np
 import pytest
 import zmq
 
@@ -51,7 +52,7 @@ def router_dealers():
 def _read(router, timeout_ms: int) -> tuple[list[list[bytes]], int]:
     """One zcore.drain, with the rest of a longer message read by pyzmq (as the loop)."""
     msgs, status = zcore.drain(router.underlying, timeout_ms)
-    out = [list(m) for m in msgs]
+    out = [[f if type(f) is bytes else bytes(f) for f in m] for m in msgs]
     if status == zcore.MORE:
         while True:
             frame = router.recv(0, copy=False)
@@ -92,6 +93,58 @@ def test_drain_reads_whole_messages_in_order_from_several_senders(router_dealers
     for thread in threads:
         thread.join(10)
     assert got == sent
+
+
+@compiled_only
+def test_drain_keeps_large_frames_without_a_copy_and_reads_messages_whole(router_dealers):
+    """Up to 6 frames a message come whole from one drain; a frame of 64 KiB or more
+    is a Frame that owns libzmq's message (no copy): the same bytes, a writable view,
+    valid after the socket has moved on and after its sender closed; 7 frames: the
+    rest is the caller's to read (MORE)."""
+    router, dealer = router_dealers
+    sock = dealer(b"d")
+    big = os.urandom(1 << 20)
+    edge = os.urandom(zcore_zero_copy() - 1)
+    sock.send_multipart([b"head", b"desc", big])
+    sock.send_multipart([b"a", edge, b"c", b"d", b"e"])
+    sock.send_multipart([b"%d" % i for i in range(7)])
+    got: list[tuple] = []
+    statuses = []
+    deadline = time.monotonic() + 10
+    while len(got) < 3 and time.monotonic() < deadline:
+        msgs, status = zcore.drain(router.underlying, 1000)
+        got += msgs
+        statuses.append(status)
+    assert len(got) == 3 and statuses[-1] == zcore.MORE
+    first, second, third = got
+    frame_type = zcore.frame_class()
+    assert first[:3] == (b"d", b"head", b"desc") and type(first[3]) is frame_type
+    frame = first[3]
+    assert len(frame) == 1 << 20 and frame.bytes == big and not frame.more
+    view = frame.buffer
+    assert not view.readonly and view.nbytes == 1 << 20  # writable, as pyzmq's Frame
+    assert second == (b"d", b"a", edge, b"c", b"d", b"e")  # < 64 KiB: bytes (copied)
+    assert third == (b"d", *(b"%d" % i for i in range(5)))  # 6 frames, the 7th left
+    rest = router.recv_multipart()
+    assert rest == [b"5", b"6"]
+    # The frame outlives what follows on the socket, and its sender.
+    for _ in range(3):
+        sock.send_multipart([b"h", b"d", os.urandom(1 << 20)])
+    n = 0
+    while n < 3 and time.monotonic() < deadline:
+        n += len(zcore.drain(router.underlying, 1000)[0])
+    sock.close(0)
+    arr = np.frombuffer(frame, np.uint8)
+    assert arr.tobytes() == big and bytes(view) == big
+    del frame, view
+    assert arr.tobytes() == big  # the array holds the frame alive
+
+
+def zcore_zero_copy() -> int:
+    """The size from which zcore.drain keeps a frame (common.ZERO_COPY_BYTES)."""
+    from mesh.engine.common import ZERO_COPY_BYTES
+
+    return ZERO_COPY_BYTES
 
 
 @compiled_only
@@ -259,3 +312,79 @@ def test_default_handlers_ping_pong_past_the_window_with_a_raising_handler(make_
     assert threads == {f"mesh-dispatch-{b.name}"}
     assert wait_until(lambda: b.status()["counters"]["drops"].get("handler_error") == 1, 5)
     assert "dispatch_error" not in b.status()["counters"]["drops"]
+
+
+def test_arrays_on_the_socket_arrive_intact_and_independent(make_node):
+    """Arrays on the tcp socket (shm=False), 1-d of 1 MiB and 2-d of 512 KiB: in the
+    compiled build zcore.drain keeps their data without a copy (a zcore Frame) and
+    on_array hands them out; an inline handler and an inbox take the general path.
+    Every array arrives with its shape and values, and stays as it was while later
+    ones arrive: a handler writing into its own array changes no other."""
+    a = make_node("a", shm=False, transports=("tcp",))
+    b = make_node("b", seeds=[a.endpoints[0]], shm=False, transports=("tcp",))
+    b.wait_for_peers(1, timeout=10)
+    kept: list[tuple[int, np.ndarray]] = []
+    owners: set = set()
+    inline: list[np.ndarray] = []
+
+    def handler(msg):
+        arr = msg.array()
+        owners.add(type(msg.data.obj))
+        kept.append((msg.seq, arr))
+        arr.flat[0] = -1.0  # the receiver's own copy: no other array may change
+
+    a.subscribe("arr", handler)
+    a.subscribe("arr.inline", lambda msg: inline.append(msg.array().copy()), inline=True)
+    inbox = a.subscribe("arr.inbox")
+    for subject in ("arr", "arr.inline", "arr.inbox"):
+        b.wait_for_subscribers(subject, 1, timeout=10)
+
+    def payload(i: int) -> np.ndarray:
+        shape = (1 << 18,) if i % 2 else (256, 512)
+        return np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape) + i
+
+    n = 40
+    for i in range(n):
+        b.publish("arr", payload(i), timeout=10)
+    b.publish("arr.inline", payload(1), timeout=10)
+    b.publish("arr.inbox", payload(2), timeout=10)
+    assert wait_until(lambda: len(kept) == n and inline, 30), len(kept)
+    got = inbox.next(timeout=10).array()
+    for i, (seq, arr) in enumerate(kept):
+        expected = payload(i)
+        expected.flat[0] = -1.0
+        assert seq == i + 1 and arr.shape == expected.shape and arr.dtype == np.float32
+        assert np.array_equal(arr, expected), f"array {i} changed"
+    assert np.array_equal(inline[0], payload(1)) and np.array_equal(got, payload(2))
+    if zcore.available():
+        assert owners == {zcore.frame_class()}  # no copy on the way
+    else:
+        assert owners == {zmq.Frame}
+    assert not a.status()["counters"]["drops"] and a.gaps == 0
+
+
+def test_an_array_sent_without_a_copy_is_let_go_once_sent(make_node):
+    """An array's data leaves without a copy (compiled: zcore.send_parts, libzmq
+    sends from the array's memory); once libzmq is done the node lets go of it (the
+    I/O thread's next turn), so the application's array is freed; what arrived is
+    what was sent."""
+    import gc
+    import weakref
+
+    a = make_node("a", shm=False, transports=("tcp",))
+    b = make_node("b", seeds=[a.endpoints[0]], shm=False, transports=("tcp",))
+    b.wait_for_peers(1, timeout=10)
+    got: list[np.ndarray] = []
+    a.subscribe("arr", lambda msg: got.append(msg.array()))
+    b.wait_for_subscribers("arr", 1, timeout=10)
+    refs = []
+    for i in range(5):
+        arr = np.arange(1 << 18, dtype=np.float32) * (i + 1)
+        refs.append(weakref.ref(arr))
+        b.publish("arr", arr, timeout=10)
+        del arr
+    assert wait_until(lambda: len(got) == 5, 10)
+    for i, arr in enumerate(got):
+        assert np.array_equal(arr, np.arange(1 << 18, dtype=np.float32) * (i + 1))
+    assert wait_until(lambda: gc.collect() >= 0 and all(r() is None for r in refs), 10), \
+        "a sent array is still held"

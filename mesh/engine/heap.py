@@ -147,7 +147,12 @@ class Ballast:
         nbytes = view.nbytes
         if nbytes < BALLAST_MIN or nbytes > BALLAST_MAX:
             return
-        address = np.frombuffer(view, np.uint8).__array_interface__["data"][0]
+        self.keep_at(frame, np.frombuffer(view, np.uint8).__array_interface__["data"][0], nbytes)
+
+    def keep_at(self, frame: Any, address: int, nbytes: int) -> None:
+        """:meth:`keep` for a frame whose payload's address is known (zcore's Frame)."""
+        if nbytes < BALLAST_MIN or nbytes > BALLAST_MAX:
+            return
         region = address >> _REGION_SHIFT
         kept = self._kept
         old = kept.get(region)

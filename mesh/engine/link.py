@@ -103,10 +103,18 @@ def _send_frames(sock: Any, frames: list) -> None:
         sock.send(frames[0], _NOBLOCK_MORE)  # header and one small payload: the common case
         sock.send(frames[1], 0)
         return
+    if _send_parts is not None:  # from C: an array's data without pyzmq's gc thread
+        _send_parts(sock, frames)
+        return
     sock.send(frames[0], _NOBLOCK_MORE if last else zmq.NOBLOCK)
     for index in range(1, last + 1):
         frame = frames[index]
         sock.send(frame, zmq.SNDMORE if index < last else 0, copy=_nbytes(frame) < ZERO_COPY_BYTES)
+
+
+# zcore.send_parts when this build and process can call libzmq from C (set by the
+# first node; zcore cannot be imported here at module level: it cimports Link).
+_send_parts: Any = None
 
 def _send_copied(sock: Any, frames: list) -> None:
     """Send a batch's frames, copied, frame by frame (no send_multipart: its Python
@@ -199,6 +207,11 @@ class LinkSender:
     """Publishing: routes, credit windows, batches and the data socket (mixin of ``mesh.Node``)."""
 
     def _init_links(self) -> None:
+        global _send_parts
+        from mesh.engine import zcore
+
+        if zcore.available():
+            _send_parts = zcore.send_parts
         self._links: dict[str, Link] = {}  # peer id -> link, read by publishers
         self._seqs: dict[str, itertools.count] = {}  # subject -> next seq
         self._batch_max = self.options["batch_bytes"]

@@ -7,20 +7,25 @@ never a second copy). Two calls:
 
 - :func:`drain` waits for the ROUTER without the GIL (``zmq_poll``), reads every
   message there (``zmq_msg_recv``, still without the GIL), then takes the GIL once
-  and returns their first two frames as bytes: one GIL hand-over per wake-up instead
-  of one per pyzmq call (poll, each frame's recv, the events check), and no
-  ``zmq.Frame`` objects. A message with more than two frames (a batch, an array)
-  stops the read: the caller reads its other frames with pyzmq, in order.
+  and returns their frames: one GIL hand-over per wake-up instead of one per pyzmq
+  call (poll, each frame's recv, the events check). Frames below ZERO_COPY_BYTES
+  are copied to bytes; larger ones (an array's data) become a ``Frame`` that owns
+  libzmq's message, no copy (:func:`frame_class`). A message of more than six
+  frames stops the read: the caller reads its other frames with pyzmq, in order.
 - :func:`send_bytes` sends one frame of bytes holding the GIL (a 64 B copy is far
-  cheaper than letting go of the GIL and taking it back, which pyzmq does).
+  cheaper than letting go of the GIL and taking it back, which pyzmq does);
+  :func:`send_parts` a message of several, a large frame without a copy (libzmq
+  sends from the caller's buffer and calls back when done; the buffer is let go
+  by the next send or the I/O thread's next turn, never on libzmq's thread).
 
 Compiled with them (both builds run these; the pure build as plain Python, with
 pyzmq's poll when ``available()`` is False): :func:`io_loop`, the I/O thread's
 loop (timers, bulk ticks, credit and batch flushes, the wait, commands);
-:func:`drain_core`, its read, handing a lone frame to :func:`on_one` without a
-Python frame between; :func:`dispatch_loop` / :func:`run_one` /
-:func:`return_credit`, the dispatch thread's loop and a lone message's handler
-call and credit return (engine/dispatch.py keeps the general cases).
+:func:`drain_core`, its read, handing a lone frame to :func:`on_one` and an
+array's message to :func:`on_array` without a Python frame between;
+:func:`dispatch_loop` / :func:`run_one` / :func:`return_credit`, the dispatch
+thread's loop and a lone message's handler call and credit return
+(engine/dispatch.py keeps the general cases).
 
 ``available()`` is False in the pure build (``MESH_PURE_PYTHON=1``), when pyzmq's
 libzmq is not a shared library this process can find (a static build), or its ABI
@@ -30,12 +35,15 @@ Who owns what: nothing here owns a socket. io_loop runs on the I/O thread (it ow
 the ROUTER), dispatch_loop on the dispatch thread (it owns the dispatch queue). A
 socket handle passed in belongs to the thread calling (the I/O thread its ROUTER,
 a publisher holding the link lock a link's DEALER), exactly as with pyzmq; the
-caller must not pass a closed socket.
+caller must not pass a closed socket. A ``Frame`` belongs to whoever holds it (any
+thread; it closes its libzmq message when the last reference goes); the list of
+sent buffers to let go is process-wide, under its own mutex (never the GIL's).
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import sys
@@ -43,14 +51,16 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
 import zmq
 from zmq.backend import zmq_poll
 
 from mesh import wire
 from mesh.engine import heap
-from mesh.engine.common import _STOP, _WAKE_ID, _BatchedFrame
+from mesh.engine.common import _STOP, _WAKE_ID, ZERO_COPY_BYTES, _BatchedFrame
 from mesh.flow import DEFAULT_FLUSH_DELAY, CreditGrant
 from mesh.message import incoming
+from mesh.tensor import array_from_frames, decode_descriptor
 
 log = logging.getLogger("mesh")
 
@@ -74,6 +84,14 @@ _REPLY_SIZE = wire.REPLY_ONE_SIZE
 # Peer states whose data messages are accepted here (dispatch._KNOWN).
 _KNOWN = frozenset(("alive", "suspect", "joining"))
 _FIXED = bytes([wire.FIXED])
+_ZERO_COPY = ZERO_COPY_BYTES
+_TENSOR = wire.TENSOR  # an array's flags on the socket (no bulk channel's flag)
+# Received arrays' descriptor bytes -> (dtype, shape, nbytes, 1-d), checked once by
+# array_from_frames (I/O thread only); cleared when it holds this many.
+_array_specs: dict = {}
+_ARRAY_SPECS_MAX = 256
+_frombuffer = np.frombuffer
+_REGION_SHIFT = heap._REGION_SHIFT
 # drain() rounds per wake-up (ZC_BATCH messages each) before timers and commands get
 # their turn, as loop._drain_router's 2048 messages.
 _CORE_TURNS = 32
@@ -84,8 +102,9 @@ _CREDIT_RETRY = 0.001
 # hands to on_one (a module global, not C: monkeypatch sets it; looked up once a drain).
 _watch = None
 
-_NAMES = ("zmq_msg_init", "zmq_msg_recv", "zmq_msg_close", "zmq_msg_data", "zmq_msg_size",
-          "zmq_msg_more", "zmq_poll", "zmq_send", "zmq_errno")
+_NAMES = ("zmq_msg_init", "zmq_msg_recv", "zmq_msg_close", "zmq_msg_move", "zmq_msg_data",
+          "zmq_msg_size", "zmq_msg_more", "zmq_poll", "zmq_send", "zmq_errno",
+          "zmq_msg_init_data", "zmq_msg_send")
 _state: list = []  # [True/False] once resolved (any thread; the result is the same)
 
 
@@ -178,6 +197,8 @@ def io_loop(node: Any, core: bool, next_tick: float, next_seed: float,
             if deadline is not None and deadline < timers_at:
                 timers_at = deadline
         wake_at = timers_at
+        if core:
+            zc_release_sent()  # noqa: F821 (zero-copy sends libzmq is done with)
         for channel in tickers:
             channel.tick()
         if node._batching:
@@ -261,7 +282,7 @@ def drain_core(node: Any, wait_ms: int) -> None:
             for msg in msgs:
                 index += 1
                 if index == last:  # its other frames are still in the socket: read them
-                    frames = [_BatchedFrame(msg[0]), _BatchedFrame(msg[1])]
+                    frames = [_as_frame(frame) for frame in msg]
                     recv = node._router.recv
                     while True:
                         frame = recv(0, copy=False)
@@ -286,7 +307,15 @@ def drain_core(node: Any, wait_ms: int) -> None:
                 elif len(msg) == 2 and msg[0] == _WAKE_ID:
                     continue  # a wake-up: commands run after the drain
                 else:
-                    node._handle_frames([_BatchedFrame(frame) for frame in msg], now)
+                    if len(msg) == 4 and not holds:  # an array: in C when the common one
+                        try:
+                            if on_array(node, msg):
+                                continue
+                        except Exception:  # as _handle_frames: nothing may end this thread
+                            node.counters.drops["internal"] += 1
+                            log.exception("%s: error handling a message; dropped", node.name)
+                            continue
+                    node._handle_frames([_as_frame(frame) for frame in msg], now)
                 if ordering:  # what it was may have started an array's way
                     holds = False
                     for channel in ordering:
@@ -304,11 +333,159 @@ def drain_core(node: Any, wait_ms: int) -> None:
             node._io_batch = []
 
 
+def _as_frame(frame: Any) -> Any:
+    """A frame zc_drain read, as the handling code reads it (a Frame already is)."""
+    return _BatchedFrame(frame) if type(frame) is bytes else frame
+
+
+def frame_class() -> Any:
+    """The type of the frames zc_drain keeps without a copy (a 1 MiB array's data):
+    len(), ``.bytes``, ``.buffer``, the buffer protocol. Only after :func:`available`
+    said True."""
+    return zc_frame_class()  # noqa: F821
+
+
+def on_array(node: Any, msg: tuple) -> bool:
+    """An array's message the I/O thread read whole, ``(identity, header, descriptor,
+    data)``, its data kept without a copy (a Frame): dispatch's _on_msg ->
+    _on_msg_fields -> _payload_of -> _accept_run -> _hand_over for the common case,
+    written out: a known peer, one plain subscription (handler not inline, or an
+    inbox), no headers, no request, no policy, on the socket (no bulk channel).
+    False, with nothing done, sends it there (which also drops what is malformed).
+    I/O thread only; compiled build only."""
+    head = msg[1]
+    desc = msg[2]
+    frame = msg[3]
+    if type(head) is not bytes or type(desc) is not bytes:
+        return False
+    address = zc_frame_address(frame)  # noqa: F821 (0: not a Frame)
+    if not address:
+        return False
+    p = head
+    h = zc_unpack_head(p, len(head), _VERSION, _MSG)  # noqa: F821 (wire.pack_msg's, in C)
+    if not h.ok or h.flags != _TENSOR:
+        return False
+    seq = h.seq
+    ts = h.ts
+    sid = h.sid
+    peer = node._peers.get(node._ident_ids.get(msg[0], ""))
+    if peer is None or peer.state not in _KNOWN:
+        return False  # the general path resolves it (or drops a stranger's)
+    sub = node._subs_by_sid.get(sid)
+    if (sub is None or sub.closed or sub.queue or sub.inline or node._policy is not None):
+        return False
+    try:
+        subject = head[h.soff:h.soff + h.slen].decode()
+    except UnicodeDecodeError:
+        return False
+    route = node._routing._cache.get(subject)
+    if route is None or sub not in route.local:
+        return False
+    nbytes = len(frame)
+    # The array: its dtype and shape by descriptor, checked once (array_from_frames,
+    # the reference) and then only its size; a view on the frame, no copy.
+    spec = _array_specs.get(desc)
+    if spec is None:
+        try:
+            described = decode_descriptor(desc)
+            array = array_from_frames(described, frame)
+        except Exception:
+            return False  # malformed: the general path drops it, counted
+        if not (described.step or described.offset or described.total):
+            if len(_array_specs) >= _ARRAY_SPECS_MAX:
+                _array_specs.clear()
+            _array_specs[desc] = (described.dtype, described.shape, described.nbytes,
+                                  len(described.shape) == 1)
+    else:
+        if spec[2] != nbytes:
+            return False
+        array = _frombuffer(frame, spec[0])
+        if not spec[3]:
+            array = array.reshape(spec[1])
+    ballast = node._ballast
+    kept = ballast._kept.get(address >> _REGION_SHIFT)
+    if kept is None or address > kept[0]:  # else the ballast keeps a higher frame there
+        ballast.keep_at(frame, address, nbytes)
+    now = zc_wall()  # noqa: F821
+    peer_id = peer.id
+    counters = peer.counters
+    counters.msgs_in += 1
+    counters.bytes_in += nbytes
+    counters = node.counters
+    counters.msgs_in += 1
+    counters.bytes_in += nbytes
+    if ts:
+        latency = now - ts
+        if 0.0 <= latency < 3600.0:  # also rejects nan/inf; clocks may disagree a little
+            histogram = node.latency
+            histogram.record(latency, 1)
+    key = (peer_id, subject)  # plain subscribers see every message: gaps are losses
+    last = node._last_seq.get(key)
+    if last is not None and seq > last + 1:
+        node.gaps += seq - last - 1
+    node._last_seq[key] = seq
+    grant = sub._grants.get(peer_id)
+    if grant is None:
+        grant = sub._grants[peer_id] = CreditGrant(
+            sub.credits, sub.credit_bytes, threshold=_credit_threshold(sub.credits))
+    flow = sub._flow
+    flow.acquire()
+    try:
+        accepted = grant.on_received_run((nbytes,))
+    finally:
+        flow.release()
+    if grant.buffered >= grant.credits:  # a full window nobody took from (engine/heap.py)
+        heap.window_full(grant)
+    if not accepted:
+        counters.drops["credit_violation"] += 1
+        return True
+    received = incoming(subject, memoryview(frame), None, peer_id, seq, array, None, node, None,
+                        (grant, peer_id, nbytes))
+    if sub.handler is None:
+        sub._inbox.put(received)
+    else:
+        node._io_batch.append((sub, received))
+    return True
+
+
 def send_bytes(handle: int, data: bytes, more: bool = False) -> int:
     """Send one frame (``more``: another follows) without waiting: 0, or the errno
     (``errno.EAGAIN``: the peer's queue is full, nothing was sent); -1 when ``data``
     is not bytes (nothing sent: use pyzmq)."""
     return zc_send_bytes(handle, data, ZC_SNDMORE if more else 0)  # noqa: F821
+
+
+def send_parts(sock: Any, frames: list) -> None:
+    """link._send_frames from C for a message of several frames (link lock held):
+    bytes below ZERO_COPY_BYTES copied, larger frames (an array's data) sent without
+    a copy and without pyzmq's garbage-collector thread (zc_send_zerocopy). As
+    there, only the first frame can find the peer's queue full: zmq.Again, nothing
+    sent. Only after :func:`available` said True."""
+    if sock.closed:
+        raise zmq.ZMQError(zmq.ENOTSOCK)
+    handle = sock.underlying
+    last = len(frames) - 1
+    for index in range(last + 1):
+        frame = frames[index]
+        flags = ZC_SNDMORE if index < last else 0  # noqa: F821
+        if type(frame) is bytes:
+            nbytes = len(frame)
+        else:
+            nbytes = frame.nbytes if type(frame) is memoryview else len(frame)
+        if nbytes < _ZERO_COPY:
+            rc = zc_send_bytes(handle, frame if type(frame) is bytes else bytes(frame), flags)  # noqa: F821
+        else:
+            rc = zc_send_zerocopy(handle, frame, flags)  # noqa: F821
+        if rc:
+            if rc == errno.EAGAIN and index == 0:
+                raise zmq.Again()
+            raise zmq.ZMQError(rc)
+
+
+def release_sent() -> int:
+    """Let go of the buffers of zero-copy sends libzmq is done with (any thread,
+    GIL held; the I/O thread calls it every turn): how many."""
+    return zc_release_sent() if _state and _state[0] else 0  # noqa: F821
 
 
 def pack_one(subject: Any, seq: Any, ts: float, sid: Any, req_id: Any, data: bytes) -> bytes:
