@@ -111,7 +111,7 @@ def _send_frames(sock: Any, frames: list) -> None:
 def _send_copied(sock: Any, frames: list) -> None:
     """Send a batch's frames, copied, frame by frame (no send_multipart: its Python
     wrapper checks every part first). As in _send_frames, only the first frame can
-    hit the high-water mark; a 64 KiB batch is cheaper copied than tracked."""
+    hit the high-water mark; a batch is cheaper copied than tracked (64 KiB measured)."""
     last = len(frames) - 1
     sock.send(frames[0], _NOBLOCK_MORE if last else zmq.NOBLOCK)
     for index in range(1, last + 1):
