@@ -20,6 +20,7 @@ their one-line JSON reports on stdout and always kills them at the end.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import re
@@ -131,12 +132,14 @@ def source(endpoints: str, count: int, profile: str | None, size: int = 64) -> N
         sys.stdin.readline()  # "go": instrumentation is on
         cpu0, threads0, t0 = _cpu(), _threads(), time.perf_counter()
         batches0 = node.batches_out
+        gc0 = sum(g["collections"] for g in gc.get_stats())
         for _ in range(count):
             publish(SUBJECT, payload, timeout=5.0)
         seconds = time.perf_counter() - t0
         time.sleep(0.2)  # what the I/O threads do for these messages after the last publish
         _say(sent=count, seconds=seconds, cpu_s=_cpu() - cpu0,
-             threads=_per_msg(_threads(), threads0, count), batches=node.batches_out - batches0)
+             threads=_per_msg(_threads(), threads0, count), batches=node.batches_out - batches0,
+             gc_collections=sum(g["collections"] for g in gc.get_stats()) - gc0)
         sys.stdin.readline()
 
 
@@ -220,6 +223,7 @@ def drive(count: int, callgrind: str | None, cprofile: str | None, size: int = 6
                    cpu_us_per_delivered=(sent["cpu_s"] + sum(g["cpu_s"] for g in gots)) * 1e6
                    / delivered,
                    pub_threads_us=sent["threads"], sub_threads_us=sub_threads,
+                   pub_gc_collections=sent["gc_collections"],
                    msgs_per_batch=round(delivered / max(1, sent["batches"]), 1),
                    msgs_per_credit_update=round(delivered / max(1, sum(
                        g["credit_updates"] for g in gots)), 1))
