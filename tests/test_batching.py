@@ -34,6 +34,7 @@ def test_a_burst_arrives_whole_and_in_order(make_node, batch_bytes):
     assert a.status()["counters"]["gaps"] == 0
     if batch_bytes:
         assert 0 < b.batches_out < 3000, "a burst of small messages was not batched"
+        assert len(b._ballast_out) == 0  # small batch frames: none kept
     else:
         assert b.batches_out == 0
 
@@ -90,6 +91,8 @@ def test_a_burst_of_1_kib_messages_shares_one_batch_by_default(make_node):
     got = [sub.next(timeout=10).data for _ in range(n)]
     assert got == sent
     assert b.batches_out == 1
+    # The batch frame (over 256 KiB), the highest of its heap, is kept (engine/heap.py).
+    assert len(b._ballast_out) == 1 and b._ballast_out.held_bytes > 400_000
 
 
 def test_bad_batch_option_is_a_config_error():
