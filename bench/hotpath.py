@@ -1,7 +1,9 @@
 """The 64 B hot path under a profiler: one publisher process, one subscriber
-process, tcp loopback, the default node and subscription, ``publish(timeout=5)``.
+process (or ``--subs N``: N subscriber processes, the fan-out), tcp loopback, the
+default node and subscription, ``publish(timeout=5)``.
 
     python -m bench.hotpath                      # rate and CPU per message, both sides
+    python -m bench.hotpath --size 1024 --subs 4 # 1 KiB fan-out to 4 subscribers
     python -m bench.hotpath --callgrind          # instructions per message, both sides
     python -m bench.hotpath --cprofile DIR       # per-thread cProfile reports into DIR
 
@@ -18,6 +20,7 @@ their one-line JSON reports on stdout and always kills them at the end.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import re
@@ -104,20 +107,23 @@ def sink(count: int, profile: str | None) -> None:
         _say(endpoint=[e for e in node.endpoints if e.startswith("tcp://")][0])
         sys.stdin.readline()  # "warm": the publisher's warm-up is in
         cpu0, threads0 = _cpu(), _threads()
+        credit0 = sum(node.credit_updates.values())
         _say(armed=True)
         if not done.wait(600):
             raise SystemExit(f"sink: {got[0]} of {total} messages")
-        _say(received=got[0], cpu_s=_cpu() - cpu0, threads=_per_msg(_threads(), threads0, count))
+        _say(received=got[0], cpu_s=_cpu() - cpu0, threads=_per_msg(_threads(), threads0, count),
+             credit_updates=sum(node.credit_updates.values()) - credit0)
         sys.stdin.readline()
 
 
-def source(endpoint: str, count: int, profile: str | None, size: int = 64) -> None:
+def source(endpoints: str, count: int, profile: str | None, size: int = 64) -> None:
     from bench.profiling import profiled
 
     payload = os.urandom(size)
-    with profiled(profile), _node("source", (endpoint,)) as node:
-        node.wait_for_peers(1, timeout=60)
-        node.wait_for_subscribers(SUBJECT, 1, timeout=60)
+    seeds = tuple(endpoints.split(","))
+    with profiled(profile), _node("source", seeds) as node:
+        node.wait_for_peers(len(seeds), timeout=60)
+        node.wait_for_subscribers(SUBJECT, len(seeds), timeout=60)
         publish = node.publish
         for _ in range(WARM):
             publish(SUBJECT, payload, timeout=5.0)
@@ -125,12 +131,15 @@ def source(endpoint: str, count: int, profile: str | None, size: int = 64) -> No
         _say(warm=True)
         sys.stdin.readline()  # "go": instrumentation is on
         cpu0, threads0, t0 = _cpu(), _threads(), time.perf_counter()
+        batches0 = node.batches_out
+        gc0 = sum(g["collections"] for g in gc.get_stats())
         for _ in range(count):
             publish(SUBJECT, payload, timeout=5.0)
         seconds = time.perf_counter() - t0
         time.sleep(0.2)  # what the I/O threads do for these messages after the last publish
         _say(sent=count, seconds=seconds, cpu_s=_cpu() - cpu0,
-             threads=_per_msg(_threads(), threads0, count))
+             threads=_per_msg(_threads(), threads0, count), batches=node.batches_out - batches0,
+             gc_collections=sum(g["collections"] for g in gc.get_stats()) - gc0)
         sys.stdin.readline()
 
 
@@ -168,38 +177,56 @@ def _total(path: str) -> int:
     raise SystemExit(f"no totals in {path}")
 
 
-def drive(count: int, callgrind: str | None, cprofile: str | None, size: int = 64) -> dict:
-    out: dict[str, Any] = {"count": count}
-    files = {side: f"{callgrind}/callgrind.{side}" for side in ("sink", "source")} if callgrind else {}
+def drive(count: int, callgrind: str | None, cprofile: str | None, size: int = 64,
+          subs: int = 1) -> dict:
+    out: dict[str, Any] = {"count": count, "size": size, "subs": subs}
+    sinks = [f"sink{i}" if subs > 1 else "sink" for i in range(subs)]
+    files = {side: f"{callgrind}/callgrind.{side}" for side in (*sinks, "source")} if callgrind \
+        else {}
     if callgrind:
         os.makedirs(callgrind, exist_ok=True)
-    prof = {side: f"{cprofile}/{side}" for side in ("sink", "source")} if cprofile else {}
-    sink_args = ["sink", "--count", str(count)] + (["--profile", prof["sink"]] if prof else [])
+    prof = {side: f"{cprofile}/{side}" for side in (*sinks, "source")} if cprofile else {}
     procs = []
     try:
-        snk = _spawn(sink_args, files.get("sink"))
-        procs.append(snk)
-        endpoint = _read(snk, "endpoint")["endpoint"]
-        src_args = ["source", "--endpoint", endpoint, "--count", str(count), "--size", str(size)]
+        snks = []
+        for side in sinks:
+            args = ["sink", "--count", str(count)] + (["--profile", prof[side]] if prof else [])
+            snks.append(_spawn(args, files.get(side)))
+            procs.append(snks[-1])
+        endpoints = ",".join(_read(snk, "endpoint")["endpoint"] for snk in snks)
+        src_args = ["source", "--endpoint", endpoints, "--count", str(count), "--size", str(size)]
         src = _spawn(src_args + (["--profile", prof["source"]] if prof else []), files.get("source"))
         procs.append(src)
         _read(src, "warm")
-        snk.stdin.write("warm\n")
-        snk.stdin.flush()
-        _read(snk, "armed")
+        for snk in snks:
+            snk.stdin.write("warm\n")
+            snk.stdin.flush()
+            _read(snk, "armed")
         if callgrind:
-            _instr(snk.pid, True)
-            _instr(src.pid, True)
+            for proc in procs:
+                _instr(proc.pid, True)
         src.stdin.write("go\n")
         src.stdin.flush()
-        got = _read(snk, "received")
+        gots = [_read(snk, "received") for snk in snks]
         sent = _read(src, "sent")
         if callgrind:
-            _instr(snk.pid, False)
-            _instr(src.pid, False)
+            for proc in procs:
+                _instr(proc.pid, False)
+        # Per delivered message: the publisher's CPU is shared by its `subs` deliveries.
+        delivered = count * subs
+        sub_threads: dict[str, float] = {}
+        for got in gots:
+            for name, us in got["threads"].items():
+                sub_threads[name] = round(sub_threads.get(name, 0.0) + us / subs, 2)
         out.update(rate=count / sent["seconds"], pub_cpu_us=sent["cpu_s"] * 1e6 / count,
-                   sub_cpu_us=got["cpu_s"] * 1e6 / count,
-                   pub_threads_us=sent["threads"], sub_threads_us=got["threads"])
+                   sub_cpu_us=sum(g["cpu_s"] for g in gots) * 1e6 / delivered,
+                   cpu_us_per_delivered=(sent["cpu_s"] + sum(g["cpu_s"] for g in gots)) * 1e6
+                   / delivered,
+                   pub_threads_us=sent["threads"], sub_threads_us=sub_threads,
+                   pub_gc_collections=sent["gc_collections"],
+                   msgs_per_batch=round(delivered / max(1, sent["batches"]), 1),
+                   msgs_per_credit_update=round(delivered / max(1, sum(
+                       g["credit_updates"] for g in gots)), 1))
         for proc in procs:
             proc.stdin.write("stop\n")
             proc.stdin.flush()
@@ -207,9 +234,11 @@ def drive(count: int, callgrind: str | None, cprofile: str | None, size: int = 6
             proc.wait(300)
         for side, path in files.items():
             # callgrind writes one file per dump; the part with instrumentation on is the total.
-            parts = [p for p in os.listdir(callgrind) if p.startswith(os.path.basename(path))]
-            out[f"{side}_instr_per_msg"] = sum(_total(os.path.join(callgrind, p))
-                                               for p in parts) / count
+            parts = [p for p in os.listdir(callgrind) if p.startswith(os.path.basename(path) + ".")
+                     or p == os.path.basename(path)]
+            total = sum(_total(os.path.join(callgrind, p)) for p in parts)
+            # The publisher's per publish; each subscriber's per message it received.
+            out[f"{side}_instr_per_msg"] = total / count
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -224,6 +253,8 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=None)
     ap.add_argument("--endpoint")
     ap.add_argument("--size", type=int, default=64, help="payload bytes (default 64)")
+    ap.add_argument("--subs", type=int, default=1,
+                    help="subscriber processes, each getting every message (default 1)")
     ap.add_argument("--profile")
     ap.add_argument("--callgrind", nargs="?", const="bench/results/callgrind", default=None,
                     metavar="DIR")
@@ -237,11 +268,11 @@ def main() -> None:
         count = args.count or (20_000 if args.callgrind else 200_000)
         if args.callgrind:
             for name in os.listdir(args.callgrind) if os.path.isdir(args.callgrind) else []:
-                if re.match(r"callgrind\.(sink|source)", name):
+                if re.match(r"callgrind\.(sink\d*|source)", name):
                     os.unlink(os.path.join(args.callgrind, name))
         import mesh
 
-        result = drive(count, args.callgrind, args.cprofile, args.size)
+        result = drive(count, args.callgrind, args.cprofile, args.size, args.subs)
         result["compiled"] = getattr(mesh, "compiled", False)
         print(json.dumps(result, indent=1))
 

@@ -22,11 +22,11 @@ cdef class CreditWindow:
 
 # The receiver's batch parser (one call per batch frame) and run cutter (a loop per message).
 @cython.locals(size=Py_ssize_t, off=Py_ssize_t, hsize=Py_ssize_t, count=Py_ssize_t,
-               total=Py_ssize_t, blob=bytes, runs=list)
+               total=Py_ssize_t, runs=list)
 cpdef list decode_runs(object data)
 
 @cython.locals(pos=Py_ssize_t, end=Py_ssize_t, n=Py_ssize_t, start="const char *", payloads=list)
-cpdef list split_run(bytes blob, object sizes)
+cpdef list split_run(bytes blob, object sizes, Py_ssize_t at=*)
 
 @cython.locals(count=Py_ssize_t, size=Py_ssize_t, largest=Py_ssize_t, hsize=Py_ssize_t,
                parts=list, sizes=list)

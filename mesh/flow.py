@@ -650,16 +650,18 @@ def encode_batch(runs: Sequence[BatchRun]) -> bytes:
 def decode_batch(data: bytes | bytearray | memoryview) -> list[tuple[bytes, list[bytes]]]:
     """The runs of a batch frame: ``(header, payloads)``. Malformed input raises
     ProtocolError only."""
-    return [(header, split_run(blob, sizes)) for header, blob, sizes, _total in decode_runs(data)]
+    return [(header, split_run(blob, sizes, at))
+            for header, blob, at, sizes, _total in decode_runs(data)]
 
 
-def split_run(blob: bytes, sizes: Any) -> list[bytes]:
-    """The payloads of a run: ``blob`` (their bytes, one after the other) cut at ``sizes``."""
+def split_run(blob: bytes, sizes: Any, at: int = 0) -> list[bytes]:
+    """The payloads of a run: ``blob``'s bytes from ``at`` (theirs, one after the other)
+    cut at ``sizes``."""
     # A C pointer in the compiled build (flow.pxd), whose slices are made at once
     # (slicing the bytes object makes a slice object per message).
     start = blob
     payloads: list[bytes] = []
-    pos = 0
+    pos = at
     for n in sizes:
         end = pos + n
         payloads.append(start[pos:end])
@@ -667,11 +669,14 @@ def split_run(blob: bytes, sizes: Any) -> list[bytes]:
     return payloads
 
 
-def decode_runs(data: bytes | bytearray | memoryview) -> list[tuple[bytes, bytes, Any, int]]:
-    """The runs of a batch frame, not yet cut into messages: ``(header, payload bytes
-    one after the other, payload lengths, their sum)`` (split_run cuts them; the
-    receiver cuts them on the thread that hands them out). Malformed input raises
-    ProtocolError only."""
+def decode_runs(data: bytes | bytearray | memoryview) -> list[tuple[bytes, bytes, int, Any, int]]:
+    """The runs of a batch frame, not yet cut into messages: ``(header, blob, at,
+    payload lengths, their sum)``, the payloads being ``blob``'s bytes from ``at``, one
+    after the other (split_run cuts them; the receiver cuts them on the thread that
+    hands them out). ``blob`` is ``data`` itself when that is bytes (no copy of a
+    400 KiB batch, nor the fresh pages a copy would fault in), else a copy of the
+    run's bytes (``at`` 0). Malformed input raises ProtocolError only."""
+    whole = data if type(data) is bytes else None
     try:
         view = memoryview(data).cast("B")
     except (TypeError, ValueError):
@@ -713,9 +718,11 @@ def decode_runs(data: bytes | bytearray | memoryview) -> list[tuple[bytes, bytes
             raise ProtocolError(
                 f"batch run declares {total} payload bytes, {size - off} remain", "malformed"
             )
-        blob = view[off : off + total].tobytes()
+        if whole is not None:
+            runs.append((header, whole, off, sizes, total))
+        else:
+            runs.append((header, view[off : off + total].tobytes(), 0, sizes, total))
         off += total
-        runs.append((header, blob, sizes, total))
     if off != size:
         raise ProtocolError(f"{size - off} trailing bytes after the batch", "malformed")
     return runs

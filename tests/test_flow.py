@@ -32,7 +32,9 @@ from mesh.flow import (
     CreditGrant,
     CreditWindow,
     decode_batch,
+    decode_runs,
     encode_batch,
+    split_run,
 )
 
 # --------------------------------------------------------------------------
@@ -803,6 +805,23 @@ def test_batch_layout_is_as_documented() -> None:
     assert decode_batch(blob) == runs
     assert encode_batch(runs) == blob
     assert encode_batch([]) == b"\x02\x00\x00\x00\x00" and decode_batch(encode_batch([])) == []
+
+
+def test_runs_of_a_bytes_frame_are_cut_from_it_in_place() -> None:
+    """decode_runs hands out a bytes frame itself with each run's offset (the receiver
+    cuts a 400 KiB batch's messages from the frame: no copy of it, no fresh pages);
+    any other buffer gives a copy of each run's bytes, from 0. Same messages both ways."""
+    runs = [(b"H", [b"a" * 1000, b"", b"bc"]), (b"hh", [b"xyz"])]
+    frame = encode_batch(runs)
+    in_place = decode_runs(frame)
+    copied = decode_runs(memoryview(frame))
+    assert [blob is frame for _h, blob, _at, _s, _t in in_place] == [True, True]
+    assert [at for _h, _b, at, _s, _t in copied] == [0, 0]
+    for (h1, b1, at1, s1, t1), (h2, b2, _at2, s2, t2), (header, payloads) in zip(
+            in_place, copied, runs, strict=True):
+        assert h1 == h2 == header and list(s1) == list(s2) and t1 == t2
+        assert b1[at1:at1 + t1] == b2 == b"".join(payloads)
+        assert split_run(b1, s1, at1) == split_run(b2, s2) == payloads
 
 
 def test_batch_accepts_any_bytes_like_frames() -> None:

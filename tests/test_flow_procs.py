@@ -356,7 +356,8 @@ def test_fan_out_to_four_subscribers_keeps_order_and_credit_on_every_link(procs)
         peer["name"] == "s3" and peer["interest"] == 2 for peer in p.call("status")["peers"]),
         15), p.call("status")["peers"]
     n = 2000
-    # ~1 KiB messages: a 64 KiB batch holds ~60, so the links flush at different times.
+    # ~1 KiB messages; the small windows cap s1's and s2's batches at 16 and 32
+    # messages (half the window), so the links flush at different times.
     out = p.call("publish_loop", subject="f.x", n=n, timeout=30, pad=1000, call_timeout=80)
     assert out["sent"] == n, out
     for node, sid in sids:

@@ -32,7 +32,7 @@ import zmq
 from mesh import wire
 from mesh.channels import EARLY_MAX_MESSAGES, Channel, ChannelMessage
 from mesh.engine import heap, zcore
-from mesh.engine.common import _STOP, ZERO_COPY_BYTES
+from mesh.engine.common import _STOP, ZERO_COPY_BYTES, _BatchedFrame
 from mesh.engine.receive import queue_run, run_list
 from mesh.engine.zcore import (
     _credit_threshold,
@@ -330,7 +330,10 @@ class Dispatcher:
         runs = []
         count = 0
         # Every run is checked before any is delivered: a bad batch is dropped whole.
-        for run_header, blob, sizes, total in decode_runs(frames[2].buffer):
+        frame = frames[2]
+        # The frame's own bytes when it has them: the runs are cut from them in place.
+        for run_header, blob, at, sizes, total in decode_runs(
+                frame.bytes if type(frame) is _BatchedFrame else frame.buffer):
             fields = unpack(run_header)
             if fields[1] != wire.MSG:
                 raise ProtocolError("only data messages may be batched", "malformed")
@@ -341,12 +344,12 @@ class Dispatcher:
                 raise ProtocolError("a run of several messages cannot share headers or a "
                                     "request id", "malformed")
             count += len(sizes)
-            runs.append((fields, blob, sizes, total))
+            runs.append((fields, blob, at, sizes, total))
         if header[2] != count or type(header[2]) is not int:
             raise ProtocolError(f"batch says {header[2]!r} messages, holds {count}", "malformed")
         accept = self._accept_run
-        for fields, blob, sizes, total in runs:
-            accept(peer, fields, None, now, None, None, sizes, total, blob)
+        for fields, blob, at, sizes, total in runs:
+            accept(peer, fields, None, now, None, None, sizes, total, blob, at)
 
     def _accept_msg(
         self, peer: Peer, fields: tuple, data: Any, array: Any, nbytes: int, now: float
@@ -357,12 +360,12 @@ class Dispatcher:
     def _accept_run(
         self, peer: Peer, fields: tuple, payloads: Any, now: float,
         array: Any = None, nbytes: int | None = None, sizes: Any = None, total: int = 0,
-        blob: bytes | None = None,
+        blob: bytes | None = None, at: int = 0,
     ) -> None:
         """Deliver checked data messages from ``peer`` that share one header (a run of
         a batch: consecutive seqs from the header's) to the subscriptions it names.
         ``nbytes``: the payload size of a one-message run whose data is not bytes;
-        a batch's run: ``payloads`` None, ``blob`` their bytes one after the other,
+        a batch's run: ``payloads`` None, ``blob`` their bytes one after the other (from ``at``),
         ``sizes`` the payload lengths and ``total`` their sum."""
         subject, seq, ts, _flags, headers, req_id, sids = fields
         count = len(payloads) if payloads is not None else len(sizes)
@@ -422,7 +425,7 @@ class Dispatcher:
             if accepted < count:
                 drops["credit_violation"] += count - accepted  # sent beyond its credit
             if payloads is None and (count == 1 or sub.handler is None or sub.inline):
-                payloads = split_run(blob, sizes)  # messages made here (not by a Run)
+                payloads = split_run(blob, sizes, at)  # messages made here (not by a Run)
             if accepted == 1 and count == 1:  # the common case: one message, within credit
                 msg = incoming(subject, payloads[0], headers, peer_id, seq, array, req_id, self,
                                reply_to, (grant, peer_id, sizes[0]))
@@ -435,7 +438,7 @@ class Dispatcher:
                 # The common case of a batch: one Run for the dispatch thread, collected
                 # once per drain; it makes the messages (engine/receive.py, compiled).
                 queue_run(self._io_batch, sub, subject, payloads, blob, headers, peer_id, seq,
-                          array, req_id, self, reply_to, grant, sizes, accepted)
+                          array, req_id, self, reply_to, grant, sizes, accepted, at)
                 continue
             msgs = [incoming(subject, payloads[i], headers, peer_id, seq + i, array, req_id, self,
                              reply_to, (grant, peer_id, sizes[i])) for i in range(accepted)]

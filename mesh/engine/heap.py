@@ -26,7 +26,9 @@ each without touching the process's malloc settings (those are the user's):
 Threads: ``window_full`` runs on the node's I/O thread (any node's: the trim
 state is process-wide, under ``_lock``) and starts a short-lived timer thread
 (``mesh-heap-trim``, one at a time, at most one per ``TRIM_INTERVAL``), which
-looks again and trims; a ``Ballast`` belongs to one node and only its I/O thread calls ``keep``.
+looks again and trims; a ``Ballast`` belongs to one node: its I/O thread calls the receiving one's ``keep``; the
+sending one (``_ballast_out``: large batch frames, engine/link.py) is used under its lock by
+whichever thread flushes a batch.
 """
 
 from __future__ import annotations

@@ -26,10 +26,13 @@ _DEFAULT_OPTIONS: dict[str, Any] = {
     "rejoin_interval": 1.0,  # hello retry period towards peers declared dead
     # Micro-batching: in a burst (a small message right after the previous one to
     # the same peer) messages wait at most batch_delay to share one ZeroMQ message;
-    # otherwise a message leaves at once. batch_bytes=0 turns it off. 64 KiB: each
-    # batch costs its receiver a fixed ~30 µs, so 1 KiB messages need batches of
-    # dozens (16 KiB gave 1 KiB messages half the rate, bench/README.md 2026-12-06).
-    "batch_bytes": 65536,
+    # otherwise a message leaves at once. batch_bytes=0 turns it off. 512 KiB: each
+    # batch costs its receiver (and a fan-out's publisher, per link) a fixed ~30 µs
+    # or more, so 1 KiB messages are batched by the hundred as 64 B ones are, and the
+    # half window (Link.batch_cap) ends a batch first. 64 KiB (~60 of 1 KiB) cost
+    # 5.3-5.8 µs of CPU per delivered message in 1 KiB 1->4, 512 KiB 3.4-3.6
+    # (bench/README.md, 2026-12-06; 16 KiB had halved the 1 KiB 1->1 rate before).
+    "batch_bytes": 524288,
     "batch_delay": 0.0005,
     # Arrays of at least shm_threshold bytes to a peer on this host travel through
     # shared memory (transports/shm.py); shm=False keeps them on the socket.

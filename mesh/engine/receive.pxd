@@ -16,6 +16,7 @@ cdef class Run:
     cdef public Py_ssize_t count
     cdef public object payloads
     cdef public bytes blob
+    cdef public Py_ssize_t at
     cdef public object sizes
     cdef public object subject
     cdef public object headers
@@ -28,7 +29,8 @@ cdef class Run:
 
 cpdef queue_run(list out, object sub, object subject, object payloads, object blob,
                 object headers, object sender, object seq, object array, object request_id,
-                object node, object reply_to, object grant, object sizes, Py_ssize_t count)
+                object node, object reply_to, object grant, object sizes, Py_ssize_t count,
+                Py_ssize_t at=*)
 
 cdef _handler_failed(object node, object sub, object msg)
 

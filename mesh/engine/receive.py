@@ -46,20 +46,22 @@ class Run:
     made into ``Message`` objects by the dispatch thread, one at a time, right before
     its handler sees them."""
 
-    __slots__ = ("sub", "grant", "publisher", "count", "payloads", "blob", "sizes", "subject",
-                 "headers", "seq", "array", "request_id", "node", "reply_to")
+    __slots__ = ("sub", "grant", "publisher", "count", "payloads", "blob", "at", "sizes",
+                 "subject", "headers", "seq", "array", "request_id", "node", "reply_to")
 
     def __init__(self, sub: Any, grant: Any, publisher: Any, count: int, payloads: Any,
                  blob: Any, sizes: Any, subject: Any, headers: Any, seq: Any, array: Any,
-                 request_id: Any, node: Any, reply_to: Any) -> None:
+                 request_id: Any, node: Any, reply_to: Any, at: int = 0) -> None:
         self.sub = sub
         self.grant = grant  # the subscription's CreditGrant for this publisher
         self.publisher = publisher
         self.count = count  # messages to hand out (those within credit)
         # Their data: a list of payloads, or (a batch's run) None and ``blob``, their
-        # bytes one after the other, cut at ``sizes`` (payload lengths, what credit counts).
+        # bytes one after the other from ``at`` (often the whole batch frame's bytes: no
+        # copy of the run), cut at ``sizes`` (payload lengths, what credit counts).
         self.payloads = payloads
         self.blob = blob
+        self.at = at  # where in ``blob`` the first payload starts
         self.sizes = sizes
         self.subject = subject  # what the run's messages share
         self.headers = headers
@@ -73,7 +75,7 @@ class Run:
 def queue_run(
     out: list, sub: Any, subject: Any, payloads: Any, blob: Any, headers: Any, sender: Any,
     seq: Any, array: Any, request_id: Any, node: Any, reply_to: Any, grant: Any, sizes: Any,
-    count: int,
+    count: int, at: int = 0,
 ) -> None:
     """Append the first ``count`` messages of a received run (consecutive seqs from
     ``seq``; ``payloads``, or None and ``blob``: see Run) to ``out`` as one
@@ -82,7 +84,7 @@ def queue_run(
     message is made and freed by the same thread (and reused while in its cache)."""
     if count > 0:
         out.append(Run(sub, grant, sender, count, payloads, blob, sizes, subject, headers, seq,
-                       array, request_id, node, reply_to))
+                       array, request_id, node, reply_to, at))
 
 
 def _handler_failed(node: Any, sub: Any, msg: Any) -> None:
@@ -134,7 +136,7 @@ def run_list(node: Any, item: list) -> None:
             count = tally[2]
             nbytes = tally[3]
             done = 0
-            pos = 0
+            pos = run.at  # the first payload's place in the blob
             for i in range(run.count):
                 if sub._closed:
                     break  # closed meanwhile (maybe by this handler): the rest is dropped
