@@ -257,7 +257,9 @@ def sink(count: int, noflow: bool, trace: bool) -> None:
             done.set()
 
     with _node("sink", noflow=noflow) as node:
-        node.subscribe(SUBJECT, on_msg, **(NO_FLOW if noflow else {}))
+        # CL_SUB: subscription options (JSON) of the flow-controlled runs, e.g. a wider window
+        sub = json.loads(os.environ.get("CL_SUB") or "{}")
+        node.subscribe(SUBJECT, on_msg, **(NO_FLOW if noflow else sub))
         _say(endpoint=[e for e in node.endpoints if e.startswith("tcp://")][0])
         sys.stdin.readline()
         _slices()
