@@ -525,18 +525,19 @@ cpdef send_parts(object sock, list frames)
 cpdef bytes pack_one(object subject, object seq, double ts, object sid, object req_id, bytes data)
 
 @cython.locals(size=Py_ssize_t, p="const char *", one=zc_one, seq="long long", ts=double,
-               sid="long long", req_id="long long", slen=Py_ssize_t, counters=Counters,
-               msg=Message, latency=double, nbytes=Py_ssize_t, start=double, took=double,
-               now=double, kind=int,
-               histogram=LatencyHistogram)
+               sid="long long", req_id="long long", slen=Py_ssize_t,
+               msg=Message, nbytes=Py_ssize_t, start=double, took=double, kind=int)
 cpdef bint on_one(object node, bytes ident, bytes head) except -1
 
 cpdef object _as_frame(object frame)
 
-@cython.locals(address=size_t, nbytes=Py_ssize_t, counters=Counters, latency=double, now=double,
-               histogram=LatencyHistogram, h=zc_head, p="const char *", seq="long long",
+@cython.locals(address=size_t, nbytes=Py_ssize_t, h=zc_head, p="const char *", seq="long long",
                ts=double, sid="long long")
 cpdef bint on_array(object node, tuple msg) except -1
+
+@cython.locals(counters=Counters, latency=double, now=double, histogram=LatencyHistogram)
+cdef object _admit(object node, object peer, object sub, object subject, long long seq, double ts,
+                   Py_ssize_t nbytes)
 
 @cython.locals(req_id="long long")
 cdef bint _on_reply(object node, bytes ident, bytes head) except -1

@@ -345,6 +345,47 @@ def frame_class() -> Any:
     return zc_frame_class()  # noqa: F821
 
 
+
+def _admit(node: Any, peer: Any, sub: Any, subject: str, seq: int, ts: float,
+           nbytes: int) -> Any:
+    """What on_one and on_array do for every message they take: counters, latency,
+    gaps, and the subscription's credit for ``peer``. The CreditGrant when the
+    message fits its window; None when it broke the window (counted, dropped)."""
+    now = zc_wall()  # noqa: F821
+    peer_id = peer.id
+    counters = peer.counters
+    counters.msgs_in += 1
+    counters.bytes_in += nbytes
+    counters = node.counters
+    counters.msgs_in += 1
+    counters.bytes_in += nbytes
+    if ts:
+        latency = now - ts
+        if 0.0 <= latency < 3600.0:  # also rejects nan/inf; clocks may disagree a little
+            histogram = node.latency
+            histogram.record(latency, 1)
+    key = (peer_id, subject)  # plain subscribers see every message: gaps are losses
+    last = node._last_seq.get(key)
+    if last is not None and seq > last + 1:
+        node.gaps += seq - last - 1
+    node._last_seq[key] = seq
+    grant = sub._grants.get(peer_id)
+    if grant is None:
+        grant = sub._grants[peer_id] = CreditGrant(
+            sub.credits, sub.credit_bytes, threshold=_credit_threshold(sub.credits))
+    flow = sub._flow  # a Condition: its acquire/release are its lock's (no Python frames)
+    flow.acquire()
+    try:
+        accepted = grant.on_received_run((nbytes,))
+    finally:
+        flow.release()
+    if grant.buffered >= grant.credits:  # a full window nobody took from (engine/heap.py)
+        heap.window_full(grant)
+    if not accepted:
+        counters.drops["credit_violation"] += 1
+        return None
+    return grant
+
 def on_array(node: Any, msg: tuple) -> bool:
     """An array's message the I/O thread read whole, ``(identity, header, descriptor,
     data)``, its data kept without a copy (a Frame): dispatch's _on_msg ->
@@ -406,39 +447,10 @@ def on_array(node: Any, msg: tuple) -> bool:
     kept = ballast._kept.get(address >> _REGION_SHIFT)
     if kept is None or address > kept[0]:  # else the ballast keeps a higher frame there
         ballast.keep_at(frame, address, nbytes)
-    now = zc_wall()  # noqa: F821
-    peer_id = peer.id
-    counters = peer.counters
-    counters.msgs_in += 1
-    counters.bytes_in += nbytes
-    counters = node.counters
-    counters.msgs_in += 1
-    counters.bytes_in += nbytes
-    if ts:
-        latency = now - ts
-        if 0.0 <= latency < 3600.0:  # also rejects nan/inf; clocks may disagree a little
-            histogram = node.latency
-            histogram.record(latency, 1)
-    key = (peer_id, subject)  # plain subscribers see every message: gaps are losses
-    last = node._last_seq.get(key)
-    if last is not None and seq > last + 1:
-        node.gaps += seq - last - 1
-    node._last_seq[key] = seq
-    grant = sub._grants.get(peer_id)
+    grant = _admit(node, peer, sub, subject, seq, ts, nbytes)
     if grant is None:
-        grant = sub._grants[peer_id] = CreditGrant(
-            sub.credits, sub.credit_bytes, threshold=_credit_threshold(sub.credits))
-    flow = sub._flow
-    flow.acquire()
-    try:
-        accepted = grant.on_received_run((nbytes,))
-    finally:
-        flow.release()
-    if grant.buffered >= grant.credits:  # a full window nobody took from (engine/heap.py)
-        heap.window_full(grant)
-    if not accepted:
-        counters.drops["credit_violation"] += 1
         return True
+    peer_id = peer.id
     received = incoming(subject, memoryview(frame), None, peer_id, seq, array, None, node, None,
                         (grant, peer_id, nbytes))
     if sub.handler is None:
@@ -565,39 +577,10 @@ def on_one(node: Any, ident: bytes, head: bytes) -> bool:
         return False
     data = head[_ONE_SIZE + slen:]
     nbytes = len(data)
-    now = zc_wall()  # noqa: F821
-    peer_id = peer.id
-    counters = peer.counters
-    counters.msgs_in += 1
-    counters.bytes_in += nbytes
-    counters = node.counters
-    counters.msgs_in += 1
-    counters.bytes_in += nbytes
-    if ts:
-        latency = now - ts
-        if 0.0 <= latency < 3600.0:  # also rejects nan/inf; clocks may disagree a little
-            histogram = node.latency
-            histogram.record(latency, 1)
-    key = (peer_id, subject)  # plain subscribers see every message: gaps are losses
-    last = node._last_seq.get(key)
-    if last is not None and seq > last + 1:
-        node.gaps += seq - last - 1
-    node._last_seq[key] = seq
-    grant = sub._grants.get(peer_id)
+    grant = _admit(node, peer, sub, subject, seq, ts, nbytes)
     if grant is None:
-        grant = sub._grants[peer_id] = CreditGrant(
-            sub.credits, sub.credit_bytes, threshold=_credit_threshold(sub.credits))
-    flow = sub._flow  # a Condition: its acquire/release are its lock's (no Python frames)
-    flow.acquire()
-    try:
-        accepted = grant.on_received_run((nbytes,))
-    finally:
-        flow.release()
-    if grant.buffered >= grant.credits:  # a full window nobody took from (engine/heap.py)
-        heap.window_full(grant)
-    if not accepted:
-        counters.drops["credit_violation"] += 1
         return True
+    peer_id = peer.id
     request_id = None if req_id == -1 else req_id
     msg = incoming(subject, data, None, peer_id, seq, None, request_id, node,
                    None if request_id is None else peer_id, (grant, peer_id, nbytes))
@@ -614,7 +597,7 @@ def on_one(node: Any, ident: bytes, head: bytes) -> bool:
     try:
         sub.handler(msg)
     except Exception:
-        counters.drops["handler_error"] += 1
+        node.counters.drops["handler_error"] += 1
         log.exception("%s: handler for %r raised on %r", node.name, sub.pattern, subject)
     sub.delivered += 1
     took = zc_mono() - start  # noqa: F821
