@@ -219,13 +219,7 @@ def io_loop(node: Any, core: bool, next_tick: float, next_seed: float,
                 wake_at = credit_due
         if node._credit_later:
             for link in list(node._credit_later):
-                if link.credit_in:
-                    node._take_credit(link)
-                else:
-                    # The publisher that held the link applied it: nothing to look at
-                    # again (retrying a busy link every millisecond woke this thread
-                    # ~1.8 times per credit update while a publisher streamed).
-                    node._credit_later.discard(link)
+                node._take_credit(link)
             if node._credit_later and now + _CREDIT_RETRY < wake_at:
                 wake_at = now + _CREDIT_RETRY
         # Published before looking at _dirty_grants (see Dispatcher._return_credit).
