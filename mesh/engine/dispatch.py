@@ -517,20 +517,11 @@ class Dispatcher:
             owed = self._owed_credit(publisher) if self._dirty_grants else None
             if owed is not None:  # other subscriptions' credit for it goes along
                 entries = entries + owed
-            frame = wire.pack(wire.CREDIT, entries)
-            if self._core:
-                # From C holding the GIL: pyzmq's send lets go of it and this thread
-                # then waits to get it back (p90 0.6-0.8 ms while the I/O thread runs).
-                rc = zcore.send_bytes(link.sock.underlying, frame) if not link.sock.closed else -1
-                if rc:
-                    self._owed_credit_failed(publisher, owed)
-                    return False
-            else:
-                try:
-                    link.sock.send(frame, zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    self._owed_credit_failed(publisher, owed)
-                    return False
+            try:
+                link.sock.send(wire.pack(wire.CREDIT, entries), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                self._owed_credit_failed(publisher, owed)
+                return False
             self.credit_updates["data"] += 1
             return True
         finally:
