@@ -336,3 +336,22 @@ def test_threads_publishing_on_different_subjects_keep_their_own_seqs(make_node)
         assert [m.seq for m in msgs] == list(range(1, n + 1)), s
         assert all(m.subject == f"tt.{s}" for m in msgs)
     assert a.status()["counters"]["gaps"] == 0
+
+
+def test_with_batching_off_every_small_publish_takes_the_lone_fast_path(make_node):
+    """batch_bytes=0 used to send every message down the general path (Python frames,
+    pyzmq's send), so turning batching off made a lone message slower than with it on.
+    Now each small publish to one remote subscription goes alone through the fast
+    path, bursts included, and arrives whole and in order."""
+    a, b = two_nodes(make_node, shm=False, batch_bytes=0)
+    got: list = []
+    a.subscribe("lone", lambda msg: got.append(msg.data))
+    b.wait_for_subscribers("lone", 1, timeout=10)
+    b.publish("lone", b"first", timeout=5)  # the subject's first message: the general path
+    _wait_for(got, 1)
+    taken = [b._hot.publish("lone", b"%d" % i, None, 5.0) for i in range(200)]
+    assert all(taken)  # a burst too: with batching off there is no batch to start
+    _wait_for(got, 201)
+    assert got == [b"first"] + [b"%d" % i for i in range(200)]
+    assert not b._links[a.id].batch
+    assert not any(a.status()["counters"]["drops"].values())

@@ -13,7 +13,8 @@ five calls, the item tuple and the attribute lookups between them. Compiled by
 Cython with fastpath.pxd (typed attributes, C calls); the pure build runs the
 same code. A lone message (``_lone``, also ``Node.request``'s through
 :meth:`HotPublisher.request`) is made and sent from C in the compiled build
-(engine/zcore.py: ``pack_one``, ``send_frame``).
+(engine/zcore.py: ``pack_one``, ``send_frame``); with batching off
+(``batch_bytes=0``) every message that fits the lone case takes it.
 
 Who owns what: a ``HotPublisher`` belongs to one node and holds references to
 its dicts, which the node never replaces (the routing cache is read from the
@@ -56,8 +57,7 @@ class HotPublisher:
     def publish(self, subject: Any, data: Any, headers: Any, timeout: Any) -> bool:
         """Publish ``data`` on ``subject`` if this is the common case; False (nothing
         done) sends the caller down the general path."""
-        if type(data) is not bytes or headers is not None or not self.batch_max or \
-                type(subject) is not str:
+        if type(data) is not bytes or headers is not None or type(subject) is not str:
             return False
         nbytes = len(data)
         if nbytes > _BATCH_SMALL or nbytes > self.max_size:
@@ -89,6 +89,8 @@ class HotPublisher:
                     # Not in a burst: it may go alone, in one frame (the latency case).
                     return self._lone(link, peer_id, sids[0], subject, last[2], data, nbytes,
                                       timeout, None)
+        if not self.batch_max:
+            return False  # batching off (batch_bytes=0): the general path sends each alone
         seq = next(last[2])  # (no clock: the run's header carries its first message's time)
         counters = self.counters
         batch_max = self.batch_max
@@ -155,7 +157,7 @@ class HotPublisher:
             if link.closed or link.credit_in or link.batch:
                 return False
             now = time.monotonic()
-            if now - link.last_send < _BURST_GAP:
+            if self.batch_max and now - link.last_send < _BURST_GAP:
                 return False  # a burst: the general path starts a batch
             if not _take_credit(link.windows.get(sid), nbytes):
                 return False
