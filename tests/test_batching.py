@@ -92,7 +92,8 @@ def test_a_burst_of_1_kib_messages_shares_one_batch_by_default(make_node):
     assert got == sent
     assert b.batches_out == 1
     # The batch frame (over 256 KiB), the highest of its heap, is kept (engine/heap.py).
-    assert len(b._ballast_out) == 1 and b._ballast_out.held_bytes > 400_000
+    # (over 256 KiB: on a loaded machine the first few may have left alone, unbatched)
+    assert len(b._ballast_out) == 1 and b._ballast_out.held_bytes > 256 * 1024
 
 
 def test_bad_batch_option_is_a_config_error():
@@ -104,28 +105,37 @@ def test_runs_keep_each_message_its_own_subject_seq_headers_and_bytes(make_node)
     """A batch shares one header among a run of plain messages to the same subject
     and subscriptions; anything else starts a new run. None of it shows."""
     a, b = two_nodes(make_node, batch_delay=0.05)
-    two = a.subscribe("mix.y", credits=10_000)
-    one = a.subscribe("mix.>", credits=10_000)
-    b.wait_for_subscribers("mix.x", 1, timeout=10)  # interest arrives in order: both known
-    buf = bytearray(b"original")
-    sent = []
-    for i in range(40):
-        subject = "mix.y" if i % 7 in (3, 4) else "mix.x"
-        headers = {"i": i} if i % 10 == 5 else None
-        b.publish(subject, b"%d" % i, headers=headers)
-        sent.append((subject, b"%d" % i, headers or {}))
-        if i == 20:
-            b.publish("mix.x", buf)  # a buffer the caller reuses at once
-            buf[:] = b"reused!!"
-            sent.append(("mix.x", b"original", {}))
-    got = [one.next(timeout=5) for _ in range(len(sent))]
-    assert [(m.subject, bytes(m.data), m.headers) for m in got] == sent
-    for subject in ("mix.x", "mix.y"):
-        seqs = [m.seq for m in got if m.subject == subject]
-        assert seqs == list(range(1, len(seqs) + 1))
-    on_y = [(m.subject, bytes(m.data)) for m in (two.next(timeout=5) for _ in range(12))]
-    assert on_y == [(s, d) for s, d, _ in sent if s == "mix.y"]
-    assert 0 < b.batches_out < 20, "the burst was not batched"
+    # A burst is publishes less than link._BURST_GAP apart; on a loaded machine a
+    # preempted publisher may miss it, so the scenario runs again (on fresh subjects)
+    # until one burst was batched, up to five times.
+    for attempt in range(5):
+        batched = b.batches_out
+        x, y = f"mix{attempt}.x", f"mix{attempt}.y"
+        two = a.subscribe(y, credits=10_000)
+        one = a.subscribe(f"mix{attempt}.>", credits=10_000)
+        b.wait_for_subscribers(x, 1, timeout=10)  # interest arrives in order: both known
+        buf = bytearray(b"original")
+        sent = []
+        for i in range(40):
+            subject = y if i % 7 in (3, 4) else x
+            headers = {"i": i} if i % 10 == 5 else None
+            b.publish(subject, b"%d" % i, headers=headers)
+            sent.append((subject, b"%d" % i, headers or {}))
+            if i == 20:
+                b.publish(x, buf)  # a buffer the caller reuses at once
+                buf[:] = b"reused!!"
+                sent.append((x, b"original", {}))
+        got = [one.next(timeout=5) for _ in range(len(sent))]
+        assert [(m.subject, bytes(m.data), m.headers) for m in got] == sent
+        for subject in (x, y):
+            seqs = [m.seq for m in got if m.subject == subject]
+            assert seqs == list(range(1, len(seqs) + 1))
+        on_y = [(m.subject, bytes(m.data)) for m in (two.next(timeout=5) for _ in range(12))]
+        assert on_y == [(s, d) for s, d, _ in sent if s == y]
+        assert b.batches_out - batched < 20, "a batch per message or two"
+        if b.batches_out > batched:
+            break
+    assert b.batches_out > 0, "the burst was not batched"
     assert a.status()["counters"]["gaps"] == 0
 
 
