@@ -86,9 +86,14 @@ POST_WAIT = 0.05
 PARK_MIN = 128 << 10
 # The receiver's staging buffer (see _pump): holds a small message whole.
 _STAGE = 64 << 10
-# A folded receive (RecvRequest.fold) reads and reduces this much at a time: well
-# inside the core's L2 cache, where the kernel's copy just put it.
-_FOLD_PIECE = 128 << 10
+# A folded receive (RecvRequest.fold) reads and reduces this much at a time, while
+# the kernel's copy is still in cache (L2/L3). Not smaller: every piece is one more
+# pass through the Python read loop and one more ufunc call on the receiver thread
+# (its interpreter time about equalled the reduction itself at 128 KiB); 512 KiB:
+# 4-rank 64 MiB ring allreduce on a 10gbit namespace LAN, 10 runs, mesh CPU per op
+# 209 -> 201 ms (Gloo ~200), mesh/Gloo 1.06 -> 1.03x; unlimited LAN and loopback
+# unchanged within noise (2026-12-06, issue #17).
+_FOLD_PIECE = 512 << 10
 # Messages up to this size are written by the caller itself when the stream is idle
 # (one thread hand-off less per message: what a small collective waits on); larger
 # ones go through the sender thread, so that the caller reduces meanwhile.

@@ -85,7 +85,7 @@ Its receives are posted ahead, up to ``_POST_AHEAD`` of them, straight into
 their slice of the result as soon as :func:`.schedule.post_guards` says
 nothing needs the slice's old content: a copying one (allgather half of the
 ring, broadcast, allgather) is written there; a reducing one is reduced
-there by the stream's receiver thread, 128 KiB at a time as the bytes
+there by the stream's receiver thread, 512 KiB at a time as the bytes
 arrive, while they are still in that core's cache (``fold``); one that
 cannot be posted yet lands in a reusable scratch segment
 (``_SCRATCH_SEGMENTS``) this thread reduces from. So the wire and the
