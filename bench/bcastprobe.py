@@ -30,50 +30,15 @@ import argparse
 import os
 import random
 import statistics
-import threading
 import time
 from typing import Any
 
 from bench import collectives as coll
+from bench.rtprobe import sample  # tid -> (name, run ns, voluntary, involuntary switches)
 
 MODES = ("mesh", "gloo")
 # also: mesh_nolean (the general executor), mesh_nodefer (the receiver thread as before: _Receiver.fast False),
 # mesh_latch (the caller waits on a lock, not its eventfd): A/B in the same run
-
-
-def _threads() -> dict[int, str]:
-    names = {t.native_id: t.name for t in threading.enumerate()}
-    out = {}
-    for tid in os.listdir("/proc/self/task"):
-        name = names.get(int(tid))
-        if name is None:
-            try:
-                with open(f"/proc/self/task/{tid}/comm") as f:
-                    name = "[" + f.read().strip() + "]"
-            except OSError:
-                name = "?"
-        out[int(tid)] = name
-    return out
-
-
-def sample() -> dict[int, tuple[str, int, int, int]]:
-    """tid -> (name, run ns, voluntary, involuntary switches)."""
-    out = {}
-    for tid, name in _threads().items():
-        try:
-            with open(f"/proc/self/task/{tid}/schedstat") as f:
-                run_ns = int(f.read().split()[0])
-            vol = invol = 0
-            with open(f"/proc/self/task/{tid}/status") as f:
-                for line in f:
-                    if line.startswith("voluntary_ctxt_switches"):
-                        vol = int(line.split()[1])
-                    elif line.startswith("nonvoluntary_ctxt_switches"):
-                        invol = int(line.split()[1])
-        except OSError:
-            continue
-        out[tid] = (name, run_ns, vol, invol)
-    return out
 
 
 def _diff(before: dict, after: dict) -> dict[str, list[float]]:

@@ -32,10 +32,19 @@ SIZE = 64
 
 
 def _threads() -> dict[int, str]:
+    """tid -> the Python thread's name, or "[comm]" for a thread Python did not start
+    (libzmq's, Gloo's)."""
     names = {t.native_id: t.name for t in threading.enumerate()}
     out = {}
     for tid in os.listdir("/proc/self/task"):
-        out[int(tid)] = names.get(int(tid), "?")
+        name = names.get(int(tid))
+        if name is None:
+            try:
+                with open(f"/proc/self/task/{tid}/comm") as f:
+                    name = "[" + f.read().strip() + "]"
+            except OSError:
+                name = "?"
+        out[int(tid)] = name
     return out
 
 
