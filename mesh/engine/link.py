@@ -116,6 +116,9 @@ def _send_frames(sock: Any, frames: list) -> None:
 # zcore.send_parts when this build and process can call libzmq from C (set by the
 # first node; zcore cannot be imported here at module level: it cimports Link).
 _send_parts: Any = None
+# A batch frame at least this large is sent without a copy (see _send_copied).
+_BATCH_ZERO_COPY = 1 << 18
+
 
 def _send_copied(sock: Any, frames: list) -> None:
     """Send a batch's frames frame by frame (no send_multipart: its Python wrapper
@@ -131,8 +134,6 @@ def _send_copied(sock: Any, frames: list) -> None:
         sock.send(frame, zmq.SNDMORE if index < last else 0,
                   copy=_nbytes(frame) < _BATCH_ZERO_COPY)
 
-# A batch frame at least this large is sent without a copy (see _send_copied).
-_BATCH_ZERO_COPY = 1 << 18
 
 _NOBLOCK_MORE = zmq.NOBLOCK | zmq.SNDMORE
 

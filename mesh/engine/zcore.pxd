@@ -495,7 +495,6 @@ cdef Py_ssize_t _ZERO_COPY
 cdef object _array_specs
 cdef Py_ssize_t _ARRAY_SPECS_MAX
 cdef object _frombuffer
-cdef int _REGION_SHIFT
 cdef int _CORE_TURNS
 cdef double _CREDIT_RETRY
 cdef object _STOP

@@ -91,7 +91,6 @@ _TENSOR = wire.TENSOR  # an array's flags on the socket (no bulk channel's flag)
 _array_specs: dict = {}
 _ARRAY_SPECS_MAX = 256
 _frombuffer = np.frombuffer
-_REGION_SHIFT = heap._REGION_SHIFT
 # drain() rounds per wake-up (ZC_BATCH messages each) before timers and commands get
 # their turn, as loop._drain_router's 2048 messages.
 _CORE_TURNS = 32
@@ -345,7 +344,6 @@ def frame_class() -> Any:
     return zc_frame_class()  # noqa: F821
 
 
-
 def _admit(node: Any, peer: Any, sub: Any, subject: str, seq: int, ts: float,
            nbytes: int) -> Any:
     """What on_one and on_array do for every message they take: counters, latency,
@@ -385,6 +383,7 @@ def _admit(node: Any, peer: Any, sub: Any, subject: str, seq: int, ts: float,
         counters.drops["credit_violation"] += 1
         return None
     return grant
+
 
 def on_array(node: Any, msg: tuple) -> bool:
     """An array's message the I/O thread read whole, ``(identity, header, descriptor,
@@ -443,10 +442,7 @@ def on_array(node: Any, msg: tuple) -> bool:
         array = _frombuffer(frame, spec[0])
         if not spec[3]:
             array = array.reshape(spec[1])
-    ballast = node._ballast
-    kept = ballast._kept.get(address >> _REGION_SHIFT)
-    if kept is None or address > kept[0]:  # else the ballast keeps a higher frame there
-        ballast.keep_at(frame, address, nbytes)
+    node._ballast.keep_at(frame, address, nbytes)  # the top of its heap stays (heap.py)
     grant = _admit(node, peer, sub, subject, seq, ts, nbytes)
     if grant is None:
         return True
@@ -492,12 +488,6 @@ def send_parts(sock: Any, frames: list) -> None:
             if rc == errno.EAGAIN and index == 0:
                 raise zmq.Again()
             raise zmq.ZMQError(rc)
-
-
-def release_sent() -> int:
-    """Let go of the buffers of zero-copy sends libzmq is done with (any thread,
-    GIL held; the I/O thread calls it every turn): how many."""
-    return zc_release_sent() if _state and _state[0] else 0  # noqa: F821
 
 
 def pack_one(subject: Any, seq: Any, ts: float, sid: Any, req_id: Any, data: bytes) -> bytes:
